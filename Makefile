@@ -1,0 +1,31 @@
+# `make demo` and `make test` install into .venv when needed, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := demo
+DEMO_SUBJECTS ?= 2000
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ehrmotor synth --subjects $(DEMO_SUBJECTS) --seed 0 --out $(DEMO)/meds
+	$(VENV)/bin/ehrmotor validate $(DEMO)/meds
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from ehrmotor.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,763 @@
+"""Reading and validating MEDS datasets.
+
+Every pipeline step goes through this module to find data shards and read them with
+one normalised schema, and `validate_dataset` checks a whole MEDS directory up front
+so that later steps can trust their input.
+
+Layout (MEDS 0.4, with 0.3-style datasets also accepted)::
+
+    DIR/data/**/*.parquet              subject_id, time, code, [numeric_value], [text_value]
+    DIR/metadata/codes.parquet         code, description, parent_codes   (optional)
+    DIR/metadata/dataset.json          {"meds_version": "0.4.1", ...}    (optional, warned)
+    DIR/metadata/subject_splits.parquet  subject_id, split               (optional)
+
+Validation reads each shard's schema with pyarrow (footer only) and then checks the
+rows with vectorised polars expressions over whole columns, so it scales to tens of
+millions of rows without any Python-level loop over rows or subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "DATA_COLUMNS",
+    "Finding",
+    "MedsError",
+    "ValidationReport",
+    "data_files",
+    "read_codes_metadata",
+    "read_dataset_metadata",
+    "read_subject_splits",
+    "require_valid",
+    "scan_shard",
+    "validate_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value")
+
+# The normalised dtypes that `scan_shard` produces, in DATA_COLUMNS order.
+DATA_DTYPES: dict[str, pl.DataType] = {
+    "subject_id": pl.Int64(),
+    "time": pl.Datetime("us"),
+    "code": pl.String(),
+    "numeric_value": pl.Float32(),
+    "text_value": pl.String(),
+}
+
+DATA_DIR = "data"
+CODES_FILE = "metadata/codes.parquet"
+DATASET_FILE = "metadata/dataset.json"
+SPLITS_FILE = "metadata/subject_splits.parquet"
+
+# MEDS minor versions whose data layout this module understands.
+_SUPPORTED_VERSIONS = ("0.3", "0.4")
+
+# Name of the row-index column added while checking rows; the dunder keeps it from
+# colliding with user columns (we only ever select known columns next to it anyway).
+_ROW = "__row"
+
+
+# --------------------------------------------------------------------------- findings
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in a MEDS dataset.
+
+    `file` is the path relative to the MEDS directory (or the directory itself when it
+    is missing); `message` reads "<what is wrong>; expected <what>". `str()` renders the
+    finding as a single line, leaving out location parts that are None.
+    """
+
+    file: str
+    message: str
+    column: str | None = None
+    row: int | None = None
+    subject_id: int | None = None
+
+    def __str__(self) -> str:
+        """Render as "<file>: column '<c>', row <r> (subject <s>): <message>"."""
+        location = []
+        if self.column is not None:
+            location.append(f"column '{self.column}'")
+        if self.row is not None:
+            location.append(f"row {self.row}")
+        where = ", ".join(location)
+        if self.subject_id is not None:
+            where = (
+                f"{where} (subject {self.subject_id})" if where else f"subject {self.subject_id}"
+            )
+        text = f"{self.file}: {where}: {self.message}" if where else f"{self.file}: {self.message}"
+        # Messages can embed library exception text; keep the rendering to one line.
+        return re.sub(r"\s*\n\s*", " ", text)
+
+
+@dataclass
+class ValidationReport:
+    """Result of `validate_dataset`: findings plus a few dataset-wide counts.
+
+    Counts cover the data files that could be read; `meds_version` comes from
+    metadata/dataset.json when it is present and readable.
+    """
+
+    meds_dir: Path
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    num_files: int = 0
+    num_rows: int = 0
+    num_subjects: int = 0
+    meds_version: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors (warnings are allowed)."""
+        return not self.errors
+
+    def summary(self) -> str:
+        """One line with the counts and the number of errors and warnings."""
+        version = self.meds_version or "unknown"
+        return (
+            f"{self.meds_dir}: MEDS {version}, {self.num_files} data file(s), "
+            f"{self.num_rows} row(s), {self.num_subjects} subject(s); "
+            f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        )
+
+
+class MedsError(ValueError):
+    """A MEDS dataset cannot be used; the message has one line per error finding."""
+
+    def __init__(self, message: str, findings: Sequence[Finding] = ()) -> None:
+        super().__init__(message)
+        self.findings = list(findings)
+
+    @classmethod
+    def from_findings(cls, findings: Sequence[Finding]) -> MedsError:
+        """Build the error whose message is the findings rendered one per line."""
+        return cls("\n".join(str(f) for f in findings), findings)
+
+
+def _finding(
+    file: str,
+    what: str,
+    expected: str,
+    *,
+    column: str | None = None,
+    row: int | None = None,
+    subject_id: int | None = None,
+) -> Finding:
+    """Build a Finding whose message follows the "<what>; expected <expected>" pattern."""
+    return Finding(file, f"{what}; expected {expected}", column, row, subject_id)
+
+
+@dataclass
+class _Findings:
+    """Accumulates errors and warnings while validating."""
+
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+    def error(self, *args: Any, **kwargs: Any) -> None:
+        """Record an error; arguments as for `_finding`."""
+        self.errors.append(_finding(*args, **kwargs))
+
+    def warn(self, *args: Any, **kwargs: Any) -> None:
+        """Record a warning; arguments as for `_finding`."""
+        self.warnings.append(_finding(*args, **kwargs))
+
+
+# --------------------------------------------------------------------------- file discovery
+
+
+def _relative(meds_dir: Path, path: Path) -> str:
+    """Path of `path` relative to `meds_dir` in POSIX form, for stable messages."""
+    try:
+        return path.relative_to(meds_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    """True when any component of `path` below `root` starts with a dot (.DS_Store, .git)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _data_dir_files(meds_dir: Path) -> list[Path]:
+    """All visible regular files under DIR/data, sorted; data/ must exist."""
+    data_dir = meds_dir / DATA_DIR
+    return sorted(p for p in data_dir.rglob("*") if p.is_file() and not _is_hidden(p, data_dir))
+
+
+def data_files(meds_dir: Path) -> list[Path]:
+    """Sorted list of the parquet data files under `meds_dir`/data (any nesting).
+
+    Hidden files and folders are skipped. Raises MedsError if data/ is missing or holds
+    no parquet file. Non-parquet files are ignored here; `validate_dataset` reports them.
+    """
+    meds_dir = Path(meds_dir)
+    data_dir = meds_dir / DATA_DIR
+    if not data_dir.is_dir():
+        raise MedsError(f"{meds_dir}: no '{DATA_DIR}/' directory; expected MEDS data shards there")
+    files = [p for p in _data_dir_files(meds_dir) if p.suffix == ".parquet"]
+    if not files:
+        raise MedsError(
+            f"{meds_dir}: '{DATA_DIR}/' holds no parquet files; expected data/**/*.parquet shards"
+        )
+    return files
+
+
+# --------------------------------------------------------------------------- schema checks
+
+
+def _is_string_type(dtype: pa.DataType) -> bool:
+    """True for string, large_string, string_view, or a dictionary of those."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return bool(
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_string_view(dtype)
+    )
+
+
+@dataclass(frozen=True)
+class _ShardSchema:
+    """Which columns of a shard passed the schema checks, so row checks know what to read."""
+
+    subject_id_present: bool
+    subject_id_int: bool
+    time_ok: bool
+    code_present: bool
+    code_string: bool
+
+
+def _check_optional_column(
+    rel: str, schema: pa.Schema, name: str, kind: str, accept: Any, found: _Findings
+) -> None:
+    """Check an optional column's type: error if present with a type `accept` rejects.
+
+    A column of pyarrow's null type (all values null, no type recorded) is castable to
+    anything, so it is only a warning.
+    """
+    if name not in schema.names:
+        return
+    dtype = schema.field(name).type
+    if pa.types.is_null(dtype):
+        found.warn(rel, "column has null type (no values)", kind, column=name)
+    elif not accept(dtype):
+        found.error(rel, f"column has type {dtype}", kind, column=name)
+
+
+def _check_schema(rel: str, schema: pa.Schema, found: _Findings) -> _ShardSchema:
+    """Check one data shard's arrow schema, recording findings; extra columns are allowed."""
+    names = set(schema.names)
+    for name in ("subject_id", "time", "code"):
+        if name not in names:
+            found.error(rel, "required column is missing", f"a '{name}' column", column=name)
+
+    sid_int = False
+    if "subject_id" in names:
+        dtype = schema.field("subject_id").type
+        if pa.types.is_integer(dtype):
+            sid_int = True
+            if not pa.types.is_int64(dtype):
+                found.warn(rel, f"column has type {dtype}", "int64", column="subject_id")
+        else:
+            found.error(rel, f"column has type {dtype}", "int64", column="subject_id")
+
+    time_ok = False
+    if "time" in names:
+        dtype = schema.field("time").type
+        if pa.types.is_timestamp(dtype):
+            time_ok = True
+            if dtype.tz is not None:
+                # MEDS times are naive; scan_shard converts zoned times to naive UTC.
+                found.warn(rel, f"column has time zone {dtype.tz}", "timestamp[us]", column="time")
+        else:
+            found.error(
+                rel, f"column has type {dtype}", "a timestamp (timestamp[us])", column="time"
+            )
+
+    code_string = False
+    if "code" in names:
+        dtype = schema.field("code").type
+        code_string = _is_string_type(dtype)
+        if not code_string:
+            found.error(rel, f"column has type {dtype}", "string", column="code")
+
+    _check_optional_column(
+        rel, schema, "numeric_value", "float32 (or float64)", pa.types.is_floating, found
+    )
+    _check_optional_column(rel, schema, "text_value", "string", _is_string_type, found)
+    return _ShardSchema(
+        subject_id_present="subject_id" in names,
+        subject_id_int=sid_int,
+        time_ok=time_ok,
+        code_present="code" in names,
+        code_string=code_string,
+    )
+
+
+# --------------------------------------------------------------------------- row checks
+
+
+def _null_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
+    """Aggregations giving the first row with a null subject_id / code (null if none).
+
+    Evaluated over the whole shard with a `_ROW` index column; one value per output.
+    """
+    row = pl.col(_ROW)
+    exprs: list[pl.Expr] = []
+    if shape.subject_id_present:
+        exprs.append(row.filter(pl.col("subject_id").is_null()).first().alias("null_sid_row"))
+    if shape.code_present:
+        exprs.append(row.filter(pl.col("code").is_null()).first().alias("null_code_row"))
+    return exprs
+
+
+def _order_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
+    """Aggregations locating the first row (and its subject) that breaks row order.
+
+    Evaluated over the shard's rows with a non-null subject_id (null ids are reported
+    separately and must not look like a subject change), keeping the original `_ROW`
+    index. Outputs are null when the order is fine. Requires an integer subject_id.
+    """
+    row = pl.col(_ROW)
+    sid = pl.col("subject_id")
+    prev_sid = sid.shift(1)
+    # A subject's block starts where the id changes; if that is not the subject's first
+    # row in the file, its rows are split into several blocks.
+    reappears = sid.ne_missing(prev_sid) & (row != row.min().over(sid))
+    exprs = [
+        row.filter(reappears).first().alias("split_row"),
+        sid.filter(reappears).first().alias("split_sid"),
+    ]
+    if shape.time_ok:
+        time = pl.col("time")
+        prev_time = time.shift(1)
+        # Static rows (null time) sort first, so a null after a non-null is out of order
+        # just like a time that goes backwards.
+        backwards = sid.eq_missing(prev_sid) & (
+            (time.is_null() & prev_time.is_not_null()) | (time < prev_time).fill_null(False)
+        )
+        exprs += [
+            row.filter(backwards).first().alias("unsorted_row"),
+            sid.filter(backwards).first().alias("unsorted_sid"),
+        ]
+    return exprs
+
+
+def _report_row_checks(rel: str, result: dict[str, Any], found: _Findings) -> None:
+    """Turn the merged single-row results of the null and order checks into findings."""
+    if result.get("null_sid_row") is not None:
+        found.error(
+            rel,
+            "null subject_id",
+            "a non-null int64",
+            column="subject_id",
+            row=result["null_sid_row"],
+        )
+    if result.get("null_code_row") is not None:
+        found.error(
+            rel, "null code", "a non-null string", column="code", row=result["null_code_row"]
+        )
+    if result.get("split_row") is not None:
+        found.error(
+            rel,
+            "subject's rows are not contiguous (the subject appeared earlier in the file)",
+            "all rows of a subject to be adjacent",
+            column="subject_id",
+            row=result["split_row"],
+            subject_id=result["split_sid"],
+        )
+    if result.get("unsorted_row") is not None:
+        found.error(
+            rel,
+            "time is earlier than the previous row of the same subject",
+            "static rows (null time) first, then non-decreasing times within a subject",
+            column="time",
+            row=result["unsorted_row"],
+            subject_id=result["unsorted_sid"],
+        )
+
+
+@dataclass
+class _ShardResult:
+    """What cross-file checks need from one shard: its row count, subjects and codes."""
+
+    num_rows: int
+    subjects: pl.DataFrame | None
+    codes: pl.DataFrame | None
+
+
+def _check_shard(meds_dir: Path, path: Path, found: _Findings) -> _ShardResult | None:
+    """Validate one parquet data file; returns None when it cannot be read at all."""
+    rel = _relative(meds_dir, path)
+    try:
+        with pq.ParquetFile(path) as parquet_file:
+            schema = parquet_file.schema_arrow
+            num_rows = parquet_file.metadata.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        found.error(rel, f"cannot read parquet file ({exc})", "a readable Parquet file")
+        return None
+
+    shape = _check_schema(rel, schema, found)
+    needed = [c for c in ("subject_id", "time", "code") if c in schema.names]
+
+    base = pl.scan_parquet(path, hive_partitioning=False).select(needed)
+    indexed = base.with_row_index(_ROW)
+    # All queries for this shard run in one collect_all so polars can share the scan.
+    queries: dict[str, pl.LazyFrame] = {}
+    if null_exprs := _null_check_exprs(shape):
+        queries["nulls"] = indexed.select(null_exprs)
+    if shape.subject_id_int:
+        non_null = indexed.filter(pl.col("subject_id").is_not_null())
+        queries["order"] = non_null.select(_order_check_exprs(shape))
+        queries["subjects"] = base.select(pl.col("subject_id").cast(pl.Int64).drop_nulls().unique())
+    if shape.code_string:
+        queries["codes"] = base.select(pl.col("code").cast(pl.String).drop_nulls().unique())
+    if not queries:
+        return _ShardResult(num_rows, None, None)
+    try:
+        frames = dict(zip(queries, pl.collect_all(list(queries.values())), strict=True))
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        found.error(rel, f"cannot read data ({exc})", "a readable Parquet file")
+        return _ShardResult(num_rows, None, None)
+
+    checks: dict[str, Any] = {}
+    for name in ("nulls", "order"):
+        if name in frames:
+            checks |= frames[name].row(0, named=True)
+    _report_row_checks(rel, checks, found)
+    return _ShardResult(num_rows, frames.get("subjects"), frames.get("codes"))
+
+
+# --------------------------------------------------------------------------- cross-file checks
+
+
+def _check_subjects_across_files(
+    rels: list[str], subjects: list[pl.DataFrame], found: _Findings
+) -> int:
+    """Report subjects found in more than one file; return the number of distinct subjects.
+
+    `subjects[i]` holds the unique subject ids of file `rels[i]`. One finding per file
+    that shares subjects with a later file, naming the first shared subject.
+    """
+    if not subjects:
+        return 0
+    tagged = pl.concat(
+        [df.with_columns(pl.lit(i, pl.UInt32).alias("file")) for i, df in enumerate(subjects)]
+    )
+    per_subject = tagged.group_by("subject_id").agg(pl.col("file").sort())
+    shared = (
+        per_subject.filter(pl.col("file").list.len() > 1)
+        .select(
+            "subject_id",
+            pl.col("file").list.get(0).alias("first"),
+            pl.col("file").list.get(1).alias("second"),
+        )
+        .sort("first", "subject_id")
+        .group_by("first", maintain_order=True)
+        .agg(pl.col("subject_id").first(), pl.col("second").first(), pl.len().alias("count"))
+    )
+    # This loop is over files that share subjects, never over subjects or rows.
+    for first, sid, second, count in shared.iter_rows():
+        found.error(
+            rels[first],
+            f"subject also appears in {rels[second]} ({count} subject(s) of this file are "
+            "also in later files)",
+            "each subject's rows in exactly one data file",
+            column="subject_id",
+            subject_id=sid,
+        )
+    return per_subject.height
+
+
+def _check_code_coverage(codes: list[pl.DataFrame], known: pl.DataFrame, found: _Findings) -> None:
+    """Warn when codes used in the data are missing from metadata/codes.parquet.
+
+    `codes` holds each data file's unique codes; `known` is codes.parquet's `code` column.
+    """
+    if not codes:
+        return
+    used = pl.concat(codes).unique()
+    missing = used.join(known.select("code").unique(), on="code", how="anti").sort("code")
+    if missing.height:
+        found.warn(
+            CODES_FILE,
+            f"{missing.height} code(s) used in the data are not listed, e.g. "
+            f"'{missing['code'][0]}'",
+            "every data code to have a row in codes.parquet",
+            column="code",
+        )
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _read_parquet_table(path: Path) -> pl.DataFrame:
+    """Read a whole (small) metadata parquet file; raises MedsError if unreadable."""
+    try:
+        return pl.read_parquet(path, hive_partitioning=False)
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        raise MedsError(
+            f"{path}: cannot read parquet file ({exc}); expected a readable Parquet file"
+        ) from exc
+
+
+def _require_columns(path: Path, df: pl.DataFrame, names: Sequence[str]) -> None:
+    """Raise MedsError naming the first of `names` that `df` lacks."""
+    for name in names:
+        if name not in df.columns:
+            raise MedsError(
+                f"{path}: column '{name}': required column is missing; expected a '{name}' column"
+            )
+
+
+def read_dataset_metadata(meds_dir: Path) -> dict[str, Any] | None:
+    """Parsed metadata/dataset.json, or None when the file is absent.
+
+    Raises MedsError when it exists but is not a JSON object.
+    """
+    path = Path(meds_dir) / DATASET_FILE
+    if not path.is_file():
+        return None
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedsError(f"{path}: cannot parse JSON ({exc}); expected a JSON object") from exc
+    if not isinstance(loaded, dict):
+        raise MedsError(f"{path}: JSON is a {type(loaded).__name__}; expected a JSON object")
+    return loaded
+
+
+def read_codes_metadata(meds_dir: Path) -> pl.DataFrame | None:
+    """metadata/codes.parquet as `code`, `description` (String), `parent_codes` (List[String]).
+
+    Missing optional columns come back as nulls; None when the file is absent. Raises
+    MedsError when the file is unreadable or lacks `code`.
+    """
+    path = Path(meds_dir) / CODES_FILE
+    if not path.is_file():
+        return None
+    df = _read_parquet_table(path)
+    _require_columns(path, df, ["code"])
+    wanted = {"code": pl.String(), "description": pl.String(), "parent_codes": pl.List(pl.String)}
+    try:
+        return df.select(
+            pl.col(name).cast(dtype) if name in df.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in wanted.items()
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise MedsError(f"{path}: cannot convert columns ({exc}); expected {wanted}") from exc
+
+
+def read_subject_splits(meds_dir: Path) -> pl.DataFrame | None:
+    """metadata/subject_splits.parquet as `subject_id` (Int64), `split` (String).
+
+    None when the file is absent; raises MedsError when unreadable or lacking a column.
+    """
+    path = Path(meds_dir) / SPLITS_FILE
+    if not path.is_file():
+        return None
+    df = _read_parquet_table(path)
+    _require_columns(path, df, ["subject_id", "split"])
+    try:
+        return df.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+    except pl.exceptions.PolarsError as exc:
+        raise MedsError(
+            f"{path}: cannot convert columns ({exc}); expected subject_id int64, split string"
+        ) from exc
+
+
+def _check_dataset_json(meds_dir: Path, found: _Findings) -> str | None:
+    """Check metadata/dataset.json; return its meds_version when present."""
+    if not (meds_dir / DATASET_FILE).is_file():
+        found.warn(DATASET_FILE, "file is missing", "a JSON object with 'meds_version'")
+        return None
+    try:
+        metadata = read_dataset_metadata(meds_dir)
+    except MedsError as exc:
+        # The cause is the parse/IO error; without one, the JSON parsed to a non-object.
+        cause = exc.__cause__
+        problem = f"cannot parse JSON ({cause})" if cause else "JSON is not an object"
+        found.error(DATASET_FILE, problem, "a JSON object")
+        return None
+    version = (metadata or {}).get("meds_version")
+    if version is None:
+        found.warn(DATASET_FILE, "no 'meds_version' key", 'e.g. "meds_version": "0.4.1"')
+        return None
+    version = str(version)
+    if not any(re.fullmatch(rf"{re.escape(v)}(\..*)?", version) for v in _SUPPORTED_VERSIONS):
+        found.warn(
+            DATASET_FILE,
+            f"meds_version {version!r} is not a version this tool was built for",
+            "0.3.x or 0.4.x",
+        )
+    return version
+
+
+def _check_metadata_parquet(
+    meds_dir: Path, rel: str, columns: dict[str, Any], found: _Findings
+) -> pl.DataFrame | None:
+    """Read a metadata parquet file and check its required columns and their types.
+
+    `columns` maps each required column to (type test, expected type text). Returns the
+    table when it is usable, None when absent or broken (after recording errors).
+    """
+    path = meds_dir / rel
+    if not path.is_file():
+        return None
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        found.error(rel, f"cannot read parquet file ({exc})", "a readable Parquet file")
+        return None
+    usable = True
+    for name, (accept, expected) in columns.items():
+        if name not in schema.names:
+            found.error(rel, "required column is missing", f"a '{name}' column", column=name)
+            usable = False
+        elif not accept(schema.field(name).type):
+            found.error(rel, f"column has type {schema.field(name).type}", expected, column=name)
+            usable = False
+    if not usable:
+        return None
+    try:
+        return pl.read_parquet(path, columns=list(columns), hive_partitioning=False)
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        found.error(rel, f"cannot read data ({exc})", "a readable Parquet file")
+        return None
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def validate_dataset(meds_dir: Path, *, check_codes: bool = True) -> ValidationReport:
+    """Check a MEDS directory and collect every problem found; never raises for bad data.
+
+    `check_codes` enables the warning about data codes missing from codes.parquet. The
+    returned report lists errors (the dataset cannot be used) and warnings (it can, but
+    something is off), with file/row/subject counts over the readable data files.
+    """
+    meds_dir = Path(meds_dir)
+    report = ValidationReport(meds_dir=meds_dir)
+    found = _Findings(report.errors, report.warnings)
+    if not meds_dir.is_dir():
+        what = "is not a directory" if meds_dir.exists() else "directory does not exist"
+        found.error(str(meds_dir), what, "a MEDS dataset directory with data/ and metadata/")
+        return report
+
+    used_codes = _check_data(meds_dir, report, found)
+    report.meds_version = _check_dataset_json(meds_dir, found)
+    codes = _check_metadata_parquet(
+        meds_dir, CODES_FILE, {"code": (_is_string_type, "string")}, found
+    )
+    if check_codes and codes is not None:
+        _check_code_coverage(used_codes, codes, found)
+    _check_metadata_parquet(
+        meds_dir,
+        SPLITS_FILE,
+        {"subject_id": (pa.types.is_integer, "int64"), "split": (_is_string_type, "string")},
+        found,
+    )
+    return report
+
+
+def _check_data(meds_dir: Path, report: ValidationReport, found: _Findings) -> list[pl.DataFrame]:
+    """Check everything under data/, filling the report's counts.
+
+    Returns each readable file's unique codes, for the codes.parquet coverage check.
+    """
+    data_dir = meds_dir / DATA_DIR
+    if not data_dir.is_dir():
+        found.error(DATA_DIR, "directory is missing", "data/**/*.parquet shards")
+        return []
+    files = _data_dir_files(meds_dir)
+    parquet = [p for p in files if p.suffix == ".parquet"]
+    for other in (p for p in files if p.suffix != ".parquet"):
+        found.error(
+            _relative(meds_dir, other), "not a parquet file", "only *.parquet files in data/"
+        )
+    if not parquet:
+        found.error(DATA_DIR, "directory holds no parquet files", "data/**/*.parquet shards")
+        return []
+
+    rels: list[str] = []
+    subjects: list[pl.DataFrame] = []
+    codes: list[pl.DataFrame] = []
+    report.num_files = len(parquet)
+    for path in parquet:
+        result = _check_shard(meds_dir, path, found)
+        if result is None:
+            continue
+        report.num_rows += result.num_rows
+        if result.subjects is not None:
+            rels.append(_relative(meds_dir, path))
+            subjects.append(result.subjects)
+        if result.codes is not None:
+            codes.append(result.codes)
+    report.num_subjects = _check_subjects_across_files(rels, subjects, found)
+    return codes
+
+
+def require_valid(meds_dir: Path) -> ValidationReport:
+    """Validate `meds_dir`, log its warnings, and raise MedsError if there are errors.
+
+    Returns the report when the dataset is usable.
+    """
+    report = validate_dataset(meds_dir)
+    for warning in report.warnings:
+        logger.warning("%s", warning)
+    if not report.ok:
+        raise MedsError.from_findings(report.errors)
+    logger.info("%s", report.summary())
+    return report
+
+
+def _normalise_column(name: str, schema: pl.Schema) -> pl.Expr:
+    """Expression producing column `name` with its DATA_DTYPES dtype (null if absent)."""
+    dtype = DATA_DTYPES[name]
+    if name not in schema:
+        return pl.lit(None, dtype).alias(name)
+    column = pl.col(name)
+    source = schema[name]
+    if name == "time" and isinstance(source, pl.Datetime) and source.time_zone is not None:
+        # MEDS times are naive; express zoned times as naive UTC rather than local clock.
+        column = column.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return column.cast(dtype)
+
+
+def scan_shard(path: Path) -> pl.LazyFrame:
+    """Lazily read one data file as exactly DATA_COLUMNS with normalised dtypes.
+
+    Out: subject_id Int64, time Datetime("us"), code String, numeric_value Float32,
+    text_value String. Missing optional columns are added as nulls; extra columns are
+    dropped. Raises MedsError when the file is unreadable or lacks a required column.
+    """
+    path = Path(path)
+    lazy = pl.scan_parquet(path, hive_partitioning=False)
+    try:
+        schema = lazy.collect_schema()
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        raise MedsError(
+            f"{path}: cannot read parquet file ({exc}); expected a readable Parquet file"
+        ) from exc
+    for name in ("subject_id", "time", "code"):
+        if name not in schema:
+            raise MedsError(
+                f"{path}: column '{name}': required column is missing; expected a '{name}' column"
+            )
+    return lazy.select(_normalise_column(name, schema) for name in DATA_COLUMNS)

@@ -1,0 +1,491 @@
+"""The generative model of the synthetic EHR: a monthly discrete-time simulation of one shard.
+
+All subjects of a shard are simulated together, one month per step, with numpy over whole arrays;
+nothing loops over subjects or events. What is planted (and what a model should learn):
+
+- Latent risks `z` (cardiometabolic, respiratory, frailty), never emitted. They drive disease
+  hazards, and surface only through rare sibling leaf codes under one ICD-10-CM block per latent
+  (`SIGNATURE_BLOCKS`): each leaf is too rare for a count model; their parent block is not.
+- Chronic modules (type 2 diabetes E11, hypertension I10, CKD N18, atrial fibrillation I48, heart
+  failure I50, COPD J44, lung cancer C34) and acute ones (MI I21, pneumonia J18, stroke I63,
+  sepsis A41), with hazards depending on age, latents, earlier diagnoses and treatment.
+- Lab trajectories: diabetes and CKD start subclinically; HbA1c (and glucose) or creatinine drift
+  upward for months and the diagnosis is coded at the first visit whose lab crosses the threshold.
+- Recency: MI raises heart-failure and death hazards, pneumonia raises sepsis and death hazards,
+  with effects that decay over a few months.
+- Order: atrial fibrillation followed by MI within 12 months multiplies the heart-failure hazard;
+  the reverse order does not.
+- Treatments start at visits after diagnosis (metformin, lisinopril, statin, beta blocker,
+  anticoagulant, inhalers, HemOnc chemotherapy regimens) and lower downstream hazards.
+- Background: visits whose rate grows with age, illness and a heavy-tailed personal frailty, with
+  routine diagnoses drawn Zipf-like from the whole ICD-10-CM tree (ICD-9-CM before October 2015),
+  CPT4 and ICD-10-PCS procedures, lab panels with realistic values and units, smoking status as
+  text. Events per subject range from tens to thousands.
+- Death (`MEDS_DEATH`) depends on all of the above.
+
+`hazards` can be probed at given (subject, month) pairs: re-running a shard with the same seed
+reproduces it exactly, so the true monthly hazard of any outcome is available to evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ehrmotor.synthetic.catalog import (
+    CPT4,
+    DISEASE_CATEGORIES,
+    DRUGS,
+    HEMONC_REGIMENS,
+    LABS,
+    SIGNATURE_BLOCKS,
+    SMOKING_STATUS,
+    SMOKING_VALUES,
+    Catalog,
+    icd10_leaves_under,
+)
+
+US_PER_DAY = 86_400_000_000
+MONTH_DAYS = 30.4375
+EPOCH = np.datetime64("1970-01-01", "D")
+FIRST_MONTH = np.datetime64("1995-01-01", "D")
+CUTOFF = np.datetime64("2026-01-01", "D")
+ICD9_UNTIL = np.datetime64("2015-10-01", "D")
+NUM_MONTHS = int((CUTOFF - FIRST_MONTH).astype(int) / MONTH_DAYS)
+OUTCOMES = (*DISEASE_CATEGORIES, "death")
+TEXT_VALUES = SMOKING_VALUES
+
+
+def _days(date: np.datetime64) -> float:
+    return float((date - EPOCH).astype(int))
+
+
+@dataclass(frozen=True)
+class CodePools:
+    """Code indices the simulator draws from, derived from the catalogue."""
+
+    disease: dict[str, np.ndarray]
+    signature: list[np.ndarray]
+    routine_icd10: np.ndarray
+    routine_icd9: np.ndarray
+    procedures: np.ndarray
+    cpt4: np.ndarray
+    labs: dict[str, int]
+    drugs: dict[str, int]
+    hemonc: np.ndarray
+    visit: dict[str, int]
+    gender: np.ndarray
+    race: np.ndarray
+    smoking: int
+    birth: int = 0
+    death: int = 1
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog) -> CodePools:
+        concepts = catalog.concepts
+
+        def codes_where(vocab: str, klass: str) -> list[str]:
+            rows = concepts.filter(
+                (concepts["vocabulary_id"] == vocab) & (concepts["concept_class_id"] == klass)
+            )
+            return rows["code"].to_list()
+
+        icd10_codes = codes_where("ICD10CM", "ICD10 code")
+        parents = set(catalog.edges.filter(catalog.edges["relationship"] == "Is a")["parent"])
+        # Planted codes stay out of the background so their signal is the planted one.
+        planted = {c for v in DISEASE_CATEGORIES.values() for c in icd10_leaves_under(v)}
+        planted |= {c for b in SIGNATURE_BLOCKS for c in icd10_leaves_under(b)}
+        icd10_leaves = [c for c in icd10_codes if c not in parents and c not in planted]
+        maps = catalog.edges.filter(catalog.edges["relationship"] == "Maps to")
+        icd9_planted = set(maps.filter(maps["parent"].is_in(list(planted)))["child"])
+        icd9_codes = [c for c in codes_where("ICD9CM", "ICD9CM code") if c not in icd9_planted]
+        return cls(
+            disease={k: catalog.ids(icd10_leaves_under(v)) for k, v in DISEASE_CATEGORIES.items()},
+            signature=[catalog.ids(icd10_leaves_under(b)) for b in SIGNATURE_BLOCKS],
+            routine_icd10=catalog.ids(icd10_leaves),
+            routine_icd9=catalog.ids(icd9_codes),
+            procedures=catalog.ids(codes_where("ICD10PCS", "ICD10PCS")),
+            cpt4=catalog.ids([f"CPT4/{c}" for c, _ in CPT4]),
+            labs={code: catalog.index[f"LOINC/{code}"] for code, *_ in LABS},
+            drugs={name: catalog.index[f"RxNorm/{rx}"] for rx, name, _ in DRUGS},
+            hemonc=catalog.ids([f"HemOnc/{10_000 + i}" for i in range(len(HEMONC_REGIMENS))]),
+            visit={v: catalog.index[f"Visit/{v}"] for v in ("IP", "OP", "ER")},
+            gender=catalog.ids(["Gender/F", "Gender/M"]),
+            race=catalog.ids(["Race/2106-3", "Race/2054-5", "Race/2028-9", "Race/1002-5",
+                              "Race/2076-8"]),
+            smoking=catalog.index[f"LOINC/{SMOKING_STATUS[0]}"],
+        )
+
+
+class Events:
+    """Column buffers for emitted events: subject index, time (µs), code, value, text."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, subject: np.ndarray, time_us: np.ndarray, code: np.ndarray,
+            value: np.ndarray | None = None, text: np.ndarray | None = None) -> None:
+        n = len(subject)
+        if n == 0:
+            return
+        code = np.broadcast_to(np.asarray(code, dtype=np.int32), (n,))
+        value = np.full(n, np.nan, np.float32) if value is None else value.astype(np.float32)
+        text = np.full(n, -1, np.int8) if text is None else text.astype(np.int8)
+        self.parts.append((subject.astype(np.int32), time_us.astype(np.int64), code, value, text))
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return tuple(np.concatenate(col) for col in zip(*self.parts, strict=True))
+
+
+def _zipf_cdf(n: int, rng: np.random.Generator, exponent: float = 1.1) -> np.ndarray:
+    """Cumulative Zipf weights over a random permutation of n codes (heavy-tailed frequencies)."""
+    weights = 1.0 / np.arange(1, n + 1) ** exponent
+    weights = weights[rng.permutation(n)]
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
+def _decay(now: float, last: np.ndarray, months: float) -> np.ndarray:
+    """exp(-(now - last) / months), 0 where there was no previous event (last is nan)."""
+    return np.nan_to_num(np.exp(-(now - last) / months), nan=0.0)
+
+
+@dataclass
+class Subjects:
+    """Fixed per-subject traits of one shard (arrays of length n)."""
+
+    birth_day: np.ndarray  # days since 1970
+    start_month: np.ndarray  # first observed month index (float)
+    sex: np.ndarray  # 0 female, 1 male
+    race: np.ndarray
+    latent: np.ndarray  # (n, 3)
+    visit_rate: np.ndarray  # personal multiplier, lognormal
+    smoking: np.ndarray  # 0 never, 1 former, 2 current
+
+    @classmethod
+    def draw(cls, n: int, rng: np.random.Generator) -> Subjects:
+        cutoff = _days(CUTOFF)
+        age_at_cutoff = rng.uniform(1.0, 95.0, n) * 365.25
+        birth_day = np.floor(cutoff - age_at_cutoff)
+        record_years = np.clip(rng.lognormal(np.log(7.0), 0.7, n), 0.5, 31.0)
+        start_day = np.maximum(cutoff - record_years * 365.25, birth_day)
+        start_month = np.maximum((start_day - _days(FIRST_MONTH)) / MONTH_DAYS, 0.0)
+        latent = rng.standard_normal((n, 3))
+        p_current = 1 / (1 + np.exp(-(-1.6 + 1.2 * latent[:, 1])))
+        smoking = np.where(rng.random(n) < p_current, 2, rng.choice([0, 0, 1], n))
+        return cls(
+            birth_day=birth_day, start_month=start_month, sex=rng.integers(0, 2, n),
+            race=rng.choice(5, n, p=[0.6, 0.15, 0.12, 0.08, 0.05]), latent=latent,
+            visit_rate=rng.lognormal(0.0, 0.9, n), smoking=smoking,
+        )
+
+
+class State:
+    """Disease, treatment and lab state of every subject; nan times mean 'never'."""
+
+    def __init__(self, n: int) -> None:
+        nan = np.full(n, np.nan)
+        self.onset = {k: nan.copy() for k in OUTCOMES}  # month of coded diagnosis / event
+        self.last = {k: nan.copy() for k in ("mi", "pneumonia", "sepsis", "stroke", "afib")}
+        self.subclinical = {"diabetes": nan.copy(), "ckd": nan.copy()}
+        self.treated = {k: np.zeros(n, bool) for k in
+                        ("metformin", "lisinopril", "atorvastatin", "metoprolol", "apixaban",
+                         "tiotropium", "chemo")}
+        self.order_flag = np.zeros(n, bool)
+        self.alive = np.ones(n, bool)
+
+    def has(self, disease: str) -> np.ndarray:
+        return ~np.isnan(self.onset[disease])
+
+
+def _hazards(month: float, age: np.ndarray, subjects: Subjects, state: State,
+             idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Monthly hazards of every outcome for the subjects `idx` (arrays aligned with idx)."""
+    a = (age - 60.0) / 10.0
+    z0, z1, z2 = (subjects.latent[idx, k] for k in range(3))
+    smoker = subjects.smoking[idx]
+    has = {k: state.has(k)[idx].astype(float) for k in OUTCOMES}
+    treated = {k: v[idx] for k, v in state.treated.items()}
+    recent_mi = _decay(month, state.last["mi"][idx], 6.0)
+    recent_pneu = _decay(month, state.last["pneumonia"][idx], 2.0)
+    recent_sepsis = _decay(month, state.last["sepsis"][idx], 1.0)
+    h = {
+        "diabetes": 0.0009 * np.exp(0.3 * a + 0.9 * z0),
+        "hypertension": 0.0015 * np.exp(0.45 * a + 0.6 * z0),
+        "ckd": 0.0003 * np.exp(0.4 * a + 0.6 * z0 + 1.2 * has["diabetes"] + 0.7 * has["hypertension"])
+        * np.where(treated["lisinopril"], 0.5, 1.0) * np.where(treated["metformin"], 0.7, 1.0),
+        "afib": 0.0004 * np.exp(0.6 * a + 0.5 * z2),
+        "mi": 0.0003 * np.exp(0.5 * a + 0.8 * z0 + 0.6 * has["diabetes"] + 0.5 * has["hypertension"]
+                              + 0.5 * (smoker == 2)) * np.where(treated["atorvastatin"], 0.6, 1.0),
+        "heart_failure": 0.0002 * np.exp(0.5 * a + 0.5 * z0 + 0.6 * has["hypertension"]
+                                         + 0.8 * has["ckd"])
+        * (1.0 + 8.0 * recent_mi) * np.where(state.order_flag[idx], 5.0, 1.0)
+        * np.where(treated["metoprolol"], 0.6, 1.0),
+        "copd": 0.00025 * np.exp(0.4 * a + 1.3 * z1 + 1.0 * (smoker == 2) + 0.5 * (smoker == 1)),
+        "pneumonia": 0.0006 * np.exp(0.3 * a + 0.5 * z1 + 0.4 * z2 + 1.0 * has["copd"])
+        * np.where(treated["tiotropium"], 0.7, 1.0),
+        "lung_cancer": 0.00006 * np.exp(0.5 * a + 1.5 * z1 + 1.2 * (smoker == 2)),
+        "stroke": 0.0002 * np.exp(0.5 * a + 0.5 * z0)
+        * (1.0 + 2.0 * has["afib"] * ~treated["apixaban"]),
+        "sepsis": 0.0001 * np.exp(0.4 * a + 0.6 * z2) * (1.0 + 10.0 * recent_pneu),
+    }
+    h["death"] = (
+        0.0004 * np.exp(0.75 * a + 0.5 * z2 + 0.7 * has["heart_failure"] + 0.5 * has["ckd"]
+                        + 1.5 * has["lung_cancer"] * ~treated["chemo"] + 0.8 * treated["chemo"]
+                        + 0.4 * has["copd"] + 0.3 * has["diabetes"])
+        * (1.0 + 6.0 * recent_mi + 10.0 * recent_sepsis + 3.0 * recent_pneu)
+    )
+    return {k: np.minimum(v, 0.9) for k, v in h.items()}
+
+
+STATIC_TIME = np.iinfo(np.int64).min  # marks a static row (null time)
+CHRONIC = ("hypertension", "afib", "copd", "lung_cancer", "heart_failure")
+ACUTE = ("mi", "pneumonia", "stroke", "sepsis")
+# Which coded conditions start which treatment, and the treatment's RxNorm ingredient name.
+TREATMENT_FOR = {
+    "metformin": ("diabetes",), "lisinopril": ("hypertension", "ckd"),
+    "atorvastatin": ("mi", "diabetes"), "metoprolol": ("mi", "heart_failure", "afib"),
+    "apixaban": ("afib",), "tiotropium": ("copd",), "chemo": ("lung_cancer",),
+}
+BACKGROUND_DRUGS = ("acetaminophen", "ibuprofen", "omeprazole", "sertraline", "levothyroxine",
+                    "aspirin", "amoxicillin", "albuterol", "amlodipine", "furosemide")
+VISIT_TYPES = ("OP", "ER", "IP")
+
+
+@dataclass
+class Visits:
+    """The visits of one month: subject index, type (0 OP, 1 ER, 2 IP), time (µs), reason code."""
+
+    subject: np.ndarray
+    kind: np.ndarray
+    time_us: np.ndarray
+    reason: np.ndarray  # code index coded at the visit, -1 for a routine visit
+
+
+@dataclass
+class ShardResult:
+    """Unsorted event columns of one shard, plus probed hazards when asked for."""
+
+    columns: tuple[np.ndarray, ...]  # subject index, time µs, code, numeric value, text index
+    hazards: dict[str, np.ndarray] | None
+
+
+class ShardSimulator:
+    """Simulates the subjects of one shard month by month (see the module docstring)."""
+
+    def __init__(self, n: int, seed: int, shard: int, pools: CodePools) -> None:
+        self.rng = np.random.default_rng([seed, shard])
+        popularity = np.random.default_rng([seed, 1 << 30])  # code popularity is dataset-wide
+        self.cdf_icd10 = _zipf_cdf(len(pools.routine_icd10), popularity)
+        self.cdf_icd9 = _zipf_cdf(len(pools.routine_icd9), popularity)
+        self.cdf_procedures = _zipf_cdf(len(pools.procedures), popularity)
+        self.pools = pools
+        self.subjects = Subjects.draw(n, self.rng)
+        self.state = State(n)
+        self.events = Events()
+        self.leaf = {d: self.rng.integers(0, len(p), n) for d, p in pools.disease.items()}
+
+    def _draw(self, pool: np.ndarray, cdf: np.ndarray, count: int) -> np.ndarray:
+        return pool[np.minimum(np.searchsorted(cdf, self.rng.random(count)), len(pool) - 1)]
+
+    def _disease_code(self, disease: str, subject: np.ndarray) -> np.ndarray:
+        return self.pools.disease[disease][self.leaf[disease][subject]]
+
+    def run(self, probe_subject: np.ndarray | None = None,
+            probe_month: np.ndarray | None = None) -> ShardResult:
+        """Simulate all months; optionally record hazards at (subject, month) probe pairs."""
+        subjects, pools = self.subjects, self.pools
+        n = len(subjects.birth_day)
+        everyone = np.arange(n)
+        static = np.full(n, STATIC_TIME)
+        self.events.add(everyone, static, pools.gender[subjects.sex])
+        self.events.add(everyone, static, pools.race[subjects.race])
+        self.events.add(everyone, subjects.birth_day.astype(np.int64) * US_PER_DAY, pools.birth)
+        first_month = np.ceil(subjects.start_month)
+        probed = None
+        if probe_subject is not None and probe_month is not None:
+            probed = {k: np.full(len(probe_subject), np.nan) for k in OUTCOMES}
+        for month in range(int(first_month.min()), NUM_MONTHS):
+            active = np.flatnonzero(self.state.alive & (first_month <= month))
+            if len(active) == 0:
+                continue
+            month_day = _days(FIRST_MONTH) + month * MONTH_DAYS
+            age = (month_day - subjects.birth_day[active]) / 365.25
+            hazards = _hazards(float(month), age, subjects, self.state, active)
+            if probed is not None and probe_subject is not None and probe_month is not None:
+                rows = np.flatnonzero(probe_month == month)
+                pos = np.searchsorted(active, probe_subject[rows])
+                pos = np.minimum(pos, len(active) - 1)
+                found = active[pos] == probe_subject[rows]
+                for k in OUTCOMES:
+                    probed[k][rows[found]] = hazards[k][pos[found]]
+            self._step(month, month_day, active, age, hazards)
+        return ShardResult(self.events.columns(), probed)
+
+    def _step(self, month: int, month_day: float, active: np.ndarray, age: np.ndarray,
+              hazards: dict[str, np.ndarray]) -> None:
+        state, rng, pools = self.state, self.rng, self.pools
+        hit = {k: rng.random(len(active)) < hazards[k] for k in OUTCOMES}
+        forced_subject, forced_kind, forced_reason = [], [], []
+        for disease in ("diabetes", "ckd"):  # subclinical start; coded later through labs
+            new = active[hit[disease] & np.isnan(state.subclinical[disease][active])]
+            state.subclinical[disease][new] = month
+        for disease in CHRONIC:
+            new = active[hit[disease] & ~state.has(disease)[active]]
+            state.onset[disease][new] = month
+            if disease == "afib":
+                state.last["afib"][new] = month
+            forced_subject.append(new)
+            forced_kind.append(np.full(len(new), 2 if disease in ("heart_failure",
+                                                                  "lung_cancer") else 0))
+            forced_reason.append(self._disease_code(disease, new))
+        for disease in ACUTE:
+            new = active[hit[disease]]
+            if disease == "mi":  # order effect: AF then MI within a year
+                after_af = (month - state.last["afib"][new]) <= 12
+                state.order_flag[new[after_af]] = True
+            first = np.isnan(state.onset[disease][new])
+            state.onset[disease][new[first]] = month
+            state.last[disease][new] = month
+            forced_subject.append(new)
+            forced_kind.append(np.where(rng.random(len(new)) < 0.3, 1, 2))
+            forced_reason.append(self._disease_code(disease, new))
+        routine_rate = (
+            0.18 * self.subjects.visit_rate[active] * np.exp(0.02 * (age - 50.0))
+            * (1.0 + 0.3 * sum(state.has(d)[active] for d in CHRONIC + ("diabetes", "ckd")))
+        )
+        count = rng.poisson(np.minimum(routine_rate, 20.0))
+        routine = np.repeat(active, count)
+        kind = rng.choice(3, len(routine), p=[0.86, 0.09, 0.05])
+        subject = np.concatenate([routine, *forced_subject])
+        kind = np.concatenate([kind, *forced_kind]).astype(np.int8)
+        reason = np.concatenate([np.full(len(routine), -1), *forced_reason])
+        day = rng.uniform(0.0, 28.0, len(subject))
+        minute = rng.integers(8 * 60, 18 * 60, len(subject))
+        time_us = np.floor(month_day + day).astype(np.int64) * US_PER_DAY + minute * 60_000_000
+        order = np.lexsort((time_us, subject))
+        visits = Visits(subject[order], kind[order], time_us[order], reason[order])
+        self._visit_content(month, visits)
+        died = active[hit["death"]]
+        state.alive[died] = False
+        death_day = month_day + rng.uniform(28.0, MONTH_DAYS, len(died))
+        self.events.add(died, (death_day * US_PER_DAY).astype(np.int64), pools.death)
+
+    def _visit_content(self, month: int, visits: Visits) -> None:
+        rng, pools, state, ev = self.rng, self.pools, self.state, self.events
+        s, t, kind = visits.subject, visits.time_us, visits.kind
+        nv = len(s)
+        if nv == 0:
+            return
+        ev.add(s, t, np.array([pools.visit[VISIT_TYPES[k]] for k in range(3)])[kind])
+        reasons = visits.reason >= 0
+        ev.add(s[reasons], t[reasons], visits.reason[reasons].astype(np.int32))
+        # Routine diagnoses: ICD-9-CM before the October 2015 switch, ICD-10-CM after.
+        per_visit = 1 + rng.poisson(0.8, nv)
+        vs, vt = np.repeat(s, per_visit), np.repeat(t, per_visit)
+        icd9_era = vt < int((ICD9_UNTIL - EPOCH).astype(int)) * US_PER_DAY
+        codes = np.where(icd9_era, self._draw(pools.routine_icd9, self.cdf_icd9, len(vs)),
+                         self._draw(pools.routine_icd10, self.cdf_icd10, len(vs)))
+        ev.add(vs, vt, codes)
+        # Procedures: CPT4 in clinics and the ER, ICD-10-PCS in hospital.
+        clinic = (kind < 2) & (rng.random(nv) < 0.6)
+        ev.add(s[clinic], t[clinic] + 30 * 60_000_000,
+               pools.cpt4[np.minimum(rng.geometric(0.45, clinic.sum()) - 1, len(pools.cpt4) - 1)])
+        inpatient = kind == 2
+        n_proc = np.where(inpatient, 1 + rng.poisson(1.0, nv), 0)
+        ps, pt = np.repeat(s, n_proc), np.repeat(t, n_proc)
+        ev.add(ps, pt + 120 * 60_000_000, self._draw(pools.procedures, self.cdf_procedures, len(ps)))
+        self._labs(month, visits)
+        # Latent risks surface through rare sibling leaves of one block each.
+        for k, pool in enumerate(pools.signature):
+            p = 1 / (1 + np.exp(-(-3.2 + 1.6 * self.subjects.latent[s, k])))
+            show = rng.random(nv) < p
+            ev.add(s[show], t[show], pool[rng.integers(0, len(pool), show.sum())])
+        smoking = rng.random(nv) < 0.08
+        ev.add(s[smoking], t[smoking], pools.smoking, text=self.subjects.smoking[s[smoking]])
+        self._recode_and_treat(month, visits)
+
+    def _labs(self, month: int, visits: Visits) -> None:
+        rng, pools, state, subjects = self.rng, self.pools, self.state, self.subjects
+        s, kind = visits.subject, visits.kind
+        t = visits.time_us + 60 * 60_000_000
+        nv = len(s)
+        sex = subjects.sex[s]
+        z0 = subjects.latent[s, 0]
+        since_dm = np.nan_to_num(month - state.subclinical["diabetes"][s], nan=0.0)
+        since_ckd = np.nan_to_num(month - state.subclinical["ckd"][s], nan=0.0)
+        hba1c = (5.2 + 0.15 * z0 + rng.normal(0, 0.25, nv) + np.minimum(0.08 * since_dm, 4.0)
+                 - 0.8 * state.treated["metformin"][s])
+        creatinine = np.maximum(0.75 + 0.2 * sex + rng.normal(0, 0.08, nv)
+                                + np.minimum(0.035 * since_ckd, 5.0), 0.3)
+        recent_infection = (_decay(month, state.last["pneumonia"][s], 1.0)
+                            + 2 * _decay(month, state.last["sepsis"][s], 1.0))
+        hf = state.has("heart_failure")[s]
+        mi_now = state.last["mi"][s] == month
+        p_panel = np.array([0.3, 0.8, 0.95])[kind]
+        bmp = rng.random(nv) < p_panel
+        cbc = rng.random(nv) < p_panel * 0.9
+        age = (visits.time_us / US_PER_DAY - subjects.birth_day[s]) / 365.25
+        a1c = rng.random(nv) < 0.08 + 0.2 * (age > 45) + 0.4 * state.has("diabetes")[s]
+        bnp = rng.random(nv) < np.where(hf, 0.5, 0.05 + 0.2 * (kind > 0))
+        troponin = (rng.random(nv) < 0.3 * (kind > 0)) | mi_now
+        lipids = rng.random(nv) < 0.1
+        alt = rng.random(nv) < 0.1
+        values = {
+            "2160-0": (bmp, np.round(creatinine, 2)),
+            "2345-7": (bmp, np.round(28.7 * hba1c - 46.7 + rng.normal(0, 15, nv))),
+            "2951-2": (bmp, np.round(rng.normal(140, 2.5, nv))),
+            "2823-3": (bmp, np.round(rng.normal(4.2, 0.35, nv) + 0.3 * (creatinine > 1.5), 1)),
+            "718-7": (cbc, np.round(rng.normal(12.8 + 1.4 * sex, 1.1, nv) - (creatinine > 2), 1)),
+            "6690-2": (cbc, np.round(rng.lognormal(np.log(7), 0.25, nv) * (1 + recent_infection), 1)),
+            "777-3": (cbc, np.round(rng.normal(250, 50, nv))),
+            "4548-4": (a1c, np.round(hba1c, 1)),
+            "30934-4": (bnp, np.round(rng.lognormal(np.log(40), 0.5, nv) * (1 + 10 * hf))),
+            "6598-7": (troponin, np.round(np.where(mi_now, rng.lognormal(np.log(1.5), 0.6, nv),
+                                                   rng.lognormal(np.log(0.01), 0.5, nv)), 3)),
+            "13457-7": (lipids, np.round(rng.normal(120 + 15 * z0, 30, nv)
+                                         - 40 * state.treated["atorvastatin"][s])),
+            "1742-6": (alt, np.round(rng.lognormal(np.log(25), 0.4, nv))),
+        }
+        for loinc, (measured, value) in values.items():
+            self.events.add(s[measured], t[measured], pools.labs[loinc], value=value[measured])
+        # Diagnoses coded when a measured lab crosses its threshold.
+        for disease, measured, value, threshold in (
+            ("diabetes", a1c, hba1c, 6.5), ("ckd", bmp, creatinine, 1.5),
+        ):
+            new = measured & (value >= threshold) & ~state.has(disease)[s]
+            new &= ~np.isnan(state.subclinical[disease][s])
+            subjects_new, first = np.unique(s[new], return_index=True)
+            state.onset[disease][subjects_new] = month
+            self.events.add(subjects_new, t[new][first] + 30 * 60_000_000,
+                            self._disease_code(disease, subjects_new))
+
+    def _recode_and_treat(self, month: int, visits: Visits) -> None:
+        rng, pools, state, ev = self.rng, self.pools, self.state, self.events
+        s, t = visits.subject, visits.time_us + 15 * 60_000_000
+        nv = len(s)
+        for disease in CHRONIC + ("diabetes", "ckd"):
+            again = state.has(disease)[s] & (state.onset[disease][s] < month)
+            again &= rng.random(nv) < 0.35
+            ev.add(s[again], t[again], self._disease_code(disease, s[again]))
+        rx_time = t + 15 * 60_000_000
+        for drug, indications in TREATMENT_FOR.items():
+            indicated = np.zeros(nv, bool)
+            for disease in indications:
+                indicated |= state.has(disease)[s]
+            on = state.treated[drug][s]
+            start = indicated & ~on & (rng.random(nv) < 0.4)
+            refill = on & (rng.random(nv) < 0.5)
+            give = start | refill
+            state.treated[drug][np.unique(s[start])] = True
+            if drug == "chemo":
+                regimen = pools.hemonc[self.leaf["lung_cancer"][s[give]] % len(pools.hemonc)]
+                ev.add(s[give], rx_time[give], regimen)
+                ev.add(s[give], rx_time[give], pools.drugs["carboplatin"])
+            else:
+                ev.add(s[give], rx_time[give], pools.drugs[drug])
+        background = rng.random(nv) < 0.25
+        names = np.array([pools.drugs[d] for d in BACKGROUND_DRUGS])
+        ev.add(s[background], rx_time[background],
+               names[rng.integers(0, len(names), background.sum())])
