@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ehrmotor synth --subjects $(DEMO_SUBJECTS) --seed 0 --out $(DEMO)/meds
+	$(VENV)/bin/ehrmotor synth --subjects $(DEMO_SUBJECTS) --seed 0 --out $(DEMO)/meds --force
 	$(VENV)/bin/ehrmotor validate $(DEMO)/meds
 
 test: $(STAMP)

@@ -177,7 +177,7 @@ class Subjects:
         return cls(
             birth_day=birth_day, start_month=start_month, sex=rng.integers(0, 2, n),
             race=rng.choice(5, n, p=[0.6, 0.15, 0.12, 0.08, 0.05]), latent=latent,
-            visit_rate=rng.lognormal(0.0, 0.9, n), smoking=smoking,
+            visit_rate=rng.lognormal(0.0, 0.6, n), smoking=smoking,
         )
 
 
@@ -352,7 +352,7 @@ class ShardSimulator:
             forced_kind.append(np.where(rng.random(len(new)) < 0.3, 1, 2))
             forced_reason.append(self._disease_code(disease, new))
         routine_rate = (
-            0.18 * self.subjects.visit_rate[active] * np.exp(0.02 * (age - 50.0))
+            0.15 * self.subjects.visit_rate[active] * np.exp(0.02 * (age - 50.0))
             * (1.0 + 0.3 * sum(state.has(d)[active] for d in CHRONIC + ("diabetes", "ckd")))
         )
         count = rng.poisson(np.minimum(routine_rate, 20.0))

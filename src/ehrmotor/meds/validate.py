@@ -1,27 +1,14 @@
-"""Reading and validating MEDS datasets.
+"""Validating MEDS datasets: every problem as a one-line finding naming file, column and row.
 
-Every pipeline step goes through this module to find data shards and read them with
-one normalised schema, and `validate_dataset` checks a whole MEDS directory up front
-so that later steps can trust their input.
-
-Layout (MEDS 0.4, with 0.3-style datasets also accepted)::
-
-    DIR/data/**/*.parquet              subject_id, time, code, [numeric_value], [text_value]
-    DIR/metadata/codes.parquet         code, description, parent_codes   (optional)
-    DIR/metadata/dataset.json          {"meds_version": "0.4.1", ...}    (optional, warned)
-    DIR/metadata/subject_splits.parquet  subject_id, split               (optional)
-
-Validation reads each shard's schema with pyarrow (footer only) and then checks the
-rows with vectorised polars expressions over whole columns, so it scales to tens of
-millions of rows without any Python-level loop over rows or subjects.
+Validation reads each shard's schema with pyarrow (footer only) and then checks the rows with
+vectorised polars expressions over whole columns, so it scales to tens of millions of rows
+without any Python-level loop over rows or subjects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,80 +17,25 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = [
-    "DATA_COLUMNS",
-    "Finding",
-    "MedsError",
-    "ValidationReport",
-    "data_files",
-    "read_codes_metadata",
-    "read_dataset_metadata",
-    "read_subject_splits",
-    "require_valid",
-    "scan_shard",
-    "validate_dataset",
-]
+from ehrmotor.meds.read import (
+    CODES_FILE,
+    DATA_DIR,
+    DATASET_FILE,
+    SPLITS_FILE,
+    SUPPORTED_VERSIONS,
+    Finding,
+    MedsError,
+    data_dir_files,
+    is_string_type,
+    read_dataset_metadata,
+    relative_path,
+)
 
 logger = logging.getLogger(__name__)
-
-DATA_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value")
-
-# The normalised dtypes that `scan_shard` produces, in DATA_COLUMNS order.
-DATA_DTYPES: dict[str, pl.DataType] = {
-    "subject_id": pl.Int64(),
-    "time": pl.Datetime("us"),
-    "code": pl.String(),
-    "numeric_value": pl.Float32(),
-    "text_value": pl.String(),
-}
-
-DATA_DIR = "data"
-CODES_FILE = "metadata/codes.parquet"
-DATASET_FILE = "metadata/dataset.json"
-SPLITS_FILE = "metadata/subject_splits.parquet"
-
-# MEDS minor versions whose data layout this module understands.
-_SUPPORTED_VERSIONS = ("0.3", "0.4")
 
 # Name of the row-index column added while checking rows; the dunder keeps it from
 # colliding with user columns (we only ever select known columns next to it anyway).
 _ROW = "__row"
-
-
-# --------------------------------------------------------------------------- findings
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem found in a MEDS dataset.
-
-    `file` is the path relative to the MEDS directory (or the directory itself when it
-    is missing); `message` reads "<what is wrong>; expected <what>". `str()` renders the
-    finding as a single line, leaving out location parts that are None.
-    """
-
-    file: str
-    message: str
-    column: str | None = None
-    row: int | None = None
-    subject_id: int | None = None
-
-    def __str__(self) -> str:
-        """Render as "<file>: column '<c>', row <r> (subject <s>): <message>"."""
-        location = []
-        if self.column is not None:
-            location.append(f"column '{self.column}'")
-        if self.row is not None:
-            location.append(f"row {self.row}")
-        where = ", ".join(location)
-        if self.subject_id is not None:
-            where = (
-                f"{where} (subject {self.subject_id})" if where else f"subject {self.subject_id}"
-            )
-        text = f"{self.file}: {where}: {self.message}" if where else f"{self.file}: {self.message}"
-        # Messages can embed library exception text; keep the rendering to one line.
-        return re.sub(r"\s*\n\s*", " ", text)
-
 
 @dataclass
 class ValidationReport:
@@ -136,18 +68,6 @@ class ValidationReport:
         )
 
 
-class MedsError(ValueError):
-    """A MEDS dataset cannot be used; the message has one line per error finding."""
-
-    def __init__(self, message: str, findings: Sequence[Finding] = ()) -> None:
-        super().__init__(message)
-        self.findings = list(findings)
-
-    @classmethod
-    def from_findings(cls, findings: Sequence[Finding]) -> MedsError:
-        """Build the error whose message is the findings rendered one per line."""
-        return cls("\n".join(str(f) for f in findings), findings)
-
 
 def _finding(
     file: str,
@@ -178,59 +98,7 @@ class _Findings:
         self.warnings.append(_finding(*args, **kwargs))
 
 
-# --------------------------------------------------------------------------- file discovery
-
-
-def _relative(meds_dir: Path, path: Path) -> str:
-    """Path of `path` relative to `meds_dir` in POSIX form, for stable messages."""
-    try:
-        return path.relative_to(meds_dir).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    """True when any component of `path` below `root` starts with a dot (.DS_Store, .git)."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _data_dir_files(meds_dir: Path) -> list[Path]:
-    """All visible regular files under DIR/data, sorted; data/ must exist."""
-    data_dir = meds_dir / DATA_DIR
-    return sorted(p for p in data_dir.rglob("*") if p.is_file() and not _is_hidden(p, data_dir))
-
-
-def data_files(meds_dir: Path) -> list[Path]:
-    """Sorted list of the parquet data files under `meds_dir`/data (any nesting).
-
-    Hidden files and folders are skipped. Raises MedsError if data/ is missing or holds
-    no parquet file. Non-parquet files are ignored here; `validate_dataset` reports them.
-    """
-    meds_dir = Path(meds_dir)
-    data_dir = meds_dir / DATA_DIR
-    if not data_dir.is_dir():
-        raise MedsError(f"{meds_dir}: no '{DATA_DIR}/' directory; expected MEDS data shards there")
-    files = [p for p in _data_dir_files(meds_dir) if p.suffix == ".parquet"]
-    if not files:
-        raise MedsError(
-            f"{meds_dir}: '{DATA_DIR}/' holds no parquet files; expected data/**/*.parquet shards"
-        )
-    return files
-
-
 # --------------------------------------------------------------------------- schema checks
-
-
-def _is_string_type(dtype: pa.DataType) -> bool:
-    """True for string, large_string, string_view, or a dictionary of those."""
-    if pa.types.is_dictionary(dtype):
-        dtype = dtype.value_type
-    return bool(
-        pa.types.is_string(dtype)
-        or pa.types.is_large_string(dtype)
-        or pa.types.is_string_view(dtype)
-    )
-
 
 @dataclass(frozen=True)
 class _ShardSchema:
@@ -293,14 +161,14 @@ def _check_schema(rel: str, schema: pa.Schema, found: _Findings) -> _ShardSchema
     code_string = False
     if "code" in names:
         dtype = schema.field("code").type
-        code_string = _is_string_type(dtype)
+        code_string = is_string_type(dtype)
         if not code_string:
             found.error(rel, f"column has type {dtype}", "string", column="code")
 
     _check_optional_column(
         rel, schema, "numeric_value", "float32 (or float64)", pa.types.is_floating, found
     )
-    _check_optional_column(rel, schema, "text_value", "string", _is_string_type, found)
+    _check_optional_column(rel, schema, "text_value", "string", is_string_type, found)
     return _ShardSchema(
         subject_id_present="subject_id" in names,
         subject_id_int=sid_int,
@@ -404,7 +272,7 @@ class _ShardResult:
 
 def _check_shard(meds_dir: Path, path: Path, found: _Findings) -> _ShardResult | None:
     """Validate one parquet data file; returns None when it cannot be read at all."""
-    rel = _relative(meds_dir, path)
+    rel = relative_path(meds_dir, path)
     try:
         with pq.ParquetFile(path) as parquet_file:
             schema = parquet_file.schema_arrow
@@ -504,84 +372,6 @@ def _check_code_coverage(codes: list[pl.DataFrame], known: pl.DataFrame, found: 
         )
 
 
-# --------------------------------------------------------------------------- metadata
-
-
-def _read_parquet_table(path: Path) -> pl.DataFrame:
-    """Read a whole (small) metadata parquet file; raises MedsError if unreadable."""
-    try:
-        return pl.read_parquet(path, hive_partitioning=False)
-    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-        raise MedsError(
-            f"{path}: cannot read parquet file ({exc}); expected a readable Parquet file"
-        ) from exc
-
-
-def _require_columns(path: Path, df: pl.DataFrame, names: Sequence[str]) -> None:
-    """Raise MedsError naming the first of `names` that `df` lacks."""
-    for name in names:
-        if name not in df.columns:
-            raise MedsError(
-                f"{path}: column '{name}': required column is missing; expected a '{name}' column"
-            )
-
-
-def read_dataset_metadata(meds_dir: Path) -> dict[str, Any] | None:
-    """Parsed metadata/dataset.json, or None when the file is absent.
-
-    Raises MedsError when it exists but is not a JSON object.
-    """
-    path = Path(meds_dir) / DATASET_FILE
-    if not path.is_file():
-        return None
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MedsError(f"{path}: cannot parse JSON ({exc}); expected a JSON object") from exc
-    if not isinstance(loaded, dict):
-        raise MedsError(f"{path}: JSON is a {type(loaded).__name__}; expected a JSON object")
-    return loaded
-
-
-def read_codes_metadata(meds_dir: Path) -> pl.DataFrame | None:
-    """metadata/codes.parquet as `code`, `description` (String), `parent_codes` (List[String]).
-
-    Missing optional columns come back as nulls; None when the file is absent. Raises
-    MedsError when the file is unreadable or lacks `code`.
-    """
-    path = Path(meds_dir) / CODES_FILE
-    if not path.is_file():
-        return None
-    df = _read_parquet_table(path)
-    _require_columns(path, df, ["code"])
-    wanted = {"code": pl.String(), "description": pl.String(), "parent_codes": pl.List(pl.String)}
-    try:
-        return df.select(
-            pl.col(name).cast(dtype) if name in df.columns else pl.lit(None, dtype).alias(name)
-            for name, dtype in wanted.items()
-        )
-    except pl.exceptions.PolarsError as exc:
-        raise MedsError(f"{path}: cannot convert columns ({exc}); expected {wanted}") from exc
-
-
-def read_subject_splits(meds_dir: Path) -> pl.DataFrame | None:
-    """metadata/subject_splits.parquet as `subject_id` (Int64), `split` (String).
-
-    None when the file is absent; raises MedsError when unreadable or lacking a column.
-    """
-    path = Path(meds_dir) / SPLITS_FILE
-    if not path.is_file():
-        return None
-    df = _read_parquet_table(path)
-    _require_columns(path, df, ["subject_id", "split"])
-    try:
-        return df.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
-    except pl.exceptions.PolarsError as exc:
-        raise MedsError(
-            f"{path}: cannot convert columns ({exc}); expected subject_id int64, split string"
-        ) from exc
-
-
 def _check_dataset_json(meds_dir: Path, found: _Findings) -> str | None:
     """Check metadata/dataset.json; return its meds_version when present."""
     if not (meds_dir / DATASET_FILE).is_file():
@@ -600,7 +390,7 @@ def _check_dataset_json(meds_dir: Path, found: _Findings) -> str | None:
         found.warn(DATASET_FILE, "no 'meds_version' key", 'e.g. "meds_version": "0.4.1"')
         return None
     version = str(version)
-    if not any(re.fullmatch(rf"{re.escape(v)}(\..*)?", version) for v in _SUPPORTED_VERSIONS):
+    if not any(re.fullmatch(rf"{re.escape(v)}(\..*)?", version) for v in SUPPORTED_VERSIONS):
         found.warn(
             DATASET_FILE,
             f"meds_version {version!r} is not a version this tool was built for",
@@ -663,14 +453,14 @@ def validate_dataset(meds_dir: Path, *, check_codes: bool = True) -> ValidationR
     used_codes = _check_data(meds_dir, report, found)
     report.meds_version = _check_dataset_json(meds_dir, found)
     codes = _check_metadata_parquet(
-        meds_dir, CODES_FILE, {"code": (_is_string_type, "string")}, found
+        meds_dir, CODES_FILE, {"code": (is_string_type, "string")}, found
     )
     if check_codes and codes is not None:
         _check_code_coverage(used_codes, codes, found)
     _check_metadata_parquet(
         meds_dir,
         SPLITS_FILE,
-        {"subject_id": (pa.types.is_integer, "int64"), "split": (_is_string_type, "string")},
+        {"subject_id": (pa.types.is_integer, "int64"), "split": (is_string_type, "string")},
         found,
     )
     return report
@@ -685,11 +475,11 @@ def _check_data(meds_dir: Path, report: ValidationReport, found: _Findings) -> l
     if not data_dir.is_dir():
         found.error(DATA_DIR, "directory is missing", "data/**/*.parquet shards")
         return []
-    files = _data_dir_files(meds_dir)
+    files = data_dir_files(meds_dir)
     parquet = [p for p in files if p.suffix == ".parquet"]
     for other in (p for p in files if p.suffix != ".parquet"):
         found.error(
-            _relative(meds_dir, other), "not a parquet file", "only *.parquet files in data/"
+            relative_path(meds_dir, other), "not a parquet file", "only *.parquet files in data/"
         )
     if not parquet:
         found.error(DATA_DIR, "directory holds no parquet files", "data/**/*.parquet shards")
@@ -705,7 +495,7 @@ def _check_data(meds_dir: Path, report: ValidationReport, found: _Findings) -> l
             continue
         report.num_rows += result.num_rows
         if result.subjects is not None:
-            rels.append(_relative(meds_dir, path))
+            rels.append(relative_path(meds_dir, path))
             subjects.append(result.subjects)
         if result.codes is not None:
             codes.append(result.codes)
@@ -727,37 +517,3 @@ def require_valid(meds_dir: Path) -> ValidationReport:
     return report
 
 
-def _normalise_column(name: str, schema: pl.Schema) -> pl.Expr:
-    """Expression producing column `name` with its DATA_DTYPES dtype (null if absent)."""
-    dtype = DATA_DTYPES[name]
-    if name not in schema:
-        return pl.lit(None, dtype).alias(name)
-    column = pl.col(name)
-    source = schema[name]
-    if name == "time" and isinstance(source, pl.Datetime) and source.time_zone is not None:
-        # MEDS times are naive; express zoned times as naive UTC rather than local clock.
-        column = column.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    return column.cast(dtype)
-
-
-def scan_shard(path: Path) -> pl.LazyFrame:
-    """Lazily read one data file as exactly DATA_COLUMNS with normalised dtypes.
-
-    Out: subject_id Int64, time Datetime("us"), code String, numeric_value Float32,
-    text_value String. Missing optional columns are added as nulls; extra columns are
-    dropped. Raises MedsError when the file is unreadable or lacks a required column.
-    """
-    path = Path(path)
-    lazy = pl.scan_parquet(path, hive_partitioning=False)
-    try:
-        schema = lazy.collect_schema()
-    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-        raise MedsError(
-            f"{path}: cannot read parquet file ({exc}); expected a readable Parquet file"
-        ) from exc
-    for name in ("subject_id", "time", "code"):
-        if name not in schema:
-            raise MedsError(
-                f"{path}: column '{name}': required column is missing; expected a '{name}' column"
-            )
-    return lazy.select(_normalise_column(name, schema) for name in DATA_COLUMNS)
