@@ -218,7 +218,7 @@ def _data_file(*parts: str) -> str:
 
 
 def _icd9_dotted(code: str) -> str:
-    """CMS ICD-9-CM codes come without the dot: 25000 -> 250.00, E8497 -> E849.7, V5861 -> V58.61."""
+    """CMS ICD-9-CM codes come without the dot: 25000 -> 250.00, E8497 -> E849.7."""
     head = 4 if code.startswith("E") else 3
     return code if len(code) <= head else f"{code[:head]}.{code[head:]}"
 
@@ -241,7 +241,8 @@ def _icd9cm(icd10_codes: set[str]) -> tuple[list[tuple[str, str, str, str]], lis
         for line in f:
             code, _, desc = line.rstrip("\r\n").partition(" ")
             names[code] = desc.strip()
-    rows, edges = [], []
+    rows: list[tuple[str, str, str, str]] = []
+    edges: list[tuple[str, str]] = []
     for code in sorted(names):
         if code not in targets:
             continue
@@ -252,7 +253,7 @@ def _icd9cm(icd10_codes: set[str]) -> tuple[list[tuple[str, str, str, str]], lis
 
 
 def _icd10pcs() -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]]]:
-    """A sample of ICD-10-PCS codes with their prefix tree (sections down to 6-character prefixes)."""
+    """A sample of ICD-10-PCS codes with their prefix tree (sections to 6-character prefixes)."""
     path = _data_file("ICD_10_CM_2024_release", "icd10pcs-codes-2024.txt")
     leaves: dict[str, str] = {}
     with open(path, encoding="latin-1") as f:
@@ -266,7 +267,8 @@ def _icd10pcs() -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]]]
         for n in range(1, 7):
             # Name a prefix after the leading words its first leaf shares with the axis depth.
             prefixes.setdefault(code[:n], " ".join(words[: min(n, len(words))]))
-    rows = [(f"ICD10PCS/{p}", d, "ICD10PCS Hierarchy", "Procedure") for p, d in sorted(prefixes.items())]
+    rows = [(f"ICD10PCS/{p}", d, "ICD10PCS Hierarchy", "Procedure")
+            for p, d in sorted(prefixes.items())]
     rows += [(f"ICD10PCS/{c}", d, "ICD10PCS", "Procedure") for c, d in sorted(leaves.items())]
     edges = [(f"ICD10PCS/{p}", f"ICD10PCS/{p[:-1]}") for p in sorted(prefixes) if len(p) > 1]
     edges += [(f"ICD10PCS/{c}", f"ICD10PCS/{c[:6]}") for c in sorted(leaves)]

@@ -69,7 +69,8 @@ class ShardSpec:
 def shard_specs(num_subjects: int, num_shards: int) -> list[ShardSpec]:
     """Contiguous blocks of subjects, as even as possible."""
     edges = np.linspace(0, num_subjects, num_shards + 1).round().astype(int)
-    return [ShardSpec(i, int(a), int(b - a)) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+    bounds = zip(edges[:-1], edges[1:], strict=True)
+    return [ShardSpec(i, int(a), int(b - a)) for i, (a, b) in enumerate(bounds)]
 
 
 # Worker processes are spawned (polars' thread pool does not survive fork) and receive the
@@ -105,9 +106,10 @@ def _shard_table(spec: ShardSpec, seed: int) -> tuple[pa.Table, np.ndarray]:
     subject, time_us, code = subject[order], time_us[order], code[order]
     value, text = value[order], text[order]
     static = time_us == STATIC_TIME
+    first_id = FIRST_SUBJECT_ID + spec.first_subject
     table = pa.table(
         {
-            "subject_id": pa.array(subject.astype(np.int64) + FIRST_SUBJECT_ID + spec.first_subject),
+            "subject_id": pa.array(subject.astype(np.int64) + first_id),
             "time": pa.array(time_us, pa.timestamp("us"), mask=static),
             "code": pa.DictionaryArray.from_arrays(
                 pa.array(code), pa.array(codes.tolist(), pa.string())).cast(pa.string()),

@@ -124,7 +124,7 @@ class Events:
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, subject: np.ndarray, time_us: np.ndarray, code: np.ndarray,
+    def add(self, subject: np.ndarray, time_us: np.ndarray, code: np.ndarray | int,
             value: np.ndarray | None = None, text: np.ndarray | None = None) -> None:
         n = len(subject)
         if n == 0:
@@ -213,7 +213,8 @@ def _hazards(month: float, age: np.ndarray, subjects: Subjects, state: State,
     h = {
         "diabetes": 0.0009 * np.exp(0.3 * a + 0.9 * z0),
         "hypertension": 0.0015 * np.exp(0.45 * a + 0.6 * z0),
-        "ckd": 0.0003 * np.exp(0.4 * a + 0.6 * z0 + 1.2 * has["diabetes"] + 0.7 * has["hypertension"])
+        "ckd": 0.0003
+        * np.exp(0.4 * a + 0.6 * z0 + 1.2 * has["diabetes"] + 0.7 * has["hypertension"])
         * np.where(treated["lisinopril"], 0.5, 1.0) * np.where(treated["metformin"], 0.7, 1.0),
         "afib": 0.0004 * np.exp(0.6 * a + 0.5 * z2),
         "mi": 0.0003 * np.exp(0.5 * a + 0.8 * z0 + 0.6 * has["diabetes"] + 0.5 * has["hypertension"]
@@ -373,7 +374,7 @@ class ShardSimulator:
         self.events.add(died, (death_day * US_PER_DAY).astype(np.int64), pools.death)
 
     def _visit_content(self, month: int, visits: Visits) -> None:
-        rng, pools, state, ev = self.rng, self.pools, self.state, self.events
+        rng, pools, ev = self.rng, self.pools, self.events
         s, t, kind = visits.subject, visits.time_us, visits.kind
         nv = len(s)
         if nv == 0:
@@ -395,7 +396,8 @@ class ShardSimulator:
         inpatient = kind == 2
         n_proc = np.where(inpatient, 1 + rng.poisson(1.0, nv), 0)
         ps, pt = np.repeat(s, n_proc), np.repeat(t, n_proc)
-        ev.add(ps, pt + 120 * 60_000_000, self._draw(pools.procedures, self.cdf_procedures, len(ps)))
+        procedures = self._draw(pools.procedures, self.cdf_procedures, len(ps))
+        ev.add(ps, pt + 120 * 60_000_000, procedures)
         self._labs(month, visits)
         # Latent risks surface through rare sibling leaves of one block each.
         for k, pool in enumerate(pools.signature):
@@ -438,7 +440,8 @@ class ShardSimulator:
             "2951-2": (bmp, np.round(rng.normal(140, 2.5, nv))),
             "2823-3": (bmp, np.round(rng.normal(4.2, 0.35, nv) + 0.3 * (creatinine > 1.5), 1)),
             "718-7": (cbc, np.round(rng.normal(12.8 + 1.4 * sex, 1.1, nv) - (creatinine > 2), 1)),
-            "6690-2": (cbc, np.round(rng.lognormal(np.log(7), 0.25, nv) * (1 + recent_infection), 1)),
+            "6690-2": (cbc, np.round(rng.lognormal(np.log(7), 0.25, nv)
+                                     * (1 + recent_infection), 1)),
             "777-3": (cbc, np.round(rng.normal(250, 50, nv))),
             "4548-4": (a1c, np.round(hba1c, 1)),
             "30934-4": (bnp, np.round(rng.lognormal(np.log(40), 0.5, nv) * (1 + 10 * hf))),

@@ -1,0 +1,123 @@
+"""Configuration: every default of DESIGN.md in one place, overridable from a TOML file and flags.
+
+A config file is TOML with one table per stage:
+
+    [prepare]
+    vocab_size = 16384
+    num_tasks = 8192
+
+Unknown keys and values of the wrong type are errors that name the file, table and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Settings of `ehrmotor prepare` (DESIGN.md, "Pipeline" and "MOTOR semantics")."""
+
+    remove_vocabularies: tuple[str, ...] = ("SPL", "HemOnc")
+    exclude_splits: tuple[str, ...] = ("held_out",)
+    split_seed: int = 97
+    val_fraction: float = 0.10
+    vocab_size: int = 16_384
+    min_fraction: float = 1e-5  # entries seen in a smaller share of train subjects are dropped
+    numeric_bins: int = 10  # quantile bins per numeric code
+    numeric_sample_size: int = 10_000  # values per code kept to fit the bin edges
+    min_text_fraction: float = 1e-4  # text values need this share of subjects for an entry
+    num_tasks: int = 8_192
+    num_bins: int = 8
+    final_layer_size: int = 512
+    min_task_events: int = 10  # tasks with fewer train events are dropped
+    max_window: int = 16_384  # positions per training window
+    seed: int = 97  # prediction-point sampling
+
+
+def _check_type(value: Any, annotation: Any) -> Any:
+    """Return `value` converted to the annotated type, or raise TypeError."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise TypeError("a list")
+        return tuple(_check_type(v, item_type) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        return _check_type(value, next(o for o in options if o is not type(None)))
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (str, bool) and isinstance(value, annotation):
+        return value
+    raise TypeError(f"a {getattr(annotation, '__name__', annotation)}")
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str) -> C:
+    """An instance of the dataclass `cls` from `values`, checking names and types.
+
+    `source` names where the values came from (file and table) for error messages.
+    """
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            names = ", ".join(sorted(known))
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {names}")
+        try:
+            checked[key] = _check_type(value, hints[key])
+        except TypeError as expected:
+            raise ConfigError(
+                f"{source}: key {key!r} has value {value!r}; expected {expected}"
+            ) from None
+    return cls(**checked)
+
+
+def read_config_file(path: Path | None, table: str) -> dict[str, Any]:
+    """The `[table]` of a TOML config file (empty when `path` is None)."""
+    if path is None:
+        return {}
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    section = document.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    return section
+
+
+def load_config(cls: type[C], path: Path | None, table: str,
+                   overrides: dict[str, Any] | None = None) -> C:
+    """Defaults < config file `[table]` < `overrides` (flags given on the command line)."""
+    values = read_config_file(path, table)
+    config = build_config(cls, values, f"{path}: [{table}]")
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if flags:
+        config = dataclasses.replace(config, **flags)  # type: ignore[type-var]
+    return config
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of a config dataclass (tuples as lists)."""
+    values = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
