@@ -95,6 +95,61 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_BAD_INPUT
 
 
+def _add_prepare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "prepare",
+        help="build ontology, split, tokenizer, MOTOR task and tokenised datasets",
+        description=(
+            "Read a MEDS dataset (and an Athena vocabulary) and build, idempotently, "
+            "WORK/pretraining_files/: ontology/, split.csv, tokenizer/dictionary.msgpack, "
+            "motor_task.json, train_batches/ and val_batches/. A finished step is loaded, not "
+            "rebuilt; a step whose inputs or settings changed stops with a message."
+        ),
+    )
+    parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
+    parser.add_argument("--athena", type=Path, default=None,
+                        help="Athena vocabulary folder (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv, "
+                             "CONCEPT_ANCESTOR.csv); without it the ontology comes from "
+                             "metadata/codes.parquet alone")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (WORK)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML file whose [prepare] table overrides the defaults")
+    parser.add_argument("--workers", type=_positive, default=None,
+                        help="worker processes across shards (default: number of cores)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild every step even when its artifact is current")
+    parser.add_argument("--exclude-splits", nargs="*", default=None, metavar="SPLIT",
+                        help="MEDS splits never used for pretraining (default: held_out)")
+    parser.add_argument("--vocab-size", type=_positive, default=None,
+                        help="vocabulary entries to keep (default 16384)")
+    parser.add_argument("--num-tasks", type=_positive, default=None,
+                        help="MOTOR tasks (default 8192)")
+    parser.add_argument("--max-window", type=_positive, default=None,
+                        help="positions per training window (default 16384)")
+    parser.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from ehrmotor.artifacts import ArtifactMismatch
+    from ehrmotor.config import ConfigError, PrepareConfig, load_config
+    from ehrmotor.prepare import PrepareError, prepare
+
+    overrides = {
+        "vocab_size": args.vocab_size, "num_tasks": args.num_tasks,
+        "max_window": args.max_window,
+        "exclude_splits": tuple(args.exclude_splits) if args.exclude_splits is not None else None,
+    }
+    try:
+        config = load_config(PrepareConfig, args.config, "prepare", overrides)
+        summary = prepare(args.meds, args.out, athena_dir=args.athena, config=config,
+                          workers=args.workers, force=args.force)
+    except (ConfigError, PrepareError, ArtifactMismatch) as error:
+        raise UserError(str(error)) from error
+    for line in summary.lines():
+        log.info("prepare: %s", line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrmotor",
@@ -111,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_validate]
+ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth, _add_validate, _add_prepare,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

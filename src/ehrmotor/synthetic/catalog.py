@@ -335,6 +335,8 @@ def build_catalog() -> Catalog:
         rows, schema=["code", "concept_name", "concept_class_id", "domain_id", "standard_concept"],
         orient="row",
     ).unique(subset="code", keep="first", maintain_order=True)
+    # A few ICD-10-CM descriptions carry tabs or line breaks, which Athena's TSV cannot hold.
+    concepts = concepts.with_columns(pl.col("concept_name").str.replace_all(r"[\t\r\n]+", " "))
     split = pl.col("code").str.splitn("/", 2)
     concepts = concepts.with_columns(
         concept_id=pl.int_range(pl.len(), dtype=pl.Int64) + FIRST_CONCEPT_ID,

@@ -1,0 +1,121 @@
+"""Step 5 of `prepare` for one shard: training windows with their positions and sparse labels.
+
+One row per training window (see `ehrmotor.labels` for windows, points and labels):
+
+    subject_id      int64
+    window          int32      0-based window of the subject
+    bag_sizes       list<i32>  entries per position (position 0 first)
+    entries         list<u32>  vocabulary entries of all positions, concatenated
+    weights         list<f32>  their weights
+    times           list<i64>  position timestamps, µs since 1970 (position 0: birth)
+    age_days        list<f32>  days since birth (drives the rotary encoding)
+    age, log_age, log_delta  list<f32>  normalised time features
+    points          list<i32>  window-local indices of the sampled prediction points
+    censor_days     list<f32>  per point: days to the subject's last event
+    label_point     list<i32>  per (point, task) pair: index into `points`
+    label_task      list<i32>  task index (model order of `motor_task.json`)
+    label_days      list<f32>  days from the point to the task's next occurrence
+
+Windows without sampled prediction points are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from ehrmotor.labels import (
+    last_event_times,
+    prediction_points,
+    sample_points,
+    sparse_labels,
+    task_events,
+    with_windows,
+)
+from ehrmotor.ontology import Ontology
+from ehrmotor.positions import build_positions
+from ehrmotor.tokenizer import Tokenizer
+
+LIST_COLUMNS = ("entries", "weights", "times", "age_days", "age", "log_age", "log_delta")
+
+
+@dataclass(frozen=True)
+class ShardLabels:
+    """A shard's positions and the sampled points' sparse labels."""
+
+    positions: pl.DataFrame
+    points: pl.DataFrame  # subject_id, window, position, time
+    censoring: pl.DataFrame  # subject_id, position, censor_days
+    pairs: pl.DataFrame  # subject_id, position, task, days
+
+
+def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
+                task_codes: pl.DataFrame, max_window: int, seed: int) -> ShardLabels:
+    """Positions, sampled prediction points and their labels for the subjects in `events`."""
+    positions = build_positions(events, tokenizer, ontology)
+    last_time = last_event_times(events)
+    points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
+    occurrences = task_events(events, ontology, task_codes)
+    censoring, pairs = sparse_labels(points.drop("window"), occurrences, last_time)
+    return ShardLabels(positions, points, censoring, pairs)
+
+
+@dataclass(frozen=True)
+class ShardWindows:
+    rows: pl.DataFrame
+    windows_skipped: int
+    subjects_skipped: int
+
+
+def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
+    """One row per (subject, window) with sampled points, in the layout of the module docstring."""
+    span = max_window - 1
+    positions = with_windows(labelled.positions, max_window)
+    later = positions.filter(pl.col("position") > 0)
+    windows = later.select("subject_id", "window").unique()
+    first = positions.filter(pl.col("position") == 0).drop("window").join(
+        windows, on="subject_id", how="inner")
+    local = pl.concat([first, later.select(first.columns)]).with_columns(
+        local=pl.when(pl.col("position") == 0).then(0)
+        .otherwise(pl.col("position") - pl.col("window") * span).cast(pl.Int32)
+    ).sort("subject_id", "window", "local")
+    sequences = local.group_by("subject_id", "window", maintain_order=True).agg(
+        bag_sizes=pl.col("entries").list.len().cast(pl.Int32),
+        entries=pl.col("entries").list.explode(keep_nulls=False, empty_as_null=False)
+        .cast(pl.UInt32),
+        weights=pl.col("weights").list.explode(keep_nulls=False, empty_as_null=False)
+        .cast(pl.Float32),
+        times=pl.col("time"),
+        age_days=pl.col("age_days"), age=pl.col("age"), log_age=pl.col("log_age"),
+        log_delta=pl.col("log_delta"),
+    )
+    points = labelled.points.join(labelled.censoring, on=["subject_id", "position"]).with_columns(
+        local=(pl.col("position") - pl.col("window") * span).cast(pl.Int32)
+    ).sort("subject_id", "window", "local").with_columns(
+        point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32)
+    )
+    point_lists = points.group_by("subject_id", "window", maintain_order=True).agg(
+        points=pl.col("local"), censor_days=pl.col("censor_days"))
+    pair_lists = (
+        labelled.pairs.join(points.select("subject_id", "position", "window", "point"),
+                            on=["subject_id", "position"], how="inner")
+        .sort("subject_id", "window", "point", "task")
+        .group_by("subject_id", "window", maintain_order=True)
+        .agg(label_point=pl.col("point"), label_task=pl.col("task").cast(pl.Int32),
+             label_days=pl.col("days"))
+    )
+    rows = (
+        sequences.join(point_lists, on=["subject_id", "window"], how="inner")
+        .join(pair_lists, on=["subject_id", "window"], how="left")
+        .with_columns([pl.col(c).fill_null(pl.lit([], dtype=dtype)) for c, dtype in (
+            ("label_point", pl.List(pl.Int32)), ("label_task", pl.List(pl.Int32)),
+            ("label_days", pl.List(pl.Float32)))])
+        .sort("subject_id", "window")
+    )
+    subjects_with_rows = rows["subject_id"].n_unique()
+    return ShardWindows(
+        rows=rows,
+        windows_skipped=windows.height - rows.height,
+        subjects_skipped=positions["subject_id"].n_unique() - subjects_with_rows,
+    )

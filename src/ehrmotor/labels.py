@@ -1,0 +1,120 @@
+"""Prediction points, training windows and sparse MOTOR labels for one shard (whole-frame polars).
+
+- Prediction points: positions after the birth-day position, one per distinct timestamp (the last
+  position at that time, so the representation has seen every event of that time), excluding the
+  subject's last event time (nothing can be predicted from there).
+- Windows: a subject's positions are cut into consecutive windows of at most `max_window`
+  positions, each starting with position 0 (static and birth-day events) followed by up to
+  `max_window - 1` later positions; no history is dropped.
+- Sampling: in each window, max(5, positions / 10) of its prediction points (all when fewer),
+  chosen by a seeded hash of (subject, position), so the choice is deterministic.
+- Task events: events without a numeric or text value, expanded to their ontology ancestors, whose
+  code is a task code. Static events never count.
+- Labels at a point at time t: per task, the days from t to its next occurrence strictly after t,
+  when there is one; otherwise the task is censored at the subject's last event time. In sparse
+  form: per point `censor_days`, and (task, days) pairs only for tasks that occur.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ehrmotor.ontology import Ontology
+
+US_PER_DAY = 86_400_000_000
+MIN_POINTS_PER_WINDOW = 5
+POINT_FRACTION = 10  # one sampled point per this many positions
+
+
+def with_windows(positions: pl.DataFrame, max_window: int) -> pl.DataFrame:
+    """Add `window` (0-based per subject; position 0 is in every window, marked 0 here)."""
+    span = max_window - 1
+    return positions.with_columns(
+        window=pl.when(pl.col("position") == 0).then(0)
+        .otherwise((pl.col("position") - 1) // span).cast(pl.Int32)
+    )
+
+
+def prediction_points(positions: pl.DataFrame, last_time: pl.DataFrame) -> pl.DataFrame:
+    """subject_id, position, time (µs) of every prediction point.
+
+    `last_time`: subject_id, last_time (µs) of the subject's last event.
+    """
+    return (
+        positions.filter(pl.col("position") > 0)
+        .group_by("subject_id", "time").agg(pl.col("position").max())
+        .join(last_time, on="subject_id", how="inner")
+        .filter(pl.col("time") < pl.col("last_time"))
+        .select("subject_id", "position", "time")
+        .sort("subject_id", "position")
+    )
+
+
+def sample_points(points: pl.DataFrame, positions: pl.DataFrame, max_window: int,
+                  seed: int) -> pl.DataFrame:
+    """The sampled prediction points of each window: subject_id, window, position, time."""
+    windows = with_windows(positions, max_window)
+    sizes = windows.filter(pl.col("position") > 0).group_by("subject_id", "window").agg(
+        wanted=pl.max_horizontal(pl.lit(MIN_POINTS_PER_WINDOW), pl.len() // POINT_FRACTION)
+    )
+    span = max_window - 1
+    keyed = points.with_columns(window=((pl.col("position") - 1) // span).cast(pl.Int32))
+    keyed = keyed.with_columns(
+        key=pl.struct("subject_id", "position").hash(seed)
+    ).join(sizes, on=["subject_id", "window"], how="inner")
+    return (
+        keyed.filter(pl.col("key").rank("ordinal").over("subject_id", "window")
+                     <= pl.col("wanted"))
+        .select("subject_id", "window", "position", "time")
+        .sort("subject_id", "position")
+    )
+
+
+def task_events(events: pl.DataFrame, ontology: Ontology, task_codes: pl.DataFrame
+                ) -> pl.DataFrame:
+    """subject_id, task, time (µs) of every distinct task occurrence.
+
+    `task_codes`: code, task (index). Valued events and static events never count.
+    """
+    plain = events.filter(
+        pl.col("numeric_value").is_null() & pl.col("text_value").is_null()
+        & pl.col("time").is_not_null()
+    ).select("subject_id", "code", time=pl.col("time").dt.epoch("us"))
+    return (
+        ontology.expand(plain.unique())
+        .join(task_codes.rename({"code": "ancestor"}), on="ancestor", how="inner")
+        .select("subject_id", "task", "time")
+        .unique()
+        .sort("subject_id", "task", "time")
+    )
+
+
+def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame,
+                  last_time: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Labels of each point (points: subject_id, position, time µs).
+
+    Returns (censoring, pairs): censoring has subject_id, position, censor_days; pairs has
+    subject_id, position, task, days (to the task's next occurrence after the point).
+    """
+    censoring = points.join(last_time, on="subject_id", how="inner").select(
+        "subject_id", "position",
+        censor_days=((pl.col("last_time") - pl.col("time")) / US_PER_DAY).cast(pl.Float32),
+    )
+    # Each occurrence is the "next" one for the points in [previous occurrence, occurrence).
+    spans = occurrences.with_columns(
+        previous=pl.col("time").shift(1).over("subject_id", "task")
+    )
+    pairs = (
+        points.join(spans, on="subject_id", how="inner", suffix="_event")
+        .filter((pl.col("time") < pl.col("time_event"))
+                & (pl.col("previous").is_null() | (pl.col("previous") <= pl.col("time"))))
+        .select("subject_id", "position", "task",
+                days=((pl.col("time_event") - pl.col("time")) / US_PER_DAY).cast(pl.Float32))
+        .sort("subject_id", "position", "task")
+    )
+    return censoring.sort("subject_id", "position"), pairs
+
+
+def last_event_times(events: pl.DataFrame) -> pl.DataFrame:
+    """subject_id, last_time (µs) of each subject's last timed event."""
+    return events.group_by("subject_id").agg(last_time=pl.col("time").max().dt.epoch("us"))

@@ -1,0 +1,142 @@
+"""Step 4 of `prepare`: the MOTOR pretraining task (which codes, time bins, initial rates).
+
+- Candidate tasks: the first `num_tasks` code entries of the vocabulary, in vocabulary order.
+- Fitted on the sampled prediction points of train subjects (see `ehrmotor.labels`):
+  per task k, events n_k (points at which k occurs later) and exposure
+  E_k = Σ_points min(days to k, days to censoring). The initial rate is n_k / E_k per day, i.e.
+  the fraction of points with an event divided by the mean time to event or censoring; its log is
+  the initial log-hazard of every time bin. Tasks with fewer than `min_task_events` events (zero
+  rate included) are dropped and counted.
+- Time bins: quantiles of the observed times to event, pooled over tasks (from a bounded sample):
+  `num_bins` bins with edges [0, q1, ..., q_{B-1}, +inf] in days.
+
+Artifact `motor_task.json` (strict JSON; the open last edge is not written):
+    format_version, num_bins, final_layer_size,
+    bin_edges_days: [0, q1, ..., q_{B-1}]  (B finite edges; the last bin is unbounded)
+    tasks: [{code, entry, events, exposure_days, rate_per_day}]  (model task order)
+    dropped_tasks, candidate_tasks, points
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ehrmotor.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+SAMPLE_PER_SHARD = 200_000
+
+
+def candidate_tasks(tokenizer: Tokenizer, num_tasks: int) -> pl.DataFrame:
+    """code, entry, task: the first `num_tasks` code entries of the vocabulary."""
+    codes = tokenizer.entries.filter(pl.col("kind") == "code").head(num_tasks)
+    return codes.select("code", entry="index").with_row_index("task").with_columns(
+        pl.col("task").cast(pl.Int32))
+
+
+@dataclass(frozen=True)
+class TaskCounts:
+    """One shard's contribution: per-task events and exposure, points, a sample of event times."""
+
+    points: int
+    total_censor_days: float
+    per_task: pl.DataFrame  # task, events, exposure_reduction (Σ censor - days over its pairs)
+    days_sample: np.ndarray
+
+
+def count_tasks(censoring: pl.DataFrame, pairs: pl.DataFrame, seed: int) -> TaskCounts:
+    """Reduce one shard's sparse labels (from `labels.sparse_labels`) to task statistics."""
+    with_censor = pairs.join(censoring, on=["subject_id", "position"], how="inner")
+    per_task = with_censor.group_by("task").agg(
+        events=pl.len(),
+        exposure_reduction=(pl.col("censor_days") - pl.col("days")).cast(pl.Float64).sum(),
+    )
+    days = pairs["days"]
+    if len(days) > SAMPLE_PER_SHARD:
+        days = days.sample(SAMPLE_PER_SHARD, seed=seed)
+    return TaskCounts(censoring.height, float(censoring["censor_days"].cast(pl.Float64).sum()),
+                      per_task, days.to_numpy().astype(np.float64))
+
+
+@dataclass
+class MotorTask:
+    """The fitted task: task codes with initial rates, and time-bin edges in days."""
+
+    tasks: pl.DataFrame  # task (model order), code, entry, events, exposure_days, rate_per_day
+    bin_edges_days: list[float]  # finite edges, first 0; the last bin is unbounded
+    final_layer_size: int
+    dropped_tasks: int
+    candidate_tasks: int
+    points: int
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.bin_edges_days)
+
+    @classmethod
+    def fit(cls, candidates: pl.DataFrame, counts: list[TaskCounts], *, num_bins: int,
+            final_layer_size: int, min_task_events: int) -> MotorTask:
+        points = sum(c.points for c in counts)
+        if points == 0:
+            raise ValueError("no prediction points among train subjects; cannot fit MOTOR task")
+        total_censor = sum(c.total_censor_days for c in counts)
+        per_task = (
+            pl.concat([c.per_task for c in counts])
+            .group_by("task").agg(pl.col("events").sum(), pl.col("exposure_reduction").sum())
+        )
+        tasks = (
+            candidates.join(per_task, on="task", how="left")
+            .with_columns(pl.col("events").fill_null(0),
+                          exposure_days=total_censor - pl.col("exposure_reduction").fill_null(0.0))
+            .with_columns(rate_per_day=pl.col("events") / pl.col("exposure_days"))
+        )
+        kept = tasks.filter((pl.col("events") >= min_task_events) & (pl.col("rate_per_day") > 0))
+        kept = kept.sort("task").drop("task", "exposure_reduction").with_row_index("task")
+        days = np.concatenate([c.days_sample for c in counts]) if counts else np.array([])
+        inner = np.quantile(days, np.arange(1, num_bins) / num_bins) if len(days) else []
+        edges = [0.0, *sorted({float(e) for e in inner if e > 0})]
+        return cls(kept.with_columns(pl.col("task").cast(pl.Int32)), edges, final_layer_size,
+                   candidates.height - kept.height, candidates.height, points)
+
+    def task_codes(self) -> pl.DataFrame:
+        """code, task: what `labels.task_events` needs."""
+        return self.tasks.select("code", "task")
+
+    def initial_log_rates(self) -> np.ndarray:
+        """(num_tasks,) log of each task's rate per day: the initial log-hazard of every bin."""
+        return np.log(self.tasks["rate_per_day"].to_numpy())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "num_bins": self.num_bins,
+            "final_layer_size": self.final_layer_size, "bin_edges_days": self.bin_edges_days,
+            "tasks": self.tasks.select("code", "entry", "events", "exposure_days",
+                                       "rate_per_day").to_dicts(),
+            "dropped_tasks": self.dropped_tasks, "candidate_tasks": self.candidate_tasks,
+            "points": self.points,
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> MotorTask:
+        document = json.loads(path.read_text())
+        if document.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {document.get('format_version')!r}; "
+                             f"expected {FORMAT_VERSION}")
+        tasks = pl.DataFrame(document["tasks"], schema={
+            "code": pl.String, "entry": pl.UInt32, "events": pl.UInt32,
+            "exposure_days": pl.Float64, "rate_per_day": pl.Float64,
+        }).with_row_index("task").with_columns(pl.col("task").cast(pl.Int32))
+        if not all(math.isfinite(e) for e in document["bin_edges_days"]):
+            raise ValueError(f"{path}: bin_edges_days must be finite")
+        return cls(tasks, document["bin_edges_days"], document["final_layer_size"],
+                   document["dropped_tasks"], document["candidate_tasks"], document["points"])
