@@ -90,21 +90,22 @@ def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
         age_days=pl.col("age_days"), age=pl.col("age"), log_age=pl.col("log_age"),
         log_delta=pl.col("log_delta"),
     )
-    points = labelled.points.join(labelled.censoring, on=["subject_id", "position"]).with_columns(
-        local=(pl.col("position") - pl.col("window") * span).cast(pl.Int32)
-    ).sort("subject_id", "window", "local").with_columns(
-        point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32)
-    )
+    # Points in the order of `censoring` (subject, position), which pairs index by `point`.
+    points = labelled.points.sort("subject_id", "position").with_columns(
+        censor_days=labelled.censoring["censor_days"],
+        local=(pl.col("position") - pl.col("window") * span).cast(pl.Int32),
+    ).with_columns(point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32))
     point_lists = points.group_by("subject_id", "window", maintain_order=True).agg(
         points=pl.col("local"), censor_days=pl.col("censor_days"))
-    pair_lists = (
-        labelled.pairs.join(points.select("subject_id", "position", "window", "point"),
-                            on=["subject_id", "position"], how="inner")
-        .sort("subject_id", "window", "point", "task")
-        .group_by("subject_id", "window", maintain_order=True)
-        .agg(label_point=pl.col("point"), label_task=pl.col("task").cast(pl.Int32),
-             label_days=pl.col("days"))
-    )
+    row = labelled.pairs["point"].to_numpy()
+    pair_lists = pl.DataFrame({
+        "subject_id": points["subject_id"].to_numpy()[row],
+        "window": points["window"].to_numpy()[row],
+        "label_point": points["point"].to_numpy()[row],
+        "label_task": labelled.pairs["task"].cast(pl.Int32),
+        "label_days": labelled.pairs["days"],
+    }).group_by("subject_id", "window", maintain_order=True).agg(
+        "label_point", "label_task", "label_days")
     rows = (
         sequences.join(point_lists, on=["subject_id", "window"], how="inner")
         .join(pair_lists, on=["subject_id", "window"], how="left")

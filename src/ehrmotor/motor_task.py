@@ -53,7 +53,8 @@ class TaskCounts:
 
 def count_tasks(censoring: pl.DataFrame, pairs: pl.DataFrame, seed: int) -> TaskCounts:
     """Reduce one shard's sparse labels (from `labels.sparse_labels`) to task statistics."""
-    with_censor = pairs.join(censoring, on=["subject_id", "position"], how="inner")
+    with_censor = pairs.with_columns(
+        censor_days=censoring["censor_days"].gather(pairs["point"]))
     per_task = with_censor.group_by("task").agg(
         events=pl.len(),
         exposure_reduction=(pl.col("censor_days") - pl.col("days")).cast(pl.Float64).sum(),

@@ -51,7 +51,7 @@ from ehrmotor.prepare_shards import (
 )
 from ehrmotor.split import read_split, split_subjects, write_split
 from ehrmotor.tokenizer import Tokenizer, fit_numeric_edges
-from ehrmotor.write_datasets import write_hf_dataset
+from ehrmotor.write_datasets import finish_dataset
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,7 +169,7 @@ class Preparer:
         cfg = self.config
         excluded = self._excluded_subjects()
         base = [ShardJob(path=f, meds_dir=self.meds_dir, work=self.out, excluded=excluded,
-                         config=cfg, index=i) for i, f in enumerate(files)]
+                         config=cfg, index=i, shards=len(files)) for i, f in enumerate(files)]
 
         # 1. ontology
         def build_ontology(tmp: Path) -> None:
@@ -241,12 +241,10 @@ class Preparer:
         for split_name in ("train", "val"):
 
             def build_dataset(tmp: Path, split_name: str = split_name) -> None:
-                parts = tmp.with_name(tmp.name + "-parts")
-                parts.mkdir()
-                split_jobs = [job.for_split(split_name, parts) for job in jobs]
+                tmp.mkdir()
+                split_jobs = [job.for_split(split_name, tmp) for job in jobs]
                 shards = self._map(pool, shard_dataset, split_jobs, f"datasets: {split_name}")
-                write_hf_dataset([s.path for s in shards if s.path is not None], tmp)
-                artifacts.remove(parts)
+                finish_dataset(tmp, len(split_jobs))
                 stats = {"windows": sum(s.windows for s in shards),
                          "points": sum(s.points for s in shards),
                          "events": sum(s.events for s in shards),

@@ -23,6 +23,7 @@ from ehrmotor.ontology import Ontology
 from ehrmotor.positions import time_moments
 from ehrmotor.split import read_split
 from ehrmotor.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
+from ehrmotor.write_datasets import shard_file_name, write_shard_table
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ShardJob:
     excluded: np.ndarray  # subject ids never used for pretraining
     config: PrepareConfig
     index: int = 0
+    shards: int = 1
     split_name: str = "train"
     edges: dict[str, list[float]] = field(default_factory=dict)
     output_dir: Path | None = None
@@ -103,7 +105,6 @@ def shard_task_counts(job: ShardJob) -> TaskCounts:
 
 @dataclass(frozen=True)
 class ShardDataset:
-    path: Path | None  # parquet file of window rows; None when the shard has none
     windows: int
     points: int
     events: int
@@ -120,10 +121,7 @@ def shard_dataset(job: ShardJob) -> ShardDataset:
     labelled, num_events = _label(job, job.split_name, task.task_codes())
     windows = window_rows(labelled, job.config.max_window)
     rows = windows.rows
-    path = None
-    if rows.height:
-        path = job.output_dir / f"{job.index:05d}.parquet"
-        rows.write_parquet(path, statistics=False)
+    write_shard_table(rows.to_arrow(), job.output_dir / shard_file_name(job.index, job.shards))
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
-    return ShardDataset(path, rows.height, int(rows["points"].list.len().sum() or 0), num_events,
+    return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0), num_events,
                         windows.windows_skipped, windows.subjects_skipped, used)

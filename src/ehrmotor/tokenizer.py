@@ -113,21 +113,16 @@ def fit_numeric_edges(samples: Sequence[pl.DataFrame], num_bins: int,
 def assign_bins(codes: pl.Series, values: pl.Series, edges: dict[str, list[float]]) -> pl.Series:
     """Bin index of each (code, value) under `edges` (null where the code has no bins or no value).
 
-    Vectorised per code: one searchsorted over all of a code's values.
+    Vectorised per numeric code: one searchsorted over all of that code's values.
     """
     result = np.full(len(codes), -1, dtype=np.int32)
-    if len(codes) == 0:
-        return pl.Series("bin", result)
-    code_array = codes.to_numpy()
-    value_array = values.cast(pl.Float64).fill_null(np.nan).to_numpy()
-    order = np.argsort(code_array, kind="stable")
-    unique, starts = np.unique(code_array[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
-    for code, start, end in zip(unique, starts, ends, strict=True):
-        if code in edges:
-            rows = order[start:end]
-            result[rows] = np.searchsorted(np.asarray(edges[code]), value_array[rows], "right")
-    result[np.isnan(value_array)] = -1
+    frame = pl.DataFrame({"code": codes, "value": values.cast(pl.Float64)}).with_row_index("row")
+    numeric = frame.filter(pl.col("value").is_not_null() & pl.col("value").is_finite()
+                           & pl.col("code").is_in(list(edges)))
+    for (code,), part in numeric.partition_by("code", as_dict=True).items():  # per numeric code
+        rows = part["row"].to_numpy()
+        result[rows] = np.searchsorted(np.asarray(edges[str(code)]), part["value"].to_numpy(),
+                                       "right")
     return pl.Series("bin", result).replace(-1, None)
 
 

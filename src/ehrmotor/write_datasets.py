@@ -1,45 +1,59 @@
-"""Turn per-shard parquet parts into a Hugging Face dataset on disk (torch format).
+"""Write prepared windows as a Hugging Face dataset on disk, one Arrow file per MEDS shard.
 
-The parts are memory-mapped through pyarrow and saved with `Dataset.save_to_disk`; the dataset's
-fingerprint is a hash of the parts' bytes, so the same input gives the same files.
+Workers write their shard's rows straight into the dataset folder as `data-XXXXX-of-NNNNN.arrow`
+(Arrow IPC streams, the files `Dataset.save_to_disk` makes); the reduce writes `state.json` and
+`dataset_info.json`. Memory stays bounded by one shard, and the fingerprint is a hash of the
+files' bytes, so the same input gives the same folder. `datasets.load_from_disk` reads it back in
+torch format.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
-import pyarrow.parquet as pq
-from datasets.table import InMemoryTable
 
-MAX_SHARD_SIZE = "500MB"
+ROW_SCHEMA = pa.schema([
+    ("subject_id", pa.int64()), ("window", pa.int32()),
+    ("bag_sizes", pa.list_(pa.int32())), ("entries", pa.list_(pa.uint32())),
+    ("weights", pa.list_(pa.float32())), ("times", pa.list_(pa.int64())),
+    ("age_days", pa.list_(pa.float32())), ("age", pa.list_(pa.float32())),
+    ("log_age", pa.list_(pa.float32())), ("log_delta", pa.list_(pa.float32())),
+    ("points", pa.list_(pa.int32())), ("censor_days", pa.list_(pa.float32())),
+    ("label_point", pa.list_(pa.int32())), ("label_task", pa.list_(pa.int32())),
+    ("label_days", pa.list_(pa.float32())),
+])
 
 
-def _fingerprint(parts: list[Path]) -> str:
+def shard_file_name(index: int, count: int) -> str:
+    return f"data-{index:05d}-of-{count:05d}.arrow"
+
+
+def write_shard_table(table: pa.Table, path: Path) -> None:
+    """Write one shard's rows (any table castable to ROW_SCHEMA) as an Arrow IPC stream."""
+    table = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, ROW_SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=1024)
+
+
+def finish_dataset(directory: Path, count: int) -> None:
+    """Write the metadata that makes `directory`'s shard files one dataset (torch format)."""
+    names = [shard_file_name(i, count) for i in range(count)]
     digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def write_hf_dataset(parts: list[Path], out_dir: Path) -> None:
-    """Concatenate the parquet `parts` (same schema) into a dataset saved at `out_dir`."""
-    parts = sorted(parts)
-    if parts:
-        table = pa.concat_tables(pq.read_table(p) for p in parts)
-    else:
-        table = pa.table({"subject_id": pa.array([], pa.int64())})
-    dataset = datasets.Dataset(InMemoryTable(table), fingerprint=_fingerprint(parts))
-    dataset = dataset.with_format("torch")
-    progress = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
-    try:
-        dataset.save_to_disk(str(out_dir), max_shard_size=MAX_SHARD_SIZE)
-    finally:
-        if progress:
-            datasets.utils.logging.enable_progress_bar()
+    for name in names:
+        digest.update((directory / name).read_bytes())
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": digest.hexdigest()[:16],
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": "torch",
+        "_output_all_columns": False, "_split": None,
+    }
+    (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(ROW_SCHEMA))
+    info.write_to_directory(str(directory))
 
 
 def load_prepared(path: Path) -> datasets.Dataset:
