@@ -46,6 +46,17 @@ class PrepareConfig:
     max_window: int = 16_384  # positions per training window
     seed: int = 97  # prediction-point sampling
 
+    def __post_init__(self) -> None:
+        minimum = {"vocab_size": 1, "numeric_bins": 1, "numeric_sample_size": 1, "num_tasks": 1,
+                   "num_bins": 1, "final_layer_size": 1, "min_task_events": 1, "max_window": 2}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"prepare: {name} must be at least {low}, "
+                                  f"got {getattr(self, name)}")
+        for name in ("val_fraction", "min_fraction", "min_text_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"prepare: {name} must be in [0, 1), got {getattr(self, name)}")
+
 
 def _check_type(value: Any, annotation: Any) -> Any:
     """Return `value` converted to the annotated type, or raise TypeError."""

@@ -120,7 +120,8 @@ def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame,
     bounds = points.group_by("subject_id").agg(first=pl.col("pidx").min(),
                                                end=pl.col("pidx").max() + 1)
     spans = (
-        occurrences.with_columns(previous=pl.col("time").shift(1).over("subject_id", "task"))
+        occurrences.sort("subject_id", "task", "time")  # `previous` needs time order
+        .with_columns(previous=pl.col("time").shift(1).over("subject_id", "task"))
         .join(bounds, on="subject_id", how="inner")
     )
     spans = spans.with_columns(

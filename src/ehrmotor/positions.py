@@ -3,7 +3,8 @@
 For one shard (all columns, whole-frame polars operations, no loop per event or subject):
 
 - Birth: the time of the subject's `MEDS_BIRTH` event, else of its first timed event.
-- Static events (null time) and events on the birth day form position 0 of the subject.
+- Static events (null time) and events on the birth day form position 0 of the subject (an empty
+  bag when none of them has a vocabulary entry).
 - Every later event is one position, except events whose vocabulary entries were all already seen
   the same day (by an earlier event of the subject), which are skipped, as are events with no
   entry in the vocabulary.
@@ -84,7 +85,7 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
         time=pl.col("time").fill_null(pl.col("birth")),
     )
     tagged = bags.join(rows, on="event", how="inner")
-    first = _birth_bags(tagged)
+    first = _birth_bags(tagged, rows)
     later = tagged.filter(~pl.col("birth_day")).with_columns(day=pl.col("time").dt.date())
     # An event is kept when one of its entries is new that day for the subject.
     new_today = later.with_columns(
@@ -103,16 +104,25 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
     return _time_features(positions, tokenizer.time_stats).drop("order", "birth")
 
 
-def _birth_bags(tagged: pl.DataFrame) -> pl.DataFrame:
-    """Position 0 of each subject: the union of its static and birth-day entries."""
-    return (
+def _birth_bags(tagged: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
+    """Position 0 of each subject: the union of its static and birth-day entries.
+
+    Every subject has one, empty when none of those events has a vocabulary entry, so that
+    position 0 is always the birth-day position and later events start at position 1.
+    """
+    bags = (
         tagged.filter(pl.col("birth_day"))
-        .group_by("subject_id", "entry").agg(weight=pl.col("weight").max(),
-                                            time=pl.col("birth").first())
+        .group_by("subject_id", "entry").agg(weight=pl.col("weight").max())
         .sort("subject_id", "entry")
         .group_by("subject_id", maintain_order=True)
-        .agg(time=pl.col("time").first(), entries=pl.col("entry"), weights=pl.col("weight"))
-        .with_columns(order=pl.lit(-1, pl.Int64))
+        .agg(entries=pl.col("entry"), weights=pl.col("weight"))
+    )
+    return (
+        rows.group_by("subject_id").agg(time=pl.col("birth").first())
+        .join(bags, on="subject_id", how="left")
+        .with_columns(entries=pl.col("entries").fill_null(pl.lit([], pl.List(pl.UInt32))),
+                      weights=pl.col("weights").fill_null(pl.lit([], pl.List(pl.Float32))),
+                      order=pl.lit(-1, pl.Int64))
         .select("subject_id", "order", "time", "entries", "weights")
     )
 

@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -75,6 +76,7 @@ class PrepareSummary:
     skipped_windows: int = 0
     skipped_subjects: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_gib: float = 0.0  # largest single process (this one or a worker)
 
     def lines(self) -> list[str]:
         steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
@@ -88,6 +90,7 @@ class PrepareSummary:
             "prediction points " + ", ".join(f"{k} {v:,}" for k, v in
                                              self.prediction_points.items()),
             f"seconds per step: {steps}",
+            f"peak memory {self.peak_rss_gib:.2f} GiB (largest process)",
         ]
 
 
@@ -124,7 +127,8 @@ class Preparer:
     def _map(self, pool: Executor, fn: Callable[[ShardJob], T], jobs: list[ShardJob],
              desc: str) -> list[T]:
         futures = [pool.submit(fn, job) for job in jobs]
-        bar = tqdm(futures, desc=desc, unit="shard", disable=not self.progress, leave=False)
+        bar = tqdm(futures, desc=desc, unit="shard", leave=False,
+                   disable=None if self.progress else True)  # None: only on a terminal
         return [future.result() for future in bar]
 
     def _step(self, name: str, artifact: Path, config: dict[str, Any], fmt: int,
@@ -136,7 +140,12 @@ class Preparer:
         built = False
         if self.force or not artifacts.is_current(artifact, manifest):
             with artifacts.atomic_path(artifact) as tmp:
-                build(tmp)
+                try:
+                    build(tmp)
+                except PrepareError:
+                    raise
+                except ValueError as error:  # a fit found nothing to learn from, bad input
+                    raise PrepareError(f"{name}: {str(error).splitlines()[0]}") from error
             artifacts.record(artifact, manifest)
             built = True
         self.summary.seconds[name] = time.perf_counter() - started
@@ -162,7 +171,12 @@ class Preparer:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(self.workers, len(files)), mp_context=context) as pool:
             self._run_steps(pool, files)
-        artifacts.write_json(self.out / "config.json", config_dict(self.config))
+        resolved = self.out / "config.json"
+        if not resolved.exists() or json.loads(resolved.read_text()) != config_dict(self.config):
+            artifacts.write_json(resolved, config_dict(self.config))
+        kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        self.summary.peak_rss_gib = kib / 2**20
         return self.summary
 
     def _run_steps(self, pool: Executor, files: list[Path]) -> None:
@@ -234,6 +248,10 @@ class Preparer:
                                                  "min_task_events", "max_window", "seed")},
                    1, build_task)
         task = MotorTask.load(self.out / "motor_task.json")
+        if task.tasks.height == 0:
+            raise PrepareError(
+                f"{self.out / 'motor_task.json'}: no MOTOR task has at least "
+                f"{cfg.min_task_events} train events; lower min_task_events or add subjects")
         self.summary.tasks_kept = task.tasks.height
         self.summary.tasks_dropped = task.dropped_tasks
 

@@ -22,8 +22,9 @@ Artifact `tokenizer/dictionary.msgpack`, a msgpack map:
              lower: float, upper: float (numeric bin edges; ±1e308 for open ends),
              text: str (text), score: float, probability: float}
     numeric_edges: map code -> list of inner bin edges (float)
-    time_stats: map {age_mean, age_std, log_age_mean, log_age_std, delta_mean, delta_std}
-             (days; statistics of positions' age and time since previous position, train only)
+    time_stats: map {age_mean, age_std, log_age_mean, log_age_std, log_delta_mean,
+             log_delta_std}: moments of age in days, log(1 + age) and log(1 + days since the
+             previous event), over the timed events of train subjects (`positions.time_moments`)
     num_train_subjects: int
 """
 
@@ -96,10 +97,15 @@ def fit_numeric_edges(samples: Sequence[pl.DataFrame], num_bins: int,
     """Inner quantile edges per numeric code from the pooled shard samples.
 
     Edges are distinct and sorted; values below the first edge fall in bin 0. A code whose sample
-    has a single distinct value gets no edges (one bin).
+    has a single distinct value gets no edges (one bin). A code's pooled sample larger than
+    `per_code` is thinned evenly over its sorted values (not cut to its smallest values), so
+    every shard's values count.
     """
     pooled = pl.concat(samples).sort("code", "value")
-    pooled = pooled.filter(pl.int_range(pl.len()).over("code") < per_code)
+    rank = pl.int_range(pl.len()).over("code")
+    size = pl.len().over("code").cast(pl.Int64)
+    # Keep the first value of each of per_code equal slices of the sorted sample.
+    pooled = pooled.filter((rank == 0) | (rank * per_code // size > (rank - 1) * per_code // size))
     quantiles = [i / num_bins for i in range(1, num_bins)]
     table = pooled.group_by("code").agg(
         edges=pl.concat_list([pl.col("value").quantile(q, "nearest") for q in quantiles])

@@ -45,7 +45,7 @@ def finish_dataset(directory: Path, count: int) -> None:
     digest = hashlib.sha256()
     for name in names:
         digest.update((directory / name).read_bytes())
-    state = {
+    state: dict[str, object] = {
         "_data_files": [{"filename": name} for name in names],
         "_fingerprint": digest.hexdigest()[:16],
         "_format_columns": None, "_format_kwargs": {}, "_format_type": "torch",

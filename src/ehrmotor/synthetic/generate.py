@@ -190,7 +190,8 @@ def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None
         # The vocabulary and code metadata are written here while the workers simulate.
         write_athena(catalog, tmp / "athena")
         _codes_metadata(tmp)
-        bar = tqdm(futures, desc="synth shards", unit="shard", disable=not progress)
+        # disable=None shows the bar only on a terminal.
+        bar = tqdm(futures, desc="synth shards", unit="shard", disable=None if progress else True)
         for future in bar:
             subjects, events, _ = future.result()
             totals += (subjects, events)

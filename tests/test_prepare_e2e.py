@@ -1,0 +1,316 @@
+"""End-to-end tests of `ehrmotor prepare` on the embedded synthetic dataset (~300 subjects).
+
+One session-scoped synthetic dataset and one reference run (through the CLI) are shared; the
+other tests run prepare again into their own work folders and compare with the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import datasets
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from meds_builders import rows_table, write_meds, write_table
+
+from ehrmotor.cli import main
+from ehrmotor.synthetic import generate
+from ehrmotor.tokenizer import Tokenizer
+
+SUBJECTS = 300
+ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
+             "motor_task.json", "train_batches", "val_batches"]
+STEPS = ["ontology", "split.csv", "tokenizer", "motor_task.json", "train_batches",
+         "val_batches"]
+COLUMNS = ["subject_id", "window", "bag_sizes", "entries", "weights", "times", "age_days", "age",
+           "log_age", "log_delta", "points", "censor_days", "label_point", "label_task",
+           "label_days"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic MEDS dataset, with its Athena vocabulary in meds/athena."""
+    root = tmp_path_factory.mktemp("synthetic") / "meds"
+    generate(root, SUBJECTS, seed=0, progress=False)
+    return root
+
+
+def prepare_args(meds: Path, work: Path, *extra: str) -> list[str]:
+    return ["prepare", "--meds", str(meds), "--athena", str(meds / "athena"), "--out", str(work),
+            "--vocab-size", "2000", "--num-tasks", "300", "--workers", "2", *extra]
+
+
+@pytest.fixture(scope="session")
+def reference(meds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pretraining_files/ of an uninterrupted CLI run."""
+    work = tmp_path_factory.mktemp("reference")
+    assert main(prepare_args(meds, work)) == 0
+    return work / "pretraining_files"
+
+
+def file_digests(folder: Path, skip: Callable[[Path], bool] = lambda _: False) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not skip(p)}
+
+
+def file_mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(err: str) -> str:
+    """The error line of stderr, which must be the only line apart from log records."""
+    lines = [line for line in err.strip().splitlines()
+             if not re.match(r"(DEBUG|INFO|WARNING) ehrmotor", line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ehrmotor prepare: error: "), err
+    return lines[0]
+
+
+# =========================================================================== 7. artifacts
+
+
+def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> None:
+    for name in ARTIFACTS:
+        assert (reference / name).exists(), name
+    for step in STEPS:
+        manifest = json.loads((reference / f"{step}.manifest.json").read_text())
+        assert manifest["format_version"] == 1 and "config" in manifest and "inputs" in manifest
+    assert (reference / "ontology" / "ancestors.parquet").is_file()
+    config = json.loads((reference / "config.json").read_text())
+    assert (config["vocab_size"], config["num_tasks"]) == (2000, 300)
+
+
+def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Path) -> None:
+    vocabulary = len(Tokenizer.load(reference / "tokenizer"))
+    assert vocabulary == 2000
+    for split in ("train", "val"):
+        dataset = datasets.load_from_disk(str(reference / f"{split}_batches"))
+        assert dataset.format["type"] == "torch"
+        assert dataset.column_names == COLUMNS
+        assert dataset.features["entries"].feature.dtype == "uint32"
+        assert dataset.features["times"].feature.dtype == "int64"
+        assert dataset.features["label_days"].feature.dtype == "float32"
+        assert dataset.num_rows > 0
+        row = dataset[0]
+        assert isinstance(row["entries"], torch.Tensor) and row["weights"].dtype == torch.float32
+        assert row["bag_sizes"].sum().item() == len(row["entries"]) == len(row["weights"])
+        assert len(row["times"]) == len(row["bag_sizes"]) == len(row["age_days"])
+        assert row["entries"].min().item() >= 0 and row["entries"].max().item() < vocabulary
+
+
+def test_held_out_subjects_are_never_used_for_pretraining(meds: Path, reference: Path) -> None:
+    splits = pl.read_parquet(meds / "metadata" / "subject_splits.parquet")
+    held_out = set(splits.filter(pl.col("split") == "held_out")["subject_id"].to_list())
+    assert held_out
+    split = pl.read_csv(reference / "split.csv")
+    assert split.columns == ["subject_id", "split_name"]
+    assert set(split["split_name"]) == {"train", "val"}
+    assert not held_out & set(split["subject_id"].to_list())
+    assert split.height == SUBJECTS - len(held_out)
+    names = dict(split.iter_rows())
+    for name in ("train", "val"):
+        table = datasets.load_from_disk(str(reference / f"{name}_batches")).with_format(None)
+        subjects = set(table["subject_id"])
+        assert not held_out & subjects
+        assert {names[s] for s in subjects} == {name}
+
+
+def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) -> None:
+    task = json.loads((reference / "motor_task.json").read_text())
+    num_tasks = len(task["tasks"])
+    assert 0 < num_tasks <= 300
+    assert task["bin_edges_days"][0] == 0.0 and len(task["bin_edges_days"]) == task["num_bins"]
+    table = datasets.load_from_disk(str(reference / "train_batches")).with_format(None)
+    pairs = 0
+    for row in table:
+        points, censor = row["points"], np.array(row["censor_days"])
+        assert len(points) == len(censor) > 0
+        assert min(points) > 0 and max(points) < len(row["bag_sizes"])  # never position 0
+        assert row["age_days"][0] == 0.0 and row["times"] == sorted(row["times"])
+        tasks, days = np.array(row["label_task"]), np.array(row["label_days"])
+        at = np.array(row["label_point"], dtype=np.int64)
+        assert len(tasks) == len(days) == len(at)
+        if len(tasks):
+            assert tasks.min() >= 0 and tasks.max() < num_tasks
+            assert at.min() >= 0 and at.max() < len(points)
+            assert (days > 0).all()
+            assert (days <= censor[at] * (1 + 1e-6)).all()
+        pairs += len(tasks)
+    assert pairs > 1000
+
+
+# =========================================================================== 8. idempotence
+
+
+def test_rerun_rebuilds_nothing_and_a_changed_setting_is_refused(
+        meds: Path, reference: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = file_mtimes(reference)
+    assert main(prepare_args(meds, reference.parent)) == 0
+    after = file_mtimes(reference)
+    # Nothing is rewritten, config.json included (its settings did not change).
+    assert after == before
+    capsys.readouterr()
+    assert main(prepare_args(meds, reference.parent, "--vocab-size", "3000")) == 2
+    assert "vocab_size" in one_line_error(capsys.readouterr().err)
+    assert file_mtimes(reference) == after
+
+
+def test_force_rebuilds_every_step(meds: Path, reference: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(reference.parent, work)
+    before = file_mtimes(work / "pretraining_files")
+    time.sleep(0.01)
+    assert main(prepare_args(meds, work, "--force")) == 0
+    after = file_mtimes(work / "pretraining_files")
+    assert set(after) == set(before)
+    # Every step's artifact is rebuilt; config.json is unchanged, so it is not rewritten.
+    rebuilt = [name for name in before if name != "config.json"]
+    assert all(after[name] > before[name] for name in rebuilt), "some file was not rewritten"
+    assert file_digests(work / "pretraining_files") == file_digests(reference)
+
+
+# =========================================================================== 9. determinism
+
+
+def test_same_input_gives_byte_identical_artifacts(meds: Path, reference: Path,
+                                                   tmp_path: Path) -> None:
+    work = tmp_path / "other"
+    # Another folder and another number of worker processes.
+    args = prepare_args(meds, work)
+    args[args.index("--workers") + 1] = "1"
+    assert main(args) == 0
+    # Manifests record relative input paths only, so they are compared too.
+    for manifest in (work / "pretraining_files").glob("*.manifest.json"):
+        assert str(tmp_path) not in manifest.read_text()
+        assert str(meds) not in manifest.read_text()
+    got, want = file_digests(work / "pretraining_files"), file_digests(reference)
+    assert len(want) > 20
+    assert got == want
+
+
+# =========================================================================== 10. kill, resume
+
+
+def run_until(args: list[str], ready: Callable[[], bool]) -> None:
+    """Run `python -m ehrmotor ARGS` and SIGKILL it (and its workers) once `ready()` holds."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "ehrmotor", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            if process.poll() is not None:
+                pytest.fail(f"prepare ended (status {process.returncode}) before the kill point")
+            if time.monotonic() > deadline:
+                pytest.fail("kill point not reached in 120 s")
+            time.sleep(0.002)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_killed_runs_resume_to_identical_artifacts(meds: Path, reference: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "work" / "pretraining_files"
+    args = prepare_args(meds, out.parent)
+    # Killed during the steps after the ontology (split / tokenizer workers running) ...
+    run_until(args, lambda: (out / "ontology.manifest.json").exists())
+    assert not (out / "val_batches.manifest.json").exists()
+    # ... then while a dataset is half written into its temporary folder.
+    run_until(args, lambda: any(out.glob(".train_batches.tmp-*")))
+    assert any(out.glob(".train_batches.tmp-*"))
+    assert not (out / "val_batches").exists()
+    assert main(args) == 0
+    assert not list(out.glob(".*.tmp-*"))
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert file_digests(out) == file_digests(reference)
+
+
+# =========================================================================== 11. bad input
+
+
+@pytest.fixture
+def tiny_meds(tmp_path: Path) -> Path:
+    """A valid three-subject MEDS dataset (tests/meds_builders.py)."""
+    return write_meds(tmp_path / "tiny")
+
+
+def check_refused(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(args) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert not (out / "pretraining_files").exists() or not any(
+        (out / "pretraining_files").iterdir())
+    return line
+
+
+def test_invalid_meds_is_refused_without_artifacts(
+        tiny_meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = tiny_meds / "data" / "train" / "0.parquet"
+    write_table(shard, pl.read_parquet(shard).drop("code").to_arrow())
+    out = tmp_path / "work"
+    line = check_refused(["prepare", "--meds", str(tiny_meds), "--out", str(out)], out, capsys)
+    assert "code" in line and "0.parquet" in line
+
+
+def test_athena_folder_without_concept_ancestor_is_refused(
+        meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    athena = tmp_path / "athena"
+    athena.mkdir()
+    for name in ("CONCEPT.csv", "CONCEPT_RELATIONSHIP.csv"):
+        (athena / name).symlink_to(meds / "athena" / name)
+    out = tmp_path / "work"
+    line = check_refused(["prepare", "--meds", str(meds), "--athena", str(athena), "--out",
+                          str(out)], out, capsys)
+    assert "CONCEPT_ANCESTOR.csv" in line
+
+
+@pytest.mark.parametrize(("toml", "names"), [
+    ("[prepare]\nvocab_sise = 100\n", ["vocab_sise", "unknown"]),
+    ("[prepare]\nvocab_size = \"big\"\n", ["vocab_size", "big"]),
+    ("[prepare]\nval_fraction = true\n", ["val_fraction"]),
+])
+def test_bad_config_file_is_refused_naming_the_key(
+        tiny_meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str,
+        names: list[str]) -> None:
+    config = tmp_path / "prepare.toml"
+    config.write_text(toml)
+    out = tmp_path / "work"
+    line = check_refused(["prepare", "--meds", str(tiny_meds), "--out", str(out), "--config",
+                          str(config)], out, capsys)
+    assert str(config) in line
+    for name in names:
+        assert name in line
+
+
+def test_no_prediction_points_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_meds(tmp_path / "tiny")
+    # Every train subject has a single timed event after birth: no prediction point anywhere.
+    rows = [row for sid in (1, 2) for row in (
+        {"subject_id": sid, "time": None, "code": "GENDER//F"},
+        {"subject_id": sid, "time": datetime(1950, 1, 1), "code": "MEDS_BIRTH"},
+        {"subject_id": sid, "time": datetime(2010, 1, 1), "code": "ICD10CM//E11.9"})]
+    write_table(root / "data" / "train" / "0.parquet", rows_table(rows))
+    capsys.readouterr()
+    assert main(["prepare", "--meds", str(root), "--out", str(tmp_path / "work")]) == 2
+    assert "prediction points" in one_line_error(capsys.readouterr().err)
