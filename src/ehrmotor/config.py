@@ -132,3 +132,48 @@ def config_dict(config: Any) -> dict[str, Any]:
     """Plain JSON-ready dict of a config dataclass (tuples as lists)."""
     values = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Settings of `ehrmotor pretrain` (DESIGN.md, Stage 2). Model sizes come from `preset`;
+    the `hidden_size`…`attention_width` fields override it when set."""
+
+    preset: str = "base"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    final_layer_size: int | None = None  # default: the prepared MOTOR task's
+    attention_width: int = 496
+    attention_backend: str = "auto"  # auto, naive, blockwise, flex
+    tokens_per_batch: int = 16_384
+    learning_rate: float = 1e-4
+    warmup_steps: int = 500
+    gradient_accumulation_steps: int = 32
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    num_train_epochs: float = 30.0
+    max_steps: int = -1  # > 0 stops after this many optimizer steps
+    eval_steps: int = 500
+    save_steps: int = 500
+    logging_steps: int = 10
+    early_stopping_patience: int = 5
+    save_total_limit: int = 2
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
+
+    def __post_init__(self) -> None:
+        if self.preset not in ("base", "small", "tiny"):
+            raise ConfigError(f"pretrain: preset must be base, small or tiny, got {self.preset!r}")
+        if self.attention_backend not in ("auto", "naive", "blockwise", "flex"):
+            raise ConfigError("pretrain: attention_backend must be auto, naive, blockwise or "
+                              f"flex, got {self.attention_backend!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"pretrain: precision must be auto, bf16 or fp32, "
+                              f"got {self.precision!r}")
+        for name in ("tokens_per_batch", "gradient_accumulation_steps", "eval_steps",
+                     "save_steps", "logging_steps", "save_total_limit", "attention_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pretrain: {name} must be at least 1, got {getattr(self, name)}")

@@ -57,6 +57,11 @@ DATA_SCHEMA = pa.schema([
     pa.field("numeric_value", pa.float32()),
     pa.field("text_value", pa.large_string()),
 ])
+# The `meds` package's schemas for the metadata tables (polars would write large strings).
+CODES_SCHEMA = pa.schema([("code", pa.string()), ("description", pa.string()),
+                          ("parent_codes", pa.list_(pa.string()))])
+SPLITS_SCHEMA = pa.schema([pa.field("subject_id", pa.int64(), nullable=False),
+                           pa.field("split", pa.string(), nullable=False)])
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,8 @@ def _codes_metadata(out: Path) -> None:
     codes = codes.join(parents, on="code", how="left", maintain_order="left").with_columns(
         pl.col("parent_codes").fill_null(pl.lit([], dtype=pl.List(pl.String)))
     )
-    codes.write_parquet(out / "metadata" / "codes.parquet", compression="zstd")
+    pq.write_table(codes.to_arrow().cast(CODES_SCHEMA), out / "metadata" / "codes.parquet",
+                   compression="zstd")
 
 
 def _subject_splits_table(specs: list[ShardSpec], seed: int) -> pl.DataFrame:
@@ -196,7 +202,8 @@ def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None
             subjects, events, _ = future.result()
             totals += (subjects, events)
             bar.set_postfix(events=int(totals[1]))
-    _subject_splits_table(specs, seed).write_parquet(tmp / "metadata" / "subject_splits.parquet")
+    pq.write_table(_subject_splits_table(specs, seed).to_arrow().cast(SPLITS_SCHEMA),
+                   tmp / "metadata" / "subject_splits.parquet")
     dataset = {
         "dataset_name": "ehrmotor-synthetic", "dataset_version": f"seed{seed}-n{num_subjects}",
         "etl_name": "ehrmotor.synthetic", "etl_version": __version__, "meds_version": MEDS_VERSION,

@@ -221,7 +221,7 @@ def _hazards(month: float, age: np.ndarray, subjects: Subjects, state: State,
                               + 0.5 * (smoker == 2)) * np.where(treated["atorvastatin"], 0.6, 1.0),
         "heart_failure": 0.0002 * np.exp(0.5 * a + 0.5 * z0 + 0.6 * has["hypertension"]
                                          + 0.8 * has["ckd"])
-        * (1.0 + 8.0 * recent_mi) * np.where(state.order_flag[idx], 5.0, 1.0)
+        * (1.0 + 30.0 * recent_mi) * np.where(state.order_flag[idx], 5.0, 1.0)
         * np.where(treated["metoprolol"], 0.6, 1.0),
         "copd": 0.00025 * np.exp(0.4 * a + 1.3 * z1 + 1.0 * (smoker == 2) + 0.5 * (smoker == 1)),
         "pneumonia": 0.0006 * np.exp(0.3 * a + 0.5 * z1 + 0.4 * z2 + 1.0 * has["copd"])
@@ -252,6 +252,9 @@ TREATMENT_FOR = {
 BACKGROUND_DRUGS = ("acetaminophen", "ibuprofen", "omeprazole", "sertraline", "levothyroxine",
                     "aspirin", "amoxicillin", "albuterol", "amlodipine", "furosemide")
 VISIT_TYPES = ("OP", "ER", "IP")
+# Lowest reportable value per lab where the drawn distribution could reach zero or below.
+LAB_FLOOR = {"13457-7": 20.0, "777-3": 10.0, "718-7": 4.0, "2951-2": 110.0, "2823-3": 2.0,
+             "2345-7": 40.0, "6690-2": 0.5, "4548-4": 3.5, "2160-0": 0.2}
 
 
 @dataclass
@@ -362,9 +365,11 @@ class ShardSimulator:
         subject = np.concatenate([routine, *forced_subject])
         kind = np.concatenate([kind, *forced_kind]).astype(np.int8)
         reason = np.concatenate([np.full(len(routine), -1), *forced_reason])
-        day = rng.uniform(0.0, 28.0, len(subject))
+        # Whole days from the month's first full day; with every offset within a visit (< 6 h)
+        # all events stay inside [month start, month start + 28 days), before any death.
+        day = np.ceil(month_day) + rng.integers(0, 27, len(subject))
         minute = rng.integers(8 * 60, 18 * 60, len(subject))
-        time_us = np.floor(month_day + day).astype(np.int64) * US_PER_DAY + minute * 60_000_000
+        time_us = day.astype(np.int64) * US_PER_DAY + minute * 60_000_000
         order = np.lexsort((time_us, subject))
         visits = Visits(subject[order], kind[order], time_us[order], reason[order])
         self._visit_content(month, visits)
@@ -452,6 +457,7 @@ class ShardSimulator:
             "1742-6": (alt, np.round(rng.lognormal(np.log(25), 0.4, nv))),
         }
         for loinc, (measured, value) in values.items():
+            value = np.maximum(value, LAB_FLOOR.get(loinc, 0.0))  # no negative lab results
             self.events.add(s[measured], t[measured], pools.labs[loinc], value=value[measured])
         # Diagnoses coded when a measured lab crosses its threshold.
         for disease, measured, value, threshold in (

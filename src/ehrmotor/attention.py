@@ -1,0 +1,176 @@
+"""Causal local attention over packed sequences that never crosses subjects.
+
+A packed sequence holds T tokens of several subjects one after another; `segment_ids` (T,) gives
+each token's subject index in the pack (a subject's tokens are contiguous). Token i attends to
+token j iff
+
+    segment_ids[i] == segment_ids[j]  and  i - width < j <= i
+
+(causal, itself included, at most `width` tokens). Every function takes q, k, v of shape
+(T, H, D) and returns (T, H, D), scaled by 1/sqrt(D).
+
+- `naive_local_attention`: dense (T, T) mask in fp32; the reference the others are tested against.
+- `blockwise_local_attention`: CPU and GPU, memory O(T · width): each block of queries attends to
+  its own block of keys and the blocks just before it, through `scaled_dot_product_attention`.
+- `flex_local_attention`: CUDA only, FlexAttention with a block-sparse mask.
+- `local_attention`: picks one of them (`backend="auto"`: flex for CUDA tensors, else blockwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "naive", "blockwise", "flex")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                  width: int) -> None:
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape (T, H, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if segment_ids.shape != q.shape[:1]:
+        raise ValueError(f"segment_ids must have shape ({q.shape[0]},); got "
+                         f"{tuple(segment_ids.shape)}")
+    if width < 1:
+        raise ValueError(f"attention width must be at least 1; got {width}")
+
+
+def naive_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          segment_ids: torch.Tensor, width: int = 496) -> torch.Tensor:
+    """Reference: full (T, T) scores and mask, computed in fp32, returned in q's dtype."""
+    _check_inputs(q, k, v, segment_ids, width)
+    positions = torch.arange(q.shape[0], device=q.device)
+    distance = positions[:, None] - positions[None, :]  # (T, T) query minus key
+    allowed = (distance >= 0) & (distance < width)
+    allowed &= segment_ids[:, None] == segment_ids[None, :]
+    scores = torch.einsum("thd,shd->hts", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))  # (H, T, T)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("hts,shd->thd", weights, v.float()).to(q.dtype)
+
+
+def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              segment_ids: torch.Tensor, width: int = 496,
+                              block_size: int | None = None) -> torch.Tensor:
+    """Local attention block by block; memory O(T · (width + block_size)).
+
+    Queries are cut into blocks of `block_size` (default: `width`, at most T). Query block n sees
+    key blocks n - lookback .. n, with lookback = ceil((width - 1) / block_size), which cover every
+    key within `width`; a boolean mask on positions and segments keeps exactly the allowed pairs.
+    T is padded up to a multiple of the block size; padded queries attend only to themselves, so
+    no row is fully masked and no NaN reaches the gradients.
+    """
+    _check_inputs(q, k, v, segment_ids, width)
+    length, heads, head_dim = q.shape
+    if length == 0:
+        return q.clone()
+    block = block_size or min(width, length)
+    lookback = math.ceil((width - 1) / block)
+    blocks = math.ceil(length / block)
+    padded = blocks * block
+    window = (lookback + 1) * block  # keys seen by one query block
+
+    def key_windows(x: torch.Tensor) -> torch.Tensor:
+        # (T, H, D) -> (lookback·block + padded, H, D): `lookback` empty blocks first, then tail
+        x = F.pad(x, (0, 0, 0, 0, lookback * block, padded - length))
+        # unfold puts the window last: (blocks, H, D, window) -> (blocks, H, window, D)
+        return x.unfold(0, window, block).permute(0, 1, 3, 2)
+
+    query_blocks = F.pad(q, (0, 0, 0, 0, 0, padded - length))
+    query_blocks = query_blocks.view(blocks, block, heads, head_dim).transpose(1, 2)  # (n, H, B, D)
+    key_blocks, value_blocks = key_windows(k), key_windows(v)  # (n, H, window, D)
+
+    block_start = torch.arange(blocks, device=q.device)[:, None] * block
+    query_position = block_start + torch.arange(block, device=q.device)  # (n, B)
+    key_position = block_start - lookback * block + torch.arange(window, device=q.device)
+    distance = query_position[:, :, None] - key_position[:, None, :]  # (n, B, window)
+    segments = F.pad(segment_ids, (lookback * block, padded - length))
+    query_segment = segments[lookback * block:].view(blocks, block)
+    key_segment = segments.unfold(0, window, block)  # (n, window)
+    allowed = (distance >= 0) & (distance < width) & (key_position[:, None, :] >= 0)
+    allowed &= query_segment[:, :, None] == key_segment[:, None, :]
+    query_is_padding = query_position >= length
+    allowed &= ~query_is_padding[:, :, None]
+    allowed |= (distance == 0) & query_is_padding[:, :, None]
+
+    out = F.scaled_dot_product_attention(query_blocks, key_blocks, value_blocks,
+                                         attn_mask=allowed[:, None])  # (n, H, B, D)
+    return out.transpose(1, 2).reshape(padded, heads, head_dim)[:length]
+
+
+_compiled_flex_attention: Callable[..., Any] | None = None
+
+
+def _flex_attention() -> Callable[..., Any]:
+    """FlexAttention compiled once per process (uncompiled, it materialises the full scores)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
+
+
+def flex_available() -> bool:
+    """Whether FlexAttention can run here: CUDA present and the module importable."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def local_mask_mod(segment_ids: torch.Tensor, width: int) -> Callable[..., torch.Tensor]:
+    """FlexAttention mask_mod(batch, head, query, key) -> whether query may attend to key."""
+
+    def same_subject_within_width(batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor,
+                                  key: torch.Tensor) -> torch.Tensor:
+        near = (key <= query) & (query - key < width)
+        return near & (segment_ids[query] == segment_ids[key])
+
+    return same_subject_within_width
+
+
+def flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor, width: int = 496) -> torch.Tensor:
+    """Local attention with FlexAttention and a block-sparse mask; CUDA tensors only."""
+    _check_inputs(q, k, v, segment_ids, width)
+    if not q.is_cuda:
+        raise ValueError("flex_local_attention needs CUDA tensors; on CPU use "
+                         "blockwise_local_attention (or backend='auto')")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = q.shape[0]
+    block_mask = create_block_mask(local_mask_mod(segment_ids.to(q.device), width), None, None,
+                                   length, length, device=q.device, _compile=True)
+    # (T, H, D) -> (1, H, T, D)
+    out = _flex_attention()(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                            v.transpose(0, 1)[None], block_mask=block_mask)
+    return out[0].transpose(0, 1)  # (T, H, D)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend `local_attention` uses for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "blockwise"
+    return backend
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                    width: int = 496, backend: str = "auto") -> torch.Tensor:
+    """Causal local attention within subjects: (T, H, D) -> (T, H, D); see the module docstring."""
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "flex":
+        return flex_local_attention(q, k, v, segment_ids, width)
+    if chosen == "naive":
+        return naive_local_attention(q, k, v, segment_ids, width)
+    return blockwise_local_attention(q, k, v, segment_ids, width)

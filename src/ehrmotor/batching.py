@@ -1,0 +1,134 @@
+"""Packing prepared windows into token-budget batches, and collating them into model inputs.
+
+- `TokenBudgetBatchSampler`: each epoch, windows are shuffled with a seed derived from
+  (seed, epoch) and packed greedily, in that order, into batches of at most `tokens_per_batch`
+  positions. With several distributed ranks, batch i goes to rank i mod world_size and every rank
+  gets the same number of batches (the remainder is dropped), so ranks never share a window.
+  Windows without prediction points never reach the sampler (prepare skips them).
+- `collate_windows`: concatenates the windows of a batch into one packed sequence (segment ids
+  keep subjects apart) and builds the MOTOR labels densely per point and task from the sparse
+  form: `event_days` (P, tasks) is the days to the task's next occurrence, or to censoring, and
+  `is_event` (P, tasks) says which. The model turns these into time at risk per bin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+LENGTH_COLUMN = "bag_sizes"
+
+
+def window_lengths(dataset: Any) -> np.ndarray:
+    """Positions per window, read from the Arrow column without decoding rows."""
+    table = dataset.with_format("arrow").data.table
+    return table.column(LENGTH_COLUMN).combine_chunks().value_lengths().to_numpy()
+
+
+def pack(lengths: np.ndarray, order: np.ndarray, budget: int) -> list[list[int]]:
+    """Greedy packing of windows in `order` into batches of total length <= budget."""
+    if len(lengths) and lengths.max() > budget:
+        raise ValueError(f"a window has {int(lengths.max())} positions, more than the token "
+                         f"budget of {budget}; raise tokens_per_batch or prepare with a smaller "
+                         "max_window")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in order.tolist():  # one step per window, not per event
+        size = int(lengths[index])
+        if current and used + size > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches of window indices under a token budget, reshuffled every epoch (see module doc)."""
+
+    def __init__(self, lengths: np.ndarray, tokens_per_batch: int, *, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.lengths = np.asarray(lengths)
+        self.tokens_per_batch = tokens_per_batch
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        else:
+            order = np.arange(len(self.lengths))
+        batches = pack(self.lengths, order, self.tokens_per_batch)
+        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
+        return batches[self.rank::self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _cat(rows: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    return torch.cat([row[key] for row in rows])
+
+
+def collate_windows(rows: Sequence[dict[str, torch.Tensor]], num_tasks: int
+                    ) -> dict[str, torch.Tensor]:
+    """Pack prepared windows (rows in torch format) into one model batch.
+
+    Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
+    segment_ids (T,), point_indices (P,), event_days (P, tasks), is_event (P, tasks).
+    """
+    lengths = torch.tensor([len(row["bag_sizes"]) for row in rows])
+    bag_sizes = _cat(rows, "bag_sizes").long()
+    bag_offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
+    token_start = torch.cumsum(lengths, 0) - lengths
+    points = torch.cat([row["points"].long() + start for row, start in zip(rows, token_start,
+                                                                          strict=True)])
+    num_points = torch.tensor([len(row["points"]) for row in rows])
+    point_start = torch.cumsum(num_points, 0) - num_points
+    label_point = torch.cat([row["label_point"].long() + start for row, start in
+                             zip(rows, point_start, strict=True)])
+    label_task = _cat(rows, "label_task").long()
+    censor_days = _cat(rows, "censor_days").float()
+    # (P, tasks): censored at the subject's last event unless the task occurs before that.
+    event_days = censor_days[:, None].repeat(1, num_tasks)
+    is_event = torch.zeros(len(censor_days), num_tasks, dtype=torch.bool)
+    event_days[label_point, label_task] = _cat(rows, "label_days").float()
+    is_event[label_point, label_task] = True
+    return {
+        "entries": _cat(rows, "entries").long(),
+        "weights": _cat(rows, "weights").float(),
+        "bag_offsets": bag_offsets,
+        "time_features": torch.stack([_cat(rows, "age"), _cat(rows, "log_age"),
+                                      _cat(rows, "log_delta")], dim=1).float(),
+        "age_days": _cat(rows, "age_days").float(),
+        "segment_ids": torch.repeat_interleave(torch.arange(len(rows)), lengths),
+        "point_indices": points,
+        "event_days": event_days,
+        "is_event": is_event,
+    }
+
+
+class WindowCollator:
+    """Picklable collate function for DataLoader workers."""
+
+    def __init__(self, num_tasks: int) -> None:
+        self.num_tasks = num_tasks
+
+    def __call__(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate_windows(rows, self.num_tasks)

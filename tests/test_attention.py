@@ -1,0 +1,153 @@
+"""Local attention over packed subjects: blockwise and flex paths against the naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ehrmotor.attention import (
+    blockwise_local_attention,
+    local_attention,
+    local_mask_mod,
+    naive_local_attention,
+    resolve_backend,
+)
+
+HEADS, HEAD_DIM = 3, 8
+
+
+def packed_segments(lengths: list[int]) -> torch.Tensor:
+    """segment_ids for subjects of the given lengths packed one after another."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def random_lengths(seed: int, total: int) -> list[int]:
+    """Subject lengths summing to `total`, with a few subjects of length 1."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(1 if torch.rand(1, generator=generator) < 0.2
+                       else int(torch.randint(2, 400, (1,), generator=generator)))
+    lengths[-1] -= sum(lengths) - total
+    return [length for length in lengths if length > 0]
+
+
+def random_qkv(seed: int, length: int,
+               head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(  # type: ignore[return-value]
+        torch.randn(length, HEADS, head_dim, generator=generator, requires_grad=True)
+        for _ in range(3))
+
+
+CASES = [  # seed, total length, width, block size (None: the width)
+    (0, 1200, 7, None),
+    (1, 1200, 496, None),
+    (2, 1163, 496, 128),
+    (3, 997, 7, 5),
+    (4, 301, 64, 100),
+    (5, 50, 496, None),
+    (6, 1, 496, None),
+    (7, 257, 1, None),
+]
+
+
+@pytest.mark.parametrize(("seed", "length", "width", "block_size"), CASES)
+def test_blockwise_equals_naive_outputs_and_gradients(seed: int, length: int, width: int,
+                                                      block_size: int | None) -> None:
+    segment_ids = packed_segments(random_lengths(seed, length))
+    q, k, v = random_qkv(seed, length)
+    upstream = torch.randn(length, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+
+    expected = naive_local_attention(q, k, v, segment_ids, width)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (q, k, v))
+    actual = blockwise_local_attention(q, k, v, segment_ids, width, block_size)
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), (q, k, v))
+
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    for name, got, want in zip("qkv", actual_grads, expected_grads, strict=True):
+        assert torch.isfinite(got).all(), f"non-finite gradient for {name}"
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["naive", "blockwise"])
+@pytest.mark.parametrize("width", [7, 496])
+def test_never_attends_across_subjects(backend: str, width: int) -> None:
+    lengths = [40, 1, 300, 25]
+    segment_ids = packed_segments(lengths)
+    q, k, v = (x.detach() for x in random_qkv(11, sum(lengths)))
+    before = local_attention(q, k, v, segment_ids, width, backend)
+
+    changed = segment_ids == 2  # the third subject
+    k2, v2 = k.clone(), v.clone()
+    k2[changed] += 5.0 * torch.randn_like(k2[changed])
+    v2[changed] += 5.0 * torch.randn_like(v2[changed])
+    after = local_attention(q, k2, v2, segment_ids, width, backend)
+
+    torch.testing.assert_close(after[~changed], before[~changed], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[changed], before[changed])
+
+
+@pytest.mark.parametrize("backend", ["naive", "blockwise"])
+@pytest.mark.parametrize("width", [7, 64])
+def test_never_attends_beyond_width(backend: str, width: int) -> None:
+    length = 200  # one subject
+    segment_ids = torch.zeros(length, dtype=torch.long)
+    q, k, v = (x.detach() for x in random_qkv(12, length))
+    before = local_attention(q, k, v, segment_ids, width, backend)
+
+    perturbed = 50
+    k2, v2 = k.clone(), v.clone()
+    k2[perturbed] += 5.0
+    v2[perturbed] += 5.0
+    after = local_attention(q, k2, v2, segment_ids, width, backend)
+
+    changed = (after - before).abs().amax(dim=(1, 2)) > 1e-6  # (T,)
+    sees_it = torch.zeros(length, dtype=torch.bool)
+    sees_it[perturbed:perturbed + width] = True  # queries perturbed .. perturbed + width - 1
+    assert torch.equal(changed, sees_it)
+
+
+def test_flex_mask_mod_allows_exactly_the_reference_pairs() -> None:
+    segment_ids = packed_segments([5, 1, 30, 12])
+    width = 7
+    positions = torch.arange(segment_ids.shape[0])
+    allowed = local_mask_mod(segment_ids, width)(
+        torch.tensor(0), torch.tensor(0), positions[:, None], positions[None, :])
+    distance = positions[:, None] - positions[None, :]
+    expected = ((distance >= 0) & (distance < width)
+                & (segment_ids[:, None] == segment_ids[None, :]))
+    assert torch.equal(allowed, expected)
+
+
+def test_auto_backend_on_cpu_is_blockwise() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "blockwise"
+    segment_ids = packed_segments([10, 20, 3])
+    q, k, v = (x.detach() for x in random_qkv(13, 33))
+    torch.testing.assert_close(local_attention(q, k, v, segment_ids, 7),
+                               blockwise_local_attention(q, k, v, segment_ids, 7), atol=0, rtol=0)
+
+
+def test_unknown_backend_and_bad_shapes_are_rejected() -> None:
+    q, k, v = (x.detach() for x in random_qkv(14, 10))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        local_attention(q, k, v, torch.zeros(10, dtype=torch.long), 7, backend="xformers")
+    with pytest.raises(ValueError, match="segment_ids"):
+        local_attention(q, k, v, torch.zeros(9, dtype=torch.long), 7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path needs CUDA")
+@pytest.mark.parametrize(("seed", "length", "width", "block_size"), CASES[:3])
+def test_flex_equals_naive_on_cuda(seed: int, length: int, width: int,
+                                   block_size: int | None) -> None:
+    segment_ids = packed_segments(random_lengths(seed, length)).cuda()
+    # FlexAttention needs head_dim >= 16
+    q, k, v = (x.detach().cuda().requires_grad_() for x in random_qkv(seed, length, 16))
+    assert resolve_backend("auto", q.device) == "flex"
+    expected = naive_local_attention(q, k, v, segment_ids, width)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    actual = local_attention(q, k, v, segment_ids, width, backend="flex")
+    actual_grads = torch.autograd.grad(actual.sum(), (q, k, v))
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
