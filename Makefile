@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 demo: $(STAMP)
 	$(VENV)/bin/ehrmotor synth --subjects $(DEMO_SUBJECTS) --seed 0 --out $(DEMO)/meds --force
 	$(VENV)/bin/ehrmotor validate $(DEMO)/meds
-	$(VENV)/bin/ehrmotor prepare --meds $(DEMO)/meds --athena $(DEMO)/meds/athena --out $(DEMO)/work
+	$(VENV)/bin/ehrmotor prepare --meds $(DEMO)/meds --athena $(DEMO)/meds/athena --out $(DEMO)/work --config configs/demo.toml
+	$(VENV)/bin/ehrmotor pretrain --work $(DEMO)/work --config configs/demo.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -150,6 +150,52 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "pretrain",
+        help="train the MOTOR transformer and write the model bundle to WORK/model",
+        description=(
+            "Train a MOTOR model from WORK/pretraining_files (see `ehrmotor prepare`) with "
+            "Hugging Face Trainer: checkpoints and TensorBoard logs in WORK/pretraining_output, "
+            "early stopping on val loss, best model reloaded at the end. Writes WORK/model/ "
+            "(config.json, model.safetensors, dictionary.msgpack, motor_task.json, ontology/). "
+            "Works unchanged under torchrun and accelerate launch."
+        ),
+    )
+    parser.add_argument("--work", type=Path, required=True, help="work folder of `prepare`")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML file whose [pretrain] table overrides the defaults")
+    parser.add_argument("--preset", choices=["base", "small", "tiny"], default=None,
+                        help="model size (default base: 12 layers, 768 hidden)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimizer steps (default: epochs decide)")
+    parser.add_argument("--tokens-per-batch", type=_positive, default=None,
+                        help="positions per packed batch (default 16384)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in WORK/pretraining_output")
+    parser.add_argument("--force", action="store_true",
+                        help="train again even when WORK/model is complete")
+    parser.add_argument("--keep-output", action="store_true",
+                        help="keep WORK/pretraining_output (checkpoints, logs) after the bundle")
+    parser.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from ehrmotor.config import ConfigError, PretrainConfig, load_config
+    from ehrmotor.train import PretrainError, pretrain
+
+    overrides = {"preset": args.preset, "max_steps": args.max_steps,
+                 "tokens_per_batch": args.tokens_per_batch}
+    try:
+        config = load_config(PretrainConfig, args.config, "pretrain", overrides)
+        bundle = pretrain(args.work, config, resume=args.resume, force=args.force,
+                          keep_output=args.keep_output)
+    except (ConfigError, PretrainError) as error:
+        raise UserError(str(error)) from error
+    log.info("pretrain: model bundle in %s", bundle)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrmotor",
@@ -167,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_validate, _add_prepare,
+    _add_synth, _add_validate, _add_prepare, _add_pretrain,
 ]
 
 

@@ -120,7 +120,7 @@ def _use_bf16(config: PretrainConfig) -> bool:
 
 def training_arguments(config: PretrainConfig, output: Path, has_val: bool) -> TrainingArguments:
     kwargs: dict[str, Any] = dict(
-        output_dir=str(output), logging_dir=str(output / "runs"), report_to=["tensorboard"],
+        output_dir=str(output), report_to=["tensorboard"],  # logs in output/runs/
         per_device_train_batch_size=1, per_device_eval_batch_size=1,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
@@ -132,6 +132,8 @@ def training_arguments(config: PretrainConfig, output: Path, has_val: bool) -> T
         metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=config.logging_steps, bf16=_use_bf16(config), seed=config.seed,
         remove_unused_columns=False, dataloader_num_workers=config.dataloader_num_workers,
+        # Labels are named for Trainer so evaluation reports the loss; logits are never gathered.
+        label_names=["event_days", "is_event"], prediction_loss_only=True,
     )
     return TrainingArguments(**kwargs)
 
