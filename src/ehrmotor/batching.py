@@ -4,6 +4,9 @@
   (seed, epoch) and packed greedily, in that order, into batches of at most `tokens_per_batch`
   positions. With several distributed ranks, batch i goes to rank i mod world_size and every rank
   gets the same number of batches (the remainder is dropped), so ranks never share a window.
+  Greedy packing of another order can give a few batches more or fewer; every epoch is cut or
+  topped up (each rank from its own first batches) to the length of epoch 0, so `len()` is
+  exact, as `Trainer` expects.
   Windows without prediction points never reach the sampler (prepare skips them).
 - `collate_windows`: concatenates the windows of a batch into one packed sequence (segment ids
   keep subjects apart) and builds the MOTOR labels densely per point and task from the sparse
@@ -66,20 +69,25 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of `epoch`, in order."""
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
         else:
             order = np.arange(len(self.lengths))
-        batches = pack(self.lengths, order, self.tokens_per_batch)
-        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank::self.world_size][:per_rank]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+        return pack(self.lengths, order, self.tokens_per_batch)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self._batches(0)) // self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        count = len(self)
+        batches = self._batches(self.epoch)
+        # This rank's share, topped up from its own first batches (never another rank's).
+        mine = batches[self.rank::self.world_size] or batches
+        while len(mine) < count:
+            mine += mine[: count - len(mine)]
+        yield from mine[:count]
 
 
 def _cat(rows: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:

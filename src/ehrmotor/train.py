@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,13 @@ def training_arguments(config: PretrainConfig, output: Path, has_val: bool) -> T
         remove_unused_columns=False, dataloader_num_workers=config.dataloader_num_workers,
         # Labels are named for Trainer so evaluation reports the loss; logits are never gathered.
         label_names=["event_days", "is_event"], prediction_loss_only=True,
+        ddp_find_unused_parameters=False,
     )
+    if not torch.cuda.is_available():
+        # Without use_cpu, accelerate does not set up multi-process CPU training under torchrun.
+        kwargs["use_cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs["ddp_backend"] = "gloo"
     return TrainingArguments(**kwargs)
 
 
