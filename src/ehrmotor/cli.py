@@ -196,6 +196,47 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_embed(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "embed",
+        help="write MOTOR embeddings of subjects at label times to a parquet file",
+        description=(
+            "Compute the representation of each label (subject_id, prediction_time) from the "
+            "data at or before its prediction_time, with a model bundle from `pretrain`. Writes "
+            "subject_id, prediction_time and embedding (fixed-size list of float32)."
+        ),
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model bundle (WORK/model)")
+    parser.add_argument("--meds", type=Path, required=True,
+                        help="MEDS root folder or meds_reader database")
+    parser.add_argument("--labels", type=Path, required=True,
+                        help="MEDS label parquet file or folder (subject_id, prediction_time)")
+    parser.add_argument("--out", type=Path, required=True, help="output parquet file")
+    parser.add_argument("--tokens-per-batch", type=_positive, default=1024,
+                        help="positions per forward pass (default 1024)")
+    parser.add_argument("--workers", type=_positive, default=1,
+                        help="processes reading MEDS shards (default 1)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.set_defaults(run=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from ehrmotor.features import compute_features, write_embeddings
+
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"{args.model}: no model bundle (config.json missing); run `ehrmotor "
+                        "pretrain` first")
+    try:
+        result = compute_features(args.meds, args.model, args.labels, num_proc=args.workers,
+                                  tokens_per_batch=args.tokens_per_batch, device=args.device)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from error
+    write_embeddings(result, args.out)
+    log.info("embed: %d embeddings written to %s", len(result["subject_ids"]), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrmotor",
@@ -213,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_validate, _add_prepare, _add_pretrain,
+    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed,
 ]
 
 

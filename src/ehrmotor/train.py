@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ehrmotor import artifacts
 from ehrmotor.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
@@ -190,11 +189,14 @@ def pretrain(work: Path, config: PretrainConfig | None = None, *, resume: bool =
         num_tasks=model_config.num_tasks,
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
-    checkpoint = get_last_checkpoint(str(output)) if resume and output.exists() else None
+    checkpoint = last_complete_checkpoint(output) if resume else None
     if resume and checkpoint is None:
         log.warning("pretrain: --resume given but no checkpoint in %s; starting fresh", output)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    prepared_config = json.loads((work / "pretraining_files" / "config.json").read_text())
     summary: dict[str, Any] = {"global_step": result.global_step,
+                               # compute_features cuts windows as prepare did
+                               "max_window": prepared_config.get("max_window"),
                                "train_loss": result.training_loss,
                                "parameters": model.count_parameters(),
                                "config": config_dict(config)}
@@ -208,6 +210,18 @@ def pretrain(work: Path, config: PretrainConfig | None = None, *, resume: bool =
             shutil.rmtree(output, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return bundle
+
+
+def last_complete_checkpoint(output: Path) -> str | None:
+    """The newest `checkpoint-N` that Trainer finished writing, or None.
+
+    Trainer writes `trainer_state.json` last; a process killed while saving leaves a folder
+    without it (and possibly a truncated `model.safetensors`), which resuming must skip.
+    """
+    steps = [int(path.parent.name.split("-")[1])
+             for path in output.glob("checkpoint-*/trainer_state.json")
+             if path.parent.name.split("-")[1].isdigit()]
+    return str(output / f"checkpoint-{max(steps)}") if steps else None
 
 
 def base_rate_loss(trainer: MotorTrainer, model_config: MotorConfig) -> float:

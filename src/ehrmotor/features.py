@@ -1,0 +1,444 @@
+"""Patient representations at label times: `compute_features`, with femr's call and result.
+
+`compute_features(db, model_path, labels)` returns one row per label, sorted by
+(subject_id, prediction_time); labels with equal keys (duplicates included) keep their input order:
+
+    subject_ids    int64 (n,)
+    feature_times  datetime64[s] (n,)   prediction_time, floored to the second
+    features       float32 (n, hidden)  the model's final representation (`MotorModel.encode`)
+
+Policies:
+- A label's representation is read at the last position whose time is at or before its
+  prediction_time (MEDS: the label may use data at exactly that time). Before anything is built,
+  each subject's events after its latest prediction_time are dropped (its static, birth and first
+  events are kept so that birth never moves), so no later event can reach a label.
+- Position 0 folds together the static events and every event of the birth day, so a label on the
+  birth day could see events after its prediction_time: labels on or before the birth date are
+  refused with a ValueError, as are labels of subjects absent from the data.
+- Windows as in training: position 0 followed by the consecutive positions ending at the label's
+  position p, at most `window - 1` of them, i.e. positions max(1, p - window + 2) .. p. The window
+  length is `tokens_per_batch` (capped by a `max_window` recorded in `training_summary.json`, when
+  there is one). A label's window depends only on p, never on the other labels; labels of a subject
+  whose windows start at the same position share one forward pass (all labels within the first
+  `window - 1` positions do), which causal attention makes exact.
+- Windows are packed, in (subject, start) order, into batches of at most `tokens_per_batch`
+  positions; `model.encode` runs under `torch.no_grad()`, in fp32 on CPU and under bf16 autocast on
+  CUDA (where batches are padded to `tokens_per_batch` so the attention kernel keeps one shape).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ehrmotor.artifacts import atomic_path
+from ehrmotor.batching import pack
+from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, scan_shard
+from ehrmotor.model import MotorModel
+from ehrmotor.ontology import Ontology
+from ehrmotor.positions import BIRTH_CODE, TIME_FEATURES, build_positions
+from ehrmotor.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("subject_id", "prediction_time")
+SHOWN = 5  # offending subjects or labels named in an error message
+MEDS_READER_CHUNK = 10_000  # subjects per chunk when reading a meds_reader database
+
+LabelsLike = Any  # list of dicts, polars or pandas DataFrame, parquet file or folder (str/Path)
+Fitted = tuple[Tokenizer, Ontology]
+
+
+
+def read_labels(labels: LabelsLike) -> pl.DataFrame:
+    """Labels as `subject_id` Int64, `prediction_time` Datetime("us"), in input order.
+
+    Accepts a sequence of dicts, a polars DataFrame/LazyFrame, a pandas DataFrame, or the path of
+    a parquet file or a folder of parquet files. Other columns are dropped. Zoned times become
+    naive UTC. Raises ValueError naming the column (and file) when a column is missing, has the
+    wrong type or holds nulls.
+    """
+    source = "labels"
+    if isinstance(labels, str | Path):
+        source, frame = f"labels file {labels}", _read_label_files(Path(labels))
+    elif isinstance(labels, pl.LazyFrame):
+        frame = labels.collect()
+    elif isinstance(labels, pl.DataFrame):
+        frame = labels
+    elif type(labels).__module__.split(".")[0] == "pandas":
+        frame = pl.from_pandas(labels)
+    elif isinstance(labels, Sequence):
+        frame = _frame_from_dicts(labels)
+    else:
+        raise ValueError(f"labels: unsupported type {type(labels).__name__}; expected a list of "
+                         "dicts, a polars or pandas DataFrame, or a parquet path")
+    for column in LABEL_COLUMNS:
+        if column not in frame.columns:
+            raise ValueError(f"{source}: column '{column}' is missing; expected columns "
+                             f"{', '.join(LABEL_COLUMNS)}")
+    subject, time = frame.schema["subject_id"], frame.schema["prediction_time"]
+    if not subject.is_integer():
+        raise ValueError(f"{source}: column 'subject_id' has type {subject}; expected integers")
+    if not isinstance(time, pl.Datetime):
+        raise ValueError(f"{source}: column 'prediction_time' has type {time}; expected a "
+                         "datetime (timestamp)")
+    prediction_time = pl.col("prediction_time")
+    if time.time_zone is not None:
+        prediction_time = prediction_time.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    frame = frame.select(pl.col("subject_id").cast(pl.Int64),
+                         prediction_time.cast(pl.Datetime("us")))
+    for column in LABEL_COLUMNS:
+        nulls = frame[column].null_count()
+        if nulls:
+            row = int(frame[column].is_null().arg_true()[0])
+            raise ValueError(f"{source}: column '{column}' has {nulls} null values (first at row "
+                             f"{row}); expected none")
+    return frame
+
+
+def _read_label_files(path: Path) -> pl.DataFrame:
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ValueError(f"labels file {path}: not found; expected a parquet file or a folder "
+                         "of parquet files")
+    try:
+        return pl.concat([pl.read_parquet(file) for file in files], how="diagonal_relaxed")
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        raise ValueError(f"labels file {path}: cannot read parquet ({_one_line(exc)})") from exc
+
+
+def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
+    if not all(isinstance(row, Mapping) for row in rows):
+        raise ValueError("labels: a list of labels must hold dicts with subject_id and "
+                         "prediction_time")
+    if not rows:
+        return pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    # Per label, bookkeeping only: extra columns of mixed types must not break inference.
+    kept = [{c: row[c] for c in LABEL_COLUMNS if c in row} for row in rows]
+    try:
+        return pl.from_dicts(kept, infer_schema_length=None)
+    except pl.exceptions.PolarsError as exc:
+        raise ValueError(f"labels: cannot build a table from the dicts ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+
+def _trim(events: pl.LazyFrame, horizons: pl.DataFrame) -> pl.LazyFrame:
+    """Events of the labelled subjects up to their horizon (latest prediction_time).
+
+    Static events, MEDS_BIRTH and each subject's first timed event are always kept, so the birth
+    that `build_positions` derives does not depend on the horizon.
+    """
+    time = pl.col("time")
+    # is_in lets the parquet reader skip row groups without labelled subjects.
+    wanted = events.filter(pl.col("subject_id").is_in(horizons["subject_id"].implode()))
+    return wanted.join(horizons.lazy(), on="subject_id", how="inner").filter(
+        time.is_null() | (time <= pl.col("horizon")) | (pl.col("code") == BIRTH_CODE)
+        | (time == time.min().over("subject_id"))
+    ).select(DATA_COLUMNS)
+
+
+_worker_fitted: Fitted | None = None
+
+
+def _init_worker(tokenizer: Tokenizer, ontology: Ontology) -> None:
+    global _worker_fitted
+    _worker_fitted = (tokenizer, ontology)
+
+
+def _shard_positions(path: Path, horizons: pl.DataFrame, fitted: Fitted | None = None
+                     ) -> pl.DataFrame:
+    """Positions of the labelled subjects of one MEDS shard, trimmed to their horizons."""
+    fitted = fitted or _worker_fitted
+    if fitted is None:
+        raise RuntimeError("feature worker started without a tokenizer and ontology")
+    events = _trim(scan_shard(path), horizons).collect()
+    return build_positions(events, *fitted) if events.height else pl.DataFrame()
+
+
+def _meds_positions(meds_dir: Path, horizons: pl.DataFrame, fitted: Fitted,
+                    num_proc: int) -> list[pl.DataFrame]:
+    files = data_files(meds_dir)
+    if num_proc <= 1 or len(files) == 1:
+        bar = tqdm(files, desc="feature shards", unit="shard", disable=None)
+        return [_shard_positions(file, horizons, fitted) for file in bar]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(num_proc, len(files)), mp_context=context,
+                             initializer=_init_worker, initargs=fitted) as pool:
+        futures = [pool.submit(_shard_positions, file, horizons) for file in files]
+        bar = tqdm(futures, desc="feature shards", unit="shard", disable=None)
+        return [future.result() for future in bar]
+
+
+def meds_reader_events(subjects: Iterable[Any]) -> pl.DataFrame:
+    """MEDS event rows (DATA_COLUMNS) of meds_reader `Subject` objects.
+
+    meds_reader hands out one Python object per event, so this is the one per-event Python step.
+    """
+    columns: dict[str, list[Any]] = {name: [] for name in DATA_COLUMNS}
+    for subject in subjects:
+        events = subject.events
+        columns["subject_id"] += [subject.subject_id] * len(events)
+        for name in DATA_COLUMNS[1:]:  # absent properties read as None
+            columns[name] += [getattr(event, name) for event in events]
+    return pl.DataFrame(columns, schema=DATA_DTYPES)
+
+
+def _meds_reader_positions(db: Any, horizons: pl.DataFrame, fitted: Fitted,
+                           num_proc: int) -> list[pl.DataFrame]:
+    import meds_reader
+
+    if not hasattr(db, "path_to_database"):
+        db = meds_reader.SubjectDatabase(str(db))
+    known = np.fromiter(iter(db), dtype=np.int64)
+    wanted = horizons["subject_id"].to_numpy()
+    wanted = wanted[np.isin(wanted, known)]  # unknown subjects are reported with the labels
+    chunks = [wanted[i:i + MEDS_READER_CHUNK] for i in range(0, len(wanted), MEDS_READER_CHUNK)]
+    pool = (meds_reader.SubjectDatabase(db.path_to_database, num_threads=num_proc)
+            if num_proc > 1 else nullcontext(db))
+    positions = []
+    with pool as reader:
+        for chunk in tqdm(chunks, desc="feature subjects", unit="chunk", disable=None):
+            if num_proc > 1:
+                parts = list(reader.filter(chunk.tolist()).map(meds_reader_events))
+            else:
+                parts = [meds_reader_events(reader[int(i)] for i in chunk)]
+            events = _trim(pl.concat(parts).lazy(), horizons).collect()
+            positions.append(build_positions(events, *fitted))
+    return positions
+
+
+def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
+                    num_proc: int) -> pl.DataFrame:
+    """Positions of the labelled subjects, sorted by subject and position, rows contiguous."""
+    horizons = labels.group_by("subject_id").agg(horizon=pl.col("prediction_time").max())
+    is_meds_reader = hasattr(db, "path_to_database") or (Path(db) / "meds_reader.version").exists()
+    if is_meds_reader:
+        parts = _meds_reader_positions(db, horizons, fitted, num_proc)
+    else:
+        parts = _meds_positions(Path(db), horizons, fitted, num_proc)
+    parts = [part for part in parts if not part.is_empty()]
+    if not parts:
+        return pl.DataFrame(schema={"subject_id": pl.Int64, "position": pl.Int32,
+                                    "time": pl.Int64})
+    positions = pl.concat(parts, how="vertical")
+    starts = positions.filter(pl.col("position") == 0)["subject_id"]
+    if starts.n_unique() != starts.len():
+        split = starts.filter(starts.is_duplicated()).unique().sort().head(SHOWN).to_list()
+        raise ValueError(f"{db}: subjects {split} appear in more than one shard; MEDS keeps each "
+                         "subject in one shard")
+    return positions.sort("subject_id", "position")
+
+
+
+def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
+    """Per label (column `label`): first_row (row of the subject's position 0) and `position`.
+
+    Raises ValueError for unknown subjects and for labels on or before the birth date.
+    """
+    births = positions.with_row_index("row").filter(pl.col("position") == 0).select(
+        "subject_id", first_row=pl.col("row").cast(pl.Int64),
+        birth=pl.col("time").cast(pl.Datetime("us")))
+    unknown = labels.join(births, on="subject_id", how="anti")["subject_id"].unique().sort()
+    if unknown.len():
+        raise ValueError(f"labels: {unknown.len()} subjects are not in the data: "
+                         f"{', '.join(map(str, unknown.head(SHOWN).to_list()))}"
+                         f"{' ...' if unknown.len() > SHOWN else ''}")
+    labels = labels.join(births, on="subject_id", how="left", maintain_order="left")
+    unborn = labels.filter(pl.col("birth").is_null())["subject_id"].unique().sort()
+    if unborn.len():
+        raise ValueError(f"labels: subjects {unborn.head(SHOWN).to_list()} have no timed events, "
+                         "hence no birth time; features need one")
+    early = labels.filter(pl.col("prediction_time").dt.date() <= pl.col("birth").dt.date())
+    if early.height:
+        before = early.filter(pl.col("prediction_time") < pl.col("birth"))
+        example = (before if before.height else early).row(0, named=True)
+        raise ValueError(
+            f"labels: {early.height} labels fall on or before the subject's birth date "
+            f"({before.height} before birth), e.g. subject {example['subject_id']} at "
+            f"{example['prediction_time']} (birth {example['birth']}); the first position holds "
+            "every event of the birth day, so features start the day after birth")
+    ends = positions.group_by("subject_id", "time").agg(pl.col("position").max()).sort("time")
+    located = labels.with_columns(time=pl.col("prediction_time").dt.epoch("us")).sort("time") \
+        .join_asof(ends, on="time", by="subject_id", strategy="backward",
+                   check_sortedness=False).sort("label")
+    if located["position"].null_count():  # unreachable: every subject has position 0 at birth
+        raise ValueError("labels: some labels found no position at or before their time")
+    return located
+
+
+def _plan_windows(located: pl.DataFrame, window: int) -> tuple[pl.DataFrame, np.ndarray]:
+    """Windows (first_row, start, length; in packing order) and each label's token in them.
+
+    A label at position p reads its window's token 1 + p - start (token 0 when p = 0).
+    """
+    located = located.with_columns(
+        start=pl.max_horizontal(pl.lit(1), pl.col("position") - (window - 2)).cast(pl.Int64))
+    windows = (
+        located.group_by("subject_id", "start").agg(pl.col("first_row").first(),
+                                                    end=pl.col("position").max())
+        .sort("subject_id", "start").with_row_index("window")
+        .with_columns(length=(1 + (pl.col("end") - pl.col("start") + 1).clip(0)).cast(pl.Int64))
+    )
+    lengths = windows["length"].to_numpy()
+    token_start = pl.Series("token_start", np.cumsum(lengths) - lengths)
+    located = located.join(windows.with_columns(token_start).select(
+        "subject_id", "start", "token_start"), on=["subject_id", "start"], how="left",
+        maintain_order="left")
+    offset = pl.when(pl.col("position") == 0).then(0).otherwise(pl.col("position")
+                                                                - pl.col("start") + 1)
+    read_at = located.select(pl.col("token_start") + offset).to_series().to_numpy()
+    return windows, read_at.astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + size) for each pair, without a Python loop."""
+    first = np.cumsum(sizes) - sizes
+    return np.repeat(starts - first, sizes) + np.arange(int(sizes.sum()))
+
+
+def _padded(values: np.ndarray, pad: int, fill: int = 0) -> np.ndarray:
+    """`values` with `pad` rows of `fill` appended along the first axis."""
+    widths = [(0, pad)] + [(0, 0)] * (values.ndim - 1)
+    return np.pad(values, widths, constant_values=fill)
+
+
+def _encode(model: MotorModel, positions: pl.DataFrame, windows: pl.DataFrame,
+            read_at: np.ndarray, tokens_per_batch: int, device: torch.device,
+            pad: bool = False) -> np.ndarray:
+    """Representation (float32) at token `read_at[i]` of the packed windows, for each label i.
+
+    With `pad`, every batch is filled up to `tokens_per_batch` with empty positions in a segment
+    of their own (one tensor shape for compiled attention kernels).
+    """
+    lengths = windows["length"].to_numpy()
+    token_start = np.cumsum(lengths) - lengths
+    local = np.arange(int(lengths.sum())) - np.repeat(token_start, lengths)
+    rows = np.repeat(windows["first_row"].to_numpy(), lengths) + np.where(
+        local == 0, 0, np.repeat(windows["start"].to_numpy() - 1, lengths) + local)
+    bag_sizes = positions["entries"].list.len().to_numpy().astype(np.int64)
+    bag_start = np.cumsum(bag_sizes) - bag_sizes
+    entries = positions["entries"].list.explode(keep_nulls=False, empty_as_null=False).to_numpy()
+    weights = positions["weights"].list.explode(keep_nulls=False, empty_as_null=False).to_numpy()
+    time_features = positions.select(TIME_FEATURES).to_numpy().astype(np.float32)
+    age_days = positions["age_days"].to_numpy().astype(np.float32)
+    order = np.argsort(read_at, kind="stable")
+    features = np.zeros((len(read_at), model.config.hidden_size), dtype=np.float32)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    batches = pack(lengths, np.arange(len(lengths)), tokens_per_batch)
+    for batch in tqdm(batches, desc="features", unit="batch", disable=None):
+        low = int(token_start[batch[0]])
+        high = int(token_start[batch[-1]] + lengths[batch[-1]])
+        batch_rows = rows[low:high]
+        flat = _ranges(bag_start[batch_rows], bag_sizes[batch_rows])
+        segments = np.repeat(np.arange(len(batch)), lengths[batch[0]:batch[-1] + 1])
+        fill = tokens_per_batch - len(batch_rows) if pad else 0
+        offsets = np.cumsum(bag_sizes[batch_rows]) - bag_sizes[batch_rows]
+        inputs = {  # padding tokens: empty bags in a segment of their own
+            "entries": entries[flat].astype(np.int64), "weights": weights[flat],
+            "bag_offsets": _padded(offsets, fill, len(flat)),
+            "time_features": _padded(time_features[batch_rows], fill),
+            "age_days": _padded(age_days[batch_rows], fill),
+            "segment_ids": _padded(segments, fill, len(batch)),
+        }
+        with torch.no_grad(), autocast:
+            hidden = model.encode(**{k: torch.from_numpy(v).to(device)
+                                     for k, v in inputs.items()})  # (T, hidden)
+        first, last = np.searchsorted(read_at[order], [low, high])
+        wanted = order[first:last]
+        features[wanted] = hidden[torch.from_numpy(read_at[wanted] - low).to(device)] \
+            .float().cpu().numpy()
+    return features
+
+
+def _window_length(bundle: Path, tokens_per_batch: int) -> int:
+    """Positions per window: tokens_per_batch, capped by a recorded training max_window."""
+    summary = bundle / "training_summary.json"
+    recorded = json.loads(summary.read_text()).get("max_window") if summary.is_file() else None
+    window = min(tokens_per_batch, int(recorded)) if recorded else tokens_per_batch
+    if window < 2:
+        raise ValueError(f"tokens_per_batch must be at least 2 (position 0 and one more); got "
+                         f"{tokens_per_batch}")
+    return window
+
+
+def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_proc: int = 1,
+                     tokens_per_batch: int = 1024, device: str | torch.device | None = None,
+                     ontology: Ontology | str | Path | None = None) -> dict[str, np.ndarray]:
+    """Representations at label times; see the module docstring for the result and policies.
+
+    db: a MEDS directory, a `meds_reader.SubjectDatabase` or the path of one. model_path: a
+    bundle written by `pretrain`. labels: see `read_labels`. num_proc: processes reading shards
+    (1 = in this process). tokens_per_batch: positions per forward pass (and per window).
+    device: default CUDA when available, else CPU. ontology: default `model_path/ontology`.
+    """
+    bundle = Path(model_path)
+    if not (bundle / "config.json").is_file():
+        raise ValueError(f"{bundle}: no config.json; expected a model bundle written by pretrain")
+    window = _window_length(bundle, tokens_per_batch)
+    table = read_labels(labels).sort("subject_id", "prediction_time", maintain_order=True) \
+        .with_row_index("label")
+    model = MotorModel.from_pretrained(bundle).eval()
+    result = {
+        "subject_ids": table["subject_id"].to_numpy().astype(np.int64),
+        "feature_times": (table["prediction_time"].dt.epoch("us").to_numpy() // 1_000_000)
+        .astype("datetime64[s]"),
+        "features": np.zeros((0, model.config.hidden_size), dtype=np.float32),
+    }
+    if table.is_empty():
+        return result
+    if not isinstance(ontology, Ontology):
+        ontology = Ontology.load(Path(ontology) if ontology is not None else bundle / "ontology")
+    positions = _read_positions(db, table, (Tokenizer.load(bundle), ontology), num_proc)
+    windows, read_at = _plan_windows(_label_positions(table, positions), window)
+    chosen = torch.device(device if device is not None
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    log.info("compute_features: %d labels of %d subjects in %d windows on %s", table.height,
+             table["subject_id"].n_unique(), windows.height, chosen)
+    result["features"] = _encode(model.to(chosen), positions, windows, read_at,
+                                 tokens_per_batch, chosen, pad=chosen.type == "cuda")
+    return result
+
+
+def write_embeddings(result: Mapping[str, np.ndarray], out_path: str | Path) -> Path:
+    """Write a `compute_features` result as parquet, atomically; return the path.
+
+    Columns: subject_id int64, prediction_time timestamp[us] (the feature_times, whole seconds),
+    embedding fixed_size_list<float32>[hidden].
+    """
+    features = np.ascontiguousarray(result["features"], dtype=np.float32)
+    subjects, times = result["subject_ids"], result["feature_times"]
+    if features.ndim != 2 or not len(subjects) == len(times) == features.shape[0]:
+        raise ValueError(f"result: subject_ids ({len(subjects)}), feature_times ({len(times)}) "
+                         f"and features {features.shape} must have one row per label")
+    table = pa.table({
+        "subject_id": pa.array(np.asarray(subjects, dtype=np.int64)),
+        "prediction_time": pa.array(np.asarray(times).astype("datetime64[us]")),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)),
+                                                       features.shape[1]),
+    })
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    log.info("write_embeddings: %d rows of %d dimensions to %s", table.num_rows,
+             features.shape[1], os.fspath(out))
+    return out
