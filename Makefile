@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
-DEMO_SUBJECTS ?= 2000
+DEMO_SUBJECTS ?= 4000
 
 .PHONY: install demo test lint clean
 
@@ -21,6 +21,9 @@ demo: $(STAMP)
 	$(VENV)/bin/ehrmotor validate $(DEMO)/meds
 	$(VENV)/bin/ehrmotor prepare --meds $(DEMO)/meds --athena $(DEMO)/meds/athena --out $(DEMO)/work --config configs/demo.toml
 	$(VENV)/bin/ehrmotor pretrain --work $(DEMO)/work --config configs/demo.toml
+	$(VENV)/bin/ehrmotor evaluate --model $(DEMO)/work/model --meds $(DEMO)/meds --out $(DEMO)/evaluation > /dev/null
+	$(VENV)/bin/ehrmotor embed --model $(DEMO)/work/model --meds $(DEMO)/meds --labels $(DEMO)/evaluation/labels.parquet --out $(DEMO)/embeddings.parquet
+	@cat $(DEMO)/evaluation/results.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q

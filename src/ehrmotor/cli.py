@@ -237,6 +237,63 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_size(value: str) -> int | None:
+    return None if value == "all" else _positive(value)
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="probe MOTOR embeddings against count features on downstream tasks",
+        description=(
+            "Build time-to-event tasks (and binary versions at a horizon) for held-out subjects "
+            "of a synthetic dataset, or use a MEDS label file; fit the same probes on MOTOR "
+            "embeddings and on ontology-expanded count features at several training sizes; "
+            "report Harrell's C-index and AUROC with 95%% bootstrap intervals, the generator's "
+            "oracle, results.csv, results.md and learning_curves.png in OUT."
+        ),
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model bundle (WORK/model)")
+    parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--outcomes", nargs="+", default=None, metavar="OUTCOME",
+                        help="planted outcomes (default: heart_failure ckd diabetes copd death) "
+                             "or codes such as ICD10CM/I50")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="a MEDS label parquet (boolean_value) to evaluate instead")
+    parser.add_argument("--horizon-days", type=float, default=365.0,
+                        help="horizon of the binary tasks in days (default 365)")
+    parser.add_argument("--train-sizes", nargs="+", type=_train_size, default=None,
+                        metavar="N", help="probe training sizes; 'all' = the whole pool "
+                                          "(default 50 100 500 all)")
+    parser.add_argument("--repeats", type=_positive, default=5,
+                        help="subsamples per training size (default 5)")
+    parser.add_argument("--bootstrap", type=_positive, default=200,
+                        help="bootstrap resamples for the intervals (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from ehrmotor.evaluate import DEFAULT_OUTCOMES, evaluate
+
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"{args.model}: no model bundle (config.json missing); run `ehrmotor "
+                        "pretrain` first")
+    try:
+        result = evaluate(
+            args.meds, args.model, args.out, outcomes=args.outcomes or DEFAULT_OUTCOMES,
+            horizon_days=args.horizon_days, train_sizes=args.train_sizes or (50, 100, 500, None),
+            repeats=args.repeats, seed=args.seed, labels_path=args.labels,
+            bootstrap=args.bootstrap,
+        )
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from error
+    print(result.table_markdown)
+    log.info("evaluate: results in %s", args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrmotor",
@@ -254,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed,
+    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, _add_evaluate,
 ]
 
 

@@ -1,0 +1,412 @@
+"""Downstream evaluation: linear probes on MOTOR representations vs. a count-feature baseline.
+
+`evaluate(meds_dir, model_path, out_dir)` builds tasks (`ehrmotor.evaluate_tasks`): for each
+outcome a time-to-event task (metric `c_index`, Harrell's C) and a binary task at `horizon_days`
+(metric `auroc`), or one binary task from a MEDS label file. Both feature sets, MOTOR
+(`compute_features`) and counts (`count_features`), get the same probes inside a Pipeline
+(mean imputation, StandardScaler, model):
+
+- time to event: Cox model with an elastic-net penalty that is mostly ridge
+  (`CoxnetSurvivalAnalysis`, l1_ratio COX_L1_RATIO), its alpha chosen on the path by inner CV;
+- binary: L2 `LogisticRegression`, C chosen from LOGISTIC_C by inner CV (AUROC).
+
+Subjects are split once (seeded) into a probe-training pool (POOL_FRACTION) and a test set. For
+each train size (None = the whole pool, fitted once since every draw is the pool) and repeat a
+seeded subsample of the pool is fitted and scored on the test set; subsamples with fewer than two
+events (or, for binary tasks, two negatives) are skipped and counted. `mean` is the mean test
+metric over repeats; `ci_low`/`ci_high` are the 2.5/97.5 percentiles of that mean over `bootstrap`
+resamples of the test subjects (the same resamples for every feature set). The oracle scores the
+generator's true monthly hazard at the prediction time (`ehrmotor.synthetic.true_hazards`).
+
+Written to out_dir: results.csv (RESULT_SCHEMA), results.md, learning_curves.png, labels.parquet
+(the task table).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxnetSurvivalAnalysis
+from sksurv.util import Surv
+from tqdm import tqdm
+
+from ehrmotor.evaluate_tasks import (
+    ProbeTask,
+    bootstrap_weights,
+    concordance,
+    count_features,
+    feature_matrix,
+    label_file_task,
+    probe_tasks,
+    select_features,
+    synthetic_tasks,
+)
+from ehrmotor.ontology import Ontology
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTCOMES = ("heart_failure", "ckd", "diabetes", "copd", "death")
+POOL_FRACTION = 0.6
+COX_L1_RATIO = 0.1
+COX_N_ALPHAS = 8
+COX_ALPHA_MIN_RATIO = 0.01
+LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)
+INNER_FOLDS = 3
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "outcome": pl.String(), "metric": pl.String(), "features": pl.String(),
+    "train_size": pl.Int64(), "n_test": pl.Int64(), "events_test": pl.Int64(),
+    "mean": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
+    "repeats_used": pl.Int64(), "repeats_skipped": pl.Int64(), "train_pool": pl.Int64(),
+}
+FEATURE_LABELS = {"motor": "MOTOR", "counts": "counts", "oracle": "oracle"}
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _pipeline(model: object) -> Pipeline:
+    return Pipeline([("impute", SimpleImputer(keep_empty_features=True)),
+                     ("scale", StandardScaler()), ("model", model)])
+
+
+def _inner_folds(event: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified inner folds (at most INNER_FOLDS; none when a class has under two members)."""
+    splits = min(INNER_FOLDS, int(event.sum()), int((~event).sum()))
+    if splits < 2:
+        return []
+    folds = StratifiedKFold(splits, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(event)), event))
+
+
+def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray,
+            seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the Cox probe (alpha by inner CV on C); return its risk-score function."""
+    path = _pipeline(CoxnetSurvivalAnalysis(
+        l1_ratio=COX_L1_RATIO, n_alphas=COX_N_ALPHAS, alpha_min_ratio=COX_ALPHA_MIN_RATIO))
+    path.fit(x, Surv.from_arrays(event, time))
+    # The path starts at the smallest alpha with all coefficients zero: a constant score.
+    alphas = [float(a) for a in path[-1].alphas_]
+    alphas = alphas[1:] if len(alphas) > 1 else alphas
+    numerator, denominator = np.zeros(len(alphas)), 0.0
+    for train, val in _inner_folds(event, seed):
+        fold = _pipeline(CoxnetSurvivalAnalysis(l1_ratio=COX_L1_RATIO, alphas=alphas))
+        try:
+            fold.fit(x[train], Surv.from_arrays(event[train], time[train]))
+        except ArithmeticError:  # coxnet's "weights too large" on tiny folds
+            continue
+        # Folds are pooled by their number of comparable pairs.
+        if pairs := _comparable_pairs(time[val], event[val]):
+            risks = np.stack([fold.predict(x[val], alpha=a) for a in alphas])
+            numerator += concordance(time[val], event[val], risks) * pairs
+            denominator += pairs
+    best = int(np.argmax(numerator)) if denominator else len(alphas) // 2
+    return lambda features: np.asarray(path.predict(features, alpha=alphas[best]))
+
+
+def _comparable_pairs(time: np.ndarray, event: np.ndarray) -> float:
+    """Number of pairs Harrell's C compares (see `concordance`)."""
+    later = time[None, :] > time[event, None]
+    tied = (time[None, :] == time[event, None]) & ~event[None, :]
+    return float((later | tied).sum())
+
+
+def fit_logistic(x: np.ndarray, label: np.ndarray,
+                 seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the L2 logistic probe (C by inner CV on AUROC); return its decision function."""
+    folds = _inner_folds(label, seed)
+    chosen = LOGISTIC_C[len(LOGISTIC_C) // 2]
+    if folds:
+        scores = []
+        for c in LOGISTIC_C:
+            fold_scores = []
+            for train, val in folds:
+                model = _pipeline(LogisticRegression(C=c, max_iter=1000))
+                model.fit(x[train], label[train])
+                fold_scores.append(roc_auc_score(label[val], model.decision_function(x[val])))
+            scores.append(float(np.mean(fold_scores)))
+        chosen = LOGISTIC_C[int(np.argmax(scores))]  # ties: the smaller C
+    model = _pipeline(LogisticRegression(C=chosen, max_iter=1000)).fit(x, label)
+    return lambda features: np.asarray(model.decision_function(features))
+
+
+def fit_probe(task: ProbeTask, x: np.ndarray, where: np.ndarray,
+              seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the task's probe on feature rows `x` of task entries `where`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", "all coefficients are zero", UserWarning)
+        if task.time is not None:
+            return fit_cox(x, task.time[where], task.event[where], seed)
+        return fit_logistic(x, task.event[where], seed)
+
+
+# --------------------------------------------------------------------------- one task
+
+
+def _summary(task: ProbeTask, test: np.ndarray, risks: np.ndarray,
+             boot: np.ndarray) -> tuple[float, float, float]:
+    """Mean metric over the risk rows and its bootstrap percentile interval."""
+    if risks.shape[0] == 0:
+        return np.nan, np.nan, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-nan rows
+        mean = float(np.nanmean(task.score(test, risks)))
+        means = np.array([np.nanmean(task.score(test, risks, w)) for w in boot])
+    means = means[np.isfinite(means)]
+    if not np.isfinite(mean) or len(means) == 0:
+        return mean, np.nan, np.nan
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, float(low), float(high)
+
+
+def evaluate_task(task: ProbeTask, index: int, features: dict[str, np.ndarray],
+                  train_sizes: Sequence[int | None], repeats: int, seed: int, bootstrap: int,
+                  oracle: np.ndarray | None) -> list[dict[str, object]]:
+    """Result rows (RESULT_SCHEMA) of one task; `oracle` is the true hazard per task entry."""
+    pool, test = np.flatnonzero(task.in_pool), np.flatnonzero(~task.in_pool)
+    base = {"outcome": task.outcome, "metric": task.metric, "n_test": len(test),
+            "events_test": int(task.event[test].sum()), "train_pool": len(pool)}
+    boot = bootstrap_weights(len(test), bootstrap, (seed, 23, index))
+    sizes = sorted({len(pool) if s is None else s for s in train_sizes if (s or 0) <= len(pool)})
+    if len(sizes) < len(train_sizes):
+        log.info("evaluate: %s/%s: pool of %d; train sizes %s kept", task.outcome, task.metric,
+                 len(pool), sizes)
+    rows: list[dict[str, object]] = []
+    for size in sizes:
+        draws = 1 if size == len(pool) else repeats
+        subsamples = [np.sort(np.random.default_rng([seed, index, size, r]).choice(
+            pool, size, replace=False)) for r in range(draws)]
+        usable = [s for s in subsamples if task.usable(s)]
+        for name, matrix in features.items():
+            risks = []
+            for repeat, subsample in enumerate(usable):
+                try:
+                    probe = fit_probe(task, matrix[task.rows[subsample]], subsample,
+                                      seed + repeat)
+                except ArithmeticError as exc:
+                    log.warning("evaluate: %s/%s %s n=%d: fit failed (%s)", task.outcome,
+                                task.metric, name, size, exc)
+                    continue
+                risks.append(probe(matrix[task.rows[test]]))
+            mean, low, high = _summary(task, test, np.array(risks).reshape(len(risks), len(test)),
+                                       boot)
+            rows.append(base | {"features": name, "train_size": size, "mean": mean,
+                                "ci_low": low, "ci_high": high, "repeats_used": len(risks),
+                                "repeats_skipped": draws - len(risks)})
+        log.info("evaluate: %s/%s n=%d: %s", task.outcome, task.metric, size, ", ".join(
+            f"{r['features']} {r['mean']:.3f}" for r in rows[-len(features):]))
+    if oracle is not None:
+        finite = np.isfinite(oracle[test])
+        if not finite.all():
+            log.warning("evaluate: %s: no true hazard for %d test subjects; oracle left them "
+                        "out", task.outcome, int((~finite).sum()))
+        kept = test[finite]
+        mean, low, high = _summary(task, kept, oracle[kept][None, :], boot[:, finite])
+        rows.append(base | {"features": "oracle", "train_size": None, "n_test": len(kept),
+                            "events_test": int(task.event[kept].sum()), "mean": mean,
+                            "ci_low": low, "ci_high": high, "repeats_used": 1,
+                            "repeats_skipped": 0})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    """"0.712 [0.650, 0.770]", or "n/a"."""
+    if row is None or not np.isfinite(float(row["mean"])):
+        return "n/a"
+    interval = (f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+                if np.isfinite(float(row["ci_low"])) else "")
+    return f"{row['mean']:.3f}{interval}"
+
+
+def markdown_table(results: pl.DataFrame) -> str:
+    """One row per outcome × metric × train size; columns MOTOR, counts, oracle."""
+    lines = ["| outcome | metric | train size | test (events) | MOTOR | counts | oracle |",
+             "|---|---|---:|---:|---|---|---|"]
+    keys = results.select("outcome", "metric").unique(maintain_order=True).iter_rows()
+    for outcome, metric in keys:
+        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric))
+        oracle = task.filter(pl.col("features") == "oracle").to_dicts()
+        probes = task.filter(pl.col("features") != "oracle")
+        for (size,) in probes.select("train_size").unique(maintain_order=True).iter_rows():
+            cells = {r["features"]: r for r in probes.filter(pl.col("train_size") == size)
+                     .to_dicts()}
+            first = next(iter(cells.values()))
+            shown = f"{size} (all)" if size == first["train_pool"] else str(size)
+            lines.append(f"| {outcome} | {metric} | {shown} | {first['n_test']} "
+                         f"({first['events_test']}) | {_cell(cells.get('motor'))} | "
+                         f"{_cell(cells.get('counts'))} | {_cell(oracle[0] if oracle else None)} |")
+    return "\n".join(lines)
+
+
+def plot_learning_curves(results: pl.DataFrame, path: Path) -> Path:
+    """Metric vs. train size per outcome (C-index, else AUROC): MOTOR and counts with their
+    intervals, the oracle as a dashed line. Drawn on matplotlib's Agg canvas (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    primary = results.sort(pl.col("metric") != "c_index", maintain_order=True).unique(
+        "outcome", keep="first", maintain_order=True).select("outcome", "metric")
+    tasks = primary.rows()
+    columns = max(1, min(3, len(tasks)))
+    rows = max(1, -(-len(tasks) // columns))
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (outcome, metric) in zip(axes, tasks, strict=False):
+        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric)
+                              & pl.col("mean").is_finite())
+        axis.set_title(outcome)
+        axis.set_ylabel("C-index" if metric == "c_index" else "AUROC")
+        oracle = task.filter(pl.col("features") == "oracle")["mean"]
+        if oracle.len():
+            axis.axhline(oracle[0], linestyle="--", color="grey", label="oracle")
+        sizes = task.filter(pl.col("features") != "oracle")["train_size"].unique().sort()
+        if sizes.is_empty():
+            axis.text(0.5, 0.5, "too few events", ha="center", transform=axis.transAxes)
+            continue
+        for name, marker in (("motor", "o"), ("counts", "s")):
+            line = task.filter(pl.col("features") == name).sort("train_size")
+            mean = line["mean"].to_numpy()
+            spread = np.abs(np.stack([mean - line["ci_low"].to_numpy(),
+                                      line["ci_high"].to_numpy() - mean]))
+            axis.errorbar(line["train_size"].to_numpy(), mean, yerr=np.nan_to_num(spread),
+                          marker=marker, capsize=3, label=FEATURE_LABELS[name])
+        axis.set_xscale("log")
+        axis.set_xticks(sizes.to_list(), [str(size) for size in sizes], minor=False)
+        axis.set_xticks([], minor=True)
+        axis.set_xlabel("probe-training subjects")
+        axis.legend(fontsize="small")
+    for axis in axes[len(tasks):]:
+        axis.set_axis_off()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `evaluate` wrote: the results table, its markdown rendering and the files."""
+
+    results: pl.DataFrame
+    table_markdown: str
+    out_dir: Path
+    results_csv: Path
+    results_md: Path
+    learning_curves: Path
+    labels: Path
+
+
+def motor_features(meds_dir: Path, model_path: Path, points: pl.DataFrame,
+                   tokens_per_batch: int) -> np.ndarray:
+    """MOTOR representations (n, hidden) at `points`, rows in `points` order."""
+    from ehrmotor.features import compute_features  # imports torch and the model
+
+    result = compute_features(meds_dir, model_path, points, tokens_per_batch=tokens_per_batch)
+    seconds = points["prediction_time"].dt.epoch("s").to_numpy()
+    if not (np.array_equal(result["subject_ids"], points["subject_id"].to_numpy())
+            and np.array_equal(result["feature_times"].astype(np.int64), seconds)):
+        raise RuntimeError("compute_features returned rows out of (subject_id, prediction_time) "
+                           "order")
+    return np.asarray(result["features"], dtype=np.float64)
+
+
+def _oracle_hazards(meds_dir: Path, task: ProbeTask, points: pl.DataFrame,
+                    cache: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The generator's true hazard of the task's outcome at each task entry, or None."""
+    from ehrmotor.synthetic import OUTCOMES, true_hazards
+
+    if task.outcome not in OUTCOMES:
+        return None
+    if task.outcome not in cache:
+        cache[task.outcome] = true_hazards(meds_dir, points["subject_id"].to_numpy(),
+                                           points["prediction_time"].to_numpy(), task.outcome)
+    return cache[task.outcome][task.rows]
+
+
+def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
+             outcomes: Sequence[str] = DEFAULT_OUTCOMES, horizon_days: float = 365,
+             train_sizes: Sequence[int | None] = (50, 100, 500, None), repeats: int = 5,
+             seed: int = 0, labels_path: Path | None = None, tokens_per_batch: int = 2048,
+             bootstrap: int = 200, max_count_features: int = 2000) -> EvaluationResult:
+    """Probe MOTOR and count features on downstream tasks; write and return the results.
+
+    meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology);
+    outcomes: see `evaluate_tasks.outcome_matcher`; horizon_days: binary-task horizon in days;
+    train_sizes: probe-training subjects per fit (None = the whole pool); repeats: subsamples
+    per size; labels_path: a MEDS label parquet to use instead of the outcomes; bootstrap:
+    resamples for the intervals; max_count_features: count features kept. Deterministic given
+    `seed`. See the module docstring for what is written to `out_dir`.
+    """
+    meds_dir, model_path, out_dir = Path(meds_dir), Path(model_path), Path(out_dir)
+    if repeats < 1 or bootstrap < 1 or seed < 0:
+        raise ValueError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
+                         f"{repeats}, {bootstrap}, {seed}")
+    if any(size is not None and size < 1 for size in train_sizes):
+        raise ValueError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if labels_path is not None:
+        tasks = label_file_task(meds_dir, Path(labels_path))
+        with_oracle = False
+    else:
+        tasks = synthetic_tasks(meds_dir, outcomes, horizon_days=horizon_days, seed=seed)
+        with_oracle = (meds_dir / "metadata" / "synthetic.json").is_file()
+    if tasks.is_empty():
+        raise ValueError(f"{labels_path or meds_dir}: no labels to evaluate")
+    labels_file = out_dir / "labels.parquet"
+    tasks.write_parquet(labels_file)
+    points = tasks.select("subject_id", "prediction_time").unique().sort(
+        "subject_id", "prediction_time")
+    subjects = points["subject_id"].unique().sort().to_numpy()
+    shuffled = np.random.default_rng([seed, 5]).permutation(subjects)
+    pool_subjects = shuffled[:round(POOL_FRACTION * len(subjects))]
+    in_pool = np.isin(points["subject_id"].to_numpy(), pool_subjects)
+    log.info("evaluate: %d labels of %d subjects (%d in the probe-training pool)", points.height,
+             len(subjects), len(pool_subjects))
+
+    motor = motor_features(meds_dir, model_path, points, tokens_per_batch)
+    ontology_dir = model_path / "ontology"
+    ontology = Ontology.load(ontology_dir) if ontology_dir.is_dir() else None
+    if ontology is None:
+        log.warning("evaluate: %s has no ontology; count features are not expanded", model_path)
+    long = count_features(meds_dir, points, ontology)
+    names = select_features(long, np.flatnonzero(in_pool), max_count_features)
+    counts = feature_matrix(long, names, points.height)
+    log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
+
+    features = {"motor": motor, "counts": counts}
+    hazards: dict[str, np.ndarray] = {}
+    rows: list[dict[str, object]] = []
+    all_tasks = probe_tasks(tasks, points, in_pool)
+    for index, task in enumerate(tqdm(all_tasks, desc="evaluate", unit="task", disable=None)):
+        oracle = _oracle_hazards(meds_dir, task, points, hazards) if with_oracle else None
+        rows += evaluate_task(task, index, features, train_sizes, repeats, seed, bootstrap,
+                              oracle)
+    results = pl.DataFrame(rows, schema=RESULT_SCHEMA)
+    results_csv, results_md = out_dir / "results.csv", out_dir / "results.md"
+    results.write_csv(results_csv)
+    table = markdown_table(results)
+    results_md.write_text(table + "\n", encoding="utf-8")
+    curves = plot_learning_curves(results, out_dir / "learning_curves.png")
+    log.info("evaluate: wrote %s, %s, %s", results_csv, results_md, curves)
+    return EvaluationResult(results, table, out_dir, results_csv, results_md, curves, labels_file)

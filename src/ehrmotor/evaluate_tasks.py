@@ -1,0 +1,436 @@
+"""Downstream tasks, their metrics and the count features for `ehrmotor.evaluate`.
+
+Tasks. Each evaluation subject gets one prediction time: a seeded random visit time (`Visit/*`
+events) at least one day after its birth day (the `MEDS_BIRTH` time, else its first event,
+truncated to the day) and strictly before its last event. For each outcome (its codes: see
+`outcome_matcher`), subjects with the outcome at or before the prediction time are dropped
+(prevalent); the time to event is the days from the prediction time to the outcome's first later
+occurrence, else the subject is censored at its last event time. The binary label at a horizon
+is True when the event comes within the horizon, False when the subject is followed past the
+horizon without it, and null (excluded) when it is censored earlier.
+
+Task table (`TASK_SCHEMA`, written as labels.parquet), one row per (outcome, label):
+
+    outcome             String    outcome name (for a label file: the file's stem)
+    subject_id          Int64
+    prediction_time     Datetime(us)
+    time_to_event_days  Float64   days to the event or to censoring; null for a label file
+    event               Boolean   the event was observed; null for a label file
+    boolean_value       Boolean   binary label at the horizon; null when excluded
+
+Count features (`count_features`), per label, using only events at or before its prediction
+time: `lifetime/<code>` = log1p of the number of events (static rows included) whose code or
+ancestor is `<code>`; `recent/<code>` the same over the last `recent_days` days; `last/<code>`
+the last numeric value of a code; `age_years` the age at the prediction time.
+
+Metrics: Harrell's C (`concordance`, pairs as in scikit-survival, with subject weights so that a
+bootstrap resample is a weight vector) and AUROC (`auroc`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from sklearn.metrics import roc_auc_score
+
+from ehrmotor.meds import data_files, read_subject_splits, scan_shard
+from ehrmotor.ontology import Ontology
+
+log = logging.getLogger(__name__)
+
+US_PER_DAY = 86_400_000_000
+DEATH_CODE = "MEDS_DEATH"
+BIRTH_CODE = "MEDS_BIRTH"
+VISIT_PREFIX = "Visit/"
+DIAGNOSIS_VOCABULARY = "ICD10CM"
+AGE_FEATURE = "age_years"
+PAIR_CHUNK = 4_000_000  # pairwise comparisons held in memory at once by `concordance`
+TIED_RISK = 1e-8  # risk scores closer than this count as tied (as in scikit-survival)
+
+TASK_SCHEMA = pl.Schema({
+    "outcome": pl.String(),
+    "subject_id": pl.Int64(),
+    "prediction_time": pl.Datetime("us"),
+    "time_to_event_days": pl.Float64(),
+    "event": pl.Boolean(),
+    "boolean_value": pl.Boolean(),
+})
+LONG_SCHEMA = pl.Schema({"row": pl.UInt32(), "feature": pl.String(), "value": pl.Float64()})
+
+
+def outcome_matcher(outcome: str) -> pl.Expr:
+    """Boolean expression on `code` marking the events of `outcome`.
+
+    "death" → `MEDS_DEATH`; a disease of the synthetic generator (`heart_failure`, `ckd`, …) → its
+    ICD-10-CM category `ICD10CM/<cat>` and every code under it (`ICD10CM/<cat>.…`); a code such as
+    `ICD10CM/I50` → that code and the codes under it. Raises ValueError for an unknown name.
+    """
+    if outcome == "death":
+        return pl.col("code") == DEATH_CODE
+    if "/" in outcome:
+        prefix = outcome
+    else:
+        # The planted diseases are defined by the generator; imported only when asked for.
+        from ehrmotor.synthetic.catalog import DISEASE_CATEGORIES
+
+        if outcome not in DISEASE_CATEGORIES:
+            known = ", ".join(sorted([*DISEASE_CATEGORIES, "death"]))
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {known}, or a code "
+                             "such as ICD10CM/I50")
+        prefix = f"{DIAGNOSIS_VOCABULARY}/{DISEASE_CATEGORIES[outcome]}"
+    return (pl.col("code") == prefix) | pl.col("code").str.starts_with(f"{prefix}.")
+
+
+def _days_between(start: str, end: str) -> pl.Expr:
+    """(end - start) in days, as Float64."""
+    return (pl.col(end) - pl.col(start)).dt.total_microseconds().cast(pl.Float64) / US_PER_DAY
+
+
+def _subject_events(meds_dir: Path, subject_ids: pl.Series) -> list[pl.LazyFrame]:
+    """One lazy frame per data shard with the events of `subject_ids` (memory bounded by shard)."""
+    wanted = subject_ids.implode()
+    return [scan_shard(path).filter(pl.col("subject_id").is_in(wanted))
+            for path in data_files(meds_dir)]
+
+
+def _birth_day(events: pl.LazyFrame) -> pl.LazyFrame:
+    """subject_id, birth_day (Datetime us, midnight), last_time: per subject of `events`."""
+    timed = pl.col("time").filter(pl.col("time").is_not_null())
+    birth = pl.col("time").filter(pl.col("code") == BIRTH_CODE).min()
+    return events.group_by("subject_id").agg(
+        birth_day=pl.coalesce(birth, timed.min()).dt.truncate("1d"), last_time=timed.max(),
+    )
+
+
+@dataclass(frozen=True)
+class Timelines:
+    """What task building needs from the data: per subject, its visits and outcome events."""
+
+    subjects: pl.DataFrame  # subject_id, birth_day, last_time
+    visits: pl.DataFrame  # subject_id, time: distinct Visit/* event times
+    outcome_events: pl.DataFrame  # outcome, subject_id, time
+
+
+def read_timelines(meds_dir: Path, subject_ids: pl.Series, outcomes: Sequence[str]) -> Timelines:
+    """Birth days, last event times, visit times and outcome event times of `subject_ids`."""
+    subjects, visits, outcome_events = [], [], []
+    for events in _subject_events(meds_dir, subject_ids):
+        timed = events.filter(pl.col("time").is_not_null())
+        parts = [
+            _birth_day(events),
+            timed.filter(pl.col("code").str.starts_with(VISIT_PREFIX))
+            .select("subject_id", "time").unique(),
+            pl.concat([
+                timed.filter(outcome_matcher(outcome))
+                .select(pl.lit(outcome).alias("outcome"), "subject_id", "time")
+                for outcome in outcomes
+            ]) if outcomes else pl.LazyFrame(schema={"outcome": pl.String(),
+                                                      "subject_id": pl.Int64(),
+                                                      "time": pl.Datetime("us")}),
+        ]
+        shard_subjects, shard_visits, shard_outcomes = pl.collect_all(parts)
+        subjects.append(shard_subjects)
+        visits.append(shard_visits)
+        outcome_events.append(shard_outcomes)
+    return Timelines(pl.concat(subjects).sort("subject_id"),
+                     pl.concat(visits).sort("subject_id", "time"),
+                     pl.concat(outcome_events).sort("outcome", "subject_id", "time"))
+
+
+def evaluation_subjects(meds_dir: Path) -> pl.Series:
+    """Subject ids of the `held_out` split (else `tuning`, with a warning), sorted.
+
+    Raises ValueError when metadata/subject_splits.parquet is missing or both splits are empty.
+    """
+    splits = read_subject_splits(meds_dir)
+    if splits is None:
+        raise ValueError(f"{meds_dir}: metadata/subject_splits.parquet is missing; evaluation "
+                         "needs a held_out (or tuning) split")
+    for split in ("held_out", "tuning"):
+        ids = splits.filter(pl.col("split") == split)["subject_id"].unique().sort()
+        if ids.len():
+            if split != "held_out":
+                log.warning("evaluate: the held_out split is empty; evaluating on the %s split "
+                            "(its subjects may have been used for pretraining)", split)
+            return ids
+    raise ValueError(f"{meds_dir}: metadata/subject_splits.parquet has no held_out or tuning "
+                     "subjects")
+
+
+def draw_prediction_times(timelines: Timelines, seed: int) -> pl.DataFrame:
+    """One seeded random eligible visit time per subject: subject_id, prediction_time, last_time.
+
+    Eligible: at least one day after the birth day and strictly before the last event. Subjects
+    without an eligible visit are left out. The draw depends only on the data and `seed`.
+    """
+    candidates = (
+        timelines.visits.join(timelines.subjects, on="subject_id")
+        .filter((pl.col("time") >= pl.col("birth_day") + pl.duration(days=1))
+                & (pl.col("time") < pl.col("last_time")))
+        .sort("subject_id", "time")
+    )
+    keys = np.random.default_rng([seed, 11]).random(candidates.height)
+    chosen = (
+        candidates.with_columns(key=pl.Series(keys))
+        .group_by("subject_id")
+        .agg(prediction_time=pl.col("time").sort_by("key").last(), last_time=pl.col("last_time")
+             .first())
+        .sort("subject_id")
+    )
+    dropped = timelines.subjects.height - chosen.height
+    if dropped:
+        log.info("evaluate: %d of %d subjects have no visit between their birth day and last "
+                 "event; left out", dropped, timelines.subjects.height)
+    return chosen
+
+
+def outcome_tasks(points: pl.DataFrame, timelines: Timelines, outcomes: Sequence[str],
+                  horizon_days: float) -> pl.DataFrame:
+    """The task table (TASK_SCHEMA) of `outcomes` at `points` (subject_id, prediction_time,
+    last_time); prevalent subjects of each outcome are left out of its rows."""
+    events = timelines.outcome_events
+    frames = []
+    for outcome in outcomes:
+        relative = (
+            events.filter(pl.col("outcome") == outcome).drop("outcome")
+            .join(points.select("subject_id", "prediction_time"), on="subject_id")
+            .group_by("subject_id")
+            .agg(prevalent=(pl.col("time") <= pl.col("prediction_time")).any(),
+                 event_time=pl.col("time").filter(pl.col("time") > pl.col("prediction_time"))
+                 .min())
+        )
+        task = (
+            points.join(relative, on="subject_id", how="left")
+            .filter(~pl.col("prevalent").fill_null(False))
+            .with_columns(event=pl.col("event_time").is_not_null(),
+                          end=pl.coalesce("event_time", "last_time"))
+            .with_columns(time_to_event_days=_days_between("prediction_time", "end"))
+        )
+        within = pl.col("event") & (pl.col("time_to_event_days") <= horizon_days)
+        followed = pl.col("time_to_event_days") > horizon_days
+        frames.append(task.select(
+            outcome=pl.lit(outcome), subject_id="subject_id", prediction_time="prediction_time",
+            time_to_event_days="time_to_event_days", event="event",
+            boolean_value=pl.when(within).then(True).when(followed).then(False),
+        ).cast(TASK_SCHEMA))
+        log.info("evaluate: %s: %d subjects (%d prevalent left out), %d events, %d binary "
+                 "labels", outcome, task.height, points.height - task.height,
+                 int(task["event"].sum()), int(frames[-1]["boolean_value"].count()))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=TASK_SCHEMA)
+
+
+def synthetic_tasks(meds_dir: Path, outcomes: Sequence[str], *, horizon_days: float,
+                    seed: int) -> pl.DataFrame:
+    """The task table of `outcomes` for the evaluation subjects (see the module docstring)."""
+    for outcome in outcomes:
+        outcome_matcher(outcome)  # unknown names fail before the data is read
+    timelines = read_timelines(meds_dir, evaluation_subjects(meds_dir), outcomes)
+    points = draw_prediction_times(timelines, seed)
+    return outcome_tasks(points, timelines, outcomes, horizon_days)
+
+
+def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:
+    """A MEDS label parquet (subject_id, prediction_time, boolean_value) as one binary task.
+
+    The task is named after the file's stem. Labels with a null value, of subjects absent from
+    the data, or on or before the subject's birth day are dropped with a warning; of labels with
+    the same subject and time only the first is kept.
+    """
+    labels_path = Path(labels_path)
+    try:
+        raw = pl.read_parquet(labels_path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise ValueError(f"{labels_path}: cannot read the label parquet ({exc})") from exc
+    for column in ("subject_id", "prediction_time", "boolean_value"):
+        if column not in raw.columns:
+            raise ValueError(f"{labels_path}: column {column!r} is missing; expected MEDS labels "
+                             "(subject_id, prediction_time, boolean_value)")
+    labels = raw.select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
+        pl.col("boolean_value").cast(pl.Boolean),
+    ).drop_nulls()
+    birth = pl.concat([_birth_day(events).collect() for events in
+                       _subject_events(meds_dir, labels["subject_id"].unique())])
+    usable = labels.join(birth, on="subject_id").filter(
+        pl.col("prediction_time") >= pl.col("birth_day") + pl.duration(days=1))
+    usable = usable.sort("subject_id", "prediction_time", maintain_order=True).unique(
+        ["subject_id", "prediction_time"], keep="first", maintain_order=True)
+    if usable.height < raw.height:
+        log.warning("evaluate: %s: %d of %d labels dropped (null, duplicate, unknown subject or "
+                    "on/before the birth day)", labels_path, raw.height - usable.height,
+                    raw.height)
+    return usable.select(
+        outcome=pl.lit(labels_path.stem), subject_id="subject_id",
+        prediction_time="prediction_time", time_to_event_days=pl.lit(None, pl.Float64),
+        event=pl.lit(None, pl.Boolean), boolean_value="boolean_value",
+    ).cast(TASK_SCHEMA)
+
+
+# ------------------------------------------------------------------- probe tasks and metrics
+
+
+def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """Harrell's C of each row of `risk` (R, n) (or of a 1-d `risk`); nan without pairs.
+
+    Pairs as in `sksurv.metrics.concordance_index_censored`: an event i is comparable with j when
+    time_j > time_i, or time_j == time_i and j is censored; tied risks count one half. `weights`
+    (n,) are subject multiplicities (a bootstrap resample): a pair counts weight_i * weight_j.
+    """
+    risk = np.atleast_2d(np.asarray(risk, dtype=np.float64))
+    time = np.asarray(time, dtype=np.float64)
+    event = np.asarray(event, dtype=bool)
+    weight = np.ones(len(time)) if weights is None else np.asarray(weights, dtype=np.float64)
+    numerator = np.zeros(risk.shape[0])
+    denominator = 0.0
+    events = np.flatnonzero(event & (weight > 0))
+    chunk = max(1, PAIR_CHUNK // max(1, len(time) * risk.shape[0]))
+    for start in range(0, len(events), chunk):
+        i = events[start:start + chunk]
+        later = time[None, :] > time[i, None]
+        tied_censored = (time[None, :] == time[i, None]) & ~event[None, :]
+        pair_weight = (later | tied_censored) * weight[i, None] * weight[None, :]  # (c, n)
+        diff = risk[:, i, None] - risk[:, None, :]  # (R, c, n)
+        score = np.where(np.abs(diff) <= TIED_RISK, 0.5, (diff > 0).astype(np.float64))
+        numerator += (score * pair_weight).sum(axis=(1, 2))
+        denominator += float(pair_weight.sum())
+    if denominator == 0:
+        return np.full(risk.shape[0], np.nan)
+    return numerator / denominator
+
+
+def auroc(label: np.ndarray, risk: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """AUROC (`roc_auc_score`) of each row of `risk` (R, n); nan when one class is missing."""
+    risk = np.atleast_2d(risk)
+    keep = np.ones(len(label), dtype=bool) if weights is None else np.asarray(weights) > 0
+    if len(np.unique(np.asarray(label)[keep])) < 2:
+        return np.full(risk.shape[0], np.nan)
+    w = None if weights is None else np.asarray(weights)[keep]
+    return np.array([roc_auc_score(label[keep], r[keep], sample_weight=w) for r in risk])
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """One task: its label rows (indices into the feature matrices) and targets.
+
+    `time` (days) is set for `c_index` tasks; `event` is the event flag or the binary label.
+    """
+
+    outcome: str
+    metric: str  # "c_index" or "auroc"
+    rows: np.ndarray
+    in_pool: np.ndarray
+    time: np.ndarray | None
+    event: np.ndarray
+
+    def score(self, where: np.ndarray, risk: np.ndarray,
+              weights: np.ndarray | None = None) -> np.ndarray:
+        """Metric of each row of `risk` (R, len(where)) on the task's entries `where`."""
+        if self.time is not None:
+            return concordance(self.time[where], self.event[where], risk, weights)
+        return auroc(self.event[where], risk, weights)
+
+    def usable(self, where: np.ndarray) -> bool:
+        """Enough signal to fit: two events (and, for binary tasks, two negatives)."""
+        events = int(self.event[where].sum())
+        return events >= 2 and (self.time is not None or len(where) - events >= 2)
+
+
+def probe_tasks(tasks: pl.DataFrame, points: pl.DataFrame, in_pool: np.ndarray) -> list[ProbeTask]:
+    """The time-to-event and binary ProbeTasks of each outcome of the task table."""
+    indexed = tasks.join(points.with_row_index("row"), on=["subject_id", "prediction_time"])
+    result = []
+    for outcome in tasks["outcome"].unique(maintain_order=True).to_list():
+        frame = indexed.filter(pl.col("outcome") == outcome)
+        if frame["event"].is_not_null().all() and frame.height:
+            rows = frame["row"].to_numpy().astype(np.int64)
+            result.append(ProbeTask(outcome, "c_index", rows, in_pool[rows],
+                                    frame["time_to_event_days"].to_numpy(),
+                                    frame["event"].to_numpy()))
+        binary = frame.filter(pl.col("boolean_value").is_not_null())
+        rows = binary["row"].to_numpy().astype(np.int64)
+        result.append(ProbeTask(outcome, "auroc", rows, in_pool[rows], None,
+                                binary["boolean_value"].to_numpy()))
+    return result
+
+
+def bootstrap_weights(n: int, resamples: int, seed: Sequence[int]) -> np.ndarray:
+    """(resamples, n) multiplicities of n subjects in percentile-bootstrap resamples."""
+    draws = np.random.default_rng(list(seed)).integers(0, n, (resamples, n))
+    weights = np.zeros((resamples, n))
+    np.add.at(weights, (np.repeat(np.arange(resamples), n), draws.ravel()), 1.0)
+    return weights
+
+
+# --------------------------------------------------------------------------- count features
+
+
+def _shard_count_features(events: pl.LazyFrame, points: pl.LazyFrame,
+                          ontology: Ontology | None, recent_days: float) -> pl.DataFrame:
+    """The long feature table (LONG_SCHEMA) of the labels in `points` from one shard."""
+    seen = events.join(points, on="subject_id").filter(
+        pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
+    recent_start = pl.col("prediction_time") - pl.duration(
+        microseconds=int(recent_days * US_PER_DAY))
+    per_code = seen.group_by("row", "code").agg(
+        lifetime=pl.len(), recent=(pl.col("time") > recent_start).fill_null(False).sum())
+    # Counting per (label, code) first keeps the ancestor join small.
+    expanded = ontology.expand(per_code) if ontology is not None else per_code.with_columns(
+        ancestor=pl.col("code"))
+    counts = expanded.group_by("row", "ancestor").agg(pl.col("lifetime", "recent").sum())
+    lifetime = counts.select("row", feature=pl.lit("lifetime/") + pl.col("ancestor"),
+                             value=pl.col("lifetime").cast(pl.Float64).log1p())
+    recent = counts.filter(pl.col("recent") > 0).select(
+        "row", feature=pl.lit("recent/") + pl.col("ancestor"),
+        value=pl.col("recent").cast(pl.Float64).log1p())
+    last = (
+        seen.filter(pl.col("numeric_value").is_not_null() & pl.col("time").is_not_null())
+        .group_by("row", "code")
+        .agg(value=pl.col("numeric_value").sort_by("time", "numeric_value").last())
+        .select("row", feature=pl.lit("last/") + pl.col("code"),
+                value=pl.col("value").cast(pl.Float64))
+    )
+    age = _birth_day(events).join(points, on="subject_id").select(
+        "row", feature=pl.lit(AGE_FEATURE),
+        value=_days_between("birth_day", "prediction_time") / 365.25)
+    return pl.concat([lifetime, recent, last, age]).cast(LONG_SCHEMA).collect()
+
+
+def count_features(meds_dir: Path, points: pl.DataFrame, ontology: Ontology | None, *,
+                   recent_days: float = 365.0) -> pl.DataFrame:
+    """Long table (row, feature, value) of the count features of each label in `points`.
+
+    `points`: subject_id, prediction_time; `row` is the index of the label in `points`. Only
+    events at or before a label's prediction time count (static rows count as lifetime events);
+    `recent_days` is the length of the recent window in days. See the module docstring.
+    """
+    labelled = points.select("subject_id", "prediction_time").with_row_index("row").lazy()
+    parts = [_shard_count_features(events, labelled, ontology, recent_days)
+             for events in _subject_events(meds_dir, points["subject_id"].unique())]
+    return pl.concat(parts).sort("row", "feature")
+
+
+def select_features(long: pl.DataFrame, train_rows: np.ndarray, max_features: int) -> list[str]:
+    """The `max_features` features present in the most `train_rows`, ties by name."""
+    rows = pl.Series(np.asarray(train_rows, dtype=np.uint32)).implode()
+    frequency = (
+        long.filter(pl.col("row").is_in(rows)).group_by("feature").agg(rows=pl.len())
+        .sort(["rows", "feature"], descending=[True, False])
+    )
+    return frequency.head(max_features)["feature"].to_list()
+
+
+def feature_matrix(long: pl.DataFrame, names: list[str], num_rows: int) -> np.ndarray:
+    """Dense float64 matrix (num_rows, len(names)): counts 0 and numeric values NaN when absent."""
+    columns = pl.DataFrame({"feature": names, "column": np.arange(len(names), dtype=np.int64)})
+    cells = long.join(columns, on="feature")
+    missing = np.array([np.nan if name.startswith("last/") else 0.0 for name in names])
+    matrix = np.tile(missing, (num_rows, 1))
+    matrix[cells["row"].to_numpy().astype(np.int64), cells["column"].to_numpy()] = (
+        cells["value"].to_numpy())
+    return matrix
