@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo
-DEMO_SUBJECTS ?= 4000
+DEMO_SUBJECTS ?= 3000
 
 .PHONY: install demo test lint clean
 
