@@ -1,0 +1,190 @@
+"""Token-budget packing, the per-epoch / per-rank batch sampler, and collating windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, pack
+
+BUDGET = 100
+
+
+def varied_lengths(count: int = 97, seed: int = 5) -> np.ndarray:
+    """Window lengths from 1 to the full budget, so batches hold one to many windows."""
+    lengths = np.random.default_rng(seed).integers(1, BUDGET + 1, size=count)
+    lengths[:3] = [BUDGET, 1, BUDGET]  # a window exactly at the budget fits alone
+    return lengths
+
+
+def epoch_batches(sampler: TokenBudgetBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return [list(batch) for batch in sampler]
+
+
+def flat(batches: list[list[int]]) -> list[int]:
+    return [index for batch in batches for index in batch]
+
+
+def test_pack_keeps_every_batch_within_the_budget_and_every_window_once_in_order() -> None:
+    lengths = varied_lengths()
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(len(lengths))
+        batches = pack(lengths, order, BUDGET)
+        assert all(lengths[batch].sum() <= BUDGET for batch in batches)
+        assert flat(batches) == order.tolist()
+        # Greedy: a batch is closed only when the next window would not fit.
+        for batch, following in zip(batches, batches[1:], strict=False):
+            assert lengths[batch].sum() + lengths[following[0]] > BUDGET
+
+
+def test_sampler_batches_stay_within_the_token_budget_on_every_epoch_and_rank() -> None:
+    lengths = varied_lengths()
+    for world_size in (1, 2, 3):
+        for rank in range(world_size):
+            sampler = TokenBudgetBatchSampler(lengths, BUDGET, seed=3, rank=rank,
+                                              world_size=world_size)
+            for epoch in range(6):
+                batches = epoch_batches(sampler, epoch)
+                assert batches, (world_size, rank, epoch)
+                assert max(lengths[batch].sum() for batch in batches) <= BUDGET
+                assert len(batches) == len(sampler)  # what Trainer counts steps with
+
+
+def test_every_window_appears_exactly_once_per_epoch_on_a_single_rank() -> None:
+    lengths = varied_lengths()
+    sampler = TokenBudgetBatchSampler(lengths, BUDGET, seed=11)
+    assert sorted(flat(epoch_batches(sampler, 0))) == list(range(len(lengths)))
+    # Windows of one length pack into the same number of batches whatever the order, so every
+    # epoch is a full pass over the data.
+    equal = np.full(60, 30)
+    sampler = TokenBudgetBatchSampler(equal, BUDGET, seed=11)
+    for epoch in range(5):
+        assert sorted(flat(epoch_batches(sampler, epoch))) == list(range(len(equal))), epoch
+
+
+def test_a_window_longer_than_the_budget_is_a_clear_value_error() -> None:
+    lengths = np.array([10, BUDGET + 1, 20])
+    with pytest.raises(ValueError, match=r"101 positions, more than the token budget of 100"):
+        pack(lengths, np.arange(3), BUDGET)
+    with pytest.raises(ValueError, match="raise tokens_per_batch"):
+        list(TokenBudgetBatchSampler(lengths, BUDGET))
+
+
+def test_epochs_reshuffle_while_the_same_seed_and_epoch_repeat_the_same_batches() -> None:
+    lengths = varied_lengths()
+    sampler = TokenBudgetBatchSampler(lengths, BUDGET, seed=7)
+    first, second = epoch_batches(sampler, 0), epoch_batches(sampler, 1)
+    assert first != second
+    assert epoch_batches(sampler, 0) == first  # going back to an epoch replays it
+    again = TokenBudgetBatchSampler(lengths, BUDGET, seed=7)
+    assert epoch_batches(again, 1) == second
+    assert epoch_batches(again, 0) == first
+    other_seed = TokenBudgetBatchSampler(lengths, BUDGET, seed=8)
+    assert epoch_batches(other_seed, 0) != first
+
+
+def test_two_ranks_get_disjoint_equally_many_batches_covering_all_but_the_remainder() -> None:
+    for lengths in (varied_lengths(), varied_lengths(40, seed=1), np.full(61, 30)):
+        samplers = [TokenBudgetBatchSampler(lengths, BUDGET, seed=2, rank=rank, world_size=2)
+                    for rank in (0, 1)]
+        single = TokenBudgetBatchSampler(lengths, BUDGET, seed=2)
+        for epoch in range(8):
+            rank0, rank1 = (epoch_batches(sampler, epoch) for sampler in samplers)
+            assert len(rank0) == len(rank1) == len(single) // 2
+            seen0, seen1 = set(flat(rank0)), set(flat(rank1))
+            assert not seen0 & seen1, f"epoch {epoch}: ranks share windows {seen0 & seen1}"
+            missing = sorted(set(range(len(lengths))) - seen0 - seen1)
+            if epoch == 0 or len(set(lengths)) == 1:
+                # Only the last packed batch is left over, when the batch count is odd.
+                assert lengths[missing].sum() <= BUDGET, (epoch, missing)
+                assert bool(missing) == (len(single) % 2 == 1)
+                assert len(seen0) == len(flat(rank0)) and len(seen1) == len(flat(rank1))
+
+
+def test_unshuffled_batches_follow_the_window_order_on_every_epoch() -> None:
+    lengths = varied_lengths()
+    sampler = TokenBudgetBatchSampler(lengths, BUDGET, shuffle=False, seed=1)
+    expected = pack(lengths, np.arange(len(lengths)), BUDGET)
+    for epoch in range(3):
+        assert epoch_batches(sampler, epoch) == expected
+    assert epoch_batches(TokenBudgetBatchSampler(lengths, BUDGET, shuffle=False, seed=9),
+                         0) == expected
+
+
+def window(bag_sizes: list[int], entries: list[int], age_days: list[float], points: list[int],
+           censor_days: list[float], labels: list[tuple[int, int, float]]
+           ) -> dict[str, torch.Tensor]:
+    """A prepared row in torch format (layout of `ehrmotor.examples`)."""
+    length = len(bag_sizes)
+    ages = torch.tensor(age_days)
+    label_point, label_task, label_days = zip(*labels, strict=True) if labels else ((), (), ())
+    return {
+        "subject_id": torch.tensor(1), "window": torch.tensor(0),
+        "bag_sizes": torch.tensor(bag_sizes, dtype=torch.int32),
+        "entries": torch.tensor(entries, dtype=torch.int64),
+        "weights": torch.linspace(0.1, 1.0, len(entries)),
+        "times": torch.arange(length, dtype=torch.int64),
+        "age_days": ages, "age": ages / 1000, "log_age": torch.log1p(ages),
+        "log_delta": torch.arange(length, dtype=torch.float32) / 10,
+        "points": torch.tensor(points, dtype=torch.int32),
+        "censor_days": torch.tensor(censor_days),
+        "label_point": torch.tensor(label_point, dtype=torch.int32),
+        "label_task": torch.tensor(label_task, dtype=torch.int32),
+        "label_days": torch.tensor(label_days, dtype=torch.float32),
+    }
+
+
+@pytest.fixture
+def two_windows() -> list[dict[str, torch.Tensor]]:
+    first = window(bag_sizes=[0, 2, 1], entries=[5, 6, 7], age_days=[0.0, 10.0, 20.0],
+                   points=[1, 2], censor_days=[100.0, 90.0],
+                   labels=[(0, 2, 5.0), (1, 0, 7.0), (1, 3, 80.0)])
+    second = window(bag_sizes=[1, 3], entries=[8, 9, 10, 11], age_days=[0.0, 400.0],
+                    points=[1], censor_days=[50.0], labels=[(0, 1, 3.0)])
+    return [first, second]
+
+
+def test_collate_packs_bags_segments_and_points_with_each_windows_offset(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
+    batch = collate_windows(two_windows, num_tasks=4)
+    assert batch["entries"].tolist() == [5, 6, 7, 8, 9, 10, 11]
+    assert batch["entries"].dtype == torch.long
+    torch.testing.assert_close(batch["weights"],
+                               torch.cat([two_windows[0]["weights"], two_windows[1]["weights"]]))
+    # Position 0 of the first window has an empty bag: it starts where position 1 starts.
+    assert batch["bag_offsets"].tolist() == [0, 0, 2, 3, 4]
+    assert batch["segment_ids"].tolist() == [0, 0, 0, 1, 1]
+    assert batch["point_indices"].tolist() == [1, 2, 3 + 1]
+    assert batch["age_days"].tolist() == [0.0, 10.0, 20.0, 0.0, 400.0]
+    expected_features = torch.stack([
+        torch.cat([row[name] for row in two_windows]) for name in ("age", "log_age", "log_delta")
+    ], dim=1)
+    torch.testing.assert_close(batch["time_features"], expected_features)
+    assert batch["time_features"].shape == (5, 3)
+
+
+def test_collate_fills_event_days_from_sparse_pairs_and_censor_days_elsewhere(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
+    batch = collate_windows(two_windows, num_tasks=4)
+    assert batch["event_days"].tolist() == [
+        [100.0, 100.0, 5.0, 100.0],
+        [7.0, 90.0, 90.0, 80.0],
+        [50.0, 3.0, 50.0, 50.0],  # the second window's point 0 is the batch's point 2
+    ]
+    assert batch["is_event"].tolist() == [
+        [False, False, True, False],
+        [True, False, False, True],
+        [False, True, False, False],
+    ]
+    assert batch["is_event"].dtype == torch.bool
+
+
+def test_collate_of_a_window_without_events_censors_every_task() -> None:
+    row = window(bag_sizes=[0, 1], entries=[3], age_days=[0.0, 2.0], points=[1],
+                 censor_days=[12.5], labels=[])
+    batch = collate_windows([row], num_tasks=3)
+    assert batch["bag_offsets"].tolist() == [0, 0]
+    assert batch["event_days"].tolist() == [[12.5, 12.5, 12.5]]
+    assert not batch["is_event"].any()
