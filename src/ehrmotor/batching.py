@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ehrmotor.positions import TIME_FEATURES
+
 LENGTH_COLUMN = "bag_sizes"
 
 
@@ -122,8 +124,8 @@ def collate_windows(rows: Sequence[dict[str, torch.Tensor]], num_tasks: int
         "entries": _cat(rows, "entries").long(),
         "weights": _cat(rows, "weights").float(),
         "bag_offsets": bag_offsets,
-        "time_features": torch.stack([_cat(rows, "age"), _cat(rows, "log_age"),
-                                      _cat(rows, "log_delta")], dim=1).float(),
+        "time_features": torch.stack([_cat(rows, name) for name in TIME_FEATURES],
+                                     dim=1).float(),
         "age_days": _cat(rows, "age_days").float(),
         "segment_ids": torch.repeat_interleave(torch.arange(len(rows)), lengths),
         "point_indices": points,

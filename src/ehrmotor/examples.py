@@ -37,8 +37,6 @@ from ehrmotor.ontology import Ontology
 from ehrmotor.positions import build_positions
 from ehrmotor.tokenizer import Tokenizer
 
-LIST_COLUMNS = ("entries", "weights", "times", "age_days", "age", "log_age", "log_delta")
-
 
 @dataclass(frozen=True)
 class ShardLabels:

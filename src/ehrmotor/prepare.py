@@ -182,12 +182,12 @@ class Preparer:
     def _run_steps(self, pool: Executor, files: list[Path]) -> None:
         cfg = self.config
         excluded = self._excluded_subjects()
-        base = [ShardJob(path=f, meds_dir=self.meds_dir, work=self.out, excluded=excluded,
+        jobs = [ShardJob(path=f, meds_dir=self.meds_dir, work=self.out, excluded=excluded,
                          config=cfg, index=i, shards=len(files)) for i, f in enumerate(files)]
 
         # 1. ontology
         def build_ontology(tmp: Path) -> None:
-            found = self._map(pool, shard_codes, base, "ontology: data codes")
+            found = self._map(pool, shard_codes, jobs, "ontology: data codes")
             codes = pl.concat(found).unique().sort("code")
             ontology = Ontology.build(codes["code"], athena_dir=self.athena_dir,
                                       codes_metadata=read_codes_metadata(self.meds_dir),
@@ -200,7 +200,7 @@ class Preparer:
 
         # 2. split
         def build_split(tmp: Path) -> None:
-            subjects = pl.concat(self._map(pool, shard_subjects, base, "split: subjects"))
+            subjects = pl.concat(self._map(pool, shard_subjects, jobs, "split: subjects"))
             if subjects.height == 0:
                 raise PrepareError(f"{self.meds_dir}: no subjects left for pretraining after "
                                    f"excluding splits {list(cfg.exclude_splits)}")
@@ -213,7 +213,6 @@ class Preparer:
         if split.filter(pl.col("split_name") == "train").height == 0:
             raise PrepareError(f"{self.out / 'split.csv'}: the train split is empty")
         self.summary.subjects = split.height
-        jobs = base
 
         # 3. tokenizer
         def build_tokenizer(tmp: Path) -> None:

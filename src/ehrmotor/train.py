@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from ehrmotor import artifacts
 from ehrmotor.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
 from ehrmotor.config import PretrainConfig, config_dict
-from ehrmotor.model import MotorConfig, MotorModel
+from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.motor_task import MotorTask
 from ehrmotor.tokenizer import Tokenizer
 from ehrmotor.write_datasets import load_prepared
@@ -226,8 +226,6 @@ def last_complete_checkpoint(output: Path) -> str | None:
 
 def base_rate_loss(trainer: MotorTrainer, model_config: MotorConfig) -> float:
     """Val loss of the prefitted model: every log-hazard at its task's initial rate."""
-    from ehrmotor.model import motor_loss
-
     rates = torch.tensor(model_config.initial_log_rates, dtype=torch.float32)
     edges = model_config.bin_edges_days
     total, batches = 0.0, 0

@@ -80,19 +80,31 @@ def shard_specs(num_subjects: int, num_shards: int) -> list[ShardSpec]:
 
 # Worker processes are spawned (polars' thread pool does not survive fork) and receive the
 # code strings and pools once, through the pool initializer.
-_WORKER: dict[str, object] = {}
+@dataclass(frozen=True)
+class _WorkerState:
+    codes: np.ndarray  # MEDS code string of every code index
+    pools: CodePools
+
+
+_STATE: _WorkerState | None = None
 
 
 def _init_worker(codes: np.ndarray, pools: CodePools) -> None:
-    _WORKER["codes"], _WORKER["pools"] = codes, pools
+    global _STATE
+    _STATE = _WorkerState(codes, pools)
+
+
+def _state() -> _WorkerState:
+    """This process's code strings and pools (built here when not handed in by the pool)."""
+    global _STATE
+    if _STATE is None:
+        catalog = build_catalog()
+        _STATE = _WorkerState(catalog.codes, CodePools.from_catalog(catalog))
+    return _STATE
 
 
 def _pools() -> CodePools:
-    if "pools" not in _WORKER:
-        _init_worker(build_catalog().codes, CodePools.from_catalog(build_catalog()))
-    pools = _WORKER["pools"]
-    assert isinstance(pools, CodePools)
-    return pools
+    return _state().pools
 
 
 def _subject_splits(spec: ShardSpec, seed: int) -> np.ndarray:
@@ -102,10 +114,9 @@ def _subject_splits(spec: ShardSpec, seed: int) -> np.ndarray:
 
 def _shard_table(spec: ShardSpec, seed: int) -> tuple[pa.Table, np.ndarray]:
     """Simulate one shard; return its sorted MEDS table and each subject's split index."""
-    pools = _pools()
-    codes = _WORKER["codes"]
-    assert isinstance(codes, np.ndarray)
-    sim = ShardSimulator(spec.num_subjects, seed, spec.index, pools)
+    state = _state()
+    codes = state.codes
+    sim = ShardSimulator(spec.num_subjects, seed, spec.index, state.pools)
     subject, time_us, code, value, text = sim.run().columns
     order = np.lexsort((code, time_us, subject))
     subject, time_us, code = subject[order], time_us[order], code[order]
