@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from features_fixtures import Subjects, at, read_events, train_bundle, write_meds_copy
+from features_fixtures import Subjects, at, read_events, write_meds_copy
 
 from ehrmotor import features
 from ehrmotor.features import compute_features, read_labels, write_embeddings
@@ -31,8 +31,8 @@ HOUR = timedelta(hours=1)
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return train_bundle(tmp_path_factory.mktemp("features"))
+def trained(tiny_bundle: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="session")

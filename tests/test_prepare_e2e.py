@@ -170,6 +170,16 @@ def test_rerun_rebuilds_nothing_and_a_changed_setting_is_refused(
     assert file_mtimes(reference) == after
 
 
+def test_a_new_package_version_alone_rebuilds_nothing(
+        meds: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(reference.parent, work)
+    before = file_mtimes(work / "pretraining_files")
+    monkeypatch.setattr("ehrmotor.artifacts.__version__", "99.0.0")
+    assert main(prepare_args(meds, work)) == 0
+    assert file_mtimes(work / "pretraining_files") == before
+
+
 def test_force_rebuilds_every_step(meds: Path, reference: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(reference.parent, work)

@@ -3,7 +3,8 @@
 One module-scoped prepared work folder is shared; each training run copies its
 `pretraining_files/` into a folder of its own. The runs: one in-process training long enough to
 learn (checked against two baselines, then reused for the bundle tests), one CLI run killed with
-SIGKILL and resumed, and one two-process `torchrun` run on CPU.
+SIGKILL and rerun with the same command (which resumes), and one two-process `torchrun` run on CPU.
+Bad settings are refused before training, with nothing written.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def complete_checkpoints(output: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def resumed(prepared_files: Path, config_file: Path,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
-    """A CLI run killed after its first checkpoint, then resumed: (work, step resumed at, log)."""
+    """A CLI run killed after its first checkpoint, then rerun with the same command (no
+    --resume): (work, step resumed at, log of the rerun)."""
     folder = tmp_path_factory.mktemp("resume")
     work = new_work(prepared_files, folder)
     command = ehrmotor_pretrain(work, config_file, "--max-steps", str(RESUME_STEPS),
@@ -240,20 +242,20 @@ def resumed(prepared_files: Path, config_file: Path,
         partial.mkdir()
         (partial / "model.safetensors").write_bytes(b"cut short")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "info"}
-    result = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return work, last, result.stderr
 
 
-def test_resume_after_sigkill_continues_from_the_checkpoint_to_max_steps(
+def test_rerun_after_sigkill_resumes_from_the_checkpoint_to_max_steps(
         resumed: tuple[Path, int, str]) -> None:
     work, last, log = resumed
+    assert f"resuming from checkpoint-{last} " in log, log[-4000:]
     match = re.search(r"Resuming training from checkpoint with epoch \d+ and global step (\d+)",
                       log)
     assert match, log[-4000:]
     assert int(match.group(1)) == last
-    assert "starting fresh" not in log
+    assert "from step 0" not in log
     assert summary_of(work)["global_step"] == RESUME_STEPS
     model = MotorModel.from_pretrained(work / "model").eval()
     with torch.no_grad():
@@ -265,6 +267,56 @@ def test_keep_output_keeps_checkpoints_and_tensorboard_logs(
     output = resumed[0] / "pretraining_output"
     assert RESUME_STEPS in complete_checkpoints(output)
     assert list((output / "runs").rglob("events.out.tfevents.*"))
+    settings = json.loads((output / train.SETTINGS_FILE).read_text())
+    assert settings["config"]["max_steps"] == RESUME_STEPS
+    assert {"train_batches", "val_batches", "tokenizer"} <= settings["prepared"].keys()
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ehrmotor pretrain: error: pretrain: "), lines
+    return lines[0]
+
+
+def test_checkpoints_of_other_settings_stop_naming_the_change_until_restart(
+        resumed: tuple[Path, int, str], config_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(resumed[0], work)
+    shutil.rmtree(work / "model")  # as if killed before the bundle was written
+    output = work / "pretraining_output"
+    before = {p.relative_to(output).as_posix(): p.stat().st_mtime_ns
+              for p in output.rglob("*") if p.is_file()}
+    command = ["pretrain", "--work", str(work), "--config", str(config_file), "--max-steps",
+               str(RESUME_STEPS), "--keep-output"]
+
+    assert main([*command, "--tokens-per-batch", "4096", "--resume"]) == 2
+    line = one_error_line(capsys)
+    assert "other settings: tokens_per_batch 2048 -> 4096;" in line, line
+    assert "--restart to discard the checkpoints" in line, line
+
+    manifest = work / "pretraining_files" / "train_batches.manifest.json"
+    recorded = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**recorded, "inputs": {"changed": True}}))
+    assert main(command) == 2
+    assert "other settings: prepared train_batches changed;" in one_error_line(capsys)
+    manifest.write_text(json.dumps(recorded))
+
+    (output / train.SETTINGS_FILE).unlink()
+    assert main(command) == 2
+    assert "no readable record of their settings" in one_error_line(capsys)
+    assert not (work / "model").exists()
+    after = {p.relative_to(output).as_posix(): p.stat().st_mtime_ns
+             for p in output.rglob("*") if p.is_file()}
+    assert after == {k: v for k, v in before.items() if k != train.SETTINGS_FILE}
+
+    caplog.set_level("INFO", logger="ehrmotor")
+    assert main([*command, "--restart", "--max-steps", "2"]) == 0
+    assert "restart; discarding" in caplog.text
+    assert "resuming from" not in caplog.text
+    assert summary_of(work)["global_step"] == 2
+    assert max(complete_checkpoints(output), default=0) <= 2
 
 
 def test_force_retrains_a_complete_bundle(resumed: tuple[Path, int, str], config_file: Path,
@@ -324,6 +376,91 @@ def test_pretrain_without_prepared_files_exits_2_with_one_line_naming_prepare(
     assert lines[0].startswith("ehrmotor pretrain: error: ")
     assert "`ehrmotor prepare`" in lines[0]
     assert not (tmp_path / "model").exists()
+
+
+def longest_window(work: Path) -> int:
+    files = work / "pretraining_files"
+    return max(int(window_lengths(load_prepared(files / name)).max())
+               for name in ("train_batches", "val_batches"))
+
+
+def test_tokens_per_batch_below_the_longest_window_exits_2_before_writing(
+        prepared_files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = new_work(prepared_files, tmp_path)
+    longest = longest_window(work)
+    assert main(["pretrain", "--work", str(work), "--preset", "tiny", "--tokens-per-batch",
+                 str(longest - 1)]) == 2
+    line = one_error_line(capsys)
+    assert f"tokens_per_batch {longest - 1} is smaller than the longest prepared window " \
+           f"({longest} positions); set tokens_per_batch to at least {longest}" in line, line
+    assert not (work / "pretraining_output").exists()
+    assert not (work / "model").exists()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("num_heads = 5", "num_heads 5 does not divide hidden_size 64 into heads of even size"),
+    ("num_heads = 0", "num_heads must be at least 1, got 0"),
+    ("hidden_size = 66", "num_heads 4 does not divide hidden_size 66"),
+    ("learning_rate = -1e-3", "learning_rate must be positive, got -0.001"),
+    ("learning_rate = nan", "learning_rate must be a finite number, got nan"),
+    ("adam_beta2 = 1.0", "adam_beta2 must be in [0, 1), got 1.0"),
+    ("warmup_steps = -1", "warmup_steps must be at least 0, got -1"),
+])
+def test_bad_model_or_training_setting_exits_2_naming_it_before_writing(
+        prepared_files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str,
+        message: str) -> None:
+    work = new_work(prepared_files, tmp_path)
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[pretrain]\npreset = "tiny"\ntokens_per_batch = {TOKENS}\n{setting}\n')
+    assert main(["pretrain", "--work", str(work), "--config", str(config)]) == 2
+    line = one_error_line(capsys)
+    assert message in line, line
+    assert not (work / "pretraining_output").exists()
+    assert not (work / "model").exists()
+
+
+def test_a_config_the_model_rejects_is_one_line_pretrain_error(
+        prepared_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def reject(*args: object, **kwargs: object) -> None:
+        raise ValueError("rope_theta must be a positive finite number; got 0.0\nmore detail")
+
+    monkeypatch.setattr(train.MotorConfig, "preset", reject)
+    prepared = train.load_prepared_files(new_work(prepared_files, tmp_path))
+    with pytest.raises(train.PretrainError) as raised:
+        train.build_model_config(PretrainConfig(preset="tiny"), prepared)
+    assert str(raised.value) == "pretrain: rope_theta must be a positive finite number; got 0.0"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    work = tmp_path / "work"
+    for name in train.BUNDLE_FILES:  # a complete bundle: pretrain has nothing else to do
+        (work / "model").mkdir(parents=True, exist_ok=True)
+        (work / "model" / name).write_text("{}")
+    dead = dead_pid()
+    stale = [work / f".model.tmp-{dead}", work / f".model.old-{dead}"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"cut short")
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            live = work / f".model.tmp-{sleeper.pid}"
+            live.mkdir()
+            caplog.set_level("INFO", logger="ehrmotor")
+            assert pretrain(work, PretrainConfig(preset="tiny")) == work / "model"
+            assert live.is_dir()
+        finally:
+            sleeper.kill()
+    for folder in stale:
+        assert not folder.exists(), folder
+        assert f"removed {folder}, left by an interrupted run" in caplog.text
+    assert str(live) not in caplog.text
 
 
 def test_unknown_pretrain_config_key_exits_2_naming_the_key(

@@ -13,45 +13,136 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ehrmotor import __version__
+from ehrmotor.errors import ArtifactMismatch, EhrmotorError, OutputError, environment_message
+
+__all__ = ["ArtifactMismatch", "atomic_path", "is_current", "record", "write_json"]
 
 
-class ArtifactMismatch(RuntimeError):
-    """An existing artifact was produced from other inputs or settings; one line message."""
+
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _temporary(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this host (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove(path: Path) -> None:
+    """Remove a file or folder this package created (never call it on a user's path)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
 
 
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` entries in `folder` whose process is dead.
+
+    These are the temporaries of `atomic_path`; a live owner's (or our own) are left alone.
+    Returns what was removed.
+    """
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    for entry in sorted(Path(folder).iterdir()):
+        match = TEMPORARY.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of `folders` (created by this run, innermost last) that are still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            folder.rmdir()
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OutputError when a file cannot be created in `folder` (read-only, forbidden)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".ehrmotor-probe-"):
+            pass
+    except OSError as error:
+        message = environment_message(error, folder)
+        if message is None:
+            raise
+        raise OutputError(f"{message}; cannot write there") from error
+
+
+def _kind(path: Path) -> str:
+    return "folder" if path.is_dir() and not path.is_symlink() else "file"
+
+
+def check_output(path: Path, kind: str) -> None:
+    """Raise OutputError unless `path` is absent or a `kind` ("file" or "folder") to replace."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: is a file; expected a folder to write {path.name} in")
+    if (path.exists() or path.is_symlink()) and _kind(path) != kind:
+        raise OutputError(f"{path}: exists and is a {_kind(path)}; expected a {kind} "
+                          "(nothing was changed; choose another path)")
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, replace_folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write `path` (file or folder) into; rename it when done.
 
-    On an exception the temporary path is removed and `path` is left as it was.
+    An existing file at `path` is replaced by a file. An existing folder is replaced by a folder
+    only with `replace_folder` (for artifacts inside a work folder this package owns); a file never
+    replaces a folder nor a folder a file (OutputError). On an exception the temporary path is
+    removed and `path` is left as it was.
     """
     path = Path(path)
     tmp = _temporary(path)
-    remove(tmp)
+    remove(tmp)  # our own pid's leftover
     try:
         yield tmp
-        if path.exists():
-            remove(path)
+        if path.exists() or path.is_symlink():
+            check_output(path, _kind(tmp))
+            if _kind(path) == "folder":
+                if not replace_folder:
+                    raise OutputError(f"{path}: folder exists; refusing to replace it")
+                old = _temporary(path, "old")
+                remove(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                remove(old)
+                return
         os.replace(tmp, path)
+    except Exception as error:
+        message = None if isinstance(error, EhrmotorError) else environment_message(error, path)
+        if message is not None:
+            raise OutputError(f"{message} (while writing it; it was left as it was)") from error
+        raise
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             remove(tmp)
 
 
@@ -108,13 +199,21 @@ def record(artifact: Path, manifest: dict[str, Any]) -> None:
     write_json(manifest_path(artifact), manifest)
 
 
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def fingerprint_files(files: list[Path], root: Path) -> str:
-    """SHA-256 over each file's relative path, size and last MiB (parquet footers live there)."""
+    """SHA-256 over each file's relative path and the SHA-256 of its whole content.
+
+    Files are hashed on threads (hashlib releases the GIL), so the cost is one read of the
+    inputs at disk or memory speed; any edit anywhere in a file changes the fingerprint.
+    """
+    ordered = sorted(files)
+    with ThreadPoolExecutor(min(8, max(1, len(ordered)))) as pool:
+        digests = list(pool.map(_file_digest, ordered))
     digest = hashlib.sha256()
-    for path in sorted(files):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
-        with path.open("rb") as f:
-            f.seek(max(0, size - (1 << 20)))
-            digest.update(f.read())
+    for path, content in zip(ordered, digests, strict=True):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{content}\0".encode())
     return digest.hexdigest()

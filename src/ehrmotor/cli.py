@@ -1,32 +1,79 @@
 """The `ehrmotor` command line: one subcommand per pipeline stage.
 
-Errors in the user's input end the command with a one-line message on stderr and exit status 2.
+Errors in the user's input or environment (an `EhrmotorError`, a full disk, a file size limit, a
+read-only or forbidden path) end the command with a one-line message on stderr and exit status 2;
+`--debug` (or EHRMOTOR_DEBUG=1) shows their traceback. Any other exception is a bug in ehrmotor and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ehrmotor import __version__
+from ehrmotor.errors import EhrmotorError, OutputError, environment_message
 
 log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+PARQUET_MAGIC = b"PAR1"
 
 
-class UserError(Exception):
-    """A problem with the user's input or arguments, reported as one line with exit status 2."""
+def _integer(value: str, low: int, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return number
 
 
 def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return _integer(value, 1, "a positive integer")
+
+
+def _non_negative(value: str) -> int:
+    return _integer(value, 0, "an integer >= 0")
+
+
+def _at_least_two(value: str) -> int:
+    return _integer(value, 2, "an integer >= 2")
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
+
+
+def _check_parquet_output(path: Path) -> None:
+    """Refuse an --out that exists and is not a parquet file (we replace only those), or that
+    cannot be written (checked before the work, not after)."""
+    from ehrmotor.artifacts import check_writable
+
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; expected the path of a parquet file to write "
+                          "(nothing was changed)")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(4) != PARQUET_MAGIC:
+                raise OutputError(f"{path}: exists and is not a parquet file; refusing to "
+                                  "replace it (choose another --out)")
+    existing = path.absolute().parent
+    while not existing.exists():  # write_embeddings creates the missing folders
+        existing = existing.parent
+    check_writable(existing)
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:
@@ -41,14 +88,16 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--subjects", type=_positive, required=True,
                         help="number of subjects to generate")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (MEDS root; the vocabulary goes to OUT/athena)")
     parser.add_argument("--shards", type=_positive, default=None,
                         help="number of shards (default: one per 10,000 subjects)")
     parser.add_argument("--workers", type=_positive, default=None,
                         help="worker processes (default: number of cores)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is a dataset written by `ehrmotor synth` (any "
+                             "other non-empty folder is never replaced)")
     parser.set_defaults(run=_run_synth)
 
 
@@ -56,11 +105,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     from ehrmotor.synthetic import generate
 
     started = time.perf_counter()
-    try:
-        generate(args.out, args.subjects, seed=args.seed, num_shards=args.shards,
-                 workers=args.workers, force=args.force)
-    except FileExistsError as error:
-        raise UserError(str(error)) from error
+    generate(args.out, args.subjects, seed=args.seed, num_shards=args.shards,
+             workers=args.workers, force=args.force)
     log.info("synth: %d subjects written to %s in %.1f s", args.subjects, args.out,
              time.perf_counter() - started)
     return 0
@@ -130,21 +176,17 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from ehrmotor.artifacts import ArtifactMismatch
-    from ehrmotor.config import ConfigError, PrepareConfig, load_config
-    from ehrmotor.prepare import PrepareError, prepare
+    from ehrmotor.config import PrepareConfig, load_config
+    from ehrmotor.prepare import prepare
 
     overrides = {
         "vocab_size": args.vocab_size, "num_tasks": args.num_tasks,
         "max_window": args.max_window,
         "exclude_splits": tuple(args.exclude_splits) if args.exclude_splits is not None else None,
     }
-    try:
-        config = load_config(PrepareConfig, args.config, "prepare", overrides)
-        summary = prepare(args.meds, args.out, athena_dir=args.athena, config=config,
-                          workers=args.workers, force=args.force)
-    except (ConfigError, PrepareError, ArtifactMismatch) as error:
-        raise UserError(str(error)) from error
+    config = load_config(PrepareConfig, args.config, "prepare", overrides)
+    summary = prepare(args.meds, args.out, athena_dir=args.athena, config=config,
+                      workers=args.workers, force=args.force)
     for line in summary.lines():
         log.info("prepare: %s", line)
     return 0
@@ -171,27 +213,30 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
                         help="stop after this many optimizer steps (default: epochs decide)")
     parser.add_argument("--tokens-per-batch", type=_positive, default=None,
                         help="positions per packed batch (default 16384)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in WORK/pretraining_output")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint in "
+                            "WORK/pretraining_output when its settings match (the default; "
+                            "accepted for old scripts)")
+    start.add_argument("--restart", action="store_true",
+                       help="discard WORK/pretraining_output (checkpoints, logs) and train from "
+                            "step 0")
     parser.add_argument("--force", action="store_true",
-                        help="train again even when WORK/model is complete")
+                        help="train again even when WORK/model is complete (implies --restart)")
     parser.add_argument("--keep-output", action="store_true",
                         help="keep WORK/pretraining_output (checkpoints, logs) after the bundle")
     parser.set_defaults(run=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from ehrmotor.config import ConfigError, PretrainConfig, load_config
-    from ehrmotor.train import PretrainError, pretrain
+    from ehrmotor.config import PretrainConfig, load_config
+    from ehrmotor.train import pretrain
 
     overrides = {"preset": args.preset, "max_steps": args.max_steps,
                  "tokens_per_batch": args.tokens_per_batch}
-    try:
-        config = load_config(PretrainConfig, args.config, "pretrain", overrides)
-        bundle = pretrain(args.work, config, resume=args.resume, force=args.force,
-                          keep_output=args.keep_output)
-    except (ConfigError, PretrainError) as error:
-        raise UserError(str(error)) from error
+    config = load_config(PretrainConfig, args.config, "pretrain", overrides)
+    bundle = pretrain(args.work, config, restart=args.restart, force=args.force,
+                      keep_output=args.keep_output)
     log.info("pretrain: model bundle in %s", bundle)
     return 0
 
@@ -211,8 +256,10 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
                         help="MEDS root folder or meds_reader database")
     parser.add_argument("--labels", type=Path, required=True,
                         help="MEDS label parquet file or folder (subject_id, prediction_time)")
-    parser.add_argument("--out", type=Path, required=True, help="output parquet file")
-    parser.add_argument("--tokens-per-batch", type=_positive, default=1024,
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output parquet file; an existing parquet file there is replaced, "
+                             "anything else is refused")
+    parser.add_argument("--tokens-per-batch", type=_at_least_two, default=1024,
                         help="positions per forward pass (default 1024)")
     parser.add_argument("--workers", type=_positive, default=1,
                         help="processes reading MEDS shards (default 1)")
@@ -224,14 +271,10 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     from ehrmotor.features import compute_features, write_embeddings
 
-    if not (args.model / "config.json").is_file():
-        raise UserError(f"{args.model}: no model bundle (config.json missing); run `ehrmotor "
-                        "pretrain` first")
-    try:
-        result = compute_features(args.meds, args.model, args.labels, num_proc=args.workers,
-                                  tokens_per_batch=args.tokens_per_batch, device=args.device)
-    except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from error
+    _check_parquet_output(args.out)
+    result = compute_features(args.meds, args.model, args.labels, num_proc=args.workers,
+                              tokens_per_batch=args.tokens_per_batch, device=args.device)
+    _check_parquet_output(args.out)  # again: it may have appeared while we computed
     write_embeddings(result, args.out)
     log.info("embed: %d embeddings written to %s", len(result["subject_ids"]), args.out)
     return 0
@@ -261,7 +304,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
                              "or codes such as ICD10CM/I50")
     parser.add_argument("--labels", type=Path, default=None,
                         help="a MEDS label parquet (boolean_value) to evaluate instead")
-    parser.add_argument("--horizon-days", type=float, default=365.0,
+    parser.add_argument("--horizon-days", type=_positive_float, default=365.0,
                         help="horizon of the binary tasks in days (default 365)")
     parser.add_argument("--train-sizes", nargs="+", type=_train_size, default=None,
                         metavar="N", help="probe training sizes; 'all' = the whole pool "
@@ -270,25 +313,23 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
                         help="subsamples per training size (default 5)")
     parser.add_argument("--bootstrap", type=_positive, default=200,
                         help="bootstrap resamples for the intervals (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
     parser.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from ehrmotor.artifacts import check_output
     from ehrmotor.evaluate import DEFAULT_OUTCOMES, evaluate
+    from ehrmotor.lock import work_lock
 
-    if not (args.model / "config.json").is_file():
-        raise UserError(f"{args.model}: no model bundle (config.json missing); run `ehrmotor "
-                        "pretrain` first")
-    try:
+    check_output(args.out, "folder")
+    with work_lock(args.out, "evaluate"):
         result = evaluate(
             args.meds, args.model, args.out, outcomes=args.outcomes or DEFAULT_OUTCOMES,
             horizon_days=args.horizon_days, train_sizes=args.train_sizes or (50, 100, 500, None),
             repeats=args.repeats, seed=args.seed, labels_path=args.labels,
             bootstrap=args.bootstrap,
         )
-    except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from error
     print(result.table_markdown)
     log.info("evaluate: results in %s", args.out)
     return 0
@@ -304,9 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ehrmotor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (also: EHRMOTOR_DEBUG=1)")
     commands = parser.add_subparsers(title="commands", dest="command", required=True)
     for add in ADD_COMMANDS:
         add(commands)
+    for subparser in commands.choices.values():
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show the traceback of errors (also: EHRMOTOR_DEBUG=1)")
     return parser
 
 
@@ -319,8 +365,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get("EHRMOTOR_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args))
-    except UserError as error:
-        print(f"ehrmotor {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except EhrmotorError as error:
+        if debug:
+            raise
+        return _fail(args.command, str(error))
+    except KeyboardInterrupt:
+        print(f"ehrmotor {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        message = environment_message(error)  # full disk, size limit, read-only path
+        if message is None or debug:
+            raise
+        return _fail(args.command, message)
+
+
+def _fail(command: str, message: str) -> int:
+    lines = message.strip().splitlines() or ["unknown error"]
+    more = f" (and {len(lines) - 1} more problems)" if len(lines) > 1 else ""
+    print(f"ehrmotor {command}: error: {lines[0]}{more}", file=sys.stderr)
+    return EXIT_BAD_INPUT

@@ -12,18 +12,21 @@ Unknown keys and values of the wrong type are errors that name the file, table a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ehrmotor.errors import ConfigError
+
+__all__ = ["ConfigError", "PrepareConfig", "PretrainConfig", "load_config"]
+
 C = TypeVar("C")
 
-
-class ConfigError(ValueError):
-    """A config file or value that cannot be used; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def build_config(cls: type[C], values: dict[str, Any], source: str) -> C:
     for key, value in values.items():
         if key not in known:
             names = ", ".join(sorted(known))
-            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {names}")
+            raise ConfigError(f"{source}: unknown key {key!r}"
+                              f"{_unknown_name_hint(key, sorted(known))}; known keys: {names}")
         try:
             checked[key] = _check_type(value, hints[key])
         except TypeError as expected:
@@ -101,20 +105,41 @@ def build_config(cls: type[C], values: dict[str, Any], source: str) -> C:
     return cls(**checked)
 
 
+TABLES = ("prepare", "pretrain")  # one per command that reads a config file
+
+
+def _unknown_name_hint(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def read_config_file(path: Path | None, table: str) -> dict[str, Any]:
-    """The `[table]` of a TOML config file (empty when `path` is None)."""
+    """The `[table]` of a TOML config file (empty when `path` is None).
+
+    Every top-level entry must be one of the known TABLES: a misspelled table or a key outside
+    any table is an error, never silently ignored.
+    """
     if path is None:
         return {}
     try:
         document = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a TOML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; expected TOML") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    section = document.get(table, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [{table}] must be a table")
-    return section
+    known = ", ".join(f"[{name}]" for name in TABLES)
+    for name, value in document.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: key {name!r} is outside any table; put it under one of "
+                              f"{known}")
+        if name not in TABLES:
+            raise ConfigError(f"{path}: unknown table [{name}]"
+                              f"{_unknown_name_hint(name, TABLES)}; known tables: {known}")
+    return dict(document.get(table, {}))
 
 
 def load_config(cls: type[C], path: Path | None, table: str,

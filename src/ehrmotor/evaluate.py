@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -44,6 +44,8 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 from tqdm import tqdm
 
+from ehrmotor.artifacts import atomic_path
+from ehrmotor.errors import InputError
 from ehrmotor.evaluate_tasks import (
     ProbeTask,
     bootstrap_weights,
@@ -55,7 +57,9 @@ from ehrmotor.evaluate_tasks import (
     select_features,
     synthetic_tasks,
 )
-from ehrmotor.ontology import Ontology
+
+if TYPE_CHECKING:
+    from ehrmotor.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +301,8 @@ def plot_learning_curves(results: pl.DataFrame, path: Path) -> Path:
     for axis in axes[len(tasks):]:
         axis.set_axis_off()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     return path
 
 
@@ -317,12 +322,12 @@ class EvaluationResult:
     labels: Path
 
 
-def motor_features(meds_dir: Path, model_path: Path, points: pl.DataFrame,
+def motor_features(meds_dir: Path, bundle: Bundle, points: pl.DataFrame,
                    tokens_per_batch: int) -> np.ndarray:
     """MOTOR representations (n, hidden) at `points`, rows in `points` order."""
-    from ehrmotor.features import compute_features  # imports torch and the model
+    from ehrmotor.features import bundle_features  # imports torch and the model
 
-    result = compute_features(meds_dir, model_path, points, tokens_per_batch=tokens_per_batch)
+    result = bundle_features(meds_dir, bundle, points, tokens_per_batch=tokens_per_batch)
     seconds = points["prediction_time"].dt.epoch("s").to_numpy()
     if not (np.array_equal(result["subject_ids"], points["subject_id"].to_numpy())
             and np.array_equal(result["feature_times"].astype(np.int64), seconds)):
@@ -351,7 +356,8 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
              bootstrap: int = 200, max_count_features: int = 2000) -> EvaluationResult:
     """Probe MOTOR and count features on downstream tasks; write and return the results.
 
-    meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology);
+    meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology; read
+    by `load_bundle`, which raises BundleError for a missing, incomplete or corrupt one);
     outcomes: see `evaluate_tasks.outcome_matcher`; horizon_days: binary-task horizon in days;
     train_sizes: probe-training subjects per fit (None = the whole pool); repeats: subsamples
     per size; labels_path: a MEDS label parquet to use instead of the outcomes; bootstrap:
@@ -360,10 +366,13 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     """
     meds_dir, model_path, out_dir = Path(meds_dir), Path(model_path), Path(out_dir)
     if repeats < 1 or bootstrap < 1 or seed < 0:
-        raise ValueError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
+        raise InputError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
                          f"{repeats}, {bootstrap}, {seed}")
     if any(size is not None and size < 1 for size in train_sizes):
-        raise ValueError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+        raise InputError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+    from ehrmotor.bundle import load_bundle  # imports torch and the model
+
+    bundle = load_bundle(model_path)  # a bad bundle fails before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     if labels_path is not None:
         tasks = label_file_task(meds_dir, Path(labels_path))
@@ -372,9 +381,10 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
         tasks = synthetic_tasks(meds_dir, outcomes, horizon_days=horizon_days, seed=seed)
         with_oracle = (meds_dir / "metadata" / "synthetic.json").is_file()
     if tasks.is_empty():
-        raise ValueError(f"{labels_path or meds_dir}: no labels to evaluate")
+        raise InputError(f"{labels_path or meds_dir}: no labels to evaluate")
     labels_file = out_dir / "labels.parquet"
-    tasks.write_parquet(labels_file)
+    with atomic_path(labels_file) as tmp:
+        tasks.write_parquet(tmp)
     points = tasks.select("subject_id", "prediction_time").unique().sort(
         "subject_id", "prediction_time")
     subjects = points["subject_id"].unique().sort().to_numpy()
@@ -384,12 +394,8 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     log.info("evaluate: %d labels of %d subjects (%d in the probe-training pool)", points.height,
              len(subjects), len(pool_subjects))
 
-    motor = motor_features(meds_dir, model_path, points, tokens_per_batch)
-    ontology_dir = model_path / "ontology"
-    ontology = Ontology.load(ontology_dir) if ontology_dir.is_dir() else None
-    if ontology is None:
-        log.warning("evaluate: %s has no ontology; count features are not expanded", model_path)
-    long = count_features(meds_dir, points, ontology)
+    motor = motor_features(meds_dir, bundle, points, tokens_per_batch)
+    long = count_features(meds_dir, points, bundle.ontology)
     names = select_features(long, np.flatnonzero(in_pool), max_count_features)
     counts = feature_matrix(long, names, points.height)
     log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
@@ -404,9 +410,11 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
                               oracle)
     results = pl.DataFrame(rows, schema=RESULT_SCHEMA)
     results_csv, results_md = out_dir / "results.csv", out_dir / "results.md"
-    results.write_csv(results_csv)
+    with atomic_path(results_csv) as tmp:
+        results.write_csv(tmp)
     table = markdown_table(results)
-    results_md.write_text(table + "\n", encoding="utf-8")
+    with atomic_path(results_md) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
     curves = plot_learning_curves(results, out_dir / "learning_curves.png")
     log.info("evaluate: wrote %s, %s, %s", results_csv, results_md, curves)
     return EvaluationResult(results, table, out_dir, results_csv, results_md, curves, labels_file)

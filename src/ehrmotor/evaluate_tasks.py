@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
+from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_subject_splits, scan_shard
 from ehrmotor.ontology import Ontology
 
@@ -68,7 +69,7 @@ def outcome_matcher(outcome: str) -> pl.Expr:
 
     "death" → `MEDS_DEATH`; a disease of the synthetic generator (`heart_failure`, `ckd`, …) → its
     ICD-10-CM category `ICD10CM/<cat>` and every code under it (`ICD10CM/<cat>.…`); a code such as
-    `ICD10CM/I50` → that code and the codes under it. Raises ValueError for an unknown name.
+    `ICD10CM/I50` → that code and the codes under it. Raises InputError for an unknown name.
     """
     if outcome == "death":
         return pl.col("code") == DEATH_CODE
@@ -80,7 +81,7 @@ def outcome_matcher(outcome: str) -> pl.Expr:
 
         if outcome not in DISEASE_CATEGORIES:
             known = ", ".join(sorted([*DISEASE_CATEGORIES, "death"]))
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {known}, or a code "
+            raise InputError(f"unknown outcome {outcome!r}; expected one of {known}, or a code "
                              "such as ICD10CM/I50")
         prefix = f"{DIAGNOSIS_VOCABULARY}/{DISEASE_CATEGORIES[outcome]}"
     return (pl.col("code") == prefix) | pl.col("code").str.starts_with(f"{prefix}.")
@@ -145,11 +146,11 @@ def read_timelines(meds_dir: Path, subject_ids: pl.Series, outcomes: Sequence[st
 def evaluation_subjects(meds_dir: Path) -> pl.Series:
     """Subject ids of the `held_out` split (else `tuning`, with a warning), sorted.
 
-    Raises ValueError when metadata/subject_splits.parquet is missing or both splits are empty.
+    Raises InputError when metadata/subject_splits.parquet is missing or both splits are empty.
     """
     splits = read_subject_splits(meds_dir)
     if splits is None:
-        raise ValueError(f"{meds_dir}: metadata/subject_splits.parquet is missing; evaluation "
+        raise InputError(f"{meds_dir}: metadata/subject_splits.parquet is missing; evaluation "
                          "needs a held_out (or tuning) split")
     for split in ("held_out", "tuning"):
         ids = splits.filter(pl.col("split") == split)["subject_id"].unique().sort()
@@ -158,7 +159,7 @@ def evaluation_subjects(meds_dir: Path) -> pl.Series:
                 log.warning("evaluate: the held_out split is empty; evaluating on the %s split "
                             "(its subjects may have been used for pretraining)", split)
             return ids
-    raise ValueError(f"{meds_dir}: metadata/subject_splits.parquet has no held_out or tuning "
+    raise InputError(f"{meds_dir}: metadata/subject_splits.parquet has no held_out or tuning "
                      "subjects")
 
 
@@ -245,15 +246,22 @@ def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:
     try:
         raw = pl.read_parquet(labels_path)
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise ValueError(f"{labels_path}: cannot read the label parquet ({exc})") from exc
+        raise InputError(f"{labels_path}: cannot read the label parquet "
+                         f"({' '.join(str(exc).split())})") from exc
     for column in ("subject_id", "prediction_time", "boolean_value"):
         if column not in raw.columns:
-            raise ValueError(f"{labels_path}: column {column!r} is missing; expected MEDS labels "
+            raise InputError(f"{labels_path}: column {column!r} is missing; expected MEDS labels "
                              "(subject_id, prediction_time, boolean_value)")
-    labels = raw.select(
-        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
-        pl.col("boolean_value").cast(pl.Boolean),
-    ).drop_nulls()
+    try:
+        labels = raw.select(
+            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.col("boolean_value").cast(pl.Boolean),
+        ).drop_nulls()
+    except pl.exceptions.PolarsError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{labels_path}: a column of the wrong type ({reason}); expected MEDS "
+                         "labels (subject_id integer, prediction_time timestamp, boolean_value "
+                         "boolean)") from exc
     birth = pl.concat([_birth_day(events).collect() for events in
                        _subject_events(meds_dir, labels["subject_id"].unique())])
     usable = labels.join(birth, on="subject_id").filter(

@@ -14,7 +14,7 @@ Policies:
   events are kept so that birth never moves), so no later event can reach a label.
 - Position 0 folds together the static events and every event of the birth day, so a label on the
   birth day could see events after its prediction_time: labels on or before the birth date are
-  refused with a ValueError, as are labels of subjects absent from the data.
+  refused with an InputError (a ValueError), as are labels of subjects absent from the data.
 - Windows as in training: position 0 followed by the consecutive positions ending at the label's
   position p, at most `window - 1` of them, i.e. positions max(1, p - window + 2) .. p. The window
   length is `tokens_per_batch` (capped by a `max_window` recorded in `training_summary.json`, when
@@ -28,12 +28,9 @@ Policies:
 
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -47,10 +44,13 @@ from tqdm import tqdm
 
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.batching import pack
+from ehrmotor.bundle import Bundle, load_bundle
+from ehrmotor.errors import InputError
 from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, scan_shard
 from ehrmotor.model import MotorModel
 from ehrmotor.ontology import Ontology
 from ehrmotor.positions import BIRTH_CODE, TIME_FEATURES, build_positions
+from ehrmotor.processes import process_pool
 from ehrmotor.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
 
     Accepts a sequence of dicts, a polars DataFrame/LazyFrame, a pandas DataFrame, or the path of
     a parquet file or a folder of parquet files. Other columns are dropped. Zoned times become
-    naive UTC. Raises ValueError naming the column (and file) when a column is missing, has the
+    naive UTC. Raises InputError naming the column (and file) when a column is missing, has the
     wrong type or holds nulls.
     """
     source = "labels"
@@ -84,17 +84,17 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
     elif isinstance(labels, Sequence):
         frame = _frame_from_dicts(labels)
     else:
-        raise ValueError(f"labels: unsupported type {type(labels).__name__}; expected a list of "
+        raise InputError(f"labels: unsupported type {type(labels).__name__}; expected a list of "
                          "dicts, a polars or pandas DataFrame, or a parquet path")
     for column in LABEL_COLUMNS:
         if column not in frame.columns:
-            raise ValueError(f"{source}: column '{column}' is missing; expected columns "
+            raise InputError(f"{source}: column '{column}' is missing; expected columns "
                              f"{', '.join(LABEL_COLUMNS)}")
     subject, time = frame.schema["subject_id"], frame.schema["prediction_time"]
     if not subject.is_integer():
-        raise ValueError(f"{source}: column 'subject_id' has type {subject}; expected integers")
+        raise InputError(f"{source}: column 'subject_id' has type {subject}; expected integers")
     if not isinstance(time, pl.Datetime):
-        raise ValueError(f"{source}: column 'prediction_time' has type {time}; expected a "
+        raise InputError(f"{source}: column 'prediction_time' has type {time}; expected a "
                          "datetime (timestamp)")
     prediction_time = pl.col("prediction_time")
     if time.time_zone is not None:
@@ -105,7 +105,7 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
         nulls = frame[column].null_count()
         if nulls:
             row = int(frame[column].is_null().arg_true()[0])
-            raise ValueError(f"{source}: column '{column}' has {nulls} null values (first at row "
+            raise InputError(f"{source}: column '{column}' has {nulls} null values (first at row "
                              f"{row}); expected none")
     return frame
 
@@ -113,17 +113,17 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
 def _read_label_files(path: Path) -> pl.DataFrame:
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not path.exists() or not files:
-        raise ValueError(f"labels file {path}: not found; expected a parquet file or a folder "
+        raise InputError(f"labels file {path}: not found; expected a parquet file or a folder "
                          "of parquet files")
     try:
         return pl.concat([pl.read_parquet(file) for file in files], how="diagonal_relaxed")
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-        raise ValueError(f"labels file {path}: cannot read parquet ({_one_line(exc)})") from exc
+        raise InputError(f"labels file {path}: cannot read parquet ({_one_line(exc)})") from exc
 
 
 def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
     if not all(isinstance(row, Mapping) for row in rows):
-        raise ValueError("labels: a list of labels must hold dicts with subject_id and "
+        raise InputError("labels: a list of labels must hold dicts with subject_id and "
                          "prediction_time")
     if not rows:
         return pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
@@ -132,7 +132,7 @@ def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
     try:
         return pl.from_dicts(kept, infer_schema_length=None)
     except pl.exceptions.PolarsError as exc:
-        raise ValueError(f"labels: cannot build a table from the dicts ({_one_line(exc)})") from exc
+        raise InputError(f"labels: cannot build a table from the dicts ({_one_line(exc)})") from exc
 
 
 def _one_line(exc: Exception) -> str:
@@ -179,9 +179,8 @@ def _meds_positions(meds_dir: Path, horizons: pl.DataFrame, fitted: Fitted,
     if num_proc <= 1 or len(files) == 1:
         bar = tqdm(files, desc="feature shards", unit="shard", disable=None)
         return [_shard_positions(file, horizons, fitted) for file in bar]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(num_proc, len(files)), mp_context=context,
-                             initializer=_init_worker, initargs=fitted) as pool:
+    with process_pool(min(num_proc, len(files)), initializer=_init_worker,
+                      initargs=fitted) as pool:
         futures = [pool.submit(_shard_positions, file, horizons) for file in files]
         bar = tqdm(futures, desc="feature shards", unit="shard", disable=None)
         return [future.result() for future in bar]
@@ -242,7 +241,7 @@ def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
     starts = positions.filter(pl.col("position") == 0)["subject_id"]
     if starts.n_unique() != starts.len():
         split = starts.filter(starts.is_duplicated()).unique().sort().head(SHOWN).to_list()
-        raise ValueError(f"{db}: subjects {split} appear in more than one shard; MEDS keeps each "
+        raise InputError(f"{db}: subjects {split} appear in more than one shard; MEDS keeps each "
                          "subject in one shard")
     return positions.sort("subject_id", "position")
 
@@ -251,26 +250,26 @@ def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
 def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
     """Per label (column `label`): first_row (row of the subject's position 0) and `position`.
 
-    Raises ValueError for unknown subjects and for labels on or before the birth date.
+    Raises InputError for unknown subjects and for labels on or before the birth date.
     """
     births = positions.with_row_index("row").filter(pl.col("position") == 0).select(
         "subject_id", first_row=pl.col("row").cast(pl.Int64),
         birth=pl.col("time").cast(pl.Datetime("us")))
     unknown = labels.join(births, on="subject_id", how="anti")["subject_id"].unique().sort()
     if unknown.len():
-        raise ValueError(f"labels: {unknown.len()} subjects are not in the data: "
+        raise InputError(f"labels: {unknown.len()} subjects are not in the data: "
                          f"{', '.join(map(str, unknown.head(SHOWN).to_list()))}"
                          f"{' ...' if unknown.len() > SHOWN else ''}")
     labels = labels.join(births, on="subject_id", how="left", maintain_order="left")
     unborn = labels.filter(pl.col("birth").is_null())["subject_id"].unique().sort()
     if unborn.len():
-        raise ValueError(f"labels: subjects {unborn.head(SHOWN).to_list()} have no timed events, "
+        raise InputError(f"labels: subjects {unborn.head(SHOWN).to_list()} have no timed events, "
                          "hence no birth time; features need one")
     early = labels.filter(pl.col("prediction_time").dt.date() <= pl.col("birth").dt.date())
     if early.height:
         before = early.filter(pl.col("prediction_time") < pl.col("birth"))
         example = (before if before.height else early).row(0, named=True)
-        raise ValueError(
+        raise InputError(
             f"labels: {early.height} labels fall on or before the subject's birth date "
             f"({before.height} before birth), e.g. subject {example['subject_id']} at "
             f"{example['prediction_time']} (birth {example['birth']}); the first position holds "
@@ -369,13 +368,11 @@ def _encode(model: MotorModel, positions: pl.DataFrame, windows: pl.DataFrame,
     return features
 
 
-def _window_length(bundle: Path, tokens_per_batch: int) -> int:
+def _window_length(max_window: int | None, tokens_per_batch: int) -> int:
     """Positions per window: tokens_per_batch, capped by a recorded training max_window."""
-    summary = bundle / "training_summary.json"
-    recorded = json.loads(summary.read_text()).get("max_window") if summary.is_file() else None
-    window = min(tokens_per_batch, int(recorded)) if recorded else tokens_per_batch
+    window = min(tokens_per_batch, max_window) if max_window else tokens_per_batch
     if window < 2:
-        raise ValueError(f"tokens_per_batch must be at least 2 (position 0 and one more); got "
+        raise InputError(f"tokens_per_batch must be at least 2 (position 0 and one more); got "
                          f"{tokens_per_batch}")
     return window
 
@@ -386,17 +383,25 @@ def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_pr
     """Representations at label times; see the module docstring for the result and policies.
 
     db: a MEDS directory, a `meds_reader.SubjectDatabase` or the path of one. model_path: a
-    bundle written by `pretrain`. labels: see `read_labels`. num_proc: processes reading shards
-    (1 = in this process). tokens_per_batch: positions per forward pass (and per window).
-    device: default CUDA when available, else CPU. ontology: default `model_path/ontology`.
+    bundle written by `pretrain` (checked by `load_bundle`, which raises BundleError). labels:
+    see `read_labels`. num_proc: processes reading shards (1 = in this process).
+    tokens_per_batch: positions per forward pass (and per window). device: default CUDA when
+    available, else CPU. ontology: default `model_path/ontology`.
     """
-    bundle = Path(model_path)
-    if not (bundle / "config.json").is_file():
-        raise ValueError(f"{bundle}: no config.json; expected a model bundle written by pretrain")
-    window = _window_length(bundle, tokens_per_batch)
+    _window_length(None, tokens_per_batch)  # a bad setting fails before the bundle is read
+    bundle = load_bundle(model_path, ontology=ontology)
+    return bundle_features(db, bundle, labels, num_proc=num_proc,
+                           tokens_per_batch=tokens_per_batch, device=device)
+
+
+def bundle_features(db: Any, bundle: Bundle, labels: LabelsLike, num_proc: int = 1,
+                    tokens_per_batch: int = 1024,
+                    device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+    """`compute_features` with a bundle already loaded by `load_bundle`."""
+    window = _window_length(bundle.max_window, tokens_per_batch)
     table = read_labels(labels).sort("subject_id", "prediction_time", maintain_order=True) \
         .with_row_index("label")
-    model = MotorModel.from_pretrained(bundle).eval()
+    model = bundle.model.eval()
     result = {
         "subject_ids": table["subject_id"].to_numpy().astype(np.int64),
         "feature_times": (table["prediction_time"].dt.epoch("us").to_numpy() // 1_000_000)
@@ -405,9 +410,7 @@ def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_pr
     }
     if table.is_empty():
         return result
-    if not isinstance(ontology, Ontology):
-        ontology = Ontology.load(Path(ontology) if ontology is not None else bundle / "ontology")
-    positions = _read_positions(db, table, (Tokenizer.load(bundle), ontology), num_proc)
+    positions = _read_positions(db, table, (bundle.tokenizer, bundle.ontology), num_proc)
     windows, read_at = _plan_windows(_label_positions(table, positions), window)
     chosen = torch.device(device if device is not None
                           else "cuda" if torch.cuda.is_available() else "cpu")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ehrmotor.errors import InputError
 from ehrmotor.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -86,7 +87,7 @@ class MotorTask:
             final_layer_size: int, min_task_events: int) -> MotorTask:
         points = sum(c.points for c in counts)
         if points == 0:
-            raise ValueError("no prediction points among train subjects; cannot fit MOTOR task")
+            raise InputError("no prediction points among train subjects; cannot fit MOTOR task")
         total_censor = sum(c.total_censor_days for c in counts)
         per_task = (
             pl.concat([c.per_task for c in counts])
@@ -131,13 +132,13 @@ class MotorTask:
     def load(cls, path: Path) -> MotorTask:
         document = json.loads(path.read_text())
         if document.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {document.get('format_version')!r}; "
+            raise InputError(f"{path}: format_version {document.get('format_version')!r}; "
                              f"expected {FORMAT_VERSION}")
         tasks = pl.DataFrame(document["tasks"], schema={
             "code": pl.String, "entry": pl.UInt32, "events": pl.UInt32,
             "exposure_days": pl.Float64, "rate_per_day": pl.Float64,
         }).with_row_index("task").with_columns(pl.col("task").cast(pl.Int32))
         if not all(math.isfinite(e) for e in document["bin_edges_days"]):
-            raise ValueError(f"{path}: bin_edges_days must be finite")
+            raise InputError(f"{path}: bin_edges_days must be finite")
         return cls(tasks, document["bin_edges_days"], document["final_layer_size"],
                    document["dropped_tasks"], document["candidate_tasks"], document["points"])

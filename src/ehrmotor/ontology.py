@@ -30,24 +30,13 @@ from typing import TypeVar
 
 import polars as pl
 
+from ehrmotor.athena import CONCEPT_FILE, read_athena
+from ehrmotor.errors import OntologyError
+
+__all__ = ["Ontology", "OntologyError", "OntologyStats"]
+
 logger = logging.getLogger(__name__)
 
-CONCEPT_FILE = "CONCEPT.csv"
-RELATIONSHIP_FILE = "CONCEPT_RELATIONSHIP.csv"
-ANCESTOR_FILE = "CONCEPT_ANCESTOR.csv"
-
-# Columns read from each Athena file, with the dtype they are parsed as.
-ATHENA_COLUMNS: dict[str, dict[str, pl.DataType]] = {
-    CONCEPT_FILE: {"concept_id": pl.Int64(), "vocabulary_id": pl.String(),
-                   "standard_concept": pl.String(), "concept_code": pl.String()},
-    RELATIONSHIP_FILE: {"concept_id_1": pl.Int64(), "concept_id_2": pl.Int64(),
-                        "relationship_id": pl.String(), "invalid_reason": pl.String()},
-    ANCESTOR_FILE: {"ancestor_concept_id": pl.Int64(), "descendant_concept_id": pl.Int64(),
-                    "min_levels_of_separation": pl.Int64()},
-}
-
-# Concepts whose parents come from the Athena hierarchy rather than from `Maps to`.
-HIERARCHICAL_CONCEPTS = ("S", "C")
 DEFAULT_REMOVE_VOCABULARIES = ("SPL", "HemOnc")
 # Closure depth guard; real hierarchies (SNOMED) are under 30 levels deep.
 MAX_DEPTH = 64
@@ -62,10 +51,6 @@ ANCESTOR_SCHEMA: dict[str, pl.DataType] = {
 }
 
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
-
-
-class OntologyError(ValueError):
-    """An Athena folder, codes metadata or saved ontology that cannot be used; names the file."""
 
 
 @dataclass(frozen=True)
@@ -89,139 +74,6 @@ class OntologyStats:
 
 
 # --------------------------------------------------------------------------- Athena reading
-
-
-def _require_columns(path: Path, present: list[str]) -> None:
-    """Raise OntologyError naming `path` and the first ATHENA_COLUMNS column it lacks."""
-    for column in ATHENA_COLUMNS[path.name]:
-        if column not in present:
-            raise OntologyError(f"{path}: missing column {column!r}; expected tab-separated "
-                                f"Athena columns including {sorted(ATHENA_COLUMNS[path.name])}")
-
-
-def _scan_athena(path: Path) -> pl.LazyFrame:
-    """Lazily scan CONCEPT_RELATIONSHIP or CONCEPT_ANCESTOR, selecting its ATHENA_COLUMNS."""
-    wanted = ATHENA_COLUMNS[path.name]
-    # No quoting (names carry bare quotes) and no inference (other columns stay strings).
-    lf = pl.scan_csv(
-        path, separator="\t", quote_char=None, infer_schema=False, schema_overrides=wanted,
-        encoding="utf8-lossy",
-    )
-    try:
-        present = lf.collect_schema().names()
-    except pl.exceptions.PolarsError as exc:
-        raise OntologyError(f"{path}: cannot read header ({exc})") from exc
-    _require_columns(path, present)
-    return lf.select(
-        pl.col(c).str.strip_chars_end("\r") if dtype == pl.String() else pl.col(c)
-        for c, dtype in wanted.items()
-    )
-
-
-def _scan_concepts(path: Path) -> pl.LazyFrame:
-    """Lazily scan CONCEPT.csv as concept_id, vocabulary_id, standard_concept, concept_code, ragged.
-
-    Lines are split by hand because a concept_name may hold a stray tab, which the CSV reader
-    would silently shift into the next columns: columns after concept_name are taken counting
-    from the end of the line. `ragged` flags lines whose field count differs from the header's.
-    """
-    with path.open("rb") as handle:
-        header = handle.readline().decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
-    names = header.split("\t")
-    _require_columns(path, names)
-    name_index = names.index("concept_name") if "concept_name" in names else len(names)
-    # A separator byte that Athena files never contain, so each line arrives whole.
-    lines = pl.scan_csv(
-        path, separator="\x1f", quote_char=None, has_header=False, skip_rows=1,
-        schema={"line": pl.String()}, encoding="utf8-lossy",
-    ).filter(pl.col("line").is_not_null() & (pl.col("line") != ""))
-    split = pl.col("line").str.strip_chars_end("\r").str.split("\t")
-
-    def field(column: str) -> pl.Expr:
-        index = names.index(column)
-        if index > name_index:
-            index -= len(names)
-        return split.list.get(index, null_on_oob=True).alias(column)
-
-    return lines.select(
-        field("concept_id").cast(pl.Int64), field("vocabulary_id"), field("standard_concept"),
-        field("concept_code"), ragged=split.list.len() != len(names),
-    )
-
-
-def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
-    """Collect a scan of `path` with the streaming engine, naming the file on a parse error."""
-    try:
-        return lf.collect(engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        raise OntologyError(f"{path}: cannot parse ({exc})") from exc
-
-
-def _id_edges_to_codes(id_edges: pl.DataFrame, concepts: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """(child_id, parent_id) rows → (code, parent) rows, and the count of rows with unknown ids."""
-    ids = concepts.select("concept_id", "code")
-    all_ids = ids["concept_id"].implode()
-    known = id_edges["child_id"].is_in(all_ids) & id_edges["parent_id"].is_in(all_ids)
-    missing = id_edges.height - int(known.sum())
-    edges = (
-        id_edges.filter(known)
-        .join(ids.rename({"concept_id": "child_id"}), on="child_id")
-        .join(ids.rename({"concept_id": "parent_id", "code": "parent"}), on="parent_id")
-        .select("code", "parent")
-    )
-    return edges, missing
-
-
-def read_athena(athena_dir: Path) -> tuple[pl.Series, pl.DataFrame, int]:
-    """Read an Athena folder into (concept codes, parent edges code→parent, missing references).
-
-    Only level-1 ancestor rows and valid `Maps to` rows are collected, so a full download
-    (~6M concepts, tens of millions of ancestor rows) stays within a few GB.
-    Raises OntologyError naming missing files, missing columns or unparsable values.
-    """
-    athena_dir = Path(athena_dir)
-    missing_files = [name for name in ATHENA_COLUMNS if not (athena_dir / name).is_file()]
-    if missing_files:
-        raise OntologyError(f"{athena_dir}: missing Athena file(s) {', '.join(missing_files)}")
-    concept_path = athena_dir / CONCEPT_FILE
-    code = pl.concat_str("vocabulary_id", pl.lit("/"), "concept_code")
-    hierarchical = pl.col("standard_concept").is_in(HIERARCHICAL_CONCEPTS).fill_null(False)
-    concepts = _collect(
-        _scan_concepts(concept_path)
-        .select("concept_id", "ragged", code=code, hierarchical=hierarchical)
-        .filter(pl.col("concept_id").is_not_null() & pl.col("code").is_not_null()),
-        concept_path,
-    )
-    if ragged := int(concepts["ragged"].sum()):
-        logger.warning("%s: %d lines have more or fewer fields than the header (tabs in "
-                       "concept_name?); read from both ends of the line", concept_path, ragged)
-    ancestor_path = athena_dir / ANCESTOR_FILE
-    hierarchy = _collect(
-        _scan_athena(ancestor_path)
-        .filter(pl.col("min_levels_of_separation") == 1)
-        .select(child_id="descendant_concept_id", parent_id="ancestor_concept_id"),
-        ancestor_path,
-    )
-    relationship_path = athena_dir / RELATIONSHIP_FILE
-    maps_to = _collect(
-        _scan_athena(relationship_path)
-        .filter(
-            (pl.col("relationship_id") == "Maps to")
-            & (pl.col("invalid_reason").fill_null("") == "")
-            & (pl.col("concept_id_1") != pl.col("concept_id_2"))
-        )
-        .select(child_id="concept_id_1", parent_id="concept_id_2"),
-        relationship_path,
-    )
-    # Standard and classification concepts take their parents from the hierarchy alone.
-    hierarchical_ids = concepts.filter("hierarchical")["concept_id"].implode()
-    maps_to = maps_to.filter(~pl.col("child_id").is_in(hierarchical_ids))
-    hierarchy_edges, missing_hierarchy = _id_edges_to_codes(hierarchy, concepts)
-    maps_edges, missing_maps = _id_edges_to_codes(maps_to, concepts)
-    edges = pl.concat([hierarchy_edges, maps_edges]).unique()
-    logger.info("athena: %d concepts, %d level-1 ancestor rows, %d Maps to rows from %s",
-                concepts.height, hierarchy.height, maps_to.height, athena_dir)
-    return concepts["code"].unique(), edges, missing_hierarchy + missing_maps
 
 
 def _metadata_edges(codes_metadata: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:

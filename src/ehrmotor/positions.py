@@ -42,6 +42,16 @@ def with_birth(events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def count_before_birth(events: pl.DataFrame) -> tuple[int, int]:
+    """(subjects, events) with timed events strictly earlier than the subject's MEDS_BIRTH time.
+
+    `build_positions` folds such events into position 0, so prepare reports how many there were.
+    """
+    timed = events.select("subject_id", "time", "code").filter(pl.col("time").is_not_null())
+    early = with_birth(timed).filter(pl.col("time") < pl.col("birth"))
+    return early["subject_id"].n_unique(), early.height
+
+
 def encode_events(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology) -> pl.DataFrame:
     """One row per (event, entry): columns `event` (row index in `events`), `entry`, `weight`."""
     entries = tokenizer.entries

@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import resource
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +36,15 @@ from tqdm import tqdm
 
 from ehrmotor import artifacts
 from ehrmotor.config import PrepareConfig, config_dict
-from ehrmotor.meds import data_files, read_codes_metadata, read_subject_splits, require_valid
+from ehrmotor.errors import InputError
+from ehrmotor.lock import work_lock
+from ehrmotor.meds import (
+    MedsError,
+    data_files,
+    read_codes_metadata,
+    read_subject_splits,
+    require_valid,
+)
 from ehrmotor.motor_task import MotorTask, TaskCounts, candidate_tasks
 from ehrmotor.ontology import Ontology
 from ehrmotor.positions import time_stats_from_moments
@@ -50,6 +57,7 @@ from ehrmotor.prepare_shards import (
     shard_tokenizer_bins,
     shard_tokenizer_counts,
 )
+from ehrmotor.processes import process_pool
 from ehrmotor.split import read_split, split_subjects, write_split
 from ehrmotor.tokenizer import Tokenizer, fit_numeric_edges
 from ehrmotor.write_datasets import finish_dataset
@@ -59,7 +67,7 @@ T = TypeVar("T")
 ATHENA_FILES = ("CONCEPT.csv", "CONCEPT_RELATIONSHIP.csv", "CONCEPT_ANCESTOR.csv")
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Bad input for prepare (one line); the CLI exits with status 2."""
 
 
@@ -75,6 +83,8 @@ class PrepareSummary:
     prediction_points: dict[str, int] = field(default_factory=dict)
     skipped_windows: int = 0
     skipped_subjects: int = 0
+    subjects_born_late: int = 0  # subjects with timed events before their MEDS_BIRTH event
+    events_before_birth: int = 0  # those events, folded into the birth position
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: float = 0.0  # largest single process (this one or a worker)
 
@@ -89,6 +99,8 @@ class PrepareSummary:
             + f"; skipped windows {self.skipped_windows:,}, subjects {self.skipped_subjects:,}",
             "prediction points " + ", ".join(f"{k} {v:,}" for k, v in
                                              self.prediction_points.items()),
+            f"events before MEDS_BIRTH {self.events_before_birth:,} of "
+            f"{self.subjects_born_late:,} subject(s), folded into the birth position",
             f"seconds per step: {steps}",
             f"peak memory {self.peak_rss_gib:.2f} GiB (largest process)",
         ]
@@ -139,37 +151,51 @@ class Preparer:
         started = time.perf_counter()
         built = False
         if self.force or not artifacts.is_current(artifact, manifest):
-            with artifacts.atomic_path(artifact) as tmp:
+            with artifacts.atomic_path(artifact, replace_folder=True) as tmp:
                 try:
                     build(tmp)
                 except PrepareError:
                     raise
-                except ValueError as error:  # a fit found nothing to learn from, bad input
+                except InputError as error:  # a fit found nothing to learn from
                     raise PrepareError(f"{name}: {str(error).splitlines()[0]}") from error
             artifacts.record(artifact, manifest)
             built = True
         self.summary.seconds[name] = time.perf_counter() - started
         log.info("%s: %s %s", name, "built" if built else "loaded", artifact)
-        self.upstream = _digest(manifest)
+        # The package version is left out: a new release alone must not invalidate artifacts.
+        self.upstream = _digest({k: v for k, v in manifest.items() if k != "ehrmotor_version"})
         return built
 
     # ------------------------------------------------------------------ run
     def run(self) -> PrepareSummary:
+        artifacts.check_output(self.out.parent, "folder")
+        self._check_inputs()  # before anything is created
+        created = [folder for folder in (self.out.parent, self.out) if not folder.exists()]
+        try:
+            with work_lock(self.out.parent, "prepare"):
+                artifacts.check_output(self.out, "folder")
+                self.out.mkdir(exist_ok=True)
+                for stale in artifacts.clean_stale_temporaries(self.out):
+                    log.info("removed %s, left by an interrupted run", stale)
+                return self._run()
+        except BaseException:
+            artifacts.remove_empty_folders(created)  # a run that built nothing leaves nothing
+            raise
+
+    def _check_inputs(self) -> None:
         try:
             require_valid(self.meds_dir)
-        except ValueError as error:
+        except MedsError as error:
             raise PrepareError(str(error).splitlines()[0]) from error
         if self.athena_dir is not None:
             missing = [n for n in ATHENA_FILES if not (self.athena_dir / n).is_file()]
             if missing:
                 raise PrepareError(f"{self.athena_dir}: Athena folder lacks {', '.join(missing)}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".*.tmp-*"):
-            artifacts.remove(stale)  # left by an interrupted run
+
+    def _run(self) -> PrepareSummary:
         self.inputs = _fingerprint_inputs(self.meds_dir, self.athena_dir)
         files = data_files(self.meds_dir)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(self.workers, len(files)), mp_context=context) as pool:
+        with process_pool(min(self.workers, len(files))) as pool:
             self._run_steps(pool, files)
         resolved = self.out / "config.json"
         if not resolved.exists() or json.loads(resolved.read_text()) != config_dict(self.config):
@@ -267,6 +293,8 @@ class Preparer:
                          "events": sum(s.events for s in shards),
                          "skipped_windows": sum(s.skipped_windows for s in shards),
                          "skipped_subjects": sum(s.skipped_subjects for s in shards),
+                         "subjects_born_late": sum(s.subjects_born_late for s in shards),
+                         "events_before_birth": sum(s.events_before_birth for s in shards),
                          "entries_used": sorted(set().union(*(s.entries_used for s in shards)))}
                 (tmp / "prepare_stats.json").write_text(json.dumps(stats))
             self._step(f"{split_name}_batches", self.out / f"{split_name}_batches",
@@ -278,6 +306,15 @@ class Preparer:
             self.summary.events += stats["events"]
             self.summary.skipped_windows += stats["skipped_windows"]
             self.summary.skipped_subjects += stats["skipped_subjects"]
+            # .get: prepare_stats.json written before these counts existed still loads.
+            born_late, before_birth = (stats.get("subjects_born_late", 0),
+                                       stats.get("events_before_birth", 0))
+            self.summary.subjects_born_late += born_late
+            self.summary.events_before_birth += before_birth
+            if born_late:
+                log.warning("%s: %d subject(s) have %d timed event(s) before their MEDS_BIRTH "
+                            "event; they were folded into the birth position (run ehrmotor "
+                            "validate for an example)", split_name, born_late, before_birth)
             self.summary.vocab_entries_used = max(self.summary.vocab_entries_used,
                                                   len(stats["entries_used"]))
 

@@ -20,7 +20,7 @@ from ehrmotor.examples import label_shard, window_rows
 from ehrmotor.meds import scan_shard
 from ehrmotor.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.ontology import Ontology
-from ehrmotor.positions import time_moments
+from ehrmotor.positions import count_before_birth, time_moments
 from ehrmotor.split import read_split
 from ehrmotor.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
 from ehrmotor.write_datasets import shard_file_name, write_shard_table
@@ -88,12 +88,13 @@ def shard_tokenizer_bins(job: ShardJob) -> pl.DataFrame:
     return count_bins(_events(job, "train").lazy(), job.edges)
 
 
-def _label(job: ShardJob, split_name: str, task_codes: pl.DataFrame) -> tuple[Any, int]:
+def _label(job: ShardJob, split_name: str, task_codes: pl.DataFrame
+           ) -> tuple[Any, pl.DataFrame]:
     events = _events(job, split_name)
     tokenizer = _cached("tokenizer", job.work / "tokenizer", Tokenizer.load)
     ontology = _cached("ontology", job.work / "ontology", Ontology.load)
     return label_shard(events, tokenizer, ontology, task_codes, job.config.max_window,
-                       job.config.seed), events.height
+                       job.config.seed), events
 
 
 def shard_task_counts(job: ShardJob) -> TaskCounts:
@@ -111,6 +112,8 @@ class ShardDataset:
     skipped_windows: int
     skipped_subjects: int
     entries_used: set[int]
+    subjects_born_late: int  # subjects with timed events before their MEDS_BIRTH event
+    events_before_birth: int  # those events, folded into position 0
 
 
 def shard_dataset(job: ShardJob) -> ShardDataset:
@@ -118,10 +121,12 @@ def shard_dataset(job: ShardJob) -> ShardDataset:
     if job.output_dir is None:
         raise ValueError("shard_dataset needs job.output_dir")
     task = _cached("task", job.work / "motor_task.json", MotorTask.load)
-    labelled, num_events = _label(job, job.split_name, task.task_codes())
+    labelled, events = _label(job, job.split_name, task.task_codes())
     windows = window_rows(labelled, job.config.max_window)
     rows = windows.rows
     write_shard_table(rows.to_arrow(), job.output_dir / shard_file_name(job.index, job.shards))
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
-    return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0), num_events,
-                        windows.windows_skipped, windows.subjects_skipped, used)
+    born_late, before_birth = count_before_birth(events)
+    return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0), events.height,
+                        windows.windows_skipped, windows.subjects_skipped, used, born_late,
+                        before_birth)

@@ -39,11 +39,15 @@ import msgpack
 import numpy as np
 import polars as pl
 
+from ehrmotor.errors import InputError
 from ehrmotor.ontology import Ontology
 
 FORMAT_VERSION = 1
 OPEN_EDGE = 1e308
 KIND_ORDER = {"code": 0, "numeric": 1, "text": 2}
+DOCUMENT_KEYS = ("format_version", "entries", "numeric_edges", "time_stats", "num_train_subjects")
+TIME_STAT_KEYS = ("age_mean", "age_std", "log_age_mean", "log_age_std", "log_delta_mean",
+                  "log_delta_std")
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class Tokenizer:
         """Merge per-shard counts and rank the entries (time_stats are set by the caller)."""
         total = sum(c.num_subjects for c in counts)
         if total == 0:
-            raise ValueError("no train subjects to fit the tokenizer on")
+            raise InputError("no train subjects to fit the tokenizer on")
         codes = (pl.concat([c.code_subjects for c in counts])
                  .group_by("code").agg(pl.col("subjects").sum())
                  .with_columns(probability=pl.col("subjects") / total))
@@ -229,19 +233,97 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
-        document = msgpack.unpackb((directory / "dictionary.msgpack").read_bytes(), raw=False)
+        """Read `directory/dictionary.msgpack`; raises InputError naming the file when it is
+        missing, not msgpack, of another format_version or lacks a field."""
+        path = Path(directory) / "dictionary.msgpack"
+        expected = "expected the tokenizer dictionary written by `ehrmotor prepare`"
+        try:
+            document = msgpack.unpackb(path.read_bytes(), raw=False)
+        except FileNotFoundError as exc:
+            raise InputError(f"{path}: not found; {expected}") from exc
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc}); {expected}") from exc
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InputError(f"{path}: not a valid msgpack file ({_one_line(exc)}); "
+                             f"{expected}") from exc
+        if not isinstance(document, dict):
+            raise InputError(f"{path}: holds a msgpack {type(document).__name__}; expected a map "
+                             f"with keys {', '.join(DOCUMENT_KEYS)}")
         if document.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / 'dictionary.msgpack'}: format_version "
-                             f"{document.get('format_version')!r}; expected {FORMAT_VERSION}")
-        rows = [{"kind": e["kind"], "code": e["code"], "bin": e.get("bin"),
-                 "text": e.get("text"), "probability": e["probability"], "score": e["score"],
-                 "lower": e.get("lower"), "upper": e.get("upper")} for e in document["entries"]]
-        entries = pl.DataFrame(rows, schema={
-            "kind": pl.String, "code": pl.String, "bin": pl.Int32, "text": pl.String,
-            "probability": pl.Float64, "score": pl.Float64, "lower": pl.Float64,
-            "upper": pl.Float64}).with_row_index("index")
-        return cls(entries, document["numeric_edges"], document["time_stats"],
-                   document["num_train_subjects"])
+            raise InputError(f"{path}: format_version {document.get('format_version')!r}; "
+                             f"expected {FORMAT_VERSION}")
+        missing = [key for key in DOCUMENT_KEYS if key not in document]
+        if missing:
+            raise InputError(f"{path}: missing keys {', '.join(missing)}; expected a map with "
+                             f"keys {', '.join(DOCUMENT_KEYS)}")
+        entries, edges, stats = (document["entries"], document["numeric_edges"],
+                                 document["time_stats"])
+        subjects = document["num_train_subjects"]
+        if not isinstance(entries, list):
+            raise InputError(f"{path}: entries is a {type(entries).__name__}; expected a list")
+        if not (isinstance(edges, dict) and all(isinstance(v, list) for v in edges.values())):
+            raise InputError(f"{path}: numeric_edges is {_shown(edges)}; expected a map of "
+                             "code to a list of bin edges")
+        if not (isinstance(stats, dict) and set(TIME_STAT_KEYS) <= set(stats)
+                and all(_is_number(stats[k]) for k in TIME_STAT_KEYS)):
+            raise InputError(f"{path}: time_stats is {_shown(stats)}; expected a map of "
+                             f"{', '.join(TIME_STAT_KEYS)} to numbers")
+        if not isinstance(subjects, int) or isinstance(subjects, bool):
+            raise InputError(f"{path}: num_train_subjects is {_shown(subjects)}; expected an "
+                             "integer")
+        rows = []
+        for number, entry in enumerate(entries):  # one row per vocabulary entry
+            problem = _entry_problem(entry)
+            if problem:
+                raise InputError(f"{path}: entry {number} {problem}; expected a map with kind "
+                                 "(code, numeric or text), code, probability, score, and bin, "
+                                 "lower, upper (numeric) or text (text)")
+            rows.append({"kind": entry["kind"], "code": entry["code"], "bin": entry.get("bin"),
+                         "text": entry.get("text"), "probability": entry["probability"],
+                         "score": entry["score"], "lower": entry.get("lower"),
+                         "upper": entry.get("upper")})
+        try:
+            frame = pl.DataFrame(rows, schema={
+                "kind": pl.String, "code": pl.String, "bin": pl.Int32, "text": pl.String,
+                "probability": pl.Float64, "score": pl.Float64, "lower": pl.Float64,
+                "upper": pl.Float64}).with_row_index("index")
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as exc:
+            raise InputError(f"{path}: entries do not fit their types ({_one_line(exc)}); "
+                             f"{expected}") from exc
+        return cls(frame, edges, stats, subjects)
 
     def __len__(self) -> int:
         return self.entries.height
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A short one-line rendering of a value for an error message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one saved vocabulary entry, or None."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}"
+    missing = [key for key in ("kind", "code", "probability", "score") if key not in entry]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    kind = entry["kind"]
+    if kind not in KIND_ORDER:
+        return f"has kind {_shown(kind)}"
+    if not isinstance(entry["code"], str):
+        return f"has code {_shown(entry['code'])}"
+    needed = {"numeric": ("bin", "lower", "upper"), "text": ("text",)}.get(kind, ())
+    absent = [key for key in needed if entry.get(key) is None]
+    if absent:
+        return f"({kind}) lacks {', '.join(absent)}"
+    return None

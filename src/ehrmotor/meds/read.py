@@ -22,6 +22,8 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from ehrmotor.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 DATA_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value")
@@ -81,7 +83,7 @@ class Finding:
 
 
 
-class MedsError(ValueError):
+class MedsError(InputError):
     """A MEDS dataset cannot be used; the message has one line per error finding."""
 
     def __init__(self, message: str, findings: Sequence[Finding] = ()) -> None:

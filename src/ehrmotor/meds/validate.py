@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 # colliding with user columns (we only ever select known columns next to it anyway).
 _ROW = "__row"
 
+# The MEDS birth code; `ehrmotor.positions` counts ages from it (not imported: meds stays light).
+BIRTH_CODE = "MEDS_BIRTH"
+# Control characters (C0 and DEL): a code holding one would become a garbled vocabulary entry.
+_CONTROL_CHARS = r"[\x00-\x1f\x7f]"
+# Longest code text quoted in a finding, so a runaway value keeps the message to one short line.
+_MAX_QUOTED = 60
+
 @dataclass
 class ValidationReport:
     """Result of `validate_dataset`: findings plus a few dataset-wide counts.
@@ -195,6 +202,50 @@ def _null_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
     return exprs
 
 
+def _code_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
+    """Aggregations locating the first empty code and the first code with a control character.
+
+    Evaluated over the whole shard with a `_ROW` index column; each problem gives its count,
+    first row, that row's subject (when subject_id is an integer) and, for control
+    characters, the offending code. Requires a string code column.
+    """
+    if not shape.code_string:
+        return []
+    row = pl.col(_ROW)
+    code = pl.col("code").cast(pl.String)
+    problems = {"empty_code": code == "", "control_code": code.str.contains(_CONTROL_CHARS)}
+    exprs: list[pl.Expr] = []
+    for name, bad in problems.items():
+        exprs += [
+            bad.sum().alias(f"{name}_count"),
+            row.filter(bad).first().alias(f"{name}_row"),
+        ]
+        if shape.subject_id_int:
+            exprs.append(pl.col("subject_id").filter(bad).first().alias(f"{name}_sid"))
+    exprs.append(code.filter(problems["control_code"]).first().alias("control_code_value"))
+    return exprs
+
+
+def _birth_check_exprs() -> list[pl.Expr]:
+    """Aggregations counting timed events earlier than their subject's MEDS_BIRTH event.
+
+    Evaluated over the shard's rows with a non-null subject_id and the original `_ROW`
+    index; requires an integer subject_id, a timestamp time and a string code. Subjects
+    without MEDS_BIRTH count nothing. The example is the first such event in the file.
+    """
+    row = pl.col(_ROW)
+    sid = pl.col("subject_id")
+    time = pl.col("time")
+    birth = time.filter(pl.col("code").cast(pl.String) == BIRTH_CODE).min().over(sid)
+    early = (time < birth).fill_null(False)
+    return [
+        early.sum().alias("early_events"),
+        sid.filter(early).n_unique().alias("early_subjects"),
+        row.filter(early).first().alias("early_row"),
+        sid.filter(early).first().alias("early_sid"),
+    ]
+
+
 def _order_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
     """Aggregations locating the first row (and its subject) that breaks row order.
 
@@ -228,7 +279,7 @@ def _order_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
 
 
 def _report_row_checks(rel: str, result: dict[str, Any], found: _Findings) -> None:
-    """Turn the merged single-row results of the null and order checks into findings."""
+    """Turn the merged single-row results of the row, order and birth checks into findings."""
     if result.get("null_sid_row") is not None:
         found.error(
             rel,
@@ -240,6 +291,23 @@ def _report_row_checks(rel: str, result: dict[str, Any], found: _Findings) -> No
     if result.get("null_code_row") is not None:
         found.error(
             rel, "null code", "a non-null string", column="code", row=result["null_code_row"]
+        )
+    value = result.get("control_code_value") or ""
+    clipped = value if len(value) <= _MAX_QUOTED else value[:_MAX_QUOTED] + "..."
+    code_problems = {
+        "empty_code": "empty code",
+        "control_code": f"code {clipped!r} holds a control character",
+    }
+    for name, what in code_problems.items():
+        if result.get(f"{name}_row") is None:
+            continue
+        found.error(
+            rel,
+            f"{what} ({result[f'{name}_count']} row(s) of this file)",
+            "a non-empty code without control characters (newline, tab, < 0x20 or 0x7f)",
+            column="code",
+            row=result[f"{name}_row"],
+            subject_id=result.get(f"{name}_sid"),
         )
     if result.get("split_row") is not None:
         found.error(
@@ -258,6 +326,17 @@ def _report_row_checks(rel: str, result: dict[str, Any], found: _Findings) -> No
             column="time",
             row=result["unsorted_row"],
             subject_id=result["unsorted_sid"],
+        )
+    if result.get("early_events"):
+        found.warn(
+            rel,
+            f"{result['early_subjects']} subject(s) have {result['early_events']} timed "
+            f"event(s) before their {BIRTH_CODE} event (prepare folds them into the birth "
+            "position)",
+            f"{BIRTH_CODE} no later than a subject's first timed event",
+            column="time",
+            row=result["early_row"],
+            subject_id=result["early_sid"],
         )
 
 
@@ -288,11 +367,13 @@ def _check_shard(meds_dir: Path, path: Path, found: _Findings) -> _ShardResult |
     indexed = base.with_row_index(_ROW)
     # All queries for this shard run in one collect_all so polars can share the scan.
     queries: dict[str, pl.LazyFrame] = {}
-    if null_exprs := _null_check_exprs(shape):
-        queries["nulls"] = indexed.select(null_exprs)
+    if row_exprs := _null_check_exprs(shape) + _code_check_exprs(shape):
+        queries["rows"] = indexed.select(row_exprs)
     if shape.subject_id_int:
         non_null = indexed.filter(pl.col("subject_id").is_not_null())
         queries["order"] = non_null.select(_order_check_exprs(shape))
+        if shape.time_ok and shape.code_string:
+            queries["birth"] = non_null.select(_birth_check_exprs())
         queries["subjects"] = base.select(pl.col("subject_id").cast(pl.Int64).drop_nulls().unique())
     if shape.code_string:
         queries["codes"] = base.select(pl.col("code").cast(pl.String).drop_nulls().unique())
@@ -305,7 +386,7 @@ def _check_shard(meds_dir: Path, path: Path, found: _Findings) -> _ShardResult |
         return _ShardResult(num_rows, None, None)
 
     checks: dict[str, Any] = {}
-    for name in ("nulls", "order"):
+    for name in ("rows", "order", "birth"):
         if name in frames:
             checks |= frames[name].row(0, named=True)
     _report_row_checks(rel, checks, found)

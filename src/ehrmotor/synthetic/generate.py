@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ehrmotor import __version__
+from ehrmotor.artifacts import atomic_path, check_output, clean_stale_temporaries
+from ehrmotor.errors import InputError, OutputError
+from ehrmotor.processes import process_pool
 from ehrmotor.synthetic.athena import write_athena
 from ehrmotor.synthetic.catalog import build_catalog
 from ehrmotor.synthetic.simulate import (
@@ -184,25 +184,39 @@ def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None
     """Write a synthetic MEDS 0.4 dataset and Athena vocabulary to `out`; return `out`.
 
     `num_shards` defaults to one per 10,000 subjects; `workers` to the number of cores.
-    Raises FileExistsError if `out` exists and is not empty, unless `force`.
+    Raises OutputError if `out` exists and is not empty, unless `force` and `out` is a dataset
+    this generator wrote (it never replaces anything else).
     """
     if num_subjects < 1:
-        raise ValueError(f"--subjects must be at least 1, got {num_subjects}")
+        raise InputError(f"--subjects must be at least 1, got {num_subjects}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    check_output(out, "folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputError(f"{out}: exists and is not empty; pass --force to replace it")
+        if not (out / "metadata" / "synthetic.json").is_file():
+            raise OutputError(f"{out}: exists and is not a dataset written by `ehrmotor synth` "
+                              "(no metadata/synthetic.json); refusing to replace it")
     num_shards = num_shards or max(1, -(-num_subjects // DEFAULT_SHARD_SUBJECTS))
     num_shards = min(num_shards, num_subjects)
     workers = max(1, min(workers or os.cpu_count() or 1, num_shards))
     specs = shard_specs(num_subjects, num_shards)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out.parent)
+    with atomic_path(out, replace_folder=True) as tmp:
+        totals = _write_dataset(tmp, specs, seed, num_subjects, workers, progress)
+    log.info("wrote %d subjects, %d events in %d shards to %s", num_subjects, totals[1],
+             num_shards, out)
+    return out
+
+
+def _write_dataset(tmp: Path, specs: list[ShardSpec], seed: int, num_subjects: int,
+                   workers: int, progress: bool) -> np.ndarray:
     (tmp / "metadata").mkdir(parents=True)
     catalog = build_catalog()
-    context = multiprocessing.get_context("spawn")
     totals = np.zeros(2, dtype=np.int64)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(catalog.codes, _pools())) as pool:
+    with process_pool(workers, initializer=_init_worker,
+                      initargs=(catalog.codes, _pools())) as pool:
         futures = [pool.submit(_write_shard, spec, seed, tmp / "data") for spec in specs]
         # The vocabulary and code metadata are written here while the workers simulate.
         write_athena(catalog, tmp / "athena")
@@ -220,15 +234,10 @@ def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None
         "etl_name": "ehrmotor.synthetic", "etl_version": __version__, "meds_version": MEDS_VERSION,
     }
     (tmp / "metadata" / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-    params = {"seed": seed, "num_subjects": num_subjects, "num_shards": num_shards,
+    params = {"seed": seed, "num_subjects": num_subjects, "num_shards": len(specs),
               "first_subject_id": FIRST_SUBJECT_ID, "generator_version": __version__}
     (tmp / "metadata" / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("wrote %d subjects, %d events in %d shards to %s", num_subjects, totals[1],
-             num_shards, out)
-    return out
+    return totals
 
 
 def true_hazards(meds_dir: Path, subject_ids: np.ndarray, times: np.ndarray,

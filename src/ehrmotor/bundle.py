@@ -1,0 +1,266 @@
+"""Loading a model bundle written by `ehrmotor pretrain`: the one place bundles are read.
+
+A bundle is a folder holding config.json (`MotorConfig`), model.safetensors (the weights),
+dictionary.msgpack (`Tokenizer`), ontology/ (`Ontology`), and optionally training_summary.json
+(its `max_window` caps the feature windows). `load_bundle` checks all of it up front and raises
+`BundleError`, one line naming the file and what was expected, for anything it cannot use:
+
+- config.json that is missing, not JSON, not an object, lacks a field, has a wrong model_type or
+  sizes that `MotorConfig` rejects;
+- model.safetensors that is missing (a pytorch_model.bin is never loaded: it is a pickle, and
+  unpickling can run arbitrary code), truncated or otherwise unreadable, or whose tensors do not
+  match config.json (missing, unexpected or of another shape); transformers' own loading report
+  is checked again after loading, so nothing is ever silently re-initialised;
+- dictionary.msgpack that is missing or corrupt (see `Tokenizer.load`), or whose number of entries
+  differs from config.json's vocab_size;
+- an unreadable training_summary.json or a bad max_window in it; a missing or corrupt ontology.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers.utils import logging as hf_logging
+
+from ehrmotor.errors import BundleError, InputError
+from ehrmotor.model import MotorConfig, MotorModel
+from ehrmotor.ontology import Ontology, OntologyError
+from ehrmotor.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PICKLED_WEIGHTS_FILE = "pytorch_model.bin"
+DICTIONARY_FILE = "dictionary.msgpack"
+SUMMARY_FILE = "training_summary.json"
+ONTOLOGY_DIR = "ontology"
+MODEL_TYPE = "ehrmotor"
+# config.json fields that shape the weights (positive integers) or change what the model computes.
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+             "num_tasks", "num_bins", "final_layer_size", "time_features", "attention_width")
+BEHAVIOUR_KEYS = ("rms_norm_eps", "rope_theta")
+SHOWN = 3  # offending tensor names shown in a message
+BY_PRETRAIN = "written by `ehrmotor pretrain`"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded model bundle: the model (eval mode, loaded on CPU) and what reading data for it
+    needs."""
+
+    path: Path
+    config: MotorConfig
+    model: MotorModel
+    tokenizer: Tokenizer
+    ontology: Ontology
+    max_window: int | None  # training window recorded in training_summary.json, if any
+
+
+def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None) -> Bundle:
+    """Load and check the bundle at `path`; raises BundleError (see the module docstring).
+
+    ontology: an `Ontology` or the folder of a saved one to use instead of `path/ontology`
+    (a bad folder raises the ontology's own InputError, not a BundleError).
+    """
+    bundle = Path(path)
+    if not bundle.is_dir():
+        what = "not found" if not bundle.exists() else "not a folder"
+        raise BundleError(f"{bundle}: {what}; expected a model bundle folder {BY_PRETRAIN}")
+    config = _load_config(bundle / CONFIG_FILE)
+    tokenizer = _load_tokenizer(bundle)
+    if len(tokenizer) != config.vocab_size:
+        raise BundleError(f"{bundle / CONFIG_FILE}: vocab_size {config.vocab_size} but "
+                          f"{bundle / DICTIONARY_FILE} has {len(tokenizer)} entries; expected the "
+                          "dictionary the model was trained with")
+    max_window = _load_max_window(bundle / SUMMARY_FILE)
+    weights = _checked_weights(bundle, config)
+    loaded_ontology = _load_ontology(bundle, ontology)
+    model = _load_model(bundle, weights, config)  # the costly step last
+    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _load_config(path: Path) -> MotorConfig:
+    expected = f"expected the MotorConfig JSON {BY_PRETRAIN}"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: not found; {expected}") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc}); {expected}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({_one_line(exc)}); {expected}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: holds a JSON {type(raw).__name__}; {expected} (an object)")
+    if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise BundleError(f"{path}: model_type {json.dumps(raw['model_type'])[:40]}; expected "
+                          f"{MODEL_TYPE!r}")
+    missing = [key for key in (*SIZE_KEYS, *BEHAVIOUR_KEYS) if key not in raw]
+    if missing:
+        raise BundleError(f"{path}: missing keys {', '.join(missing)}; {expected}")
+    for key in SIZE_KEYS:
+        value = raw[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BundleError(f"{path}: {key} is {json.dumps(value)[:40]}; expected a positive "
+                              "integer")
+    try:
+        config = MotorConfig.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"{path}: {_one_line(exc)}") from exc
+    if not isinstance(config, MotorConfig):  # from_dict may hand back (config, unused kwargs)
+        raise BundleError(f"{path}: not a MotorConfig; {expected}")
+    return config
+
+
+def _load_tokenizer(bundle: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(bundle)
+    except BundleError:
+        raise
+    except InputError as exc:  # Tokenizer.load names the file
+        raise BundleError(_one_line(exc)) from exc
+
+
+def _weights_file(bundle: Path) -> Path:
+    """bundle/model.safetensors, checked to exist and to be a complete safetensors file."""
+    weights = bundle / WEIGHTS_FILE
+    if not weights.exists():
+        if (bundle / PICKLED_WEIGHTS_FILE).exists():
+            raise BundleError(f"{weights}: not found; {bundle / PICKLED_WEIGHTS_FILE} is not "
+                              "loaded because it is a pickle (unpickling can run arbitrary code); "
+                              f"expected the safetensors weights {BY_PRETRAIN}")
+        raise BundleError(f"{weights}: not found; expected the safetensors weights {BY_PRETRAIN}")
+    if not weights.is_file():
+        raise BundleError(f"{weights}: not a file; expected the safetensors weights {BY_PRETRAIN}")
+    return weights
+
+
+def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors header (which safetensors checks against the
+    file size, so a truncated file fails here)."""
+    try:
+        with safe_open(str(weights), framework="pt") as stored:
+            names = list(stored.keys())  # a safe_open handle is not iterable
+            return {name: tuple(stored.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{weights}: not a readable safetensors file ({_one_line(exc)}); "
+                          f"expected the complete weights {BY_PRETRAIN}") from exc
+
+
+def _named(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN])
+    return f"{shown} and {len(names) - SHOWN} more" if len(names) > SHOWN else shown
+
+
+def _shape_problems(stored: dict[str, tuple[int, ...]],
+                    wanted: dict[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and mismatched tensors of the file against the config's model."""
+    problems = []
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    mismatched = sorted(name for name in set(stored) & set(wanted) if stored[name] != wanted[name])
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({_named(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_named(unexpected)})")
+    if mismatched:
+        first = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors of another shape (e.g. {first}: "
+                        f"{list(stored[first])} in the file, {list(wanted[first])} for the config)")
+    return problems
+
+
+def _checked_weights(bundle: Path, config: MotorConfig) -> Path:
+    """bundle/model.safetensors, checked to hold exactly the tensors of `config`'s model."""
+    weights = _weights_file(bundle)
+    stored = _stored_shapes(weights)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        wanted = {name: tuple(tensor.shape) for name, tensor in MotorModel(config).state_dict()
+                  .items()}
+    problems = _shape_problems(stored, wanted)
+    if problems:
+        raise BundleError(f"{weights}: does not match {bundle / CONFIG_FILE}: "
+                          f"{'; '.join(problems)}; expected the weights saved with this config")
+    return weights
+
+
+def _load_model(bundle: Path, weights: Path, config: MotorConfig) -> MotorModel:
+    """The model with the weights of `weights`; transformers' loading report must be clean."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for 19 tensors is noise on every embed/evaluate
+    try:
+        loaded: Any = MotorModel.from_pretrained(bundle, config=config, use_safetensors=True,
+                                                 output_loading_info=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{weights}: cannot be loaded ({_one_line(exc)}); expected the "
+                          f"weights {BY_PRETRAIN}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model, info = loaded  # output_loading_info: (model, report)
+    reported = _loading_problems(info)
+    if reported:
+        raise BundleError(f"{weights}: does not match {bundle / CONFIG_FILE}: {reported}; "
+                          "expected the weights saved with this config")
+    model.eval()
+    return model
+
+
+def _loading_problems(info: dict[str, Any]) -> str:
+    """transformers' loading report (missing, unexpected, mismatched keys, errors) as one line."""
+    parts = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        entries = [str(entry[0] if isinstance(entry, tuple) else entry)
+                   for entry in info.get(key) or []]
+        if entries:
+            parts.append(f"{key.replace('_', ' ')} {' '.join(_named(sorted(entries)).split())}")
+    return "; ".join(parts)
+
+
+def _load_max_window(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not readable JSON ({_one_line(exc)}); expected the training "
+                          f"summary {BY_PRETRAIN}") from exc
+    if not isinstance(summary, dict):
+        raise BundleError(f"{path}: holds a JSON {type(summary).__name__}; expected an object")
+    window = summary.get("max_window")
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise BundleError(f"{path}: max_window is {json.dumps(window)[:40]}; expected an integer "
+                          "of at least 2 (position 0 and one more)")
+    return window
+
+
+def _load_ontology(bundle: Path, ontology: Ontology | str | Path | None) -> Ontology:
+    if isinstance(ontology, Ontology):
+        return ontology
+    if ontology is not None:
+        try:
+            return Ontology.load(Path(ontology))
+        except OntologyError as exc:
+            raise OntologyError(_one_line(exc)) from exc
+    folder = bundle / ONTOLOGY_DIR
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: not found; expected the ontology folder {BY_PRETRAIN}")
+    try:
+        return Ontology.load(folder)
+    except OntologyError as exc:  # names the file
+        message = _one_line(exc)
+        if "expected" not in message:
+            message += f"; expected the ontology folder {BY_PRETRAIN}"
+        raise BundleError(message) from exc
