@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ehrmotor embed --model $(DEMO)/work/model --meds $(DEMO)/meds --labels $(DEMO)/evaluation/labels.parquet --out $(DEMO)/embeddings.parquet
 	@cat $(DEMO)/evaluation/results.md
 
-test: $(STAMP)
+# CI (.ci/run) runs `make test`: the lint gate first, then the suite.
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -16,11 +16,15 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ehrmotor.attention import blockwise_local_attention, naive_local_attention
+from ehrmotor.model import blockwise_local_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from model_reference import naive_local_attention  # noqa: E402  (the dense reference)
 
 HEADS, HEAD_DIM, WIDTH = 12, 64, 496
 

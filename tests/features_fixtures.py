@@ -16,11 +16,11 @@ import polars as pl
 
 from ehrmotor.config import PrepareConfig, PretrainConfig
 from ehrmotor.meds import data_files, scan_shard
-from ehrmotor.ontology import Ontology
-from ehrmotor.positions import build_positions
 from ehrmotor.prepare import prepare
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import build_positions
+from ehrmotor.prepare.tokenizer import Tokenizer
 from ehrmotor.synthetic import generate
-from ehrmotor.tokenizer import Tokenizer
 from ehrmotor.train import pretrain
 
 SUBJECTS = 300

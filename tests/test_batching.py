@@ -1,12 +1,23 @@
-"""Token-budget packing, the per-epoch / per-rank batch sampler, and collating windows."""
+"""Token-budget packing, the per-epoch / per-rank batch sampler, cutting windows (training and
+embedding) and collating them."""
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
+import polars as pl
 import pytest
 import torch
+from prepare_builders import positions_frame
 
-from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, pack
+from ehrmotor.batching import (
+    TokenBudgetBatchSampler,
+    collate_windows,
+    frame_rows,
+    pack,
+    pad_batch,
+)
+from ehrmotor.prepare.windows import embedding_windows, training_windows, window_sequences
 
 BUDGET = 100
 
@@ -116,7 +127,7 @@ def test_unshuffled_batches_follow_the_window_order_on_every_epoch() -> None:
 def window(bag_sizes: list[int], entries: list[int], age_days: list[float], points: list[int],
            censor_days: list[float], labels: list[tuple[int, int, float]]
            ) -> dict[str, torch.Tensor]:
-    """A prepared row in torch format (layout of `ehrmotor.examples`)."""
+    """A prepared row in torch format (layout of `ehrmotor.prepare.examples`)."""
     length = len(bag_sizes)
     ages = torch.tensor(age_days)
     label_point, label_task, label_days = zip(*labels, strict=True) if labels else ((), (), ())
@@ -188,3 +199,61 @@ def test_collate_of_a_window_without_events_censors_every_task() -> None:
     assert batch["bag_offsets"].tolist() == [0, 0]
     assert batch["event_days"].tolist() == [[12.5, 12.5, 12.5]]
     assert not batch["is_event"].any()
+
+
+def test_collate_without_num_tasks_carries_the_points_and_no_labels(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
+    with_labels = collate_windows(two_windows, num_tasks=4)
+    embedding = collate_windows(two_windows)
+    assert set(with_labels) - set(embedding) == {"event_days", "is_event"}
+    for key, value in embedding.items():
+        torch.testing.assert_close(value, with_labels[key])
+
+
+def test_pad_batch_adds_empty_positions_in_a_segment_of_their_own(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
+    batch = collate_windows(two_windows)
+    padded = pad_batch(batch, 8)
+    assert padded["segment_ids"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert padded["bag_offsets"].tolist() == [0, 0, 2, 3, 4, 7, 7, 7]  # empty bags at the end
+    assert padded["time_features"].shape == (8, 3) and padded["age_days"].shape == (8,)
+    assert padded["point_indices"].tolist() == batch["point_indices"].tolist()
+    assert padded["entries"].tolist() == batch["entries"].tolist()
+    with pytest.raises(ValueError, match="5 positions cannot be padded to 4"):
+        pad_batch(batch, 4)
+
+
+def test_training_windows_are_consecutive_and_keep_every_later_position_once() -> None:
+    positions = positions_frame({1: 8, 2: 1, 3: 4})  # subject 2 has position 0 only
+    windows = training_windows(positions, max_window=4)
+    assert windows.rows() == [(1, 0, 1, 3), (1, 1, 4, 6), (1, 2, 7, 7), (3, 0, 1, 3)]
+    sequences = window_sequences(positions, windows)
+    assert sequences["entries"].to_list() == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7], [0, 1, 2, 3]]
+    assert sequences["bag_sizes"].to_list()[2] == [1, 1]
+
+
+def test_embedding_window_ends_at_the_read_position_with_at_most_context_positions() -> None:
+    positions = positions_frame({1: 12})
+    reads = pl.DataFrame({"subject_id": [1, 1, 1, 1, 1], "position": [0, 2, 3, 9, 9],
+                          "label": [0, 1, 2, 3, 4]})
+    windows = embedding_windows(reads, context=4)
+    # Positions 0..3 share the window starting at 1 (ending at the latest read); 9 reads 7..9.
+    assert windows.rows() == [(1, 0, 1, 3, [0, 2, 3], [0, 1, 2]), (1, 1, 7, 9, [3, 3], [3, 4])]
+    sequences = window_sequences(positions, windows)
+    assert sequences["entries"].to_list() == [[0, 1, 2, 3], [0, 7, 8, 9]]
+    # A point of a subject's first training window reads the same positions either way.
+    training = window_sequences(positions, training_windows(positions, max_window=4))
+    assert sequences.row(0) == training.row(0)
+
+
+def test_frame_rows_collate_as_the_rows_of_a_torch_format_dataset() -> None:
+    positions = positions_frame({1: 8, 3: 4})
+    rows = window_sequences(positions, training_windows(positions, max_window=4)).with_columns(
+        points=pl.Series([[1, 3], [2], [1], [0, 3]], dtype=pl.List(pl.Int32)))
+    dataset = datasets.Dataset(rows.to_arrow()).with_format("torch")
+    from_dataset = collate_windows([dataset[i] for i in range(len(dataset))])
+    from_frame = collate_windows(frame_rows(rows))
+    assert from_frame.keys() == from_dataset.keys()
+    for key, value in from_frame.items():
+        assert value.dtype == from_dataset[key].dtype, key
+        torch.testing.assert_close(value, from_dataset[key])

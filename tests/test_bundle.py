@@ -22,9 +22,9 @@ import pytest
 from ehrmotor import bundle as bundle_module
 from ehrmotor.bundle import load_bundle
 from ehrmotor.cli import main
+from ehrmotor.embed import compute_features
 from ehrmotor.errors import BundleError, InputError
-from ehrmotor.features import compute_features
-from ehrmotor.tokenizer import Tokenizer
+from ehrmotor.prepare.tokenizer import Tokenizer
 
 Damage = Callable[[Path], None]
 MARKER = "unpickled.marker"
@@ -124,9 +124,11 @@ CASES: dict[str, tuple[Damage, str, str]] = {
                                    "config.json", r"model\.safetensors: does not match .*"
                                                   r"config\.json: \d+ tensors of another shape"),
     "config_more_layers": (edit_json("config.json", lambda c: c.update(num_layers=3)),
-                           "config.json", r"does not match .*: 6 tensors missing \(layers\.2\."),
+                           "config.json",
+                           r"does not match .*: 6 tensors missing \(motor\.layers\.2\."),
     "config_fewer_layers": (edit_json("config.json", lambda c: c.update(num_layers=1)),
-                            "config.json", r"does not match .*: 6 unexpected tensors \(layers\.1"),
+                            "config.json",
+                            r"does not match .*: 6 unexpected tensors \(motor\.layers\.1"),
     "config_vocab_size_changed": (edit_json("config.json", lambda c: c.update(vocab_size=2001)),
                                   "dictionary.msgpack",
                                   r"config\.json: vocab_size 2001 but .*dictionary\.msgpack has "
@@ -194,8 +196,10 @@ def test_damaged_bundle_is_a_one_line_bundle_error(case: str, source: tuple[Path
 
 
 @pytest.mark.parametrize(("case", "pattern"), [
-    ("config_more_layers", r"model\.safetensors: does not match .*: missing keys layers\.2\."),
-    ("config_fewer_layers", r"model\.safetensors: does not match .*: unexpected keys layers\.1\."),
+    ("config_more_layers",
+     r"model\.safetensors: does not match .*: missing keys motor\.layers\.2\."),
+    ("config_fewer_layers",
+     r"model\.safetensors: does not match .*: unexpected keys motor\.layers\.1\."),
     ("config_hidden_size_changed", r"model\.safetensors: cannot be loaded \("),
 ], ids=["more_layers", "fewer_layers", "hidden_size_changed"])
 def test_transformers_loading_report_is_checked_too(case: str, pattern: str,

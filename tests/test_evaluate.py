@@ -1,5 +1,6 @@
 """Tests of `ehrmotor.evaluate`: task construction, count features, metrics, and the whole
-evaluation on a tiny pretrained model (one session-scoped synthetic dataset and bundle)."""
+evaluation on a tiny pretrained model (one session-scoped synthetic dataset and bundle, whose
+outcome codes and oracle the tests hand to `evaluate` as the CLI does)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,24 @@ import pytest
 from meds_builders import rows_table, write_table
 from sksurv.metrics import concordance_index_censored
 
+from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, PretrainConfig
+from ehrmotor.errors import InputError
 from ehrmotor.evaluate import RESULT_SCHEMA, evaluate
-from ehrmotor.evaluate_tasks import (
+from ehrmotor.evaluate.tasks import (
     TASK_SCHEMA,
     concordance,
     count_features,
     feature_matrix,
+    held_out_tasks,
     select_features,
-    synthetic_tasks,
 )
-from ehrmotor.ontology import Ontology
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.synthetic.outcomes import outcome_codes, synthetic_oracle
 
 BIRTH = datetime(1950, 1, 1)
 VISIT = datetime(2010, 1, 1, 9)
+DEATH = {"death": ["MEDS_DEATH"]}
 
 
 def write_dataset(root: Path, events: dict[int, list[tuple[datetime | None, str, float | None]]],
@@ -70,7 +75,8 @@ def tiny_tasks(tmp_path: Path) -> pl.DataFrame:
     }
     splits = {sid: "train" if sid == 6 else "held_out" for sid in events}
     meds = write_dataset(tmp_path / "meds", events, splits)
-    return synthetic_tasks(meds, ["heart_failure", "death"], horizon_days=365, seed=0)
+    return held_out_tasks(meds, {"heart_failure": ["ICD10CM/I50"], **DEATH}, horizon_days=365,
+                          seed=0)
 
 
 def task_rows(tasks: pl.DataFrame, outcome: str) -> dict[int, tuple[float, bool, bool | None]]:
@@ -97,11 +103,11 @@ def test_prediction_time_is_a_seeded_visit_strictly_before_the_last_event(tmp_pa
     visits = [(datetime(2000 + year, 5, 1), "Visit/OP", None) for year in range(10)]
     meds = write_dataset(tmp_path / "meds", {1: [(BIRTH, "MEDS_BIRTH", None), *visits]},
                          {1: "held_out"})
-    drawn = {synthetic_tasks(meds, ["death"], horizon_days=365, seed=seed)["prediction_time"][0]
+    drawn = {held_out_tasks(meds, DEATH, horizon_days=365, seed=seed)["prediction_time"][0]
              for seed in range(12)}
     assert drawn <= {time for time, _, _ in visits[:-1]} and len(drawn) > 1
-    again = synthetic_tasks(meds, ["death"], horizon_days=365, seed=3)["prediction_time"][0]
-    assert again == synthetic_tasks(meds, ["death"], horizon_days=365, seed=3)["prediction_time"][0]
+    again = held_out_tasks(meds, DEATH, horizon_days=365, seed=3)["prediction_time"][0]
+    assert again == held_out_tasks(meds, DEATH, horizon_days=365, seed=3)["prediction_time"][0]
 
 
 def test_empty_held_out_falls_back_to_tuning(tmp_path: Path,
@@ -109,15 +115,24 @@ def test_empty_held_out_falls_back_to_tuning(tmp_path: Path,
     meds = write_dataset(tmp_path / "meds", {1: visit_subject(), 2: visit_subject()},
                          {1: "tuning", 2: "train"})
     with caplog.at_level(logging.WARNING):
-        tasks = synthetic_tasks(meds, ["death"], horizon_days=365, seed=0)
+        tasks = held_out_tasks(meds, DEATH, horizon_days=365, seed=0)
     assert tasks["subject_id"].to_list() == [1]
     assert "held_out split is empty" in caplog.text
 
 
-def test_unknown_outcome_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codes", ["MEDS_DEATH", [], [""]])
+def test_an_outcome_without_a_list_of_codes_is_refused(tmp_path: Path, codes: Any) -> None:
     meds = write_dataset(tmp_path / "meds", {1: visit_subject()}, {1: "held_out"})
-    with pytest.raises(ValueError, match="unknown outcome 'flu'"):
-        synthetic_tasks(meds, ["flu"], horizon_days=365, seed=0)
+    with pytest.raises(InputError, match="outcome 'death': expected a name and a non-empty list"):
+        held_out_tasks(meds, {"death": codes}, horizon_days=365, seed=0)
+
+
+def test_cli_refuses_an_unknown_outcome_name_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--meds", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--outcomes", "death", "flu"]) == 2
+    assert "unknown outcome 'flu'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_count_features_lifetime_recent_ancestors_and_last_lab(tmp_path: Path) -> None:
@@ -177,9 +192,10 @@ def test_concordance_matches_sksurv_and_weights_act_as_copies() -> None:
 # --------------------------------------------------------------------------- end to end
 
 SUBJECTS = 600
-EVAL_SETTINGS: dict[str, Any] = {"outcomes": ("death", "diabetes"), "train_sizes": (40, None),
-                                 "repeats": 2, "bootstrap": 50, "seed": 0,
-                                 "tokens_per_batch": 512, "max_count_features": 500}
+OUTCOMES = ("death", "diabetes")
+EVAL_SETTINGS: dict[str, Any] = {"outcomes": outcome_codes(OUTCOMES),
+                                 "train_sizes": (40, None), "repeats": 2, "bootstrap": 50,
+                                 "seed": 0, "tokens_per_batch": 1024, "max_count_features": 500}
 
 
 @pytest.fixture(scope="session")
@@ -211,7 +227,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def evaluated(bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     meds, model = bundle
     out = tmp_path_factory.mktemp("evaluation")
-    result = evaluate(meds, model, out, **EVAL_SETTINGS)
+    result = evaluate(meds, model, out, oracle=synthetic_oracle(meds), **EVAL_SETTINGS)
     assert result.results_csv == out / "results.csv"
     assert result.table_markdown == (out / "results.md").read_text().rstrip("\n")
     return out
@@ -220,7 +236,7 @@ def evaluated(bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 def test_evaluation_writes_finite_metrics_with_intervals_and_oracle(evaluated: Path) -> None:
     results = pl.read_csv(evaluated / "results.csv", schema=RESULT_SCHEMA)
     assert set(results["features"]) == {"motor", "counts", "oracle"}
-    for outcome in EVAL_SETTINGS["outcomes"]:
+    for outcome in OUTCOMES:
         for metric in ("c_index", "auroc"):
             task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric))
             assert task.filter(pl.col("features") == "oracle").height == 1
@@ -241,7 +257,7 @@ def test_evaluation_writes_finite_metrics_with_intervals_and_oracle(evaluated: P
 def test_evaluation_is_deterministic(bundle: tuple[Path, Path], evaluated: Path,
                                      tmp_path: Path) -> None:
     meds, model = bundle
-    evaluate(meds, model, tmp_path, **EVAL_SETTINGS)
+    evaluate(meds, model, tmp_path, oracle=synthetic_oracle(meds), **EVAL_SETTINGS)
     assert (tmp_path / "results.csv").read_bytes() == (evaluated / "results.csv").read_bytes()
 
 
@@ -252,7 +268,7 @@ def test_meds_label_file_is_one_binary_task(bundle: tuple[Path, Path], evaluated
     labels = tmp_path / "mortality.parquet"
     deaths.select("subject_id", "prediction_time", boolean_value="event").write_parquet(labels)
     result = evaluate(meds, model, tmp_path / "out", labels_path=labels, train_sizes=(None,),
-                      bootstrap=20, tokens_per_batch=512, max_count_features=500)
+                      bootstrap=20, tokens_per_batch=1024, max_count_features=500)
     rows = result.results
     assert set(rows["outcome"]) == {"mortality"} and set(rows["metric"]) == {"auroc"}
     assert set(rows["features"]) == {"motor", "counts"}  # no oracle for a label file

@@ -1,11 +1,13 @@
-"""`compute_features`: result format, label-time cut-off, no leaks, inputs, windows, errors.
+"""`compute_features`: result format, label-time cut-off, no leaks, inputs, windows and the
+training context, equality with training, exact label times, errors.
 
-One tiny bundle is trained per session (see `features_fixtures`); each test computes features for
-a few subjects only.
+One tiny bundle (context 1,024 positions) is trained per session (see `features_fixtures`); each
+test computes features for a few subjects only.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -20,14 +22,16 @@ import pytest
 import torch
 from features_fixtures import Subjects, at, read_events, write_meds_copy
 
-from ehrmotor import features
-from ehrmotor.features import compute_features, read_labels, write_embeddings
+from ehrmotor.batching import collate_windows, pad_batch
+from ehrmotor.cli import main
+from ehrmotor.embed import compute_features, read_labels, write_embeddings
+from ehrmotor.errors import InputError
 from ehrmotor.model import MotorModel
-from ehrmotor.ontology import Ontology
-from ehrmotor.tokenizer import Tokenizer
+from ehrmotor.prepare.datasets import load_prepared
 
 SECOND = timedelta(seconds=1)
 HOUR = timedelta(hours=1)
+CONTEXT = 1024  # max_window the tiny bundle was prepared and trained with
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +83,7 @@ def test_result_has_one_sorted_row_per_label_with_femr_dtypes(
     hidden = MotorModel.from_pretrained(bundle).config.hidden_size
     assert set(result) == {"subject_ids", "feature_times", "features"}
     assert result["subject_ids"].dtype == np.int64
-    assert result["feature_times"].dtype == np.dtype("datetime64[s]")
+    assert result["feature_times"].dtype == np.dtype("datetime64[us]")
     assert result["features"].dtype == np.float32
     assert result["features"].shape == (shuffled.height, hidden)
     expected = shuffled.sort("subject_id", "prediction_time")
@@ -191,8 +195,8 @@ def test_windows_are_position_zero_plus_the_positions_ending_at_the_label(
     late = next(p for p in range(60, len(times) - 1) if times[p] < times[p + 1])
     early = next(p for p in range(10, window - 1) if times[p] < times[p + 1])
     labels = [{"subject_id": subject_id, "prediction_time": at(times[p])} for p in (early, late)]
-    small = compute_features(meds, bundle, labels, tokens_per_batch=window)
-    large = compute_features(meds, bundle, labels, tokens_per_batch=1024)
+    small = compute_features(meds, bundle, labels, context=window)
+    large = compute_features(meds, bundle, labels)
     # Within the first window - 1 positions the window is the whole history either way.
     np.testing.assert_allclose(small["features"][0], large["features"][0], atol=1e-5)
     # Later: position 0, then the window - 1 positions ending at the label, encoded directly.
@@ -214,19 +218,94 @@ def test_windows_are_position_zero_plus_the_positions_ending_at_the_label(
     assert not np.allclose(small["features"][1], large["features"][1], atol=1e-4)
 
 
-def test_batches_padded_to_one_shape_give_the_same_features(
+def one_window_training_rows(bundle: Path, subjects: Subjects, count: int
+                             ) -> list[dict[str, torch.Tensor]]:
+    """`count` prepared train windows (torch format, as Trainer reads them) of subjects whose
+    whole history fits the context, spread over the dataset."""
+    train = load_prepared(bundle.parent / "pretraining_files" / "train_batches")
+    fits = set(subjects.sizes().filter(pl.col("positions") <= CONTEXT)["subject_id"].to_list())
+    index = pl.DataFrame({"subject_id": train.with_format("arrow")["subject_id"]}).with_row_index()
+    chosen = index.filter(pl.col("subject_id").is_in(list(fits)))["index"].to_numpy()
+    assert len(chosen) >= count
+    return [train[int(i)] for i in chosen[np.linspace(0, len(chosen) - 1, count).astype(int)]]
+
+
+def test_representation_at_a_training_point_equals_compute_features_there(
+        meds: Path, bundle: Path, subjects: Subjects) -> None:
+    rows = one_window_training_rows(bundle, subjects, 8)
+    model = MotorModel.from_pretrained(bundle).eval()
+    # What the model computes at the sampled points of its training windows (one packed batch).
+    with torch.no_grad():
+        trained = model(**collate_windows(rows, model.config.num_tasks)).representations
+    labels = pl.DataFrame([
+        (int(row["subject_id"]), at(int(row["times"][point])))
+        for row in rows for point in row["points"].tolist()],
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")}, orient="row")
+    assert labels.height >= 40
+    order = labels.with_row_index().sort("subject_id", "prediction_time")["index"].to_numpy()
+    result = compute_features(meds, bundle, labels)
+    np.testing.assert_allclose(result["features"], trained.numpy()[order], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_embeddings_do_not_change_with_tokens_per_batch(
         meds: Path, bundle: Path, labels: pl.DataFrame,
         reference: dict[str, np.ndarray]) -> None:
+    # The reference packs with the default budget, the context; 1,025 and 4 times the context
+    # pack the same windows differently.
+    for budget in (CONTEXT + 1, 4 * CONTEXT):
+        result = compute_features(meds, bundle, labels, tokens_per_batch=budget)
+        np.testing.assert_allclose(result["features"], reference["features"], atol=1e-5)
+
+
+def test_context_is_the_models_from_its_config_else_its_training_summary(
+        meds: Path, bundle: Path, subjects: Subjects, tmp_path: Path) -> None:
+    assert json.loads((bundle / "config.json").read_text())["max_window"] == CONTEXT
+    subject_id = subjects.with_sizes(80, 400, 1)[0]
+    times = subjects.times(subject_id)
+    labels = [{"subject_id": subject_id, "prediction_time": at(times[p])} for p in (40, 70)]
+    expected = compute_features(meds, bundle, labels, context=16)["features"]
+
+    def edited(name: str, config: dict, summary: dict) -> Path:
+        copy = shutil.copytree(bundle, tmp_path / name)
+        for file, change in (("config.json", config), ("training_summary.json", summary)):
+            document = {**json.loads((copy / file).read_text()), **change}
+            (copy / file).write_text(json.dumps({k: v for k, v in document.items()
+                                                 if v is not None}))
+        return copy
+
+    recorded = edited("recorded", {"max_window": 16}, {})
+    old = edited("old", {"max_window": None}, {"max_window": 16})
+    for copy in (recorded, old):
+        np.testing.assert_allclose(compute_features(meds, copy, labels)["features"], expected,
+                                   atol=1e-6)
+    unknown = edited("unknown", {"max_window": None}, {"max_window": None})
+    with pytest.raises(InputError, match="records no training context"):
+        compute_features(meds, unknown, labels)
+    np.testing.assert_allclose(compute_features(meds, unknown, labels, context=16)["features"],
+                               expected, atol=1e-6)
+
+
+def test_tokens_per_batch_below_the_context_is_an_input_error_naming_both(
+        meds: Path, bundle: Path, labels: pl.DataFrame) -> None:
+    with pytest.raises(InputError, match=rf"tokens_per_batch 512 is smaller than the context of "
+                                         rf"{CONTEXT} positions"):
+        compute_features(meds, bundle, labels, tokens_per_batch=512)
+    with pytest.raises(InputError, match="tokens_per_batch 16 is smaller than the context of 32"):
+        compute_features(meds, bundle, labels, tokens_per_batch=16, context=32)
+
+
+def test_batches_padded_to_one_shape_give_the_same_representations(
+        bundle: Path, subjects: Subjects) -> None:
     # CUDA pads every batch to tokens_per_batch; the padding must not reach real positions.
-    table = read_labels(labels).sort("subject_id", "prediction_time", maintain_order=True) \
-        .with_row_index("label")
-    fitted = (Tokenizer.load(bundle), Ontology.load(bundle / "ontology"))
-    positions = features._read_positions(meds, table, fitted, num_proc=1)
-    windows, read_at = features._plan_windows(features._label_positions(table, positions), 1024)
+    batch = collate_windows(one_window_training_rows(bundle, subjects, 4))
     model = MotorModel.from_pretrained(bundle).eval()
-    padded = features._encode(model, positions, windows, read_at, 1024, torch.device("cpu"),
-                              pad=True)
-    np.testing.assert_allclose(padded, reference["features"], atol=1e-6)
+    with torch.no_grad():
+        plain = model.encode(**{k: v for k, v in batch.items() if k != "point_indices"})
+        padded = model.encode(**{k: v for k, v in pad_batch(batch, CONTEXT * 2).items()
+                                 if k != "point_indices"})
+    assert padded.shape[0] == CONTEXT * 2
+    np.testing.assert_allclose(padded[:len(plain)].numpy(), plain.numpy(), atol=1e-6)
 
 
 def test_label_errors_name_the_problem(meds: Path, bundle: Path, subjects: Subjects,
@@ -276,8 +355,28 @@ def test_write_embeddings_round_trips(reference: dict[str, np.ndarray], tmp_path
     assert pa.types.is_fixed_size_list(embedding_type)
     assert (embedding_type.list_size, embedding_type.value_type) == (hidden, pa.float32())
     assert table["subject_id"].to_numpy().tolist() == reference["subject_ids"].tolist()
-    times = table["prediction_time"].to_numpy().astype("datetime64[s]")
-    np.testing.assert_array_equal(times, reference["feature_times"])
+    np.testing.assert_array_equal(table["prediction_time"].to_numpy(), reference["feature_times"])
     embedding = np.stack(table["embedding"].to_pylist()).astype(np.float32)
     np.testing.assert_array_equal(embedding, reference["features"])
     assert [p.name for p in path.parent.iterdir()] == ["embeddings.parquet"]
+
+
+def test_embed_output_joins_back_to_every_label_with_sub_second_times(
+        meds: Path, bundle: Path, subjects: Subjects, tmp_path: Path) -> None:
+    rows = []
+    for offset, subject_id in enumerate(subjects.with_sizes(20, 150, 5)):
+        times = subjects.times(subject_id)
+        for p in (5, 10, len(times) // 2):
+            # Sub-second times, a few µs or most of a second after an event (never floored).
+            rows.append((subject_id, at(times[p] + 1 + 123_457 * offset * p % 999_999)))
+    labels = pl.DataFrame(rows, schema={"subject_id": pl.Int64,
+                                        "prediction_time": pl.Datetime("us")}, orient="row")
+    assert (labels["prediction_time"].dt.microsecond() > 0).all()
+    labels.write_parquet(tmp_path / "labels.parquet")
+    out = tmp_path / "embeddings.parquet"
+    assert main(["embed", "--model", str(bundle), "--meds", str(meds), "--labels",
+                 str(tmp_path / "labels.parquet"), "--out", str(out)]) == 0
+    written = pl.read_parquet(out)
+    assert written.schema["prediction_time"] == pl.Datetime("us")
+    joined = labels.join(written, on=["subject_id", "prediction_time"], how="left")
+    assert joined.height == labels.height and joined["embedding"].null_count() == 0

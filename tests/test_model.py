@@ -1,4 +1,5 @@
-"""MOTOR model, head and loss: shapes, gradients, labels, saving, no cross-subject leakage."""
+"""MOTOR encoder, head and loss: shapes, gradients, labels, saving and loading (the encoder alone,
+bundles written before the split), presets, no cross-subject leakage."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_reference import dense_labels, per_task_labels
+from safetensors.torch import load_file, save_file
 
-from ehrmotor.model import MotorConfig, MotorModel, motor_loss
-from ehrmotor.motor_loss import dense_labels, piecewise_exponential_nll
+from ehrmotor.model import (
+    PRESETS,
+    MotorConfig,
+    MotorEncoder,
+    MotorModel,
+    current_weight_name,
+    motor_loss,
+    piecewise_exponential_nll,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +42,20 @@ def tiny_model(seed: int = 0, **overrides: object) -> MotorModel:
     return MotorModel(tiny_config(**overrides)).eval()
 
 
-def random_batch(lengths: list[int], seed: int, labels: str = "dense") -> dict[str, torch.Tensor]:
-    """A packed batch of subjects with the given numbers of positions, with labels in the form
-    "dense" (time_at_risk, event_in_bin) or "per_task" (event_days, is_event)."""
+def sparse_labels(points: int, seed: int) -> dict[str, torch.Tensor]:
+    """Observed (point, task) events with their days, and days to censoring per point."""
+    generator = torch.Generator().manual_seed(seed)
+    censor_days = 1 + torch.rand(points, generator=generator) * 1000
+    pairs = torch.rand(points, NUM_TASKS, generator=generator) < 0.4
+    label_point, label_task = pairs.nonzero(as_tuple=True)
+    label_days = torch.rand(label_point.shape, generator=generator) * censor_days[label_point]
+    return {"label_point": label_point, "label_task": label_task, "label_days": label_days,
+            "censor_days": censor_days}
+
+
+def random_batch(lengths: list[int], seed: int, labels: bool = True) -> dict[str, torch.Tensor]:
+    """A packed batch of subjects with the given numbers of positions; with labels, the training
+    collate's event_days and is_event (P, tasks)."""
     generator = torch.Generator().manual_seed(seed)
     positions = sum(lengths)
     bag_sizes = torch.randint(1, 5, (positions,), generator=generator)
@@ -50,21 +71,27 @@ def random_batch(lengths: list[int], seed: int, labels: str = "dense") -> dict[s
                                 dim=1)
     point_indices = torch.cat([s + torch.arange(0, n, 3) for s, n in
                                zip(starts.tolist(), lengths, strict=True)])
-    points = point_indices.shape[0]
-    censor_days = 1 + torch.rand(points, generator=generator) * 1000
-    pairs = torch.rand(points, NUM_TASKS, generator=generator) < 0.4
-    label_point, label_task = pairs.nonzero(as_tuple=True)
-    label_days = torch.rand(label_point.shape, generator=generator) * censor_days[label_point]
     inputs = {"entries": entries, "weights": weights, "bag_offsets": bag_offsets,
               "time_features": time_features, "age_days": age_days, "segment_ids": segment_ids,
               "point_indices": point_indices}
-    if labels == "per_task":
-        event_days = torch.where(pairs, 0.0, censor_days[:, None])
-        event_days[label_point, label_task] = label_days
-        return {**inputs, "event_days": event_days, "is_event": pairs}
-    time_at_risk, event_in_bin = dense_labels(label_point, label_task, label_days, censor_days,
-                                              BIN_EDGES, NUM_TASKS)
-    return {**inputs, "time_at_risk": time_at_risk, "event_in_bin": event_in_bin}
+    if not labels:
+        return inputs
+    event_days, is_event = per_task_labels(**sparse_labels(point_indices.shape[0], seed),
+                                           num_tasks=NUM_TASKS)
+    return {**inputs, "event_days": event_days, "is_event": is_event}
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The packed positions alone: what `MotorEncoder` and `MotorModel.encode` take."""
+    return {k: v for k, v in batch.items() if k not in ("point_indices", "event_days", "is_event")}
+
+
+def perturbed(model: MotorModel) -> MotorModel:
+    """`model` with every parameter moved, so that loaded values differ from a fresh init."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
 
 
 def test_tiny_forward_backward_gives_finite_loss_and_gradients_everywhere() -> None:
@@ -101,20 +128,30 @@ def test_loss_equals_hand_written_piecewise_exponential_nll() -> None:
     assert loss.item() == pytest.approx(total / (3 * 2), rel=1e-5)
 
 
-def test_per_task_labels_give_the_same_loss_as_dense_labels() -> None:
+def test_model_loss_equals_nll_of_the_binned_labels() -> None:
     model = tiny_model()
-    dense = random_batch([30, 45], seed=10)
-    per_task = random_batch([30, 45], seed=10, labels="per_task")
-    expected = model(**dense).loss
-    torch.testing.assert_close(model(**per_task).loss, expected, atol=0, rtol=1e-6)
-    log_hazards = model(**dense).log_hazards
+    batch = random_batch([30, 45], seed=10)
+    output = model(**batch)
+    time_at_risk, event_in_bin = dense_labels(**sparse_labels(len(batch["point_indices"]), 10),
+                                              bin_edges_days=BIN_EDGES, num_tasks=NUM_TASKS)
+    expected = piecewise_exponential_nll(output.log_hazards, time_at_risk, event_in_bin)
+    torch.testing.assert_close(output.loss, expected, atol=0, rtol=1e-6)
     torch.testing.assert_close(
-        motor_loss(log_hazards, per_task["event_days"], per_task["is_event"], BIN_EDGES),
+        motor_loss(output.log_hazards, batch["event_days"], batch["is_event"], BIN_EDGES),
         expected, atol=0, rtol=1e-6)
-    with pytest.raises(ValueError, match="not both"):
-        model(**dense, event_days=per_task["event_days"], is_event=per_task["is_event"])
-    with pytest.raises(ValueError, match="both tensors"):
-        model(**{k: v for k, v in dense.items() if k != "event_in_bin"})
+
+
+def test_forward_takes_labels_only_as_event_days_and_is_event() -> None:
+    model = tiny_model()
+    batch = random_batch([30, 45], seed=10)
+    assert model(**random_batch([30, 45], seed=10, labels=False)).loss is None
+    with pytest.raises(ValueError, match="both event_days and is_event"):
+        model(**{k: v for k, v in batch.items() if k != "is_event"})
+    time_at_risk, event_in_bin = dense_labels(**sparse_labels(len(batch["point_indices"]), 10),
+                                              bin_edges_days=BIN_EDGES, num_tasks=NUM_TASKS)
+    with pytest.raises(TypeError, match="time_at_risk"):
+        model(**random_batch([30, 45], seed=10, labels=False), time_at_risk=time_at_risk,
+              event_in_bin=event_in_bin)
 
 
 def brute_force_dense_labels(label_point: list[int], label_task: list[int],
@@ -134,7 +171,7 @@ def brute_force_dense_labels(label_point: list[int], label_task: list[int],
     return time_at_risk, event_in_bin
 
 
-def test_dense_labels_equal_brute_force_loop() -> None:
+def test_binned_labels_equal_brute_force_loop() -> None:
     generator = torch.Generator().manual_seed(3)
     censor_days = (torch.rand(9, generator=generator) * 800).tolist()
     pairs = (torch.rand(9, NUM_TASKS, generator=generator) < 0.5).nonzero().tolist()
@@ -157,10 +194,7 @@ def test_dense_labels_equal_brute_force_loop() -> None:
 
 
 def test_save_and_load_round_trip_with_strict_json_config(tmp_path: Path) -> None:
-    model = tiny_model(seed=4)
-    with torch.no_grad():  # make sure loaded values, not fresh initialisation, come back
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model = perturbed(tiny_model(seed=4))  # loaded values, not fresh initialisation, come back
     batch = random_batch([20, 33], seed=5)
     expected = model(**batch)
     model.save_pretrained(tmp_path)
@@ -237,13 +271,57 @@ def test_rotary_encoding_sees_only_age_differences() -> None:
                                atol=1e-3, rtol=1e-3)
 
 
+def test_presets_are_the_size_defaults_and_none_keeps_the_presets_value() -> None:
+    assert {name: getattr(MotorConfig(), name) for name in PRESETS["base"]} == PRESETS["base"]
+    assert MotorConfig.preset("tiny", final_layer_size=None).final_layer_size == 32
+    assert MotorConfig.preset("tiny", final_layer_size=16).final_layer_size == 16
+    assert MotorConfig.preset("small", num_layers=None).num_layers == 6
+    with pytest.raises(ValueError, match="unknown preset"):
+        MotorConfig.preset("huge")
+
+
 @pytest.mark.parametrize(("preset", "low", "high"), [
     ("tiny", 1e6, 3e6), ("small", 60e6, 90e6), ("base", 120e6, 150e6)])
 def test_preset_parameter_counts(preset: str, low: float, high: float) -> None:
-    final_layer = 32 if preset == "tiny" else 512
-    config = MotorConfig.preset(preset, vocab_size=16384, num_tasks=8192, num_bins=8,
-                                final_layer_size=final_layer)
+    config = MotorConfig.preset(preset, vocab_size=16384, num_tasks=8192, num_bins=8)
     with torch.device("meta"):
         count = MotorModel(config).count_parameters()
     logger.info("%s preset (vocab 16384, 8192 tasks, 8 bins): %d parameters", preset, count)
     assert low < count < high
+
+
+def test_encoder_loads_alone_from_a_pretraining_bundle(tmp_path: Path) -> None:
+    model = perturbed(tiny_model(seed=11))
+    model.save_pretrained(tmp_path)
+    head = {name for name in model.state_dict() if name.startswith("head.")}
+    assert set(model.state_dict()) == head | {
+        f"motor.{name}" for name in MotorEncoder(model.config).state_dict()}
+
+    encoder, info = MotorEncoder.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["error_msgs"]
+    assert set(info["unexpected_keys"]) == head  # the head is dropped, nothing else
+    batch = random_batch([20, 33], seed=12)
+    with torch.no_grad():
+        hidden = encoder.eval()(**encoder_inputs(batch))
+        torch.testing.assert_close(hidden, model.encode(**encoder_inputs(batch)), atol=0, rtol=0)
+        torch.testing.assert_close(hidden[batch["point_indices"]],
+                                   model(**batch).representations, atol=0, rtol=0)
+
+
+def test_bundle_written_before_the_split_loads_the_same_model(tmp_path: Path) -> None:
+    model = perturbed(tiny_model(seed=13))
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    # The layout before the split: encoder tensors at the top level, no `motor.` prefix.
+    old = {name.removeprefix("motor."): tensor for name, tensor in load_file(weights).items()}
+    save_file(old, weights, metadata={"format": "pt"})
+    assert {current_weight_name(name) for name in old} == set(model.state_dict())
+
+    loaded, info = MotorModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys",
+                                         "error_msgs")), info
+    batch = random_batch([20, 33], seed=14)
+    torch.testing.assert_close(loaded.eval()(**batch).log_hazards, model(**batch).log_hazards,
+                               atol=0, rtol=0)
+    loaded.save_pretrained(tmp_path / "again")  # saved again in today's names
+    assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(model.state_dict())

@@ -1,4 +1,5 @@
-"""Tests for ehrmotor.ontology on tiny hand-written Athena folders (raw text, quirks included)."""
+"""Tests for ehrmotor.prepare.ontology on tiny hand-written Athena folders (raw text, quirks
+included)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ehrmotor.ontology import Ontology, OntologyError, OntologyStats
+from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
 
 CONCEPT_HEADER = [
     "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
@@ -207,7 +208,7 @@ def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.L
         relationships=[*RELATIONSHIPS, (11, 998, "Maps to", ""), (997, 4, "Maps to", "")],
         ancestors=[*ANCESTORS, (999, 4, 1)],
     )
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
         ontology = Ontology.build(["ICD9CM/002.0", "ICD10CM/A00.0"], athena_dir=athena)
     assert ontology.stats.missing_references == 3
     assert "3 Athena parent-edge rows" in caplog.text
@@ -245,7 +246,7 @@ def test_unparsable_concept_id_raises_naming_file(athena: Path) -> None:
 def test_without_athena_parents_come_from_codes_metadata(caplog: pytest.LogCaptureFixture
                                                          ) -> None:
     metadata = codes_metadata({"B": ["A"], "C": ["B", "A"], "A": [], "D": ["E"]})
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
         ontology = Ontology.build(pl.Series(["C", "Z", None]), codes_metadata=metadata)
     assert "no Athena vocabulary" in caplog.text
     assert ontology.parents.rows() == [("B", "A"), ("C", "A"), ("C", "B")]
@@ -354,7 +355,7 @@ def test_header_only_file_is_an_empty_vocabulary_warning(
         athena: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
     path = athena / name
     path.write_bytes(path.read_bytes().split(b"\n")[0] + b"\r\n")
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
         ontology = Ontology.build(["ICD10CM/A00"], athena_dir=athena)
     assert f"{path}: empty vocabulary" in caplog.text
     assert ontology.stats.data_codes == 1

@@ -27,8 +27,12 @@ import torch
 from meds_builders import rows_table, write_meds, write_table
 
 from ehrmotor.cli import main
+from ehrmotor.meds import data_files, scan_shard
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import encode_events
+from ehrmotor.prepare.split import read_split
+from ehrmotor.prepare.tokenizer import Tokenizer
 from ehrmotor.synthetic import generate
-from ehrmotor.tokenizer import Tokenizer
 
 SUBJECTS = 300
 ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
@@ -152,6 +156,32 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
             assert (days <= censor[at] * (1 + 1e-6)).all()
         pairs += len(tasks)
     assert pairs > 1000
+
+
+def test_every_vocabulary_entry_occurs_in_an_encoded_train_bag(meds: Path,
+                                                               reference: Path) -> None:
+    tokenizer = Tokenizer.load(reference / "tokenizer")
+    ontology = Ontology.load(reference / "ontology")
+    train = read_split(reference / "split.csv").filter(pl.col("split_name") == "train")
+    used: set[int] = set()
+    for path in data_files(meds):
+        events = scan_shard(path).join(train.lazy().select("subject_id"), on="subject_id",
+                                       how="semi").collect()
+        used |= set(encode_events(events, tokenizer, ontology)["entry"].unique().to_list())
+    unused = tokenizer.entries.filter(~pl.col("index").is_in(sorted(used)))
+    assert unused.height == 0, unused.select("kind", "code", "bin", "text").rows()
+    # Codes that only carry values (labs) are among them, through their valued events' bags.
+    valued = pl.concat([scan_shard(path).filter(pl.col("numeric_value").is_not_null())
+                        .select("code").unique().collect() for path in data_files(meds)])
+    assert tokenizer.entries.filter(pl.col("kind") == "code")["code"].is_in(
+        valued["code"].implode()).any()
+
+
+def test_manifests_record_the_tokenizer_seed_and_min_task_fraction(reference: Path) -> None:
+    tokenizer = json.loads((reference / "tokenizer.manifest.json").read_text())["config"]
+    task = json.loads((reference / "motor_task.json.manifest.json").read_text())["config"]
+    assert tokenizer["seed"] == 97
+    assert task["min_task_fraction"] == 1e-4
 
 
 # =========================================================================== 8. idempotence

@@ -27,8 +27,9 @@ from prepare_builders import (
     tokenizer,
 )
 
-from ehrmotor.examples import ShardLabels, label_shard, window_rows
-from ehrmotor.labels import (
+from ehrmotor.config import ConfigError, PrepareConfig
+from ehrmotor.prepare.examples import ShardLabels, label_shard, window_rows
+from ehrmotor.prepare.labels import (
     last_event_times,
     prediction_points,
     sample_points,
@@ -36,10 +37,10 @@ from ehrmotor.labels import (
     task_events,
     with_windows,
 )
-from ehrmotor.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
-from ehrmotor.positions import build_positions
-from ehrmotor.split import split_subjects
-from ehrmotor.tokenizer import (
+from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
+from ehrmotor.prepare.positions import build_positions, encode_events
+from ehrmotor.prepare.split import split_subjects
+from ehrmotor.prepare.tokenizer import (
     Tokenizer,
     assign_bins,
     count_bins,
@@ -233,13 +234,37 @@ def test_tokenizer_save_load_round_trip(tmp_path: Path) -> None:
     assert loaded.num_train_subjects == 2
 
 
+def test_every_fitted_entry_occurs_in_the_encoding_of_the_train_events() -> None:
+    # L and K only ever carry values; their code entries are still used, through the ancestor
+    # bags of their valued events (and LAB, the parent of both, through theirs).
+    rows = [
+        event(1, datetime(2000, 1, 1), "L", 1.0), event(2, datetime(2000, 1, 1), "L", 2.0),
+        event(3, datetime(2000, 1, 1), "L", 3.0), event(4, datetime(2000, 1, 1), "L", 4.0),
+        event(1, datetime(2000, 1, 2), "K", 9.0), event(3, datetime(2000, 1, 2), "K", 9.0),
+        event(1, datetime(2000, 1, 3), "N", text="yes"),
+        event(2, datetime(2000, 1, 3), "N", text="no"), event(2, datetime(2000, 1, 4), "S"),
+    ]
+    tree = ontology({"LAB": [], "L": ["LAB"], "K": ["LAB"], "N": [], "S": []})
+    lazy = events_frame(rows).lazy()
+    counts = count_shard(lazy, tree, 100, 0)
+    edges = fit_numeric_edges([counts.numeric_samples], num_bins=2, per_code=100)
+    fitted = Tokenizer.fit([counts], [count_bins(lazy, edges)], edges, tree, vocab_size=100,
+                           min_fraction=0.0, min_text_fraction=0.0)
+    assert set(fitted.entries.filter(pl.col("kind") == "code")["code"]) == {
+        "LAB", "L", "K", "N", "S"}
+    assert set(fitted.entries["kind"]) == {"code", "numeric", "text"}
+    encoded = encode_events(events_frame(rows), fitted, tree)
+    assert sorted(encoded["entry"].unique().to_list()) == fitted.entries["index"].to_list()
+
+
 # =========================================================================== 3. positions
 
 POSITION_TREE = {"G/F": [], "R": [], "R/a": ["R"], "R/b": ["R"], "L": [], "N": [],
                  "MEDS_BIRTH": [], "X": []}
-# Vocabulary: MEDS_BIRTH, N and X have no code entry; L values in [3, 5) have entry 5.
+# Vocabulary: MEDS_BIRTH, N and X have no code entry; L values in [3, 5) have entry 5, values
+# from 7 entry 7; L values below 3 or in [5, 7) have no bin entry.
 POSITION_VOCAB = [("code", "G/F"), ("code", "R"), ("code", "R/a"), ("code", "R/b"),
-                  ("code", "L"), ("numeric", "L", 1), ("text", "N", "yes")]
+                  ("code", "L"), ("numeric", "L", 1), ("text", "N", "yes"), ("numeric", "L", 3)]
 POSITION_EDGES = {"L": [3.0, 5.0, 7.0]}
 BIRTH_1 = datetime(2000, 1, 1, 8)
 SUBJECT_1 = [
@@ -250,9 +275,10 @@ SUBJECT_1 = [
     event(1, datetime(2000, 1, 11, 6), "R/a"),  # R, R/a already seen that day: skipped
     event(1, datetime(2000, 1, 11, 6), "R/b"),  # position 2: R/b is new that day
     event(1, datetime(2000, 1, 12, 0), "R/a"),  # position 3: a new day
-    event(1, datetime(2000, 1, 21, 12), "L", 4.0),  # position 4: bin entry
-    event(1, datetime(2000, 1, 21, 12), "L", 100.0),  # position 5: bin 3 has no entry -> code L
-    event(1, datetime(2000, 1, 22, 0), "N", text="yes"),  # position 6: text entry
+    event(1, datetime(2000, 1, 21, 12), "L", 4.0),  # position 4: code L and its bin entry
+    event(1, datetime(2000, 1, 21, 12), "L", 6.0),  # bin 2 has no entry, L seen: skipped
+    event(1, datetime(2000, 1, 21, 12), "L", 100.0),  # position 5: bin 3's entry is new today
+    event(1, datetime(2000, 1, 22, 0), "N", text="yes"),  # position 6: text entry (N: no code)
     event(1, datetime(2000, 1, 22, 0), "N", text="no"),  # no entry at all: no position
     event(1, datetime(2000, 1, 23, 0), "X"),  # no entry: no position (but the last event)
 ]
@@ -266,9 +292,11 @@ def build(rows: list) -> pl.DataFrame:
 def test_positions_birth_day_static_and_later_events() -> None:
     positions = build(SUBJECT_1)
     assert positions["position"].to_list() == list(range(7))
-    assert positions["entries"].to_list() == [[0, 1, 2], [1, 2], [1, 3], [1, 2], [5], [4], [6]]
+    assert positions["entries"].to_list() == [[0, 1, 2], [1, 2], [1, 3], [1, 2], [4, 5], [4, 7],
+                                              [6]]
+    # A valued event: its code bag (L alone, weight 1/1) and its value entry (weight 1).
     assert positions["weights"].to_list() == [[1.0, 0.5, 0.5], [0.5, 0.5], [0.5, 0.5],
-                                              [0.5, 0.5], [1.0], [1.0], [1.0]]
+                                              [0.5, 0.5], [1.0, 1.0], [1.0, 1.0], [1.0]]
     times = [BIRTH_1, datetime(2000, 1, 11), datetime(2000, 1, 11, 6), datetime(2000, 1, 12),
              datetime(2000, 1, 21, 12), datetime(2000, 1, 21, 12), datetime(2000, 1, 22)]
     assert positions["time"].to_list() == [us(t) for t in times]
@@ -322,6 +350,37 @@ def test_positions_of_several_subjects_are_numbered_per_subject() -> None:
     positions = build(rows)
     assert positions.select("subject_id", "position").rows() == (
         [(1, p) for p in range(7)] + [(3, 0), (3, 1)])
+
+
+# A lab LAB/k under LAB, a lab LAB/n whose only entries are LAB and its single bin, and a note
+# NOTE with no code entry. Vocabulary: LAB 0, LAB/k 1, LAB/k bin 1 (values >= 5) 2,
+# NOTE "pos" 3, LAB/n bin 0 4, LAB/k "high" 5.
+VALUED_TREE = {"MEDS_BIRTH": [], "LAB": [], "LAB/k": ["LAB"], "LAB/n": ["LAB"], "NOTE": []}
+VALUED_VOCAB = [("code", "LAB"), ("code", "LAB/k"), ("numeric", "LAB/k", 1),
+                ("text", "NOTE", "pos"), ("numeric", "LAB/n", 0), ("text", "LAB/k", "high")]
+VALUED_EDGES = {"LAB/k": [5.0], "LAB/n": []}
+
+
+def test_valued_events_keep_their_ancestor_bag_and_add_their_value_entry() -> None:
+    rows = [
+        event(1, datetime(2000, 1, 1), "MEDS_BIRTH"),
+        event(1, datetime(2000, 1, 10), "LAB/k", 7.0),  # bag LAB, LAB/k (1/2 each) + bin (1)
+        event(1, datetime(2000, 1, 11, 8), "LAB/k", 1.0),  # bin 0 has no entry: the bag alone
+        event(1, datetime(2000, 1, 11, 9), "LAB/k", 8.0),  # bin 1's entry is new today
+        event(1, datetime(2000, 1, 11, 10), "LAB/k", 2.0),  # LAB, LAB/k seen today: skipped
+        event(1, datetime(2000, 1, 12), "NOTE", text="pos"),  # no code entry: the text entry
+        event(1, datetime(2000, 1, 12), "NOTE", text="neg"),  # no entry at all: no position
+        event(1, datetime(2000, 1, 13), "LAB/n", 3.0),  # parent LAB (1/1) + its bin (1)
+        event(1, datetime(2000, 1, 14), "LAB/k", text="high"),  # bag + text entry
+    ]
+    positions = build_positions(events_frame(rows), tokenizer(VALUED_VOCAB, VALUED_EDGES),
+                                ontology(VALUED_TREE))
+    assert positions["entries"].to_list() == [[], [0, 1, 2], [0, 1], [0, 1, 2], [3], [0, 4],
+                                              [0, 1, 5]]
+    assert positions["weights"].to_list() == [[], [0.5, 0.5, 1.0], [0.5, 0.5], [0.5, 0.5, 1.0],
+                                              [1.0], [1.0, 1.0], [0.5, 0.5, 1.0]]
+    assert positions["time"].to_list() == [us(datetime(2000, 1, d, h)) for d, h in (
+        (1, 0), (10, 0), (11, 8), (11, 9), (12, 0), (13, 0), (14, 0))]
 
 
 # =========================================================================== 4. labels
@@ -454,7 +513,7 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     assert (result.windows_skipped, result.subjects_skipped) == (0, 0)
     row = result.rows.row(0, named=True)
     assert row["points"] == [1, 2, 3, 5, 6]
-    assert row["bag_sizes"] == [3, 2, 2, 2, 1, 1, 1]
+    assert row["bag_sizes"] == [3, 2, 2, 2, 2, 2, 1]
     # R occurs (as R/a, R/b) on Jan 1 20:00, Jan 11 00:00 and 06:00, Jan 12; R/b on Jan 11 06:00;
     # X on Jan 23. From Jan 11 00:00: R and R/b 0.25 days later; from 06:00: R 0.75 days later.
     assert window_labels(row) == [(0, 0, 0.25), (0, 1, 0.25), (0, 2, 12.0), (1, 0, 0.75),
@@ -578,7 +637,7 @@ def two_shard_counts() -> list[TaskCounts]:
 
 def test_motor_task_initial_rates_are_events_over_exposure() -> None:
     task = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
-                         min_task_events=1)
+                         min_task_events=1, min_task_fraction=0.0)
     # T1: 2 events, exposure min(2,10) + min(5,20) + 30 = 37 days. T2: 1 event, 10 + 20 + 30.
     # T0 never occurs: dropped. Kept tasks are renumbered in candidate order.
     assert task.tasks.select("task", "code", "entry", "events").rows() == [
@@ -594,9 +653,53 @@ def test_motor_task_initial_rates_are_events_over_exposure() -> None:
 
 def test_motor_task_drops_tasks_below_min_task_events() -> None:
     task = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
-                         min_task_events=2)
+                         min_task_events=2, min_task_fraction=0.0)
     assert task.tasks.select("task", "code").rows() == [(0, "T1")]
     assert task.dropped_tasks == 2
+
+
+def test_motor_task_drops_tasks_with_events_after_too_few_points() -> None:
+    # 3 points: T1 follows 2 of them, T2 1; T0 none.
+    half = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
+                         min_task_events=1, min_task_fraction=0.5)
+    assert half.tasks["code"].to_list() == ["T1"]
+    assert half.dropped_tasks == 2
+    # "At least": T2's events after exactly a third of the points keep it.
+    third = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
+                          min_task_events=1, min_task_fraction=1 / 3)
+    assert third.tasks["code"].to_list() == ["T1", "T2"]
+    # Both conditions hold: enough points, but fewer than min_task_events events.
+    both = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
+                         min_task_events=2, min_task_fraction=1 / 3)
+    assert both.tasks["code"].to_list() == ["T1"]
+
+
+def test_min_task_fraction_counts_points_with_a_later_occurrence_not_occurrences() -> None:
+    # Task 0 occurs three times after the first point and once after the second: the first
+    # point's pair is its next occurrence only, so 2 points have an event, out of 4.
+    points = points_frame([(1, 1, 1 * US_PER_DAY), (1, 2, 5 * US_PER_DAY),
+                           (1, 3, 8 * US_PER_DAY), (1, 4, 9 * US_PER_DAY)])
+    occurrences = occurrences_frame([(1, 0, 2 * US_PER_DAY), (1, 0, 3 * US_PER_DAY),
+                                     (1, 0, 4 * US_PER_DAY), (1, 0, 6 * US_PER_DAY)])
+    last_time = pl.DataFrame({"subject_id": [1], "last_time": [10 * US_PER_DAY]})
+    censoring, pairs = sparse_labels(points, occurrences, last_time)
+    counts = count_tasks(censoring, pairs, seed=0)
+    assert counts.points == 4
+    assert counts.per_task.select("task", "events").rows() == [(0, 2)]
+    kept = MotorTask.fit(CANDIDATES, [counts], num_bins=2, final_layer_size=16,
+                         min_task_events=1, min_task_fraction=0.5)
+    assert kept.tasks["code"].to_list() == ["T0"]
+    dropped = MotorTask.fit(CANDIDATES, [counts], num_bins=2, final_layer_size=16,
+                            min_task_events=1, min_task_fraction=0.6)
+    assert dropped.tasks.height == 0
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_min_task_fraction_outside_0_1_is_refused(fraction: float) -> None:
+    with pytest.raises(ConfigError, match="min_task_fraction"):
+        PrepareConfig(min_task_fraction=fraction)
+    assert PrepareConfig(min_task_fraction=0.0).min_task_fraction == 0.0
+    assert PrepareConfig().min_task_fraction == 1e-4
 
 
 def test_motor_task_bins_start_at_zero_with_num_bins_finite_edges() -> None:
@@ -606,7 +709,8 @@ def test_motor_task_bins_start_at_zero_with_num_bins_finite_edges() -> None:
                                               schema={"task": pl.Int32, "events": pl.UInt32,
                                                       "exposure_reduction": pl.Float64}),
                         days_sample=np.arange(1.0, 10.0))
-    task = MotorTask.fit(CANDIDATES, [counts], num_bins=4, final_layer_size=16, min_task_events=1)
+    task = MotorTask.fit(CANDIDATES, [counts], num_bins=4, final_layer_size=16, min_task_events=1,
+                         min_task_fraction=0.0)
     # Quartiles (linear) of 1..9 are 3, 5, 7.
     assert task.bin_edges_days == [0.0, 3.0, 5.0, 7.0]
     assert task.num_bins == 4
@@ -620,7 +724,7 @@ def test_candidate_tasks_are_the_first_code_entries() -> None:
 
 def test_motor_task_json_is_strict_and_round_trips(tmp_path: Path) -> None:
     task = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2, final_layer_size=16,
-                         min_task_events=1)
+                         min_task_events=1, min_task_fraction=0.0)
     path = tmp_path / "motor_task.json"
     task.save(path)
 

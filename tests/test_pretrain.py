@@ -29,13 +29,12 @@ from ehrmotor import train
 from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
 from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, PretrainConfig
-from ehrmotor.model import MotorModel
-from ehrmotor.motor_loss import bin_labels, piecewise_exponential_nll
-from ehrmotor.motor_task import MotorTask
+from ehrmotor.model import MotorModel, bin_labels, piecewise_exponential_nll
 from ehrmotor.prepare import prepare
+from ehrmotor.prepare.datasets import load_prepared
+from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.synthetic import generate
 from ehrmotor.train import pretrain
-from ehrmotor.write_datasets import load_prepared
 
 SUBJECTS = 350
 TOKENS = 2048

@@ -1,4 +1,4 @@
-"""Packing prepared windows into token-budget batches, and collating them into model inputs.
+"""Packing windows into token-budget batches, and collating them into model inputs.
 
 - `TokenBudgetBatchSampler`: each epoch, windows are shuffled with a seed derived from
   (seed, epoch) and packed greedily, in that order, into batches of at most `tokens_per_batch`
@@ -8,22 +8,28 @@
   topped up (each rank from its own first batches) to the length of epoch 0, so `len()` is
   exact, as `Trainer` expects.
   Windows without prediction points never reach the sampler (prepare skips them).
-- `collate_windows`: concatenates the windows of a batch into one packed sequence (segment ids
-  keep subjects apart) and builds the MOTOR labels densely per point and task from the sparse
-  form: `event_days` (P, tasks) is the days to the task's next occurrence, or to censoring, and
-  `is_event` (P, tasks) says which. The model turns these into time at risk per bin.
+- `collate_windows`: the one collate of training and embedding. It concatenates the windows of a
+  batch into one packed sequence (segment ids keep subjects apart) with the points to read
+  (`point_indices`). For training (`num_tasks` given) it builds the MOTOR labels densely per point
+  and task from the sparse form: `event_days` (P, tasks) is the days to the task's next
+  occurrence, or to censoring, and `is_event` (P, tasks) says which. The model turns these into
+  time at risk per bin. Embedding batches carry no labels.
+- `frame_rows` hands the rows of a polars window frame to it as a torch-format dataset does;
+  `pad_batch` grows a batch to a fixed length (embedding on CUDA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from ehrmotor.positions import TIME_FEATURES
+from ehrmotor.prepare.positions import TIME_FEATURES
 
 LENGTH_COLUMN = "bag_sizes"
 
@@ -92,53 +98,90 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         yield from mine[:count]
 
 
-def _cat(rows: Sequence[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+def _cat(rows: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.cat([row[key] for row in rows])
 
 
-def collate_windows(rows: Sequence[dict[str, torch.Tensor]], num_tasks: int
+def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], num_tasks: int | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Pack prepared windows (rows in torch format) into one model batch.
+    """Pack windows (rows in torch format) into one model batch; the MOTOR labels ride along
+    when `num_tasks` is given.
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
-    segment_ids (T,), point_indices (P,), event_days (P, tasks), is_event (P, tasks).
+    segment_ids (T,), point_indices (P,); with num_tasks also event_days, is_event (P, tasks).
     """
     lengths = torch.tensor([len(row["bag_sizes"]) for row in rows])
     bag_sizes = _cat(rows, "bag_sizes").long()
-    bag_offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
     token_start = torch.cumsum(lengths, 0) - lengths
-    points = torch.cat([row["points"].long() + start for row, start in zip(rows, token_start,
-                                                                          strict=True)])
+    batch = {
+        "entries": _cat(rows, "entries").long(),
+        "weights": _cat(rows, "weights").float(),
+        "bag_offsets": torch.cumsum(bag_sizes, 0) - bag_sizes,
+        "time_features": torch.stack([_cat(rows, name) for name in TIME_FEATURES],
+                                     dim=1).float(),
+        "age_days": _cat(rows, "age_days").float(),
+        "segment_ids": torch.repeat_interleave(torch.arange(len(rows)), lengths),
+        "point_indices": torch.cat([row["points"].long() + start
+                                    for row, start in zip(rows, token_start, strict=True)]),
+    }
+    if num_tasks is not None:
+        batch.update(_motor_labels(rows, num_tasks))
+    return batch
+
+
+def _motor_labels(rows: Sequence[Mapping[str, torch.Tensor]], num_tasks: int
+                  ) -> dict[str, torch.Tensor]:
+    """event_days, is_event (P, tasks) from the windows' sparse labels."""
     num_points = torch.tensor([len(row["points"]) for row in rows])
     point_start = torch.cumsum(num_points, 0) - num_points
     label_point = torch.cat([row["label_point"].long() + start for row, start in
                              zip(rows, point_start, strict=True)])
     label_task = _cat(rows, "label_task").long()
     censor_days = _cat(rows, "censor_days").float()
-    # (P, tasks): censored at the subject's last event unless the task occurs before that.
+    # Censored at the subject's last event unless the task occurs before that.
     event_days = censor_days[:, None].repeat(1, num_tasks)
     is_event = torch.zeros(len(censor_days), num_tasks, dtype=torch.bool)
     event_days[label_point, label_task] = _cat(rows, "label_days").float()
     is_event[label_point, label_task] = True
-    return {
-        "entries": _cat(rows, "entries").long(),
-        "weights": _cat(rows, "weights").float(),
-        "bag_offsets": bag_offsets,
-        "time_features": torch.stack([_cat(rows, name) for name in TIME_FEATURES],
-                                     dim=1).float(),
-        "age_days": _cat(rows, "age_days").float(),
-        "segment_ids": torch.repeat_interleave(torch.arange(len(rows)), lengths),
-        "point_indices": points,
-        "event_days": event_days,
-        "is_event": is_event,
-    }
+    return {"event_days": event_days, "is_event": is_event}
+
+
+def pad_batch(batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+    """`batch` grown to `tokens` positions by empty positions in a segment of their own (one
+    tensor shape for compiled attention kernels); real positions and points are unchanged."""
+    fill = tokens - len(batch["segment_ids"])
+    if fill < 0:
+        raise ValueError(f"a batch of {len(batch['segment_ids'])} positions cannot be padded to "
+                         f"{tokens}")
+    padded = dict(batch)
+    padded["bag_offsets"] = F.pad(batch["bag_offsets"], (0, fill), value=len(batch["entries"]))
+    padded["time_features"] = F.pad(batch["time_features"], (0, 0, 0, fill))
+    padded["age_days"] = F.pad(batch["age_days"], (0, fill))
+    segments = batch["segment_ids"]
+    padded["segment_ids"] = F.pad(segments, (0, fill),
+                                  value=int(segments[-1]) + 1 if len(segments) else 0)
+    return padded
+
+
+def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
+    """The rows of a window frame (layout of `ehrmotor.prepare.examples`) as a torch-format
+    dataset hands them to `collate_windows`: one tensor per list column and row."""
+    columns = {}
+    for name, dtype in frame.schema.items():
+        if isinstance(dtype, pl.List):
+            values = frame[name].list.explode(keep_nulls=False, empty_as_null=False)
+            if values.dtype.is_unsigned_integer():  # torch has few unsigned operations
+                values = values.cast(pl.Int64)
+            columns[name] = torch.from_numpy(values.to_numpy(writable=True)).split(
+                frame[name].list.len().to_list())
+    return [{name: values[i] for name, values in columns.items()} for i in range(frame.height)]
 
 
 class WindowCollator:
     """Picklable collate function for DataLoader workers."""
 
-    def __init__(self, num_tasks: int) -> None:
+    def __init__(self, num_tasks: int | None = None) -> None:
         self.num_tasks = num_tasks
 
-    def __call__(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_windows(rows, self.num_tasks)

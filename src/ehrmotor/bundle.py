@@ -1,9 +1,11 @@
 """Loading a model bundle written by `ehrmotor pretrain`: the one place bundles are read.
 
 A bundle is a folder holding config.json (`MotorConfig`), model.safetensors (the weights),
-dictionary.msgpack (`Tokenizer`), ontology/ (`Ontology`), and optionally training_summary.json
-(its `max_window` caps the feature windows). `load_bundle` checks all of it up front and raises
-`BundleError`, one line naming the file and what was expected, for anything it cannot use:
+dictionary.msgpack (`Tokenizer`), ontology/ (`Ontology`), and optionally training_summary.json.
+The training context (positions per window) is config.json's `max_window`; bundles written before
+the config recorded it fall back to training_summary.json's `max_window`. `load_bundle` checks all
+of it up front and raises `BundleError`, one line naming the file and what was expected, for
+anything it cannot use:
 
 - config.json that is missing, not JSON, not an object, lacks a field, has a wrong model_type or
   sizes that `MotorConfig` rejects;
@@ -29,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as hf_logging
 
 from ehrmotor.errors import BundleError, InputError
-from ehrmotor.model import MotorConfig, MotorModel
-from ehrmotor.ontology import Ontology, OntologyError
-from ehrmotor.tokenizer import Tokenizer
+from ehrmotor.model import MotorConfig, MotorModel, current_weight_name
+from ehrmotor.prepare.ontology import Ontology, OntologyError
+from ehrmotor.prepare.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Bundle:
     model: MotorModel
     tokenizer: Tokenizer
     ontology: Ontology
-    max_window: int | None  # training window recorded in training_summary.json, if any
+    max_window: int | None  # training context: config.json's, else training_summary.json's
 
 
 def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None) -> Bundle:
@@ -79,7 +81,9 @@ def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None)
         raise BundleError(f"{bundle / CONFIG_FILE}: vocab_size {config.vocab_size} but "
                           f"{bundle / DICTIONARY_FILE} has {len(tokenizer)} entries; expected the "
                           "dictionary the model was trained with")
-    max_window = _load_max_window(bundle / SUMMARY_FILE)
+    # Old bundles recorded the training context only in their summary.
+    summary_window = _load_max_window(bundle / SUMMARY_FILE)
+    max_window = config.max_window if config.max_window is not None else summary_window
     weights = _checked_weights(bundle, config)
     loaded_ontology = _load_ontology(bundle, ontology)
     model = _load_model(bundle, weights, config)  # the costly step last
@@ -183,7 +187,8 @@ def _shape_problems(stored: dict[str, tuple[int, ...]],
 def _checked_weights(bundle: Path, config: MotorConfig) -> Path:
     """bundle/model.safetensors, checked to hold exactly the tensors of `config`'s model."""
     weights = _weights_file(bundle)
-    stored = _stored_shapes(weights)
+    stored = {current_weight_name(name): shape  # bundles from before the encoder/head split
+              for name, shape in _stored_shapes(weights).items()}
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         wanted = {name: tuple(tensor.shape) for name, tensor in MotorModel(config).state_dict()
                   .items()}

@@ -259,8 +259,9 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output parquet file; an existing parquet file there is replaced, "
                              "anything else is refused")
-    parser.add_argument("--tokens-per-batch", type=_at_least_two, default=1024,
-                        help="positions per forward pass (default 1024)")
+    parser.add_argument("--tokens-per-batch", type=_at_least_two, default=None,
+                        help="positions per forward pass (default: the model's training "
+                             "context; must be at least that)")
     parser.add_argument("--workers", type=_positive, default=1,
                         help="processes reading MEDS shards (default 1)")
     parser.add_argument("--device", default=None,
@@ -269,7 +270,7 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from ehrmotor.features import compute_features, write_embeddings
+    from ehrmotor.embed import compute_features, write_embeddings
 
     _check_parquet_output(args.out)
     result = compute_features(args.meds, args.model, args.labels, num_proc=args.workers,
@@ -290,18 +291,20 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         help="probe MOTOR embeddings against count features on downstream tasks",
         description=(
             "Build time-to-event tasks (and binary versions at a horizon) for held-out subjects "
-            "of a synthetic dataset, or use a MEDS label file; fit the same probes on MOTOR "
-            "embeddings and on ontology-expanded count features at several training sizes; "
-            "report Harrell's C-index and AUROC with 95%% bootstrap intervals, the generator's "
-            "oracle, results.csv, results.md and learning_curves.png in OUT."
+            "(the planted outcomes of `ehrmotor synth`, or codes), or use a MEDS label file; fit "
+            "the same probes on MOTOR embeddings and on ontology-expanded count features at "
+            "several training sizes; report Harrell's C-index and AUROC with 95% bootstrap "
+            "intervals (and, on a dataset `ehrmotor synth` wrote, the generator's oracle) in "
+            "results.csv, results.md and learning_curves.png in OUT."
         ),
     )
     parser.add_argument("--model", type=Path, required=True, help="model bundle (WORK/model)")
     parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
     parser.add_argument("--outcomes", nargs="+", default=None, metavar="OUTCOME",
-                        help="planted outcomes (default: heart_failure ckd diabetes copd death) "
-                             "or codes such as ICD10CM/I50")
+                        help="planted outcomes of `ehrmotor synth` (default: heart_failure ckd "
+                             "diabetes copd death) or codes such as ICD10CM/I50 (that code and "
+                             "the codes under it)")
     parser.add_argument("--labels", type=Path, default=None,
                         help="a MEDS label parquet (boolean_value) to evaluate instead")
     parser.add_argument("--horizon-days", type=_positive_float, default=365.0,
@@ -319,16 +322,19 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ehrmotor.artifacts import check_output
-    from ehrmotor.evaluate import DEFAULT_OUTCOMES, evaluate
+    from ehrmotor.evaluate import evaluate
     from ehrmotor.lock import work_lock
+    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
 
+    # The planted outcomes' codes and true hazards come from the generator, named here only.
+    outcomes = outcome_codes(args.outcomes or DEFAULT_OUTCOMES)
     check_output(args.out, "folder")
     with work_lock(args.out, "evaluate"):
         result = evaluate(
-            args.meds, args.model, args.out, outcomes=args.outcomes or DEFAULT_OUTCOMES,
-            horizon_days=args.horizon_days, train_sizes=args.train_sizes or (50, 100, 500, None),
-            repeats=args.repeats, seed=args.seed, labels_path=args.labels,
-            bootstrap=args.bootstrap,
+            args.meds, args.model, args.out, outcomes=outcomes,
+            oracle=synthetic_oracle(args.meds), horizon_days=args.horizon_days,
+            train_sizes=args.train_sizes or (50, 100, 500, None), repeats=args.repeats,
+            seed=args.seed, labels_path=args.labels, bootstrap=args.bootstrap,
         )
     print(result.table_markdown)
     log.info("evaluate: results in %s", args.out)

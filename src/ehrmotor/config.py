@@ -23,7 +23,19 @@ from typing import Any, TypeVar
 
 from ehrmotor.errors import ConfigError
 
-__all__ = ["ConfigError", "PrepareConfig", "PretrainConfig", "load_config"]
+__all__ = ["BACKENDS", "PRESETS", "ConfigError", "PrepareConfig", "PretrainConfig", "load_config"]
+
+# The one source of model sizes and attention backends (the model package reads them from here,
+# so that reading a config file does not import torch).
+_BASE = {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072,
+         "final_layer_size": 512}
+PRESETS: dict[str, dict[str, int]] = {
+    "base": _BASE,
+    "small": {**_BASE, "num_layers": 6},
+    "tiny": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
+             "final_layer_size": 32},
+}
+BACKENDS = ("auto", "blockwise", "flex")
 
 C = TypeVar("C")
 
@@ -44,19 +56,20 @@ class PrepareConfig:
     min_text_fraction: float = 1e-4  # text values need this share of subjects for an entry
     num_tasks: int = 8_192
     num_bins: int = 8
-    final_layer_size: int = 512
+    final_layer_size: int | None = None  # MOTOR head width; None: the model preset's
     min_task_events: int = 10  # tasks with fewer train events are dropped
+    min_task_fraction: float = 1e-4  # ... and those with events after a smaller share of points
     max_window: int = 16_384  # positions per training window
-    seed: int = 97  # prediction-point sampling
+    seed: int = 97  # prediction-point sampling and the tokenizer's numeric-value sample
 
     def __post_init__(self) -> None:
         minimum = {"vocab_size": 1, "numeric_bins": 1, "numeric_sample_size": 1, "num_tasks": 1,
                    "num_bins": 1, "final_layer_size": 1, "min_task_events": 1, "max_window": 2}
         for name, low in minimum.items():
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"prepare: {name} must be at least {low}, "
                                   f"got {getattr(self, name)}")
-        for name in ("val_fraction", "min_fraction", "min_text_fraction"):
+        for name in ("val_fraction", "min_fraction", "min_text_fraction", "min_task_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"prepare: {name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -171,7 +184,7 @@ class PretrainConfig:
     intermediate_size: int | None = None
     final_layer_size: int | None = None  # default: the prepared MOTOR task's
     attention_width: int = 496
-    attention_backend: str = "auto"  # auto, naive, blockwise, flex
+    attention_backend: str = "auto"  # one of BACKENDS
     tokens_per_batch: int = 16_384
     learning_rate: float = 1e-4
     warmup_steps: int = 500
@@ -190,11 +203,12 @@ class PretrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
 
     def __post_init__(self) -> None:
-        if self.preset not in ("base", "small", "tiny"):
-            raise ConfigError(f"pretrain: preset must be base, small or tiny, got {self.preset!r}")
-        if self.attention_backend not in ("auto", "naive", "blockwise", "flex"):
-            raise ConfigError("pretrain: attention_backend must be auto, naive, blockwise or "
-                              f"flex, got {self.attention_backend!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"pretrain: preset must be one of {', '.join(PRESETS)}, "
+                              f"got {self.preset!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ConfigError(f"pretrain: attention_backend must be one of {', '.join(BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"pretrain: precision must be auto, bf16 or fp32, "
                               f"got {self.precision!r}")

@@ -46,9 +46,9 @@ from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import InputError
 from ehrmotor.lock import work_lock
 from ehrmotor.model import PRESETS, MotorConfig, MotorModel, motor_loss
-from ehrmotor.motor_task import MotorTask
-from ehrmotor.tokenizer import Tokenizer
-from ehrmotor.write_datasets import load_prepared
+from ehrmotor.prepare.datasets import load_prepared
+from ehrmotor.prepare.motor_task import MotorTask
+from ehrmotor.prepare.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json")
@@ -70,19 +70,19 @@ class MotorTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        from accelerate.data_loader import prepare_data_loader
+
         sampler = TokenBudgetBatchSampler(
             window_lengths(dataset), self.tokens_per_batch, shuffle=shuffle, seed=self.args.seed,
             rank=self.args.process_index, world_size=self.args.world_size,
         )
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
                             num_workers=self.args.dataloader_num_workers)
-        prepared = self.accelerator.prepare(loader)
-        # The sampler already gives each rank its own batches: keep accelerate from re-sharding.
-        wrapper = getattr(prepared, "batch_sampler", None)
-        if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
-            wrapper.num_processes = 1
-            wrapper.process_index = 0
-        return prepared
+        # The sampler already gives each rank its own batches, so the loader is wrapped as one
+        # process's (no re-sharding); batches go to this rank's device, set_epoch to the sampler.
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=1,
+                                   process_index=0, put_on_device=True,
+                                   non_blocking=self.accelerator.non_blocking)
 
     def get_train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
@@ -171,7 +171,11 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
             raise PretrainError(f"pretrain: {name} must be at least 1, got {value}")
     sizes = {**PRESETS[config.preset], **overrides}
     _check_heads(sizes["hidden_size"], sizes["num_heads"])
-    overrides.setdefault("final_layer_size", prepared.task.final_layer_size)
+    if prepared.task.final_layer_size is not None:  # set in prepare; else the preset's
+        overrides.setdefault("final_layer_size", prepared.task.final_layer_size)
+    # The training context, as `prepare` cut the windows (WORK/pretraining_files/config.json).
+    files = [Path(f["filename"]).parents[1] for f in prepared.train.cache_files]
+    recorded = json.loads((files[0] / "config.json").read_text()) if files else {}
     try:
         return MotorConfig.preset(
             config.preset, vocab_size=len(prepared.tokenizer),
@@ -179,7 +183,7 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
             bin_edges_days=prepared.task.bin_edges_days,
             initial_log_rates=[float(x) for x in prepared.task.initial_log_rates()],
             attention_width=config.attention_width, attention_backend=config.attention_backend,
-            **overrides,
+            max_window=recorded.get("max_window"), **overrides,
         )
     except ValueError as error:  # a setting (or prepared task) the model rejects
         raise PretrainError(f"pretrain: {_first_line(error)}") from error

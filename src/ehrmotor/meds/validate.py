@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 # colliding with user columns (we only ever select known columns next to it anyway).
 _ROW = "__row"
 
-# The MEDS birth code; `ehrmotor.positions` counts ages from it (not imported: meds stays light).
+# The MEDS birth code; `ehrmotor.prepare.positions` counts ages from it (not imported: meds
+# stays light).
 BIRTH_CODE = "MEDS_BIRTH"
 # Control characters (C0 and DEL): a code holding one would become a garbled vocabulary entry.
 _CONTROL_CHARS = r"[\x00-\x1f\x7f]"

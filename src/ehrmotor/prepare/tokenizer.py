@@ -12,9 +12,13 @@ Fitting (on train subjects only; per-shard counts in workers, merged by a reduce
 - Entries with p < `min_fraction` are dropped; the rest are ranked by score (most informative
   first; ties by kind, code, bin, text) and the top `vocab_size` kept.
 
-Encoding an event: a numeric (or text) event whose value has an entry is that entry with weight 1;
-any other event is the bag of its expanded codes that are in the vocabulary, each with weight
-1 / bag size. Encoding is a join over whole shards (see `encode_events`).
+Encoding an event: the bag of its expanded codes that are in the vocabulary, each with weight
+1 / bag size, plus, for a numeric (or text) event whose value has an entry, that entry with
+weight 1 (femr's hierarchical encoding). Encoding is a join over whole shards (see
+`positions.encode_events`). Every entry the fit can keep occurs in the encoding of some train
+event: a code entry's subjects are counted over the same ontology expansion of every event
+(valued ones included) that encoding uses, and a numeric or text entry's over the events whose
+(code, bin) or (code, text) it is.
 
 Artifact `tokenizer/dictionary.msgpack`, a msgpack map:
     format_version: 1
@@ -40,7 +44,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
-from ehrmotor.ontology import Ontology
+from ehrmotor.prepare.ontology import Ontology
 
 FORMAT_VERSION = 1
 OPEN_EDGE = 1e308

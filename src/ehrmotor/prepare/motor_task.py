@@ -1,12 +1,16 @@
 """Step 4 of `prepare`: the MOTOR pretraining task (which codes, time bins, initial rates).
 
 - Candidate tasks: the first `num_tasks` code entries of the vocabulary, in vocabulary order.
-- Fitted on the sampled prediction points of train subjects (see `ehrmotor.labels`):
-  per task k, events n_k (points at which k occurs later) and exposure
+- Fitted on the sampled prediction points of train subjects (see `ehrmotor.prepare.labels`):
+  per task k, events n_k (the number of points at which k occurs later: each point has at most
+  one event per task, its next occurrence) and exposure
   E_k = Σ_points min(days to k, days to censoring). The initial rate is n_k / E_k per day, i.e.
   the fraction of points with an event divided by the mean time to event or censoring; its log is
-  the initial log-hazard of every time bin. Tasks with fewer than `min_task_events` events (zero
-  rate included) are dropped and counted.
+  the initial log-hazard of every time bin. A task is kept when n_k ≥ `min_task_events` and
+  n_k ≥ `min_task_fraction` × points (events after at least that share of the prediction
+  points) and its rate is above zero; the others are dropped and counted.
+- Points with no later occurrence of any task stay: they are censored for every task (femr drops
+  them), and count in the points and exposures above.
 - Time bins: quantiles of the observed times to event, pooled over tasks (from a bounded sample):
   `num_bins` bins with edges [0, q1, ..., q_{B-1}, +inf] in days.
 
@@ -29,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
-from ehrmotor.tokenizer import Tokenizer
+from ehrmotor.prepare.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 SAMPLE_PER_SHARD = 200_000
@@ -48,7 +52,9 @@ class TaskCounts:
 
     points: int
     total_censor_days: float
-    per_task: pl.DataFrame  # task, events, exposure_reduction (Σ censor - days over its pairs)
+    # task, events (points with a later occurrence of the task: one pair per such point),
+    # exposure_reduction (Σ censor_days - days over its pairs)
+    per_task: pl.DataFrame
     days_sample: np.ndarray
 
 
@@ -73,7 +79,7 @@ class MotorTask:
 
     tasks: pl.DataFrame  # task (model order), code, entry, events, exposure_days, rate_per_day
     bin_edges_days: list[float]  # finite edges, first 0; the last bin is unbounded
-    final_layer_size: int
+    final_layer_size: int | None  # None: the model preset decides
     dropped_tasks: int
     candidate_tasks: int
     points: int
@@ -84,7 +90,10 @@ class MotorTask:
 
     @classmethod
     def fit(cls, candidates: pl.DataFrame, counts: list[TaskCounts], *, num_bins: int,
-            final_layer_size: int, min_task_events: int) -> MotorTask:
+            final_layer_size: int | None, min_task_events: int,
+            min_task_fraction: float) -> MotorTask:
+        """Keep the candidates with at least `min_task_events` events, events after at least
+        `min_task_fraction` of the points, and a rate above zero; fit the time bins."""
         points = sum(c.points for c in counts)
         if points == 0:
             raise InputError("no prediction points among train subjects; cannot fit MOTOR task")
@@ -99,7 +108,9 @@ class MotorTask:
                           exposure_days=total_censor - pl.col("exposure_reduction").fill_null(0.0))
             .with_columns(rate_per_day=pl.col("events") / pl.col("exposure_days"))
         )
-        kept = tasks.filter((pl.col("events") >= min_task_events) & (pl.col("rate_per_day") > 0))
+        kept = tasks.filter((pl.col("events") >= min_task_events)
+                            & (pl.col("events") >= min_task_fraction * points)
+                            & (pl.col("rate_per_day") > 0))
         kept = kept.sort("task").drop("task", "exposure_reduction").with_row_index("task")
         days = np.concatenate([c.days_sample for c in counts]) if counts else np.array([])
         inner = np.quantile(days, np.arange(1, num_bins) / num_bins) if len(days) else []

@@ -30,8 +30,8 @@ from typing import TypeVar
 
 import polars as pl
 
-from ehrmotor.athena import CONCEPT_FILE, read_athena
 from ehrmotor.errors import OntologyError
+from ehrmotor.prepare.athena import CONCEPT_FILE, read_athena
 
 __all__ = ["Ontology", "OntologyError", "OntologyStats"]
 

@@ -4,12 +4,12 @@ Artifacts in `WORK/pretraining_files/` (each written to a temporary path and ren
 `<name>.manifest.json` recording config, input fingerprint and format version):
 
     config.json                resolved PrepareConfig
-    ontology/                  see `ehrmotor.ontology`
-    split.csv                  see `ehrmotor.split`
-    tokenizer/dictionary.msgpack   see `ehrmotor.tokenizer`
-    motor_task.json            see `ehrmotor.motor_task`
+    ontology/                  see `ehrmotor.prepare.ontology`
+    split.csv                  see `ehrmotor.prepare.split`
+    tokenizer/dictionary.msgpack   see `ehrmotor.prepare.tokenizer`
+    motor_task.json            see `ehrmotor.prepare.motor_task`
     train_batches/, val_batches/   Hugging Face datasets (save_to_disk, torch format), one row
-                               per training window; see `ehrmotor.examples`
+                               per training window; see `ehrmotor.prepare.examples`
 
 A step whose artifact exists with the same manifest is loaded, not rebuilt; a different manifest
 stops with a message naming what changed. Per-shard work runs in worker processes (spawned), so
@@ -25,7 +25,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,10 +45,11 @@ from ehrmotor.meds import (
     read_subject_splits,
     require_valid,
 )
-from ehrmotor.motor_task import MotorTask, TaskCounts, candidate_tasks
-from ehrmotor.ontology import Ontology
-from ehrmotor.positions import time_stats_from_moments
-from ehrmotor.prepare_shards import (
+from ehrmotor.prepare.datasets import finish_dataset
+from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import time_stats_from_moments
+from ehrmotor.prepare.shards import (
     ShardJob,
     shard_codes,
     shard_dataset,
@@ -57,10 +58,9 @@ from ehrmotor.prepare_shards import (
     shard_tokenizer_bins,
     shard_tokenizer_counts,
 )
+from ehrmotor.prepare.split import read_split, split_subjects, write_split
+from ehrmotor.prepare.tokenizer import Tokenizer, fit_numeric_edges
 from ehrmotor.processes import process_pool
-from ehrmotor.split import read_split, split_subjects, write_split
-from ehrmotor.tokenizer import Tokenizer, fit_numeric_edges
-from ehrmotor.write_datasets import finish_dataset
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,7 +141,15 @@ class Preparer:
         futures = [pool.submit(fn, job) for job in jobs]
         bar = tqdm(futures, desc=desc, unit="shard", leave=False,
                    disable=None if self.progress else True)  # None: only on a terminal
-        return [future.result() for future in bar]
+        try:
+            return [future.result() for future in bar]
+        except BaseException:
+            # Let running shards finish before the step's temporary folder is removed, so that no
+            # worker writes into it afterwards; the queued ones never start.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
 
     def _step(self, name: str, artifact: Path, config: dict[str, Any], fmt: int,
               build: Callable[[Path], None]) -> bool:
@@ -255,7 +263,8 @@ class Preparer:
             tokenizer.save(tmp)
         self._step("tokenizer", self.out / "tokenizer",
                    {k: getattr(cfg, k) for k in ("vocab_size", "min_fraction", "numeric_bins",
-                                                 "numeric_sample_size", "min_text_fraction")},
+                                                 "numeric_sample_size", "min_text_fraction",
+                                                 "seed")},
                    1, build_tokenizer)
         tokenizer = Tokenizer.load(self.out / "tokenizer")
         self.summary.vocab_entries = len(tokenizer)
@@ -266,11 +275,13 @@ class Preparer:
                                                  "MOTOR task: labels")
             task = MotorTask.fit(candidate_tasks(tokenizer, cfg.num_tasks), counts,
                                  num_bins=cfg.num_bins, final_layer_size=cfg.final_layer_size,
-                                 min_task_events=cfg.min_task_events)
+                                 min_task_events=cfg.min_task_events,
+                                 min_task_fraction=cfg.min_task_fraction)
             task.save(tmp)
         self._step("motor_task", self.out / "motor_task.json",
                    {k: getattr(cfg, k) for k in ("num_tasks", "num_bins", "final_layer_size",
-                                                 "min_task_events", "max_window", "seed")},
+                                                 "min_task_events", "min_task_fraction",
+                                                 "max_window", "seed")},
                    1, build_task)
         task = MotorTask.load(self.out / "motor_task.json")
         if task.tasks.height == 0:
@@ -281,6 +292,7 @@ class Preparer:
         self.summary.tasks_dropped = task.dropped_tasks
 
         # 5. datasets
+        used: set[int] = set()
         for split_name in ("train", "val"):
 
             def build_dataset(tmp: Path, split_name: str = split_name) -> None:
@@ -315,8 +327,8 @@ class Preparer:
                 log.warning("%s: %d subject(s) have %d timed event(s) before their MEDS_BIRTH "
                             "event; they were folded into the birth position (run ehrmotor "
                             "validate for an example)", split_name, born_late, before_birth)
-            self.summary.vocab_entries_used = max(self.summary.vocab_entries_used,
-                                                  len(stats["entries_used"]))
+            used.update(stats["entries_used"])
+            self.summary.vocab_entries_used = len(used)  # train and val together
 
     def _excluded_subjects(self) -> np.ndarray:
         splits = read_subject_splits(self.meds_dir)

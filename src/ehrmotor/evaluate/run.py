@@ -1,8 +1,9 @@
 """Downstream evaluation: linear probes on MOTOR representations vs. a count-feature baseline.
 
-`evaluate(meds_dir, model_path, out_dir)` builds tasks (`ehrmotor.evaluate_tasks`): for each
-outcome a time-to-event task (metric `c_index`, Harrell's C) and a binary task at `horizon_days`
-(metric `auroc`), or one binary task from a MEDS label file. Both feature sets, MOTOR
+`evaluate(meds_dir, model_path, out_dir, outcomes=...)` builds tasks (`ehrmotor.evaluate.tasks`):
+for each outcome (a name and its codes, given by the caller) a time-to-event task (metric
+`c_index`, Harrell's C) and a binary task at `horizon_days` (metric `auroc`), or one binary task
+from a MEDS label file. Both feature sets, MOTOR
 (`compute_features`) and counts (`count_features`), get the same probes inside a Pipeline
 (mean imputation, StandardScaler, model):
 
@@ -15,8 +16,9 @@ each train size (None = the whole pool, fitted once since every draw is the pool
 seeded subsample of the pool is fitted and scored on the test set; subsamples with fewer than two
 events (or, for binary tasks, two negatives) are skipped and counted. `mean` is the mean test
 metric over repeats; `ci_low`/`ci_high` are the 2.5/97.5 percentiles of that mean over `bootstrap`
-resamples of the test subjects (the same resamples for every feature set). The oracle scores the
-generator's true monthly hazard at the prediction time (`ehrmotor.synthetic.true_hazards`).
+resamples of the test subjects (the same resamples for every feature set). When the caller knows
+the true hazards (a simulated dataset), its `oracle` function gives them at the prediction times
+and they are scored the same way (features "oracle").
 
 Written to out_dir: results.csv (RESULT_SCHEMA), results.md, learning_curves.png, labels.parquet
 (the task table).
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,16 +48,17 @@ from tqdm import tqdm
 
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.errors import InputError
-from ehrmotor.evaluate_tasks import (
+from ehrmotor.evaluate.tasks import (
     ProbeTask,
     bootstrap_weights,
+    check_outcomes,
     concordance,
     count_features,
     feature_matrix,
+    held_out_tasks,
     label_file_task,
     probe_tasks,
     select_features,
-    synthetic_tasks,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTCOMES = ("heart_failure", "ckd", "diabetes", "copd", "death")
+# (outcome, subject_ids (n,) int64, prediction_times (n,) datetime64[us]) -> the true hazard at
+# each (nan where unknown), or None when there is none for that outcome.
+Oracle = Callable[[str, np.ndarray, np.ndarray], np.ndarray | None]
 POOL_FRACTION = 0.6
 COX_L1_RATIO = 0.1
 COX_N_ALPHAS = 8
@@ -323,46 +328,53 @@ class EvaluationResult:
 
 
 def motor_features(meds_dir: Path, bundle: Bundle, points: pl.DataFrame,
-                   tokens_per_batch: int) -> np.ndarray:
+                   tokens_per_batch: int | None) -> np.ndarray:
     """MOTOR representations (n, hidden) at `points`, rows in `points` order."""
-    from ehrmotor.features import bundle_features  # imports torch and the model
+    from ehrmotor.embed import bundle_features  # imports torch and the model
 
     result = bundle_features(meds_dir, bundle, points, tokens_per_batch=tokens_per_batch)
-    seconds = points["prediction_time"].dt.epoch("s").to_numpy()
+    times = np.asarray(result["feature_times"], dtype="datetime64[us]")
     if not (np.array_equal(result["subject_ids"], points["subject_id"].to_numpy())
-            and np.array_equal(result["feature_times"].astype(np.int64), seconds)):
+            and np.array_equal(times, points["prediction_time"].to_numpy())):
         raise RuntimeError("compute_features returned rows out of (subject_id, prediction_time) "
                            "order")
     return np.asarray(result["features"], dtype=np.float64)
 
 
-def _oracle_hazards(meds_dir: Path, task: ProbeTask, points: pl.DataFrame,
-                    cache: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The generator's true hazard of the task's outcome at each task entry, or None."""
-    from ehrmotor.synthetic import OUTCOMES, true_hazards
-
-    if task.outcome not in OUTCOMES:
-        return None
+def _oracle_hazards(oracle: Oracle, task: ProbeTask, points: pl.DataFrame,
+                    cache: dict[str, np.ndarray | None]) -> np.ndarray | None:
+    """The oracle's true hazard of the task's outcome at each task entry, or None."""
     if task.outcome not in cache:
-        cache[task.outcome] = true_hazards(meds_dir, points["subject_id"].to_numpy(),
-                                           points["prediction_time"].to_numpy(), task.outcome)
-    return cache[task.outcome][task.rows]
+        hazards = oracle(task.outcome, points["subject_id"].to_numpy(),
+                         points["prediction_time"].to_numpy())
+        if hazards is not None:
+            hazards = np.asarray(hazards, dtype=np.float64)
+            if hazards.shape != (points.height,):
+                raise ValueError(f"oracle: {task.outcome}: expected {points.height} hazards, "
+                                 f"got shape {hazards.shape}")
+        cache[task.outcome] = hazards
+    hazards = cache[task.outcome]
+    return None if hazards is None else hazards[task.rows]
 
 
 def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
-             outcomes: Sequence[str] = DEFAULT_OUTCOMES, horizon_days: float = 365,
+             outcomes: Mapping[str, Sequence[str]] | None = None, oracle: Oracle | None = None,
+             horizon_days: float = 365,
              train_sizes: Sequence[int | None] = (50, 100, 500, None), repeats: int = 5,
-             seed: int = 0, labels_path: Path | None = None, tokens_per_batch: int = 2048,
+             seed: int = 0, labels_path: Path | None = None, tokens_per_batch: int | None = None,
              bootstrap: int = 200, max_count_features: int = 2000) -> EvaluationResult:
     """Probe MOTOR and count features on downstream tasks; write and return the results.
 
     meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology; read
     by `load_bundle`, which raises BundleError for a missing, incomplete or corrupt one);
-    outcomes: see `evaluate_tasks.outcome_matcher`; horizon_days: binary-task horizon in days;
-    train_sizes: probe-training subjects per fit (None = the whole pool); repeats: subsamples
-    per size; labels_path: a MEDS label parquet to use instead of the outcomes; bootstrap:
-    resamples for the intervals; max_count_features: count features kept. Deterministic given
-    `seed`. See the module docstring for what is written to `out_dir`.
+    outcomes: outcome name → its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure":
+    ["ICD10CM/I50"]} (see `evaluate_tasks.outcome_matcher`); oracle: the true hazards of a
+    simulated dataset (see `Oracle`; scored for the outcomes, not for a label file);
+    horizon_days: binary-task horizon in days; train_sizes: probe-training subjects per fit
+    (None = the whole pool); repeats: subsamples per size; labels_path: a MEDS label parquet to
+    use instead of the outcomes; bootstrap: resamples for the intervals; max_count_features:
+    count features kept. Deterministic given `seed` (and a deterministic oracle). See the
+    module docstring for what is written to `out_dir`.
     """
     meds_dir, model_path, out_dir = Path(meds_dir), Path(model_path), Path(out_dir)
     if repeats < 1 or bootstrap < 1 or seed < 0:
@@ -370,16 +382,18 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
                          f"{repeats}, {bootstrap}, {seed}")
     if any(size is not None and size < 1 for size in train_sizes):
         raise InputError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+    if labels_path is None and not outcomes:
+        raise InputError("evaluate: give outcomes (name → codes) or a label file")
+    outcome_codes = check_outcomes(outcomes or {})
     from ehrmotor.bundle import load_bundle  # imports torch and the model
 
     bundle = load_bundle(model_path)  # a bad bundle fails before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     if labels_path is not None:
         tasks = label_file_task(meds_dir, Path(labels_path))
-        with_oracle = False
+        oracle = None
     else:
-        tasks = synthetic_tasks(meds_dir, outcomes, horizon_days=horizon_days, seed=seed)
-        with_oracle = (meds_dir / "metadata" / "synthetic.json").is_file()
+        tasks = held_out_tasks(meds_dir, outcome_codes, horizon_days=horizon_days, seed=seed)
     if tasks.is_empty():
         raise InputError(f"{labels_path or meds_dir}: no labels to evaluate")
     labels_file = out_dir / "labels.parquet"
@@ -401,13 +415,13 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
 
     features = {"motor": motor, "counts": counts}
-    hazards: dict[str, np.ndarray] = {}
+    hazards: dict[str, np.ndarray | None] = {}
     rows: list[dict[str, object]] = []
     all_tasks = probe_tasks(tasks, points, in_pool)
     for index, task in enumerate(tqdm(all_tasks, desc="evaluate", unit="task", disable=None)):
-        oracle = _oracle_hazards(meds_dir, task, points, hazards) if with_oracle else None
+        truth = _oracle_hazards(oracle, task, points, hazards) if oracle is not None else None
         rows += evaluate_task(task, index, features, train_sizes, repeats, seed, bootstrap,
-                              oracle)
+                              truth)
     results = pl.DataFrame(rows, schema=RESULT_SCHEMA)
     results_csv, results_md = out_dir / "results.csv", out_dir / "results.md"
     with atomic_path(results_csv) as tmp:

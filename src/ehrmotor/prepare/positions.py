@@ -5,13 +5,18 @@ For one shard (all columns, whole-frame polars operations, no loop per event or 
 - Birth: the time of the subject's `MEDS_BIRTH` event, else of its first timed event.
 - Static events (null time) and events on the birth day form position 0 of the subject (an empty
   bag when none of them has a vocabulary entry).
-- Every later event is one position, except events whose vocabulary entries were all already seen
-  the same day (by an earlier event of the subject), which are skipped, as are events with no
-  entry in the vocabulary.
-- A position's bag: a numeric event whose (code, bin) is an entry → that entry, weight 1; a text
-  event whose (code, text) is an entry → that entry, weight 1; otherwise the code entries of the
-  event's code and all its ontology ancestors, each with weight 1 / number of such entries.
-  Position 0 holds the union of its events' entries (max weight per entry).
+- Every event's entries: the code entries of its code and all its ontology ancestors (the code
+  itself included) that are in the vocabulary, each with weight 1 / number of such entries (the
+  ancestor bag); and, when the event has a numeric value whose (code, bin) is an entry or a text
+  value whose (code, text) is an entry, that value entry with weight 1. A valued event keeps its
+  hierarchy, as in femr; a valued event whose value has no entry contributes its ancestor bag
+  alone, and an event with neither contributes nothing.
+- Every later event is one position with those entries, except events with no entry at all and
+  events whose entries were all already seen the same calendar day (by an earlier event of the
+  subject, in event order), which are skipped. The comparison is on vocabulary entries, so a lab
+  repeated the same day in another value bin with an entry makes a position, while one whose
+  new bin has no entry (only its already-seen ancestor bag) does not.
+- Position 0 holds the union of its events' entries (max weight per entry).
 - Each position carries its timestamp (µs), age (days since birth) and time features: normalised
   age, normalised log(1 + age), normalised log(1 + days since the previous position), with the
   means and standard deviations in `Tokenizer.time_stats`.
@@ -22,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ehrmotor.ontology import Ontology
-from ehrmotor.tokenizer import Tokenizer, assign_bins
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
 
 US_PER_DAY = 86_400_000_000
 BIRTH_CODE = "MEDS_BIRTH"
@@ -53,7 +58,12 @@ def count_before_birth(events: pl.DataFrame) -> tuple[int, int]:
 
 
 def encode_events(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology) -> pl.DataFrame:
-    """One row per (event, entry): columns `event` (row index in `events`), `entry`, `weight`."""
+    """One row per (event, entry): columns `event` (row index in `events`), `entry`, `weight`.
+
+    Every event contributes its ancestor bag (in-vocabulary code entries of its code and its
+    ancestors, weight 1 / bag size) and, when it has one, its numeric-bin or text-value entry
+    (weight 1). Events without any entry have no row. Sorted by event, then entry.
+    """
     entries = tokenizer.entries
     indexed = events.select("code", "numeric_value", "text_value").with_row_index("event")
     binned = indexed.with_columns(
@@ -67,17 +77,16 @@ def encode_events(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology
         entries.filter(pl.col("kind") == "text").select("code", text_value="text", entry="index"),
         on=["code", "text_value"], how="inner",
     ).select("event", "entry")
-    valued = pl.concat([numeric, text]).with_columns(weight=pl.lit(1.0, pl.Float32))
-    plain = binned.filter(~pl.col("event").is_in(valued["event"].implode()))
+    values = pl.concat([numeric, text]).with_columns(weight=pl.lit(1.0, pl.Float32))
     codes = (
-        ontology.expand(plain.select("event", "code"))
+        ontology.expand(binned.select("event", "code"))
         .join(entries.filter(pl.col("kind") == "code").select(ancestor="code", entry="index"),
               on="ancestor", how="inner")
         .select("event", "entry")
         .unique()
         .with_columns(weight=(1.0 / pl.len().over("event")).cast(pl.Float32))
     )
-    return pl.concat([valued, codes]).sort("event", "entry")
+    return pl.concat([values, codes]).sort("event", "entry")
 
 
 def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology

@@ -4,8 +4,12 @@
 (subject_id, prediction_time); labels with equal keys (duplicates included) keep their input order:
 
     subject_ids    int64 (n,)
-    feature_times  datetime64[s] (n,)   prediction_time, floored to the second
+    feature_times  datetime64[us] (n,)  each label's prediction_time, exactly as given
     features       float32 (n, hidden)  the model's final representation (`MotorModel.encode`)
+
+The path is training's up to the encoder: MEDS shards (`meds.scan_shard`, or a meds_reader
+database) -> `positions.build_positions` -> `windows` -> `batching.pack`, `collate_windows` ->
+`MotorModel.encode`; only the windows cut differ, and no labels ride along (just the points read).
 
 Policies:
 - A label's representation is read at the last position whose time is at or before its
@@ -15,15 +19,13 @@ Policies:
 - Position 0 folds together the static events and every event of the birth day, so a label on the
   birth day could see events after its prediction_time: labels on or before the birth date are
   refused with an InputError (a ValueError), as are labels of subjects absent from the data.
-- Windows as in training: position 0 followed by the consecutive positions ending at the label's
-  position p, at most `window - 1` of them, i.e. positions max(1, p - window + 2) .. p. The window
-  length is `tokens_per_batch` (capped by a `max_window` recorded in `training_summary.json`, when
-  there is one). A label's window depends only on p, never on the other labels; labels of a subject
-  whose windows start at the same position share one forward pass (all labels within the first
-  `window - 1` positions do), which causal attention makes exact.
-- Windows are packed, in (subject, start) order, into batches of at most `tokens_per_batch`
-  positions; `model.encode` runs under `torch.no_grad()`, in fp32 on CPU and under bf16 autocast on
-  CUDA (where batches are padded to `tokens_per_batch` so the attention kernel keeps one shape).
+- Windows as training sees a position (`ehrmotor.prepare.windows`): position 0, then at most
+  context - 1 positions ending at the label's. The context is the model's
+  (`MotorConfig.max_window`; older bundles: training_summary.json's). At a training point whose
+  history fits one training window, the representation equals the one training computed.
+- `tokens_per_batch` is only a packing budget (default and minimum: the context). `model.encode`
+  runs under `torch.no_grad()`, in fp32 on CPU and under bf16 autocast on CUDA (where batches are
+  padded to `tokens_per_batch` so the attention kernel keeps one shape).
 """
 
 from __future__ import annotations
@@ -43,15 +45,21 @@ import torch
 from tqdm import tqdm
 
 from ehrmotor.artifacts import atomic_path
-from ehrmotor.batching import pack
+from ehrmotor.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.bundle import Bundle, load_bundle
 from ehrmotor.errors import InputError
 from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, scan_shard
 from ehrmotor.model import MotorModel
-from ehrmotor.ontology import Ontology
-from ehrmotor.positions import BIRTH_CODE, TIME_FEATURES, build_positions
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import BIRTH_CODE, build_positions
+from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.prepare.windows import (
+    embedding_windows,
+    first_rows,
+    positions_per_window,
+    window_sequences,
+)
 from ehrmotor.processes import process_pool
-from ehrmotor.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,6 @@ MEDS_READER_CHUNK = 10_000  # subjects per chunk when reading a meds_reader data
 
 LabelsLike = Any  # list of dicts, polars or pandas DataFrame, parquet file or folder (str/Path)
 Fitted = tuple[Tokenizer, Ontology]
-
 
 
 def read_labels(labels: LabelsLike) -> pl.DataFrame:
@@ -137,7 +144,6 @@ def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
-
 
 
 def _trim(events: pl.LazyFrame, horizons: pl.DataFrame) -> pl.LazyFrame:
@@ -246,15 +252,13 @@ def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
     return positions.sort("subject_id", "position")
 
 
-
 def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
-    """Per label (column `label`): first_row (row of the subject's position 0) and `position`.
+    """label, subject_id and `position`: the last position at or before each label's time.
 
     Raises InputError for unknown subjects and for labels on or before the birth date.
     """
-    births = positions.with_row_index("row").filter(pl.col("position") == 0).select(
-        "subject_id", first_row=pl.col("row").cast(pl.Int64),
-        birth=pl.col("time").cast(pl.Datetime("us")))
+    births = positions.filter(pl.col("position") == 0).select(
+        "subject_id", birth=pl.col("time").cast(pl.Datetime("us")))
     unknown = labels.join(births, on="subject_id", how="anti")["subject_id"].unique().sort()
     if unknown.len():
         raise InputError(f"labels: {unknown.len()} subjects are not in the data: "
@@ -280,151 +284,100 @@ def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFr
                    check_sortedness=False).sort("label")
     if located["position"].null_count():  # unreachable: every subject has position 0 at birth
         raise ValueError("labels: some labels found no position at or before their time")
-    return located
+    return located.select("label", "subject_id", "position")
 
 
-def _plan_windows(located: pl.DataFrame, window: int) -> tuple[pl.DataFrame, np.ndarray]:
-    """Windows (first_row, start, length; in packing order) and each label's token in them.
+def _check_sizes(context: int | None, tokens_per_batch: int | None) -> tuple[int, int]:
+    """(context, packing budget); InputError for a context below 2 or a budget below it."""
+    if context is None:
+        raise InputError("the model bundle records no training context (max_window in "
+                         "config.json or training_summary.json); pass context")
+    if context < 2:
+        raise InputError(f"context must be at least 2 (position 0 and one more); got {context}")
+    budget = context if tokens_per_batch is None else tokens_per_batch
+    if budget < context:
+        raise InputError(f"tokens_per_batch {budget} is smaller than the context of {context} "
+                         f"positions; a window must fit one batch: set it to at least {context}")
+    return context, budget
 
-    A label at position p reads its window's token 1 + p - start (token 0 when p = 0).
+
+def _encode(model: MotorModel, positions: pl.DataFrame, plan: pl.DataFrame,
+            tokens_per_batch: int, device: torch.device, features: np.ndarray) -> None:
+    """Fill `features` at each window's `labels` with the representations at its `points`.
+
+    plan: `embedding_windows` with `first_row`, in packing order. On CUDA every batch is padded to
+    `tokens_per_batch` positions.
     """
-    located = located.with_columns(
-        start=pl.max_horizontal(pl.lit(1), pl.col("position") - (window - 2)).cast(pl.Int64))
-    windows = (
-        located.group_by("subject_id", "start").agg(pl.col("first_row").first(),
-                                                    end=pl.col("position").max())
-        .sort("subject_id", "start").with_row_index("window")
-        .with_columns(length=(1 + (pl.col("end") - pl.col("start") + 1).clip(0)).cast(pl.Int64))
-    )
-    lengths = windows["length"].to_numpy()
-    token_start = pl.Series("token_start", np.cumsum(lengths) - lengths)
-    located = located.join(windows.with_columns(token_start).select(
-        "subject_id", "start", "token_start"), on=["subject_id", "start"], how="left",
-        maintain_order="left")
-    offset = pl.when(pl.col("position") == 0).then(0).otherwise(pl.col("position")
-                                                                - pl.col("start") + 1)
-    read_at = located.select(pl.col("token_start") + offset).to_series().to_numpy()
-    return windows, read_at.astype(np.int64)
-
-
-def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + size) for each pair, without a Python loop."""
-    first = np.cumsum(sizes) - sizes
-    return np.repeat(starts - first, sizes) + np.arange(int(sizes.sum()))
-
-
-def _padded(values: np.ndarray, pad: int, fill: int = 0) -> np.ndarray:
-    """`values` with `pad` rows of `fill` appended along the first axis."""
-    widths = [(0, pad)] + [(0, 0)] * (values.ndim - 1)
-    return np.pad(values, widths, constant_values=fill)
-
-
-def _encode(model: MotorModel, positions: pl.DataFrame, windows: pl.DataFrame,
-            read_at: np.ndarray, tokens_per_batch: int, device: torch.device,
-            pad: bool = False) -> np.ndarray:
-    """Representation (float32) at token `read_at[i]` of the packed windows, for each label i.
-
-    With `pad`, every batch is filled up to `tokens_per_batch` with empty positions in a segment
-    of their own (one tensor shape for compiled attention kernels).
-    """
-    lengths = windows["length"].to_numpy()
-    token_start = np.cumsum(lengths) - lengths
-    local = np.arange(int(lengths.sum())) - np.repeat(token_start, lengths)
-    rows = np.repeat(windows["first_row"].to_numpy(), lengths) + np.where(
-        local == 0, 0, np.repeat(windows["start"].to_numpy() - 1, lengths) + local)
-    bag_sizes = positions["entries"].list.len().to_numpy().astype(np.int64)
-    bag_start = np.cumsum(bag_sizes) - bag_sizes
-    entries = positions["entries"].list.explode(keep_nulls=False, empty_as_null=False).to_numpy()
-    weights = positions["weights"].list.explode(keep_nulls=False, empty_as_null=False).to_numpy()
-    time_features = positions.select(TIME_FEATURES).to_numpy().astype(np.float32)
-    age_days = positions["age_days"].to_numpy().astype(np.float32)
-    order = np.argsort(read_at, kind="stable")
-    features = np.zeros((len(read_at), model.config.hidden_size), dtype=np.float32)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
-    batches = pack(lengths, np.arange(len(lengths)), tokens_per_batch)
-    for batch in tqdm(batches, desc="features", unit="batch", disable=None):
-        low = int(token_start[batch[0]])
-        high = int(token_start[batch[-1]] + lengths[batch[-1]])
-        batch_rows = rows[low:high]
-        flat = _ranges(bag_start[batch_rows], bag_sizes[batch_rows])
-        segments = np.repeat(np.arange(len(batch)), lengths[batch[0]:batch[-1] + 1])
-        fill = tokens_per_batch - len(batch_rows) if pad else 0
-        offsets = np.cumsum(bag_sizes[batch_rows]) - bag_sizes[batch_rows]
-        inputs = {  # padding tokens: empty bags in a segment of their own
-            "entries": entries[flat].astype(np.int64), "weights": weights[flat],
-            "bag_offsets": _padded(offsets, fill, len(flat)),
-            "time_features": _padded(time_features[batch_rows], fill),
-            "age_days": _padded(age_days[batch_rows], fill),
-            "segment_ids": _padded(segments, fill, len(batch)),
-        }
+    lengths = positions_per_window(plan).to_numpy()
+    for batch in tqdm(pack(lengths, np.arange(len(lengths)), tokens_per_batch),
+                      desc="features", unit="batch", disable=None):
+        chosen = plan.slice(batch[0], len(batch))
+        rows = window_sequences(positions, chosen).with_columns(points=chosen["points"])
+        inputs = collate_windows(frame_rows(rows))
+        if device.type == "cuda":
+            inputs = pad_batch(inputs, tokens_per_batch)
+        point_indices = inputs.pop("point_indices").to(device)
         with torch.no_grad(), autocast:
-            hidden = model.encode(**{k: torch.from_numpy(v).to(device)
-                                     for k, v in inputs.items()})  # (T, hidden)
-        first, last = np.searchsorted(read_at[order], [low, high])
-        wanted = order[first:last]
-        features[wanted] = hidden[torch.from_numpy(read_at[wanted] - low).to(device)] \
-            .float().cpu().numpy()
-    return features
-
-
-def _window_length(max_window: int | None, tokens_per_batch: int) -> int:
-    """Positions per window: tokens_per_batch, capped by a recorded training max_window."""
-    window = min(tokens_per_batch, max_window) if max_window else tokens_per_batch
-    if window < 2:
-        raise InputError(f"tokens_per_batch must be at least 2 (position 0 and one more); got "
-                         f"{tokens_per_batch}")
-    return window
+            hidden = model.encode(**{k: v.to(device) for k, v in inputs.items()})  # (T, hidden)
+        labels = chosen["labels"].explode().to_numpy()
+        features[labels] = hidden[point_indices].float().cpu().numpy()
 
 
 def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_proc: int = 1,
-                     tokens_per_batch: int = 1024, device: str | torch.device | None = None,
-                     ontology: Ontology | str | Path | None = None) -> dict[str, np.ndarray]:
+                     tokens_per_batch: int | None = None,
+                     device: str | torch.device | None = None,
+                     ontology: Ontology | str | Path | None = None,
+                     context: int | None = None) -> dict[str, np.ndarray]:
     """Representations at label times; see the module docstring for the result and policies.
 
     db: a MEDS directory, a `meds_reader.SubjectDatabase` or the path of one. model_path: a
     bundle written by `pretrain` (checked by `load_bundle`, which raises BundleError). labels:
     see `read_labels`. num_proc: processes reading shards (1 = in this process).
-    tokens_per_batch: positions per forward pass (and per window). device: default CUDA when
-    available, else CPU. ontology: default `model_path/ontology`.
+    tokens_per_batch: positions per forward pass, at least the context (default: the context).
+    device: default CUDA when available, else CPU. ontology: default `model_path/ontology`.
+    context: positions per window (default: the model's training context).
     """
-    _window_length(None, tokens_per_batch)  # a bad setting fails before the bundle is read
+    if context is not None:  # a bad setting fails before the bundle is read
+        _check_sizes(context, tokens_per_batch)
     bundle = load_bundle(model_path, ontology=ontology)
     return bundle_features(db, bundle, labels, num_proc=num_proc,
-                           tokens_per_batch=tokens_per_batch, device=device)
+                           tokens_per_batch=tokens_per_batch, device=device, context=context)
 
 
 def bundle_features(db: Any, bundle: Bundle, labels: LabelsLike, num_proc: int = 1,
-                    tokens_per_batch: int = 1024,
-                    device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+                    tokens_per_batch: int | None = None,
+                    device: str | torch.device | None = None,
+                    context: int | None = None) -> dict[str, np.ndarray]:
     """`compute_features` with a bundle already loaded by `load_bundle`."""
-    window = _window_length(bundle.max_window, tokens_per_batch)
+    context, budget = _check_sizes(bundle.max_window if context is None else context,
+                                   tokens_per_batch)
     table = read_labels(labels).sort("subject_id", "prediction_time", maintain_order=True) \
         .with_row_index("label")
     model = bundle.model.eval()
     result = {
         "subject_ids": table["subject_id"].to_numpy().astype(np.int64),
-        "feature_times": (table["prediction_time"].dt.epoch("us").to_numpy() // 1_000_000)
-        .astype("datetime64[s]"),
-        "features": np.zeros((0, model.config.hidden_size), dtype=np.float32),
+        "feature_times": table["prediction_time"].to_numpy().astype("datetime64[us]"),
+        "features": np.zeros((table.height, model.config.hidden_size), dtype=np.float32),
     }
     if table.is_empty():
         return result
     positions = _read_positions(db, table, (bundle.tokenizer, bundle.ontology), num_proc)
-    windows, read_at = _plan_windows(_label_positions(table, positions), window)
+    plan = embedding_windows(_label_positions(table, positions), context).join(
+        first_rows(positions), on="subject_id", how="left", maintain_order="left")
     chosen = torch.device(device if device is not None
                           else "cuda" if torch.cuda.is_available() else "cpu")
-    log.info("compute_features: %d labels of %d subjects in %d windows on %s", table.height,
-             table["subject_id"].n_unique(), windows.height, chosen)
-    result["features"] = _encode(model.to(chosen), positions, windows, read_at,
-                                 tokens_per_batch, chosen, pad=chosen.type == "cuda")
+    log.info("compute_features: %d labels of %d subjects in %d windows of up to %d positions "
+             "on %s", table.height, table["subject_id"].n_unique(), plan.height, context, chosen)
+    _encode(model.to(chosen), positions, plan, budget, chosen, result["features"])
     return result
 
 
 def write_embeddings(result: Mapping[str, np.ndarray], out_path: str | Path) -> Path:
     """Write a `compute_features` result as parquet, atomically; return the path.
 
-    Columns: subject_id int64, prediction_time timestamp[us] (the feature_times, whole seconds),
+    Columns: subject_id int64, prediction_time timestamp[us] (the feature_times, exactly),
     embedding fixed_size_list<float32>[hidden].
     """
     features = np.ascontiguousarray(result["features"], dtype=np.float32)

@@ -9,11 +9,13 @@ token j iff
 (causal, itself included, at most `width` tokens). Every function takes q, k, v of shape
 (T, H, D) and returns (T, H, D), scaled by 1/sqrt(D).
 
-- `naive_local_attention`: dense (T, T) mask in fp32; the reference the others are tested against.
 - `blockwise_local_attention`: CPU and GPU, memory O(T · width): each block of queries attends to
   its own block of keys and the blocks just before it, through `scaled_dot_product_attention`.
 - `flex_local_attention`: CUDA only, FlexAttention with a block-sparse mask.
 - `local_attention`: picks one of them (`backend="auto"`: flex for CUDA tensors, else blockwise).
+
+The dense (T, T) reference both are proven equal to lives with the tests
+(`tests/model_reference.py`, `naive_local_attention`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "naive", "blockwise", "flex")
+from ehrmotor.config import BACKENDS  # names of the `local_attention` backends
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
@@ -38,20 +40,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids
                          f"{tuple(segment_ids.shape)}")
     if width < 1:
         raise ValueError(f"attention width must be at least 1; got {width}")
-
-
-def naive_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          segment_ids: torch.Tensor, width: int = 496) -> torch.Tensor:
-    """Reference: full (T, T) scores and mask, computed in fp32, returned in q's dtype."""
-    _check_inputs(q, k, v, segment_ids, width)
-    positions = torch.arange(q.shape[0], device=q.device)
-    distance = positions[:, None] - positions[None, :]  # (T, T) query minus key
-    allowed = (distance >= 0) & (distance < width)
-    allowed &= segment_ids[:, None] == segment_ids[None, :]
-    scores = torch.einsum("thd,shd->hts", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))  # (H, T, T)
-    weights = torch.softmax(scores, dim=-1)
-    return torch.einsum("hts,shd->thd", weights, v.float()).to(q.dtype)
 
 
 def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,6 +159,4 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_i
     chosen = resolve_backend(backend, q.device)
     if chosen == "flex":
         return flex_local_attention(q, k, v, segment_ids, width)
-    if chosen == "naive":
-        return naive_local_attention(q, k, v, segment_ids, width)
     return blockwise_local_attention(q, k, v, segment_ids, width)

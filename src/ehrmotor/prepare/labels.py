@@ -3,9 +3,8 @@
 - Prediction points: positions after the birth-day position, one per distinct timestamp (the last
   position at that time, so the representation has seen every event of that time), excluding the
   subject's last event time (nothing can be predicted from there).
-- Windows: a subject's positions are cut into consecutive windows of at most `max_window`
-  positions, each starting with position 0 (static and birth-day events) followed by up to
-  `max_window - 1` later positions; no history is dropped.
+- Windows: `ehrmotor.prepare.windows.training_windows` (consecutive windows of at most `max_window`
+  positions, each position 0 followed by up to `max_window - 1` later ones; no history dropped).
 - Sampling: in each window, max(5, positions / 10) of its prediction points (all when fewer),
   chosen by a seeded hash of (subject, position), so the choice is deterministic.
 - Task events: events without a numeric or text value, expanded to their ontology ancestors, whose
@@ -20,20 +19,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ehrmotor.ontology import Ontology
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.windows import training_window
+from ehrmotor.prepare.windows import with_windows as with_windows  # re-exported for older callers
 
 US_PER_DAY = 86_400_000_000
 MIN_POINTS_PER_WINDOW = 5
 POINT_FRACTION = 10  # one sampled point per this many positions
-
-
-def with_windows(positions: pl.DataFrame, max_window: int) -> pl.DataFrame:
-    """Add `window` (0-based per subject; position 0 is in every window, marked 0 here)."""
-    span = max_window - 1
-    return positions.with_columns(
-        window=pl.when(pl.col("position") == 0).then(0)
-        .otherwise((pl.col("position") - 1) // span).cast(pl.Int32)
-    )
 
 
 def prediction_points(positions: pl.DataFrame, last_time: pl.DataFrame) -> pl.DataFrame:
@@ -54,12 +46,11 @@ def prediction_points(positions: pl.DataFrame, last_time: pl.DataFrame) -> pl.Da
 def sample_points(points: pl.DataFrame, positions: pl.DataFrame, max_window: int,
                   seed: int) -> pl.DataFrame:
     """The sampled prediction points of each window: subject_id, window, position, time."""
-    windows = with_windows(positions, max_window)
-    sizes = windows.filter(pl.col("position") > 0).group_by("subject_id", "window").agg(
+    sizes = positions.filter(pl.col("position") > 0).group_by(
+        "subject_id", window=training_window(max_window)).agg(
         wanted=pl.max_horizontal(pl.lit(MIN_POINTS_PER_WINDOW), pl.len() // POINT_FRACTION)
     )
-    span = max_window - 1
-    keyed = points.with_columns(window=((pl.col("position") - 1) // span).cast(pl.Int32))
+    keyed = points.with_columns(window=training_window(max_window))
     keyed = keyed.with_columns(
         key=pl.struct("subject_id", "position").hash(seed)
     ).join(sizes, on=["subject_id", "window"], how="inner")

@@ -16,14 +16,14 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.config import PrepareConfig
-from ehrmotor.examples import label_shard, window_rows
 from ehrmotor.meds import scan_shard
-from ehrmotor.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
-from ehrmotor.ontology import Ontology
-from ehrmotor.positions import count_before_birth, time_moments
-from ehrmotor.split import read_split
-from ehrmotor.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
-from ehrmotor.write_datasets import shard_file_name, write_shard_table
+from ehrmotor.prepare.datasets import shard_file_name, write_shard_table
+from ehrmotor.prepare.examples import label_shard, window_rows
+from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import count_before_birth, time_moments
+from ehrmotor.prepare.split import read_split
+from ehrmotor.prepare.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Step 5 of `prepare` for one shard: training windows with their positions and sparse labels.
 
-One row per training window (see `ehrmotor.labels` for windows, points and labels):
+One row per training window (windows: `ehrmotor.prepare.windows`; points and labels:
+`ehrmotor.prepare.labels`):
 
     subject_id      int64
     window          int32      0-based window of the subject
@@ -25,17 +26,17 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from ehrmotor.labels import (
+from ehrmotor.prepare.labels import (
     last_event_times,
     prediction_points,
     sample_points,
     sparse_labels,
     task_events,
-    with_windows,
 )
-from ehrmotor.ontology import Ontology
-from ehrmotor.positions import build_positions
-from ehrmotor.tokenizer import Tokenizer
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import build_positions
+from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.prepare.windows import local_index, training_windows, window_sequences
 
 
 @dataclass(frozen=True)
@@ -68,31 +69,14 @@ class ShardWindows:
 
 def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
     """One row per (subject, window) with sampled points, in the layout of the module docstring."""
-    span = max_window - 1
-    positions = with_windows(labelled.positions, max_window)
-    later = positions.filter(pl.col("position") > 0)
-    windows = later.select("subject_id", "window").unique()
-    first = positions.filter(pl.col("position") == 0).drop("window").join(
-        windows, on="subject_id", how="inner")
-    local = pl.concat([first, later.select(first.columns)]).with_columns(
-        local=pl.when(pl.col("position") == 0).then(0)
-        .otherwise(pl.col("position") - pl.col("window") * span).cast(pl.Int32)
-    ).sort("subject_id", "window", "local")
-    sequences = local.group_by("subject_id", "window", maintain_order=True).agg(
-        bag_sizes=pl.col("entries").list.len().cast(pl.Int32),
-        entries=pl.col("entries").list.explode(keep_nulls=False, empty_as_null=False)
-        .cast(pl.UInt32),
-        weights=pl.col("weights").list.explode(keep_nulls=False, empty_as_null=False)
-        .cast(pl.Float32),
-        times=pl.col("time"),
-        age_days=pl.col("age_days"), age=pl.col("age"), log_age=pl.col("log_age"),
-        log_delta=pl.col("log_delta"),
-    )
+    windows = training_windows(labelled.positions, max_window)
     # Points in the order of `censoring` (subject, position), which pairs index by `point`.
     points = labelled.points.sort("subject_id", "position").with_columns(
         censor_days=labelled.censoring["censor_days"],
-        local=(pl.col("position") - pl.col("window") * span).cast(pl.Int32),
-    ).with_columns(point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32))
+    ).join(windows.select("subject_id", "window", "start"), on=["subject_id", "window"],
+           how="left", maintain_order="left").with_columns(
+        local=local_index(),
+        point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32))
     point_lists = points.group_by("subject_id", "window", maintain_order=True).agg(
         points=pl.col("local"), censor_days=pl.col("censor_days"))
     row = labelled.pairs["point"].to_numpy()
@@ -104,17 +88,17 @@ def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
         "label_days": labelled.pairs["days"],
     }).group_by("subject_id", "window", maintain_order=True).agg(
         "label_point", "label_task", "label_days")
+    kept = windows.join(point_lists.select("subject_id", "window"), on=["subject_id", "window"],
+                        how="semi", maintain_order="left")
     rows = (
-        sequences.join(point_lists, on=["subject_id", "window"], how="inner")
+        window_sequences(labelled.positions, kept)
+        .join(point_lists, on=["subject_id", "window"], how="inner")
         .join(pair_lists, on=["subject_id", "window"], how="left")
         .with_columns([pl.col(c).fill_null(pl.lit([], dtype=dtype)) for c, dtype in (
             ("label_point", pl.List(pl.Int32)), ("label_task", pl.List(pl.Int32)),
             ("label_days", pl.List(pl.Float32)))])
         .sort("subject_id", "window")
     )
-    subjects_with_rows = rows["subject_id"].n_unique()
-    return ShardWindows(
-        rows=rows,
-        windows_skipped=windows.height - rows.height,
-        subjects_skipped=positions["subject_id"].n_unique() - subjects_with_rows,
-    )
+    subjects = labelled.positions["subject_id"].n_unique()
+    return ShardWindows(rows=rows, windows_skipped=windows.height - rows.height,
+                        subjects_skipped=subjects - rows["subject_id"].n_unique())

@@ -2,8 +2,8 @@
 
 Tasks. Each evaluation subject gets one prediction time: a seeded random visit time (`Visit/*`
 events) at least one day after its birth day (the `MEDS_BIRTH` time, else its first event,
-truncated to the day) and strictly before its last event. For each outcome (its codes: see
-`outcome_matcher`), subjects with the outcome at or before the prediction time are dropped
+truncated to the day) and strictly before its last event. For each outcome (a name and its codes:
+see `outcome_matcher`), subjects with the outcome at or before the prediction time are dropped
 (prevalent); the time to event is the days from the prediction time to the outcome's first later
 occurrence, else the subject is censored at its last event time. The binary label at a horizon
 is True when the event comes within the horizon, False when the subject is followed past the
@@ -30,7 +30,7 @@ bootstrap resample is a weight vector) and AUROC (`auroc`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +40,13 @@ from sklearn.metrics import roc_auc_score
 
 from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_subject_splits, scan_shard
-from ehrmotor.ontology import Ontology
+from ehrmotor.prepare.ontology import Ontology
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
-DEATH_CODE = "MEDS_DEATH"
 BIRTH_CODE = "MEDS_BIRTH"
 VISIT_PREFIX = "Visit/"
-DIAGNOSIS_VOCABULARY = "ICD10CM"
 AGE_FEATURE = "age_years"
 PAIR_CHUNK = 4_000_000  # pairwise comparisons held in memory at once by `concordance`
 TIED_RISK = 1e-8  # risk scores closer than this count as tied (as in scikit-survival)
@@ -64,27 +62,27 @@ TASK_SCHEMA = pl.Schema({
 LONG_SCHEMA = pl.Schema({"row": pl.UInt32(), "feature": pl.String(), "value": pl.Float64()})
 
 
-def outcome_matcher(outcome: str) -> pl.Expr:
-    """Boolean expression on `code` marking the events of `outcome`.
+def outcome_matcher(codes: Sequence[str]) -> pl.Expr:
+    """Boolean expression on `code` marking the events of an outcome given by its `codes`.
 
-    "death" → `MEDS_DEATH`; a disease of the synthetic generator (`heart_failure`, `ckd`, …) → its
-    ICD-10-CM category `ICD10CM/<cat>` and every code under it (`ICD10CM/<cat>.…`); a code such as
-    `ICD10CM/I50` → that code and the codes under it. Raises InputError for an unknown name.
+    An event matches a code when its code is that code or lies under it in the code's own
+    notation: `ICD10CM/I50` matches `ICD10CM/I50` and `ICD10CM/I50.9` (not `ICD10CM/I509`);
+    `MEDS_DEATH` matches itself.
     """
-    if outcome == "death":
-        return pl.col("code") == DEATH_CODE
-    if "/" in outcome:
-        prefix = outcome
-    else:
-        # The planted diseases are defined by the generator; imported only when asked for.
-        from ehrmotor.synthetic.catalog import DISEASE_CATEGORIES
+    return pl.any_horizontal(pl.col("code").is_in(list(codes)),
+                             *[pl.col("code").str.starts_with(f"{code}.") for code in codes])
 
-        if outcome not in DISEASE_CATEGORIES:
-            known = ", ".join(sorted([*DISEASE_CATEGORIES, "death"]))
-            raise InputError(f"unknown outcome {outcome!r}; expected one of {known}, or a code "
-                             "such as ICD10CM/I50")
-        prefix = f"{DIAGNOSIS_VOCABULARY}/{DISEASE_CATEGORIES[outcome]}"
-    return (pl.col("code") == prefix) | pl.col("code").str.starts_with(f"{prefix}.")
+
+def check_outcomes(outcomes: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """`outcomes` (name → codes) as a plain dict; InputError for an empty name or code list."""
+    checked = {}
+    for name, codes in outcomes.items():
+        if (not isinstance(name, str) or not name or isinstance(codes, str)
+                or not codes or not all(isinstance(c, str) and c for c in codes)):
+            raise InputError(f"outcome {name!r}: expected a name and a non-empty list of codes "
+                             f"such as ['ICD10CM/I50'], got {codes!r}")
+        checked[name] = tuple(codes)
+    return checked
 
 
 def _days_between(start: str, end: str) -> pl.Expr:
@@ -117,8 +115,10 @@ class Timelines:
     outcome_events: pl.DataFrame  # outcome, subject_id, time
 
 
-def read_timelines(meds_dir: Path, subject_ids: pl.Series, outcomes: Sequence[str]) -> Timelines:
-    """Birth days, last event times, visit times and outcome event times of `subject_ids`."""
+def read_timelines(meds_dir: Path, subject_ids: pl.Series,
+                   outcomes: Mapping[str, Sequence[str]]) -> Timelines:
+    """Birth days, last event times, visit times and outcome event times (`outcomes`: name →
+    codes) of `subject_ids`."""
     subjects, visits, outcome_events = [], [], []
     for events in _subject_events(meds_dir, subject_ids):
         timed = events.filter(pl.col("time").is_not_null())
@@ -127,9 +127,9 @@ def read_timelines(meds_dir: Path, subject_ids: pl.Series, outcomes: Sequence[st
             timed.filter(pl.col("code").str.starts_with(VISIT_PREFIX))
             .select("subject_id", "time").unique(),
             pl.concat([
-                timed.filter(outcome_matcher(outcome))
+                timed.filter(outcome_matcher(codes))
                 .select(pl.lit(outcome).alias("outcome"), "subject_id", "time")
-                for outcome in outcomes
+                for outcome, codes in outcomes.items()
             ]) if outcomes else pl.LazyFrame(schema={"outcome": pl.String(),
                                                       "subject_id": pl.Int64(),
                                                       "time": pl.Datetime("us")}),
@@ -225,14 +225,14 @@ def outcome_tasks(points: pl.DataFrame, timelines: Timelines, outcomes: Sequence
     return pl.concat(frames) if frames else pl.DataFrame(schema=TASK_SCHEMA)
 
 
-def synthetic_tasks(meds_dir: Path, outcomes: Sequence[str], *, horizon_days: float,
-                    seed: int) -> pl.DataFrame:
-    """The task table of `outcomes` for the evaluation subjects (see the module docstring)."""
-    for outcome in outcomes:
-        outcome_matcher(outcome)  # unknown names fail before the data is read
+def held_out_tasks(meds_dir: Path, outcomes: Mapping[str, Sequence[str]], *,
+                   horizon_days: float, seed: int) -> pl.DataFrame:
+    """The task table of `outcomes` (name → codes, see `outcome_matcher`) for the evaluation
+    subjects (see the module docstring). InputError for a malformed outcome."""
+    outcomes = check_outcomes(outcomes)  # fails before the data is read
     timelines = read_timelines(meds_dir, evaluation_subjects(meds_dir), outcomes)
     points = draw_prediction_times(timelines, seed)
-    return outcome_tasks(points, timelines, outcomes, horizon_days)
+    return outcome_tasks(points, timelines, list(outcomes), horizon_days)
 
 
 def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:

@@ -1,0 +1,12 @@
+"""Stage 1, `ehrmotor prepare`: MEDS + Athena → ontology, split, tokenizer, MOTOR task, windows.
+
+Modules in pipeline order: `athena` and `ontology` (code hierarchy), `split`, `tokenizer`
+(vocabulary fit and encoding), `positions` (events → position bags), `labels` (prediction points
+and MOTOR labels), `motor_task` (task fit), `windows` (positions → windows, shared with
+embedding), `examples` (a shard's training rows), `datasets` (writing them), `shards` (the
+per-shard work run in worker processes) and `run` (the steps, their manifests and the reduce).
+"""
+
+from ehrmotor.prepare.run import ATHENA_FILES, PrepareError, PrepareSummary, prepare
+
+__all__ = ["ATHENA_FILES", "PrepareError", "PrepareSummary", "prepare"]
