@@ -3,13 +3,17 @@
     python benchmarks/bench_prepare.py --subjects 100000 [--workers 2] [--keep]
 
 Generates the synthetic dataset (not timed), runs prepare with the default vocabulary and task
-sizes, and prints seconds per step, events/s and peak RSS (all processes together).
+sizes, and prints wall and CPU seconds per step (CPU: this process and its workers, from /proc;
+steady where other jobs share the cores and wall seconds are not), events/s, peak RSS (all
+processes together) and the bytes on disk of the prepared datasets.
 Target (issue 3): 100k subjects (~10M events) in <= 5 minutes on 2 cores with <= 6 GB peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +28,45 @@ from ehrmotor.prepare import prepare  # noqa: E402
 from ehrmotor.synthetic import generate  # noqa: E402
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (0 without /proc)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime, stime
+    family = {os.getpid()}
+    while grown := {pid for pid, parent in parents.items() if parent in family} - family:
+        family |= grown
+    return sum(ticks.get(pid, 0) for pid in family) / os.sysconf("SC_CLK_TCK")
+
+
+class StepCpu(logging.Handler):
+    """CPU seconds per prepare step, sampled at each step's closing log line ("NAME: built ...")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = {}
+        self.last = tree_cpu_seconds()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        step, _, rest = record.getMessage().partition(": ")
+        if rest.startswith(("built ", "loaded ")):
+            now = tree_cpu_seconds()
+            self.seconds[step] = now - self.last
+            self.last = now
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=10_000)
@@ -35,6 +78,10 @@ def main() -> None:
     meds = root / "meds"
     generate(meds, args.subjects, seed=args.seed, workers=args.workers, progress=False)
 
+    cpu = StepCpu()
+    logger = logging.getLogger("ehrmotor.prepare")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(cpu)
     with PeakMemory() as memory:
         started = time.perf_counter()
         summary = prepare(meds, root / "work", athena_dir=meds / "athena",
@@ -42,11 +89,15 @@ def main() -> None:
         seconds = time.perf_counter() - started
     print(f"subjects (pretraining)  {summary.subjects:,} of {args.subjects:,}")
     print(f"events                  {summary.events:,}")
+    print(f"{'step':<22}  {'wall':>7}  {'CPU':>7}")
     for step, step_seconds in summary.seconds.items():
-        print(f"  {step:<20}  {step_seconds:7.1f} s")
-    print(f"total                   {seconds:.1f} s")
+        print(f"  {step:<20}  {step_seconds:7.1f}  {cpu.seconds.get(step, 0.0):7.1f} s")
+    print(f"total                   {seconds:7.1f}  {sum(cpu.seconds.values()):7.1f} s")
     print(f"events/s                {summary.events / seconds:,.0f}")
     print(f"peak RSS                {memory.peak_gib:.2f} GiB (all processes)")
+    for name in ("train_batches", "val_batches"):
+        size = disk_bytes(root / "work" / "pretraining_files" / name)
+        print(f"{name + '/':<22}  {size:,} bytes ({size / 2**20:.1f} MiB)")
     for line in summary.lines()[:5]:
         print(f"  {line}")
     if args.keep:

@@ -1,17 +1,29 @@
-"""Fixtures shared by several test modules (built once per session)."""
+"""Fixtures shared by several test modules (built once per session; see `synthetic_data`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from features_fixtures import train_bundle
+from synthetic_data import synthetic_meds as generate_meds
+from synthetic_data import train_bundle
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(MEDS directory, model bundle) of a tiny model trained two steps on 300 subjects.
+def synthetic_meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic MEDS dataset (300 subjects, seed 0; Athena vocabulary in meds/athena).
 
-    The bundle's work folder (with `pretraining_files/`) is the bundle's parent.
+    Shared by every module that reads it: copy it before changing anything in it.
     """
-    return train_bundle(tmp_path_factory.mktemp("tiny_bundle"))
+    return generate_meds(tmp_path_factory.mktemp("synthetic") / "meds")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(synthetic_meds: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(MEDS directory, model bundle) of a tiny model trained two steps on `synthetic_meds`.
+
+    The bundle's work folder (with `pretraining_files/`, prepared with
+    `synthetic_data.PREPARE_CONFIG`) is the bundle's parent: copy it before changing it.
+    """
+    return synthetic_meds, train_bundle(synthetic_meds, tmp_path_factory.mktemp("tiny_bundle"))

@@ -1,8 +1,8 @@
-"""Helpers for the `compute_features` tests: a trained tiny bundle, MEDS copies, label choices.
+"""Helpers for the `compute_features` tests: MEDS copies, label choices.
 
-`train_bundle` generates 300 synthetic subjects, prepares them and pretrains the tiny preset for
-two steps (weights only need to be fixed, not good). `Subjects` holds every subject's positions
-(built with the bundle's tokenizer) so tests can pick label times at known positions.
+The trained tiny bundle is conftest's `tiny_bundle` (built by `synthetic_data.train_bundle`).
+`Subjects` holds every subject's positions (built with the bundle's tokenizer) so tests can pick
+label times at known positions.
 """
 
 from __future__ import annotations
@@ -14,28 +14,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrmotor.config import PrepareConfig, PretrainConfig
 from ehrmotor.meds import data_files, scan_shard
-from ehrmotor.prepare import prepare
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import build_positions
 from ehrmotor.prepare.tokenizer import Tokenizer
-from ehrmotor.synthetic import generate
-from ehrmotor.train import pretrain
-
-SUBJECTS = 300
-
-
-def train_bundle(root: Path) -> tuple[Path, Path]:
-    """(MEDS directory, bundle) of a tiny model trained for two steps."""
-    meds = generate(root / "meds", SUBJECTS, seed=0, progress=False)
-    work = root / "work"
-    prepare(meds, work, athena_dir=meds / "athena", workers=2, progress=False,
-            config=PrepareConfig(vocab_size=2000, num_tasks=300, max_window=1024))
-    bundle = pretrain(work, PretrainConfig(
-        preset="tiny", tokens_per_batch=2048, gradient_accumulation_steps=1, max_steps=2,
-        eval_steps=2, save_steps=2, warmup_steps=1, logging_steps=1))
-    return meds, bundle
 
 
 def read_events(meds: Path) -> pl.DataFrame:

@@ -1,8 +1,8 @@
 """`compute_features`: result format, label-time cut-off, no leaks, inputs, windows and the
 training context, equality with training, exact label times, errors.
 
-One tiny bundle (context 1,024 positions) is trained per session (see `features_fixtures`); each
-test computes features for a few subjects only.
+One tiny bundle (context 1,024 positions) is trained per session (conftest `tiny_bundle`, built by
+`synthetic_data.train_bundle`); each test computes features for a few subjects only.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """End-to-end tests of `ehrmotor prepare` on the embedded synthetic dataset (~300 subjects).
 
-One session-scoped synthetic dataset and one reference run (through the CLI) are shared; the
-other tests run prepare again into their own work folders and compare with the reference.
+The session's synthetic dataset (conftest `synthetic_meds`) and one reference run (through the
+CLI) are shared; the other tests run prepare again into their own work folders and compare with
+the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -25,16 +27,16 @@ import polars as pl
 import pytest
 import torch
 from meds_builders import rows_table, write_meds, write_table
+from synthetic_data import SUBJECTS
 
 from ehrmotor.cli import main
+from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.meds import data_files, scan_shard
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import encode_events
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import Tokenizer
-from ehrmotor.synthetic import generate
 
-SUBJECTS = 300
 ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
              "motor_task.json", "train_batches", "val_batches"]
 STEPS = ["ontology", "split.csv", "tokenizer", "motor_task.json", "train_batches",
@@ -46,11 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic MEDS dataset, with its Athena vocabulary in meds/athena."""
-    root = tmp_path_factory.mktemp("synthetic") / "meds"
-    generate(root, SUBJECTS, seed=0, progress=False)
-    return root
+def meds(synthetic_meds: Path) -> Path:
+    """The synthetic MEDS dataset (SUBJECTS subjects), with its Athena vocabulary in meds/athena;
+    shared with other modules, so never changed here."""
+    return synthetic_meds
 
 
 def prepare_args(meds: Path, work: Path, *extra: str) -> list[str]:
@@ -97,6 +98,8 @@ def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> Non
     assert (reference / "ontology" / "ancestors.parquet").is_file()
     config = json.loads((reference / "config.json").read_text())
     assert (config["vocab_size"], config["num_tasks"]) == (2000, 300)
+    # The MOTOR task's train labels, kept for the train dataset, are gone with the run.
+    assert not [p.name for p in reference.iterdir() if p.name.startswith(".")]
 
 
 def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Path) -> None:
@@ -184,6 +187,29 @@ def test_manifests_record_the_tokenizer_seed_and_min_task_fraction(reference: Pa
     assert task["min_task_fraction"] == 1e-4
 
 
+def step_settings(config: PrepareConfig) -> dict[str, object]:
+    """The settings of each step (by artifact) for a run with an Athena folder."""
+    return {"ontology": config.ontology_settings(athena=True), "split.csv": config.split_settings(),
+            "tokenizer": config.tokenizer_settings(), "motor_task.json": config.task_settings(),
+            "train_batches": config.window_settings(), "val_batches": config.window_settings()}
+
+
+def test_each_manifest_records_its_steps_settings(reference: Path) -> None:
+    expected = step_settings(PrepareConfig(vocab_size=2000, num_tasks=300))
+    for artifact, settings in expected.items():
+        manifest = json.loads((reference / f"{artifact}.manifest.json").read_text())
+        assert manifest["config"] == config_dict(settings), artifact
+
+
+def test_every_prepare_setting_reaches_a_step() -> None:
+    config = PrepareConfig()
+    for name in (field.name for field in fields(PrepareConfig)):
+        value = getattr(config, name)  # a tuple, None (final_layer_size), an int or a float
+        other = (*value, "X") if isinstance(value, tuple) else 8 if value is None else (
+            value + 3 if isinstance(value, int) else value / 2)
+        assert step_settings(replace(config, **{name: other})) != step_settings(config), name
+
+
 # =========================================================================== 8. idempotence
 
 
@@ -222,6 +248,22 @@ def test_force_rebuilds_every_step(meds: Path, reference: Path, tmp_path: Path) 
     rebuilt = [name for name in before if name != "config.json"]
     assert all(after[name] > before[name] for name in rebuilt), "some file was not rewritten"
     assert file_digests(work / "pretraining_files") == file_digests(reference)
+
+
+def test_train_dataset_built_without_the_label_cache_is_identical(
+        meds: Path, reference: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(reference.parent, work)
+    out = work / "pretraining_files"
+    shutil.rmtree(out / "train_batches")
+    (out / "train_batches.manifest.json").unlink()
+    # A label cache written with another MOTOR task is never read (these are not even labels).
+    (out / ".train_labels").mkdir()
+    (out / ".train_labels" / "candidates.arrow").write_text("not Arrow\n")
+    (out / ".train_labels.manifest.json").write_text(
+        json.dumps({"format_version": 1, "motor_task": "0" * 16, "windows": {}}))
+    assert main(prepare_args(meds, work)) == 0
+    assert file_digests(out) == file_digests(reference)  # the stale cache removed too
 
 
 # =========================================================================== 9. determinism
@@ -268,8 +310,8 @@ def run_until(args: list[str], ready: Callable[[], bool]) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
-def test_killed_runs_resume_to_identical_artifacts(meds: Path, reference: Path,
-                                                   tmp_path: Path) -> None:
+def test_killed_runs_resume_to_identical_artifacts(
+        meds: Path, reference: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "work" / "pretraining_files"
     args = prepare_args(meds, out.parent)
     # Killed during the steps after the ontology (split / tokenizer workers running) ...
@@ -279,8 +321,10 @@ def test_killed_runs_resume_to_identical_artifacts(meds: Path, reference: Path,
     run_until(args, lambda: any(out.glob(".train_batches.tmp-*")))
     assert any(out.glob(".train_batches.tmp-*"))
     assert not (out / "val_batches").exists()
+    # The MOTOR task's train labels are kept for the train dataset, which the next run reads.
+    caplog.set_level("INFO", logger="ehrmotor")
     assert main(args) == 0
-    assert not list(out.glob(".*.tmp-*"))
+    assert "train_batches: labels of the MOTOR-task step read from" in caplog.text
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert file_digests(out) == file_digests(reference)
 

@@ -2,7 +2,7 @@
 
 Covers the split (split.py), tokenizer fitting and binning (tokenizer.py), positions
 (positions.py), prediction points and labels (labels.py), training windows (labels.py,
-examples.py) and the MOTOR task fit (motor_task.py).
+examples.py), the label cache (label_cache.py) and the MOTOR task fit (motor_task.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from prepare_builders import (
     tokenizer,
 )
 
-from ehrmotor.config import ConfigError, PrepareConfig
+from ehrmotor.config import ConfigError, PrepareConfig, WindowSettings
+from ehrmotor.prepare import label_cache
 from ehrmotor.prepare.examples import ShardLabels, label_shard, window_rows
 from ehrmotor.prepare.labels import (
     last_event_times,
@@ -518,6 +519,41 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     # X on Jan 23. From Jan 11 00:00: R and R/b 0.25 days later; from 06:00: R 0.75 days later.
     assert window_labels(row) == [(0, 0, 0.25), (0, 1, 0.25), (0, 2, 12.0), (1, 0, 0.75),
                                   (1, 2, 11.75), (2, 2, 11.0), (3, 2, 1.5), (4, 2, 1.0)]
+
+
+def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_tasks(
+        tmp_path: Path) -> None:
+    # Candidates R (0), R/b (1), X (2); the fitted task drops R/b, so X becomes task 1.
+    candidates = pl.DataFrame({"task": [0, 1, 2], "code": ["R", "R/b", "X"], "entry": [1, 3, 9]},
+                              schema={"task": pl.Int32, "code": pl.String, "entry": pl.UInt32})
+    kept = MotorTask(candidates.filter(pl.col("code") != "R/b").with_columns(
+        task=pl.Series([0, 1], dtype=pl.Int32)), [0.0], None, 1, 3, 0)
+    events = events_frame([
+        *SUBJECT_1, event(3, datetime(1980, 1, 1), "MEDS_BIRTH"),
+        *[event(3, datetime(1980, 2, day), code)
+          for day, code in enumerate(["X", "R/b", "R/a", "X", "R/b", "R/a", "X"], start=1)]])
+    vocab, tree = tokenizer(POSITION_VOCAB, POSITION_EDGES), ontology(POSITION_TREE)
+    cache = label_cache.folder(tmp_path)
+    shard = label_cache.shard_folder(cache, 0, 1)
+    label_cache.write_candidates(cache, candidates)
+    label_cache.write_shard(shard, label_shard(events, vocab, tree, candidates, 4, seed=97),
+                            label_cache.EventCounts.of(events))
+    renumbered = label_cache.renumbering(cache, kept)
+    assert renumbered.rows() == [(0, 0), (2, 1)]
+    cached, counts = label_cache.read_shard(shard, renumbered)
+    direct = label_shard(events, vocab, tree, kept.task_codes(), 4, seed=97)
+    # Every frame, the pairs' order included, so the dataset rows are the same bytes.
+    assert set(direct.pairs["task"]) == {0, 1} and direct.pairs.height > 10
+    for name in ("positions", "points", "censoring", "pairs"):
+        assert_frame_equal(getattr(cached, name), getattr(direct, name))
+    assert counts == label_cache.EventCounts(events.height, 0, 0)
+    assert_frame_equal(window_rows(cached, 4).rows, window_rows(direct, 4).rows)
+    # Read only as written: with that task (manifest digest) and those windows.
+    assert not label_cache.is_current(cache, "task-digest", WindowSettings(4, 97))
+    label_cache.record_current(cache, "task-digest", WindowSettings(4, 97))
+    assert label_cache.is_current(cache, "task-digest", WindowSettings(4, 97))
+    assert not label_cache.is_current(cache, "other-task", WindowSettings(4, 97))
+    assert not label_cache.is_current(cache, "task-digest", WindowSettings(5, 97))
 
 
 # =========================================================================== 5. windows

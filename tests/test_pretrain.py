@@ -1,9 +1,10 @@
 """`ehrmotor pretrain` end to end on a few hundred synthetic subjects.
 
-One module-scoped prepared work folder is shared; each training run copies its
-`pretraining_files/` into a folder of its own. The runs: one in-process training long enough to
-learn (checked against two baselines, then reused for the bundle tests), one CLI run killed with
-SIGKILL and rerun with the same command (which resumes), and one two-process `torchrun` run on CPU.
+The session's prepared work folder (conftest `tiny_bundle`'s, 300 subjects) is shared; each
+training run copies its `pretraining_files/` into a folder of its own. The runs: one in-process
+training long enough to learn (checked against two baselines, then reused for the bundle tests),
+one CLI run killed with SIGKILL and rerun with the same command (which resumes), and one
+two-process `torchrun` run on CPU.
 Bad settings are refused before training, with nothing written.
 """
 
@@ -25,27 +26,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from ehrmotor import train
+from ehrmotor import checkpoints, train, train_setup
 from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
 from ehrmotor.cli import main
-from ehrmotor.config import PrepareConfig, PretrainConfig
+from ehrmotor.config import PretrainConfig
+from ehrmotor.errors import PretrainError
 from ehrmotor.model import MotorModel, bin_labels, piecewise_exponential_nll
-from ehrmotor.prepare import prepare
 from ehrmotor.prepare.datasets import load_prepared
 from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.synthetic import generate
 from ehrmotor.train import pretrain
 
-SUBJECTS = 350
 TOKENS = 2048
 LEARN_STEPS = 100
-# Observed on the 350-subject data (seed 0): base-rate val loss 2.609; constant hazards per
-# (bin, task) fitted on train reach 2.583; after 100 steps the val loss is 2.531-2.546 over 11
-# training seeds (margins 0.063-0.079 and 0.037-0.052). A 20-step model already reaches 2.569
-# (0.040 below the base rate, only 0.014 below constant hazards): the second check is the one
-# that needs the histories. The margins are about half to two thirds of the smallest seen.
-BASE_RATE_MARGIN = 0.04
-CONSTANT_HAZARD_MARGIN = 0.02
+# Observed on the session's 300-subject data (seed 0): base-rate val loss 1.812; constant
+# hazards per (bin, task) fitted on train reach 1.806; after 100 steps the val loss is
+# 1.787-1.791 over 7 training seeds (margins 0.021-0.025 and 0.015-0.019). A 20-step model
+# reaches 1.801-1.803 (0.010-0.011 below the base rate, only 0.003-0.005 below constant
+# hazards): the second check is the one that needs the histories. The margins are about half to
+# two thirds of the smallest seen.
+BASE_RATE_MARGIN = 0.012
+CONSTANT_HAZARD_MARGIN = 0.009
 CLI_CONFIG = """\
 [pretrain]
 preset = "tiny"
@@ -64,14 +64,10 @@ BUNDLE = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.
 
 
 @pytest.fixture(scope="module")
-def prepared_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pretraining_files/` of the synthetic data, prepared once for the module."""
-    root = tmp_path_factory.mktemp("pretrain")
-    meds = root / "meds"
-    generate(meds, SUBJECTS, seed=0, progress=False)
-    prepare(meds, root / "prepared", athena_dir=meds / "athena", workers=2, progress=False,
-            config=PrepareConfig(vocab_size=2000, num_tasks=300, max_window=1024))
-    return root / "prepared" / "pretraining_files"
+def prepared_files(tiny_bundle: tuple[Path, Path]) -> Path:
+    """`pretraining_files/` of the session's synthetic data (conftest `tiny_bundle`'s, prepared
+    with `synthetic_data.PREPARE_CONFIG`); shared, so runs copy it (`new_work`)."""
+    return tiny_bundle[1].parent / "pretraining_files"
 
 
 def new_work(prepared_files: Path, folder: Path) -> Path:
@@ -266,7 +262,7 @@ def test_keep_output_keeps_checkpoints_and_tensorboard_logs(
     output = resumed[0] / "pretraining_output"
     assert RESUME_STEPS in complete_checkpoints(output)
     assert list((output / "runs").rglob("events.out.tfevents.*"))
-    settings = json.loads((output / train.SETTINGS_FILE).read_text())
+    settings = json.loads((output / checkpoints.SETTINGS_FILE).read_text())
     assert settings["config"]["max_steps"] == RESUME_STEPS
     assert {"train_batches", "val_batches", "tokenizer"} <= settings["prepared"].keys()
 
@@ -302,13 +298,13 @@ def test_checkpoints_of_other_settings_stop_naming_the_change_until_restart(
     assert "other settings: prepared train_batches changed;" in one_error_line(capsys)
     manifest.write_text(json.dumps(recorded))
 
-    (output / train.SETTINGS_FILE).unlink()
+    (output / checkpoints.SETTINGS_FILE).unlink()
     assert main(command) == 2
     assert "no readable record of their settings" in one_error_line(capsys)
     assert not (work / "model").exists()
     after = {p.relative_to(output).as_posix(): p.stat().st_mtime_ns
              for p in output.rglob("*") if p.is_file()}
-    assert after == {k: v for k, v in before.items() if k != train.SETTINGS_FILE}
+    assert after == {k: v for k, v in before.items() if k != checkpoints.SETTINGS_FILE}
 
     caplog.set_level("INFO", logger="ehrmotor")
     assert main([*command, "--restart", "--max-steps", "2"]) == 0
@@ -423,10 +419,10 @@ def test_a_config_the_model_rejects_is_one_line_pretrain_error(
     def reject(*args: object, **kwargs: object) -> None:
         raise ValueError("rope_theta must be a positive finite number; got 0.0\nmore detail")
 
-    monkeypatch.setattr(train.MotorConfig, "preset", reject)
-    prepared = train.load_prepared_files(new_work(prepared_files, tmp_path))
-    with pytest.raises(train.PretrainError) as raised:
-        train.build_model_config(PretrainConfig(preset="tiny"), prepared)
+    monkeypatch.setattr(train_setup.MotorConfig, "preset", reject)
+    prepared = train_setup.load_prepared_files(new_work(prepared_files, tmp_path))
+    with pytest.raises(PretrainError) as raised:
+        train_setup.build_model_config(PretrainConfig(preset="tiny"), prepared)
     assert str(raised.value) == "pretrain: rope_theta must be a positive finite number; got 0.0"
 
 

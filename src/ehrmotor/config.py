@@ -73,6 +73,80 @@ class PrepareConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"prepare: {name} must be in [0, 1), got {getattr(self, name)}")
 
+    # The settings each prepare step depends on: its manifest records exactly these, so that a
+    # change reaches the step that uses it and no other.
+    def ontology_settings(self, athena: bool) -> OntologySettings:
+        return OntologySettings(self.remove_vocabularies, athena)
+
+    def split_settings(self) -> SplitSettings:
+        return SplitSettings(self.split_seed, self.val_fraction, self.exclude_splits)
+
+    def tokenizer_settings(self) -> TokenizerSettings:
+        return TokenizerSettings(self.vocab_size, self.min_fraction, self.numeric_bins,
+                                 self.numeric_sample_size, self.min_text_fraction, self.seed)
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings(self.num_tasks, self.num_bins, self.final_layer_size,
+                            self.min_task_events, self.min_task_fraction, self.max_window,
+                            self.seed)
+
+    def window_settings(self) -> WindowSettings:
+        return WindowSettings(self.max_window, self.seed)
+
+
+@dataclass(frozen=True)
+class OntologySettings:
+    """What `ontology/` is built with (`prepare.steps.ontology_step`)."""
+
+    remove_vocabularies: tuple[str, ...]
+    athena: bool  # built with an Athena vocabulary (else from codes.parquet alone)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """What `split.csv` is built with (`prepare.steps.split_step`)."""
+
+    seed: int
+    val_fraction: float
+    exclude_splits: tuple[str, ...]  # MEDS splits never used for pretraining
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What `tokenizer/` is fitted with (`prepare.steps.tokenizer_step`)."""
+
+    vocab_size: int
+    min_fraction: float
+    numeric_bins: int
+    numeric_sample_size: int
+    min_text_fraction: float
+    seed: int  # the numeric-value sample
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What `motor_task.json` is fitted with (`prepare.steps.motor_task_step`)."""
+
+    num_tasks: int
+    num_bins: int
+    final_layer_size: int | None
+    min_task_events: int
+    min_task_fraction: float
+    max_window: int  # windows and seed: the sampled prediction points the task is fitted on
+    seed: int
+
+    def window_settings(self) -> WindowSettings:
+        """The windows and point sampling of the labels the task is fitted on."""
+        return WindowSettings(self.max_window, self.seed)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """What the datasets are built with (`prepare.steps.dataset_step`)."""
+
+    max_window: int
+    seed: int  # prediction-point sampling
+
 
 def _check_type(value: Any, annotation: Any) -> Any:
     """Return `value` converted to the annotated type, or raise TypeError."""

@@ -44,6 +44,10 @@ class BundleError(InputError):
     """A model bundle that is missing, incomplete or corrupt."""
 
 
+class PretrainError(InputError):
+    """Missing or unusable input for pretraining (one line; the CLI exits with status 2)."""
+
+
 # Failures of the machine rather than the program: full disk, file size limit, read-only or
 # forbidden paths. They are reported as one line naming the file, never as a traceback.
 ENVIRONMENT_ERRNOS = frozenset({

@@ -3,13 +3,9 @@
 `evaluate(meds_dir, model_path, out_dir, outcomes=...)` builds tasks (`ehrmotor.evaluate.tasks`):
 for each outcome (a name and its codes, given by the caller) a time-to-event task (metric
 `c_index`, Harrell's C) and a binary task at `horizon_days` (metric `auroc`), or one binary task
-from a MEDS label file. Both feature sets, MOTOR
-(`compute_features`) and counts (`count_features`), get the same probes inside a Pipeline
-(mean imputation, StandardScaler, model):
-
-- time to event: Cox model with an elastic-net penalty that is mostly ridge
-  (`CoxnetSurvivalAnalysis`, l1_ratio COX_L1_RATIO), its alpha chosen on the path by inner CV;
-- binary: L2 `LogisticRegression`, C chosen from LOGISTIC_C by inner CV (AUROC).
+from a MEDS label file. Both feature sets, MOTOR (`compute_features`) and counts
+(`ehrmotor.evaluate.counts`), get the same probes (`ehrmotor.evaluate.probes`: a mostly-ridge Cox
+model for time to event, an L2 logistic regression for binary tasks, each tuned by inner CV).
 
 Subjects are split once (seeded) into a probe-training pool (POOL_FRACTION) and a test set. For
 each train size (None = the whole pool, fitted once since every draw is the pool) and repeat a
@@ -20,8 +16,8 @@ resamples of the test subjects (the same resamples for every feature set). When 
 the true hazards (a simulated dataset), its `oracle` function gives them at the prediction times
 and they are scored the same way (features "oracle").
 
-Written to out_dir: results.csv (RESULT_SCHEMA), results.md, learning_curves.png, labels.parquet
-(the task table).
+Written to out_dir: results.csv (RESULT_SCHEMA), results.md and learning_curves.png
+(`ehrmotor.evaluate.report`), labels.parquet (the task table).
 """
 
 from __future__ import annotations
@@ -31,35 +27,19 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from sksurv.linear_model import CoxnetSurvivalAnalysis
-from sksurv.util import Surv
 from tqdm import tqdm
 
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.errors import InputError
-from ehrmotor.evaluate.tasks import (
-    ProbeTask,
-    bootstrap_weights,
-    check_outcomes,
-    concordance,
-    count_features,
-    feature_matrix,
-    held_out_tasks,
-    label_file_task,
-    probe_tasks,
-    select_features,
-)
+from ehrmotor.evaluate.counts import count_features, feature_matrix, select_features
+from ehrmotor.evaluate.metrics import bootstrap_weights
+from ehrmotor.evaluate.probes import ProbeTask, fit_probe, probe_tasks
+from ehrmotor.evaluate.report import markdown_table, plot_learning_curves
+from ehrmotor.evaluate.tasks import check_outcomes, held_out_tasks, label_file_task
 
 if TYPE_CHECKING:
     from ehrmotor.bundle import Bundle
@@ -70,11 +50,6 @@ log = logging.getLogger(__name__)
 # each (nan where unknown), or None when there is none for that outcome.
 Oracle = Callable[[str, np.ndarray, np.ndarray], np.ndarray | None]
 POOL_FRACTION = 0.6
-COX_L1_RATIO = 0.1
-COX_N_ALPHAS = 8
-COX_ALPHA_MIN_RATIO = 0.01
-LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)
-INNER_FOLDS = 3
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "outcome": pl.String(), "metric": pl.String(), "features": pl.String(),
@@ -82,86 +57,6 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "mean": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
     "repeats_used": pl.Int64(), "repeats_skipped": pl.Int64(), "train_pool": pl.Int64(),
 }
-FEATURE_LABELS = {"motor": "MOTOR", "counts": "counts", "oracle": "oracle"}
-
-
-# --------------------------------------------------------------------------- probes
-
-
-def _pipeline(model: object) -> Pipeline:
-    return Pipeline([("impute", SimpleImputer(keep_empty_features=True)),
-                     ("scale", StandardScaler()), ("model", model)])
-
-
-def _inner_folds(event: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified inner folds (at most INNER_FOLDS; none when a class has under two members)."""
-    splits = min(INNER_FOLDS, int(event.sum()), int((~event).sum()))
-    if splits < 2:
-        return []
-    folds = StratifiedKFold(splits, shuffle=True, random_state=seed)
-    return list(folds.split(np.zeros(len(event)), event))
-
-
-def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray,
-            seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit the Cox probe (alpha by inner CV on C); return its risk-score function."""
-    path = _pipeline(CoxnetSurvivalAnalysis(
-        l1_ratio=COX_L1_RATIO, n_alphas=COX_N_ALPHAS, alpha_min_ratio=COX_ALPHA_MIN_RATIO))
-    path.fit(x, Surv.from_arrays(event, time))
-    # The path starts at the smallest alpha with all coefficients zero: a constant score.
-    alphas = [float(a) for a in path[-1].alphas_]
-    alphas = alphas[1:] if len(alphas) > 1 else alphas
-    numerator, denominator = np.zeros(len(alphas)), 0.0
-    for train, val in _inner_folds(event, seed):
-        fold = _pipeline(CoxnetSurvivalAnalysis(l1_ratio=COX_L1_RATIO, alphas=alphas))
-        try:
-            fold.fit(x[train], Surv.from_arrays(event[train], time[train]))
-        except ArithmeticError:  # coxnet's "weights too large" on tiny folds
-            continue
-        # Folds are pooled by their number of comparable pairs.
-        if pairs := _comparable_pairs(time[val], event[val]):
-            risks = np.stack([fold.predict(x[val], alpha=a) for a in alphas])
-            numerator += concordance(time[val], event[val], risks) * pairs
-            denominator += pairs
-    best = int(np.argmax(numerator)) if denominator else len(alphas) // 2
-    return lambda features: np.asarray(path.predict(features, alpha=alphas[best]))
-
-
-def _comparable_pairs(time: np.ndarray, event: np.ndarray) -> float:
-    """Number of pairs Harrell's C compares (see `concordance`)."""
-    later = time[None, :] > time[event, None]
-    tied = (time[None, :] == time[event, None]) & ~event[None, :]
-    return float((later | tied).sum())
-
-
-def fit_logistic(x: np.ndarray, label: np.ndarray,
-                 seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit the L2 logistic probe (C by inner CV on AUROC); return its decision function."""
-    folds = _inner_folds(label, seed)
-    chosen = LOGISTIC_C[len(LOGISTIC_C) // 2]
-    if folds:
-        scores = []
-        for c in LOGISTIC_C:
-            fold_scores = []
-            for train, val in folds:
-                model = _pipeline(LogisticRegression(C=c, max_iter=1000))
-                model.fit(x[train], label[train])
-                fold_scores.append(roc_auc_score(label[val], model.decision_function(x[val])))
-            scores.append(float(np.mean(fold_scores)))
-        chosen = LOGISTIC_C[int(np.argmax(scores))]  # ties: the smaller C
-    model = _pipeline(LogisticRegression(C=chosen, max_iter=1000)).fit(x, label)
-    return lambda features: np.asarray(model.decision_function(features))
-
-
-def fit_probe(task: ProbeTask, x: np.ndarray, where: np.ndarray,
-              seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit the task's probe on feature rows `x` of task entries `where`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.filterwarnings("ignore", "all coefficients are zero", UserWarning)
-        if task.time is not None:
-            return fit_cox(x, task.time[where], task.event[where], seed)
-        return fit_logistic(x, task.event[where], seed)
 
 
 # --------------------------------------------------------------------------- one task
@@ -233,84 +128,6 @@ def evaluate_task(task: ProbeTask, index: int, features: dict[str, np.ndarray],
     return rows
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _cell(row: dict[str, Any] | None) -> str:
-    """"0.712 [0.650, 0.770]", or "n/a"."""
-    if row is None or not np.isfinite(float(row["mean"])):
-        return "n/a"
-    interval = (f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
-                if np.isfinite(float(row["ci_low"])) else "")
-    return f"{row['mean']:.3f}{interval}"
-
-
-def markdown_table(results: pl.DataFrame) -> str:
-    """One row per outcome × metric × train size; columns MOTOR, counts, oracle."""
-    lines = ["| outcome | metric | train size | test (events) | MOTOR | counts | oracle |",
-             "|---|---|---:|---:|---|---|---|"]
-    keys = results.select("outcome", "metric").unique(maintain_order=True).iter_rows()
-    for outcome, metric in keys:
-        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric))
-        oracle = task.filter(pl.col("features") == "oracle").to_dicts()
-        probes = task.filter(pl.col("features") != "oracle")
-        for (size,) in probes.select("train_size").unique(maintain_order=True).iter_rows():
-            cells = {r["features"]: r for r in probes.filter(pl.col("train_size") == size)
-                     .to_dicts()}
-            first = next(iter(cells.values()))
-            shown = f"{size} (all)" if size == first["train_pool"] else str(size)
-            lines.append(f"| {outcome} | {metric} | {shown} | {first['n_test']} "
-                         f"({first['events_test']}) | {_cell(cells.get('motor'))} | "
-                         f"{_cell(cells.get('counts'))} | {_cell(oracle[0] if oracle else None)} |")
-    return "\n".join(lines)
-
-
-def plot_learning_curves(results: pl.DataFrame, path: Path) -> Path:
-    """Metric vs. train size per outcome (C-index, else AUROC): MOTOR and counts with their
-    intervals, the oracle as a dashed line. Drawn on matplotlib's Agg canvas (no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    primary = results.sort(pl.col("metric") != "c_index", maintain_order=True).unique(
-        "outcome", keep="first", maintain_order=True).select("outcome", "metric")
-    tasks = primary.rows()
-    columns = max(1, min(3, len(tasks)))
-    rows = max(1, -(-len(tasks) // columns))
-    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for axis, (outcome, metric) in zip(axes, tasks, strict=False):
-        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric)
-                              & pl.col("mean").is_finite())
-        axis.set_title(outcome)
-        axis.set_ylabel("C-index" if metric == "c_index" else "AUROC")
-        oracle = task.filter(pl.col("features") == "oracle")["mean"]
-        if oracle.len():
-            axis.axhline(oracle[0], linestyle="--", color="grey", label="oracle")
-        sizes = task.filter(pl.col("features") != "oracle")["train_size"].unique().sort()
-        if sizes.is_empty():
-            axis.text(0.5, 0.5, "too few events", ha="center", transform=axis.transAxes)
-            continue
-        for name, marker in (("motor", "o"), ("counts", "s")):
-            line = task.filter(pl.col("features") == name).sort("train_size")
-            mean = line["mean"].to_numpy()
-            spread = np.abs(np.stack([mean - line["ci_low"].to_numpy(),
-                                      line["ci_high"].to_numpy() - mean]))
-            axis.errorbar(line["train_size"].to_numpy(), mean, yerr=np.nan_to_num(spread),
-                          marker=marker, capsize=3, label=FEATURE_LABELS[name])
-        axis.set_xscale("log")
-        axis.set_xticks(sizes.to_list(), [str(size) for size in sizes], minor=False)
-        axis.set_xticks([], minor=True)
-        axis.set_xlabel("probe-training subjects")
-        axis.legend(fontsize="small")
-    for axis in axes[len(tasks):]:
-        axis.set_axis_off()
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
-    return path
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -368,7 +185,7 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology; read
     by `load_bundle`, which raises BundleError for a missing, incomplete or corrupt one);
     outcomes: outcome name → its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure":
-    ["ICD10CM/I50"]} (see `evaluate_tasks.outcome_matcher`); oracle: the true hazards of a
+    ["ICD10CM/I50"]} (see `tasks.outcome_matcher`); oracle: the true hazards of a
     simulated dataset (see `Oracle`; scored for the outcomes, not for a label file);
     horizon_days: binary-task horizon in days; train_sizes: probe-training subjects per fit
     (None = the whole pool); repeats: subsamples per size; labels_path: a MEDS label parquet to
@@ -377,11 +194,7 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     module docstring for what is written to `out_dir`.
     """
     meds_dir, model_path, out_dir = Path(meds_dir), Path(model_path), Path(out_dir)
-    if repeats < 1 or bootstrap < 1 or seed < 0:
-        raise InputError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
-                         f"{repeats}, {bootstrap}, {seed}")
-    if any(size is not None and size < 1 for size in train_sizes):
-        raise InputError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+    _check_settings(repeats, bootstrap, seed, train_sizes)
     if labels_path is None and not outcomes:
         raise InputError("evaluate: give outcomes (name → codes) or a label file")
     outcome_codes = check_outcomes(outcomes or {})
@@ -401,20 +214,10 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
         tasks.write_parquet(tmp)
     points = tasks.select("subject_id", "prediction_time").unique().sort(
         "subject_id", "prediction_time")
-    subjects = points["subject_id"].unique().sort().to_numpy()
-    shuffled = np.random.default_rng([seed, 5]).permutation(subjects)
-    pool_subjects = shuffled[:round(POOL_FRACTION * len(subjects))]
-    in_pool = np.isin(points["subject_id"].to_numpy(), pool_subjects)
-    log.info("evaluate: %d labels of %d subjects (%d in the probe-training pool)", points.height,
-             len(subjects), len(pool_subjects))
+    in_pool = _probe_training_pool(points, seed)
+    features = _feature_sets(meds_dir, bundle, points, in_pool, tokens_per_batch,
+                             max_count_features)
 
-    motor = motor_features(meds_dir, bundle, points, tokens_per_batch)
-    long = count_features(meds_dir, points, bundle.ontology)
-    names = select_features(long, np.flatnonzero(in_pool), max_count_features)
-    counts = feature_matrix(long, names, points.height)
-    log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
-
-    features = {"motor": motor, "counts": counts}
     hazards: dict[str, np.ndarray | None] = {}
     rows: list[dict[str, object]] = []
     all_tasks = probe_tasks(tasks, points, in_pool)
@@ -423,6 +226,49 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
         rows += evaluate_task(task, index, features, train_sizes, repeats, seed, bootstrap,
                               truth)
     results = pl.DataFrame(rows, schema=RESULT_SCHEMA)
+    return _write_results(results, out_dir, labels_file)
+
+
+def _check_settings(repeats: int, bootstrap: int, seed: int,
+                    train_sizes: Sequence[int | None]) -> None:
+    """InputError naming the first of `evaluate`'s numeric settings that cannot work."""
+    if repeats < 1 or bootstrap < 1 or seed < 0:
+        raise InputError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
+                         f"{repeats}, {bootstrap}, {seed}")
+    if any(size is not None and size < 1 for size in train_sizes):
+        raise InputError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+
+
+def _probe_training_pool(points: pl.DataFrame, seed: int) -> np.ndarray:
+    """Whether each label of `points` belongs to a subject of the probe-training pool.
+
+    POOL_FRACTION of the subjects, drawn once with `seed`; the others form the test set.
+    """
+    subjects = points["subject_id"].unique().sort().to_numpy()
+    shuffled = np.random.default_rng([seed, 5]).permutation(subjects)
+    pool_subjects = shuffled[:round(POOL_FRACTION * len(subjects))]
+    in_pool = np.isin(points["subject_id"].to_numpy(), pool_subjects)
+    log.info("evaluate: %d labels of %d subjects (%d in the probe-training pool)", points.height,
+             len(subjects), len(pool_subjects))
+    return in_pool
+
+
+def _feature_sets(meds_dir: Path, bundle: Bundle, points: pl.DataFrame, in_pool: np.ndarray,
+                  tokens_per_batch: int | None, max_count_features: int) -> dict[str, np.ndarray]:
+    """The MOTOR and count feature matrices (rows in `points` order) the probes compare.
+
+    The count features kept are the `max_count_features` most frequent in the training pool.
+    """
+    motor = motor_features(meds_dir, bundle, points, tokens_per_batch)
+    long = count_features(meds_dir, points, bundle.ontology)
+    names = select_features(long, np.flatnonzero(in_pool), max_count_features)
+    counts = feature_matrix(long, names, points.height)
+    log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
+    return {"motor": motor, "counts": counts}
+
+
+def _write_results(results: pl.DataFrame, out_dir: Path, labels_file: Path) -> EvaluationResult:
+    """Write results.csv, results.md and learning_curves.png to `out_dir`."""
     results_csv, results_md = out_dir / "results.csv", out_dir / "results.md"
     with atomic_path(results_csv) as tmp:
         results.write_csv(tmp)

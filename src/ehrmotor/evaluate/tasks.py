@@ -1,6 +1,6 @@
-"""Downstream tasks, their metrics and the count features for `ehrmotor.evaluate`.
+"""Downstream tasks for `ehrmotor.evaluate`: the labels each feature set is probed on.
 
-Tasks. Each evaluation subject gets one prediction time: a seeded random visit time (`Visit/*`
+Each evaluation subject gets one prediction time: a seeded random visit time (`Visit/*`
 events) at least one day after its birth day (the `MEDS_BIRTH` time, else its first event,
 truncated to the day) and strictly before its last event. For each outcome (a name and its codes:
 see `outcome_matcher`), subjects with the outcome at or before the prediction time are dropped
@@ -18,13 +18,8 @@ Task table (`TASK_SCHEMA`, written as labels.parquet), one row per (outcome, lab
     event               Boolean   the event was observed; null for a label file
     boolean_value       Boolean   binary label at the horizon; null when excluded
 
-Count features (`count_features`), per label, using only events at or before its prediction
-time: `lifetime/<code>` = log1p of the number of events (static rows included) whose code or
-ancestor is `<code>`; `recent/<code>` the same over the last `recent_days` days; `last/<code>`
-the last numeric value of a code; `age_years` the age at the prediction time.
-
-Metrics: Harrell's C (`concordance`, pairs as in scikit-survival, with subject weights so that a
-bootstrap resample is a weight vector) and AUROC (`auroc`).
+The events of the evaluation subjects are read one shard at a time (`subject_events`); the
+count features (`ehrmotor.evaluate.counts`) read them the same way and share `birth_days`.
 """
 
 from __future__ import annotations
@@ -36,20 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import roc_auc_score
 
 from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_subject_splits, scan_shard
-from ehrmotor.prepare.ontology import Ontology
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 BIRTH_CODE = "MEDS_BIRTH"
 VISIT_PREFIX = "Visit/"
-AGE_FEATURE = "age_years"
-PAIR_CHUNK = 4_000_000  # pairwise comparisons held in memory at once by `concordance`
-TIED_RISK = 1e-8  # risk scores closer than this count as tied (as in scikit-survival)
 
 TASK_SCHEMA = pl.Schema({
     "outcome": pl.String(),
@@ -59,7 +49,6 @@ TASK_SCHEMA = pl.Schema({
     "event": pl.Boolean(),
     "boolean_value": pl.Boolean(),
 })
-LONG_SCHEMA = pl.Schema({"row": pl.UInt32(), "feature": pl.String(), "value": pl.Float64()})
 
 
 def outcome_matcher(codes: Sequence[str]) -> pl.Expr:
@@ -85,19 +74,19 @@ def check_outcomes(outcomes: Mapping[str, Sequence[str]]) -> dict[str, tuple[str
     return checked
 
 
-def _days_between(start: str, end: str) -> pl.Expr:
+def days_between(start: str, end: str) -> pl.Expr:
     """(end - start) in days, as Float64."""
     return (pl.col(end) - pl.col(start)).dt.total_microseconds().cast(pl.Float64) / US_PER_DAY
 
 
-def _subject_events(meds_dir: Path, subject_ids: pl.Series) -> list[pl.LazyFrame]:
+def subject_events(meds_dir: Path, subject_ids: pl.Series) -> list[pl.LazyFrame]:
     """One lazy frame per data shard with the events of `subject_ids` (memory bounded by shard)."""
     wanted = subject_ids.implode()
     return [scan_shard(path).filter(pl.col("subject_id").is_in(wanted))
             for path in data_files(meds_dir)]
 
 
-def _birth_day(events: pl.LazyFrame) -> pl.LazyFrame:
+def birth_days(events: pl.LazyFrame) -> pl.LazyFrame:
     """subject_id, birth_day (Datetime us, midnight), last_time: per subject of `events`."""
     timed = pl.col("time").filter(pl.col("time").is_not_null())
     birth = pl.col("time").filter(pl.col("code") == BIRTH_CODE).min()
@@ -120,10 +109,10 @@ def read_timelines(meds_dir: Path, subject_ids: pl.Series,
     """Birth days, last event times, visit times and outcome event times (`outcomes`: name →
     codes) of `subject_ids`."""
     subjects, visits, outcome_events = [], [], []
-    for events in _subject_events(meds_dir, subject_ids):
+    for events in subject_events(meds_dir, subject_ids):
         timed = events.filter(pl.col("time").is_not_null())
         parts = [
-            _birth_day(events),
+            birth_days(events),
             timed.filter(pl.col("code").str.starts_with(VISIT_PREFIX))
             .select("subject_id", "time").unique(),
             pl.concat([
@@ -210,7 +199,7 @@ def outcome_tasks(points: pl.DataFrame, timelines: Timelines, outcomes: Sequence
             .filter(~pl.col("prevalent").fill_null(False))
             .with_columns(event=pl.col("event_time").is_not_null(),
                           end=pl.coalesce("event_time", "last_time"))
-            .with_columns(time_to_event_days=_days_between("prediction_time", "end"))
+            .with_columns(time_to_event_days=days_between("prediction_time", "end"))
         )
         within = pl.col("event") & (pl.col("time_to_event_days") <= horizon_days)
         followed = pl.col("time_to_event_days") > horizon_days
@@ -262,8 +251,8 @@ def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:
         raise InputError(f"{labels_path}: a column of the wrong type ({reason}); expected MEDS "
                          "labels (subject_id integer, prediction_time timestamp, boolean_value "
                          "boolean)") from exc
-    birth = pl.concat([_birth_day(events).collect() for events in
-                       _subject_events(meds_dir, labels["subject_id"].unique())])
+    birth = pl.concat([birth_days(events).collect() for events in
+                       subject_events(meds_dir, labels["subject_id"].unique())])
     usable = labels.join(birth, on="subject_id").filter(
         pl.col("prediction_time") >= pl.col("birth_day") + pl.duration(days=1))
     usable = usable.sort("subject_id", "prediction_time", maintain_order=True).unique(
@@ -277,168 +266,3 @@ def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:
         prediction_time="prediction_time", time_to_event_days=pl.lit(None, pl.Float64),
         event=pl.lit(None, pl.Boolean), boolean_value="boolean_value",
     ).cast(TASK_SCHEMA)
-
-
-# ------------------------------------------------------------------- probe tasks and metrics
-
-
-def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
-                weights: np.ndarray | None = None) -> np.ndarray:
-    """Harrell's C of each row of `risk` (R, n) (or of a 1-d `risk`); nan without pairs.
-
-    Pairs as in `sksurv.metrics.concordance_index_censored`: an event i is comparable with j when
-    time_j > time_i, or time_j == time_i and j is censored; tied risks count one half. `weights`
-    (n,) are subject multiplicities (a bootstrap resample): a pair counts weight_i * weight_j.
-    """
-    risk = np.atleast_2d(np.asarray(risk, dtype=np.float64))
-    time = np.asarray(time, dtype=np.float64)
-    event = np.asarray(event, dtype=bool)
-    weight = np.ones(len(time)) if weights is None else np.asarray(weights, dtype=np.float64)
-    numerator = np.zeros(risk.shape[0])
-    denominator = 0.0
-    events = np.flatnonzero(event & (weight > 0))
-    chunk = max(1, PAIR_CHUNK // max(1, len(time) * risk.shape[0]))
-    for start in range(0, len(events), chunk):
-        i = events[start:start + chunk]
-        later = time[None, :] > time[i, None]
-        tied_censored = (time[None, :] == time[i, None]) & ~event[None, :]
-        pair_weight = (later | tied_censored) * weight[i, None] * weight[None, :]  # (c, n)
-        diff = risk[:, i, None] - risk[:, None, :]  # (R, c, n)
-        score = np.where(np.abs(diff) <= TIED_RISK, 0.5, (diff > 0).astype(np.float64))
-        numerator += (score * pair_weight).sum(axis=(1, 2))
-        denominator += float(pair_weight.sum())
-    if denominator == 0:
-        return np.full(risk.shape[0], np.nan)
-    return numerator / denominator
-
-
-def auroc(label: np.ndarray, risk: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """AUROC (`roc_auc_score`) of each row of `risk` (R, n); nan when one class is missing."""
-    risk = np.atleast_2d(risk)
-    keep = np.ones(len(label), dtype=bool) if weights is None else np.asarray(weights) > 0
-    if len(np.unique(np.asarray(label)[keep])) < 2:
-        return np.full(risk.shape[0], np.nan)
-    w = None if weights is None else np.asarray(weights)[keep]
-    return np.array([roc_auc_score(label[keep], r[keep], sample_weight=w) for r in risk])
-
-
-@dataclass(frozen=True)
-class ProbeTask:
-    """One task: its label rows (indices into the feature matrices) and targets.
-
-    `time` (days) is set for `c_index` tasks; `event` is the event flag or the binary label.
-    """
-
-    outcome: str
-    metric: str  # "c_index" or "auroc"
-    rows: np.ndarray
-    in_pool: np.ndarray
-    time: np.ndarray | None
-    event: np.ndarray
-
-    def score(self, where: np.ndarray, risk: np.ndarray,
-              weights: np.ndarray | None = None) -> np.ndarray:
-        """Metric of each row of `risk` (R, len(where)) on the task's entries `where`."""
-        if self.time is not None:
-            return concordance(self.time[where], self.event[where], risk, weights)
-        return auroc(self.event[where], risk, weights)
-
-    def usable(self, where: np.ndarray) -> bool:
-        """Enough signal to fit: two events (and, for binary tasks, two negatives)."""
-        events = int(self.event[where].sum())
-        return events >= 2 and (self.time is not None or len(where) - events >= 2)
-
-
-def probe_tasks(tasks: pl.DataFrame, points: pl.DataFrame, in_pool: np.ndarray) -> list[ProbeTask]:
-    """The time-to-event and binary ProbeTasks of each outcome of the task table."""
-    indexed = tasks.join(points.with_row_index("row"), on=["subject_id", "prediction_time"])
-    result = []
-    for outcome in tasks["outcome"].unique(maintain_order=True).to_list():
-        frame = indexed.filter(pl.col("outcome") == outcome)
-        if frame["event"].is_not_null().all() and frame.height:
-            rows = frame["row"].to_numpy().astype(np.int64)
-            result.append(ProbeTask(outcome, "c_index", rows, in_pool[rows],
-                                    frame["time_to_event_days"].to_numpy(),
-                                    frame["event"].to_numpy()))
-        binary = frame.filter(pl.col("boolean_value").is_not_null())
-        rows = binary["row"].to_numpy().astype(np.int64)
-        result.append(ProbeTask(outcome, "auroc", rows, in_pool[rows], None,
-                                binary["boolean_value"].to_numpy()))
-    return result
-
-
-def bootstrap_weights(n: int, resamples: int, seed: Sequence[int]) -> np.ndarray:
-    """(resamples, n) multiplicities of n subjects in percentile-bootstrap resamples."""
-    draws = np.random.default_rng(list(seed)).integers(0, n, (resamples, n))
-    weights = np.zeros((resamples, n))
-    np.add.at(weights, (np.repeat(np.arange(resamples), n), draws.ravel()), 1.0)
-    return weights
-
-
-# --------------------------------------------------------------------------- count features
-
-
-def _shard_count_features(events: pl.LazyFrame, points: pl.LazyFrame,
-                          ontology: Ontology | None, recent_days: float) -> pl.DataFrame:
-    """The long feature table (LONG_SCHEMA) of the labels in `points` from one shard."""
-    seen = events.join(points, on="subject_id").filter(
-        pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
-    recent_start = pl.col("prediction_time") - pl.duration(
-        microseconds=int(recent_days * US_PER_DAY))
-    per_code = seen.group_by("row", "code").agg(
-        lifetime=pl.len(), recent=(pl.col("time") > recent_start).fill_null(False).sum())
-    # Counting per (label, code) first keeps the ancestor join small.
-    expanded = ontology.expand(per_code) if ontology is not None else per_code.with_columns(
-        ancestor=pl.col("code"))
-    counts = expanded.group_by("row", "ancestor").agg(pl.col("lifetime", "recent").sum())
-    lifetime = counts.select("row", feature=pl.lit("lifetime/") + pl.col("ancestor"),
-                             value=pl.col("lifetime").cast(pl.Float64).log1p())
-    recent = counts.filter(pl.col("recent") > 0).select(
-        "row", feature=pl.lit("recent/") + pl.col("ancestor"),
-        value=pl.col("recent").cast(pl.Float64).log1p())
-    last = (
-        seen.filter(pl.col("numeric_value").is_not_null() & pl.col("time").is_not_null())
-        .group_by("row", "code")
-        .agg(value=pl.col("numeric_value").sort_by("time", "numeric_value").last())
-        .select("row", feature=pl.lit("last/") + pl.col("code"),
-                value=pl.col("value").cast(pl.Float64))
-    )
-    age = _birth_day(events).join(points, on="subject_id").select(
-        "row", feature=pl.lit(AGE_FEATURE),
-        value=_days_between("birth_day", "prediction_time") / 365.25)
-    return pl.concat([lifetime, recent, last, age]).cast(LONG_SCHEMA).collect()
-
-
-def count_features(meds_dir: Path, points: pl.DataFrame, ontology: Ontology | None, *,
-                   recent_days: float = 365.0) -> pl.DataFrame:
-    """Long table (row, feature, value) of the count features of each label in `points`.
-
-    `points`: subject_id, prediction_time; `row` is the index of the label in `points`. Only
-    events at or before a label's prediction time count (static rows count as lifetime events);
-    `recent_days` is the length of the recent window in days. See the module docstring.
-    """
-    labelled = points.select("subject_id", "prediction_time").with_row_index("row").lazy()
-    parts = [_shard_count_features(events, labelled, ontology, recent_days)
-             for events in _subject_events(meds_dir, points["subject_id"].unique())]
-    return pl.concat(parts).sort("row", "feature")
-
-
-def select_features(long: pl.DataFrame, train_rows: np.ndarray, max_features: int) -> list[str]:
-    """The `max_features` features present in the most `train_rows`, ties by name."""
-    rows = pl.Series(np.asarray(train_rows, dtype=np.uint32)).implode()
-    frequency = (
-        long.filter(pl.col("row").is_in(rows)).group_by("feature").agg(rows=pl.len())
-        .sort(["rows", "feature"], descending=[True, False])
-    )
-    return frequency.head(max_features)["feature"].to_list()
-
-
-def feature_matrix(long: pl.DataFrame, names: list[str], num_rows: int) -> np.ndarray:
-    """Dense float64 matrix (num_rows, len(names)): counts 0 and numeric values NaN when absent."""
-    columns = pl.DataFrame({"feature": names, "column": np.arange(len(names), dtype=np.int64)})
-    cells = long.join(columns, on="feature")
-    missing = np.array([np.nan if name.startswith("last/") else 0.0 for name in names])
-    matrix = np.tile(missing, (num_rows, 1))
-    matrix[cells["row"].to_numpy().astype(np.int64), cells["column"].to_numpy()] = (
-        cells["value"].to_numpy())
-    return matrix

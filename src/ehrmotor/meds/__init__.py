@@ -1,4 +1,5 @@
-"""MEDS datasets: reading (`read`) and validation (`validate`); every pipeline step uses these."""
+"""MEDS datasets: reading (`read`) and validation (`validate`, each data file checked by
+`shard_checks`); every pipeline step uses these."""
 
 from ehrmotor.meds.read import (
     DATA_COLUMNS,

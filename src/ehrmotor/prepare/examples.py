@@ -17,7 +17,8 @@ One row per training window (windows: `ehrmotor.prepare.windows`; points and lab
     label_task      list<i32>  task index (model order of `motor_task.json`)
     label_days      list<f32>  days from the point to the task's next occurrence
 
-Windows without sampled prediction points are skipped and counted.
+Windows without sampled prediction points are skipped and counted. FORMAT_VERSION is the version
+of this layout, recorded in the datasets' manifests.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from ehrmotor.prepare.positions import build_positions
 from ehrmotor.prepare.tokenizer import Tokenizer
 from ehrmotor.prepare.windows import local_index, training_windows, window_sequences
 
+FORMAT_VERSION = 1
+
 
 @dataclass(frozen=True)
 class ShardLabels:
@@ -45,8 +48,8 @@ class ShardLabels:
 
     positions: pl.DataFrame
     points: pl.DataFrame  # subject_id, window, position, time
-    censoring: pl.DataFrame  # subject_id, position, censor_days
-    pairs: pl.DataFrame  # subject_id, position, task, days
+    censoring: pl.DataFrame  # subject_id, position, censor_days (rows in the order of points)
+    pairs: pl.DataFrame  # point (row in censoring), task, days
 
 
 def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
@@ -57,7 +60,8 @@ def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
     points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
     occurrences = task_events(events, ontology, task_codes)
     censoring, pairs = sparse_labels(points.drop("window"), occurrences, last_time)
-    return ShardLabels(positions, points, censoring, pairs)
+    # A pair's subject and position are its point's: 10⁸ rows need not carry them twice.
+    return ShardLabels(positions, points, censoring, pairs.select("point", "task", "days"))
 
 
 @dataclass(frozen=True)

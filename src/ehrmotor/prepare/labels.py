@@ -97,7 +97,8 @@ def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame,
     Returns (censoring, pairs): censoring has subject_id, position, censor_days, one row per
     point sorted by (subject_id, position); pairs has subject_id, position, task, days (to the
     task's next occurrence after the point) and `point`, the row of its point in `censoring`.
-    Pairs come in no particular (but deterministic) order: sorting 10⁷ rows is avoided.
+    Pairs come in (subject_id, task, occurrence time) order, each occurrence's points in time
+    order, not sorted by point (sorting 10⁷ rows is avoided).
 
     Each occurrence is the next one for exactly the points in [previous occurrence, occurrence),
     a contiguous run of the time-sorted points found with two as-of joins; expanding the runs
@@ -110,10 +111,12 @@ def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame,
     )
     bounds = points.group_by("subject_id").agg(first=pl.col("pidx").min(),
                                                end=pl.col("pidx").max() + 1)
+    # Kept order: the pairs of a subset of the tasks are then those of all tasks, filtered, in the
+    # same order (`label_cache` relies on it).
     spans = (
         occurrences.sort("subject_id", "task", "time")  # `previous` needs time order
         .with_columns(previous=pl.col("time").shift(1).over("subject_id", "task"))
-        .join(bounds, on="subject_id", how="inner")
+        .join(bounds, on="subject_id", how="inner", maintain_order="left")
     )
     spans = spans.with_columns(
         stop=_first_point_at_or_after(spans, "time", points),

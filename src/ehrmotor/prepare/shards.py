@@ -1,71 +1,61 @@
 """The per-shard work of `prepare`, run in worker processes (one MEDS data file per job).
 
-Each function takes a picklable `ShardJob`, reads its shard lazily, keeps the subjects it needs and
-returns small results for the reduce in `ehrmotor.prepare`. Fitted artifacts are loaded from the
-work folder once per process.
+Each function takes a picklable `ShardJob` and, as keywords (bound with `functools.partial`), the
+paths of the artifacts it reads and the step's settings; it reads its shard lazily, keeps the
+subjects it needs and returns small results for the reduce in `ehrmotor.prepare.steps`. Fitted
+artifacts are loaded once per process.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
 
-from ehrmotor.config import PrepareConfig
+from ehrmotor.config import TaskSettings, TokenizerSettings, WindowSettings
 from ehrmotor.meds import scan_shard
+from ehrmotor.prepare import label_cache
 from ehrmotor.prepare.datasets import shard_file_name, write_shard_table
-from ehrmotor.prepare.examples import label_shard, window_rows
+from ehrmotor.prepare.examples import ShardLabels, label_shard, window_rows
+from ehrmotor.prepare.label_cache import EventCounts
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import count_before_birth, time_moments
+from ehrmotor.prepare.positions import time_moments
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
+
+L = TypeVar("L")
 
 
 @dataclass(frozen=True)
 class ShardJob:
+    """One MEDS data file, the `index`-th of `shards`."""
+
     path: Path
-    meds_dir: Path
-    work: Path  # WORK/pretraining_files
-    excluded: np.ndarray  # subject ids never used for pretraining
-    config: PrepareConfig
     index: int = 0
     shards: int = 1
-    split_name: str = "train"
-    edges: dict[str, list[float]] = field(default_factory=dict)
-    output_dir: Path | None = None
-
-    def with_edges(self, edges: dict[str, list[float]]) -> ShardJob:
-        return dataclasses.replace(self, edges=edges)
-
-    def for_split(self, split_name: str, output_dir: Path | None = None) -> ShardJob:
-        return dataclasses.replace(self, split_name=split_name, output_dir=output_dir)
 
 
-_CACHE: dict[tuple[str, Path], Any] = {}
+_LOADED: dict[Path, Any] = {}
 
 
-def _cached(kind: str, path: Path, load: Any) -> Any:
-    key = (kind, path)
-    if key not in _CACHE:
-        _CACHE[key] = load(path)
-    return _CACHE[key]
+def _load(path: Path, load: Callable[[Path], L]) -> L:
+    """`load(path)`, once per process."""
+    if path not in _LOADED:
+        _LOADED[path] = load(path)
+    loaded: L = _LOADED[path]
+    return loaded
 
 
-def _events(job: ShardJob, split_name: str | None) -> pl.DataFrame:
-    """The shard's events of pretraining subjects (of one split of split.csv when given)."""
-    events = scan_shard(job.path)
-    if split_name is None:
-        events = events.filter(~pl.col("subject_id").is_in(pl.Series(job.excluded).implode()))
-    else:
-        split = _cached("split", job.work / "split.csv", read_split)
-        wanted = split.filter(pl.col("split_name") == split_name).select("subject_id")
-        events = events.join(wanted.lazy(), on="subject_id", how="semi")
-    return events.collect()
+def _events(job: ShardJob, split: Path, split_name: str) -> pl.DataFrame:
+    """The shard's events of the subjects of one split of `split` (split.csv)."""
+    wanted = _load(split, read_split).filter(pl.col("split_name") == split_name)
+    return scan_shard(job.path).join(wanted.lazy().select("subject_id"), on="subject_id",
+                                     how="semi").collect()
 
 
 def shard_codes(job: ShardJob) -> pl.DataFrame:
@@ -73,60 +63,88 @@ def shard_codes(job: ShardJob) -> pl.DataFrame:
     return scan_shard(job.path).select("code").unique().collect()
 
 
-def shard_subjects(job: ShardJob) -> pl.DataFrame:
-    return _events(job, None).select("subject_id").unique()
+def shard_subjects(job: ShardJob, *, excluded: np.ndarray) -> pl.DataFrame:
+    """Distinct subjects of the shard, but the `excluded` ones (never used for pretraining)."""
+    return (scan_shard(job.path).select("subject_id")
+            .filter(~pl.col("subject_id").is_in(pl.Series(excluded).implode()))
+            .unique().collect())
 
 
-def shard_tokenizer_counts(job: ShardJob) -> tuple[ShardCounts, np.ndarray]:
-    events = _events(job, "train")
-    ontology = _cached("ontology", job.work / "ontology", Ontology.load)
-    counts = count_shard(events.lazy(), ontology, job.config.numeric_sample_size, job.config.seed)
+def shard_tokenizer_counts(job: ShardJob, *, split: Path, ontology: Path,
+                           settings: TokenizerSettings) -> tuple[ShardCounts, np.ndarray]:
+    events = _events(job, split, "train")
+    counts = count_shard(events.lazy(), _load(ontology, Ontology.load),
+                         settings.numeric_sample_size, settings.seed)
     return counts, time_moments(events)
 
 
-def shard_tokenizer_bins(job: ShardJob) -> pl.DataFrame:
-    return count_bins(_events(job, "train").lazy(), job.edges)
+def shard_tokenizer_bins(job: ShardJob, *, split: Path,
+                         edges: dict[str, list[float]]) -> pl.DataFrame:
+    return count_bins(_events(job, split, "train").lazy(), edges)
 
 
-def _label(job: ShardJob, split_name: str, task_codes: pl.DataFrame
-           ) -> tuple[Any, pl.DataFrame]:
-    events = _events(job, split_name)
-    tokenizer = _cached("tokenizer", job.work / "tokenizer", Tokenizer.load)
-    ontology = _cached("ontology", job.work / "ontology", Ontology.load)
-    return label_shard(events, tokenizer, ontology, task_codes, job.config.max_window,
-                       job.config.seed), events
+def _label(events: pl.DataFrame, ontology: Path, tokenizer: Path, task_codes: pl.DataFrame,
+           max_window: int, seed: int) -> ShardLabels:
+    return label_shard(events, _load(tokenizer, Tokenizer.load), _load(ontology, Ontology.load),
+                       task_codes, max_window, seed)
 
 
-def shard_task_counts(job: ShardJob) -> TaskCounts:
-    tokenizer = _cached("tokenizer", job.work / "tokenizer", Tokenizer.load)
-    candidates = candidate_tasks(tokenizer, job.config.num_tasks)
-    labelled, _ = _label(job, "train", candidates.select("code", "task"))
-    return count_tasks(labelled.censoring, labelled.pairs, job.config.seed)
+def shard_task_labels(job: ShardJob, *, split: Path, ontology: Path, tokenizer: Path,
+                      settings: TaskSettings, cache: Path) -> TaskCounts:
+    """Label the shard's train subjects for the candidate tasks; write the labels to the
+    `label_cache` folder `cache` and return their task statistics."""
+    events = _events(job, split, "train")
+    candidates = candidate_tasks(_load(tokenizer, Tokenizer.load), settings.num_tasks)
+    labelled = _label(events, ontology, tokenizer, candidates.select("code", "task"),
+                      settings.max_window, settings.seed)
+    label_cache.write_shard(label_cache.shard_folder(cache, job.index, job.shards), labelled,
+                            EventCounts.of(events))
+    return count_tasks(labelled.censoring, labelled.pairs, settings.seed)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What `shard_dataset` needs besides its shard: the split, where to write, the artifacts."""
+
+    split_name: str
+    output_dir: Path  # the dataset's temporary folder
+    settings: WindowSettings
+    split: Path
+    ontology: Path
+    tokenizer: Path
+    task: Path
+    labels: Path | None = None  # a current `label_cache` of this split's subjects
+    renumbered: pl.DataFrame | None = None  # its `label_cache.renumbering`
 
 
 @dataclass(frozen=True)
 class ShardDataset:
     windows: int
     points: int
-    events: int
     skipped_windows: int
     skipped_subjects: int
     entries_used: set[int]
-    subjects_born_late: int  # subjects with timed events before their MEDS_BIRTH event
-    events_before_birth: int  # those events, folded into position 0
+    events: EventCounts
 
 
-def shard_dataset(job: ShardJob) -> ShardDataset:
-    """Write the shard's window rows for `job.split_name` to `job.output_dir`."""
-    if job.output_dir is None:
-        raise ValueError("shard_dataset needs job.output_dir")
-    task = _cached("task", job.work / "motor_task.json", MotorTask.load)
-    labelled, events = _label(job, job.split_name, task.task_codes())
-    windows = window_rows(labelled, job.config.max_window)
+def _labelled(job: ShardJob, spec: DatasetSpec) -> tuple[ShardLabels, EventCounts]:
+    """The shard's labels for the kept tasks: from the label cache when there is one."""
+    if spec.labels is not None and spec.renumbered is not None:
+        return label_cache.read_shard(
+            label_cache.shard_folder(spec.labels, job.index, job.shards), spec.renumbered)
+    events = _events(job, spec.split, spec.split_name)
+    task = _load(spec.task, MotorTask.load)
+    labelled = _label(events, spec.ontology, spec.tokenizer, task.task_codes(),
+                      spec.settings.max_window, spec.settings.seed)
+    return labelled, EventCounts.of(events)
+
+
+def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
+    """Write the shard's window rows of `spec.split_name` into `spec.output_dir`."""
+    labelled, counts = _labelled(job, spec)
+    windows = window_rows(labelled, spec.settings.max_window)
     rows = windows.rows
-    write_shard_table(rows.to_arrow(), job.output_dir / shard_file_name(job.index, job.shards))
+    write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards))
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
-    born_late, before_birth = count_before_birth(events)
-    return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0), events.height,
-                        windows.windows_skipped, windows.subjects_skipped, used, born_late,
-                        before_birth)
+    return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0),
+                        windows.windows_skipped, windows.subjects_skipped, used, counts)

@@ -5,6 +5,6 @@ Nothing in the pipeline imports this package; see `generate` for the layout it w
 """
 
 from ehrmotor.synthetic.generate import generate, true_hazards
-from ehrmotor.synthetic.simulate import OUTCOMES
+from ehrmotor.synthetic.hazards import OUTCOMES
 
 __all__ = ["OUTCOMES", "generate", "true_hazards"]

@@ -33,15 +33,9 @@ from ehrmotor.errors import InputError, OutputError
 from ehrmotor.processes import process_pool
 from ehrmotor.synthetic.athena import write_athena
 from ehrmotor.synthetic.catalog import build_catalog
-from ehrmotor.synthetic.simulate import (
-    FIRST_MONTH,
-    MONTH_DAYS,
-    OUTCOMES,
-    STATIC_TIME,
-    TEXT_VALUES,
-    CodePools,
-    ShardSimulator,
-)
+from ehrmotor.synthetic.hazards import FIRST_MONTH, MONTH_DAYS, OUTCOMES
+from ehrmotor.synthetic.pools import CodePools
+from ehrmotor.synthetic.simulate import STATIC_TIME, TEXT_VALUES, ShardSimulator
 
 log = logging.getLogger(__name__)
 

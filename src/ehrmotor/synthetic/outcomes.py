@@ -14,7 +14,7 @@ import numpy as np
 from ehrmotor.errors import InputError
 from ehrmotor.synthetic.catalog import DISEASE_CATEGORIES
 from ehrmotor.synthetic.generate import true_hazards
-from ehrmotor.synthetic.simulate import OUTCOMES
+from ehrmotor.synthetic.hazards import OUTCOMES
 
 DEFAULT_OUTCOMES = ("heart_failure", "ckd", "diabetes", "copd", "death")
 

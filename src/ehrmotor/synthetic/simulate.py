@@ -23,8 +23,12 @@ nothing loops over subjects or events. What is planted (and what a model should 
   text. Events per subject range from tens to thousands.
 - Death (`MEDS_DEATH`) depends on all of the above.
 
-`hazards` can be probed at given (subject, month) pairs: re-running a shard with the same seed
-reproduces it exactly, so the true monthly hazard of any outcome is available to evaluation.
+The monthly hazards can be probed at given (subject, month) pairs (`ShardSimulator.run`):
+re-running a shard with the same seed reproduces it exactly, so the true monthly hazard of any
+outcome is available to evaluation.
+
+The pieces: `pools` holds the codes drawn from, `hazards` the calendar, the subjects' traits and
+state and the monthly hazards; this module steps the months and emits the events.
 """
 
 from __future__ import annotations
@@ -33,89 +37,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ehrmotor.synthetic.catalog import (
-    CPT4,
-    DISEASE_CATEGORIES,
-    DRUGS,
-    HEMONC_REGIMENS,
-    LABS,
-    SIGNATURE_BLOCKS,
-    SMOKING_STATUS,
-    SMOKING_VALUES,
-    Catalog,
-    icd10_leaves_under,
+from ehrmotor.synthetic.catalog import SMOKING_VALUES
+from ehrmotor.synthetic.hazards import (
+    EPOCH,
+    FIRST_MONTH,
+    MONTH_DAYS,
+    NUM_MONTHS,
+    OUTCOMES,
+    State,
+    Subjects,
+    decay,
+    epoch_days,
+    monthly_hazards,
 )
+from ehrmotor.synthetic.pools import CodePools, zipf_cdf
 
 US_PER_DAY = 86_400_000_000
-MONTH_DAYS = 30.4375
-EPOCH = np.datetime64("1970-01-01", "D")
-FIRST_MONTH = np.datetime64("1995-01-01", "D")
-CUTOFF = np.datetime64("2026-01-01", "D")
 ICD9_UNTIL = np.datetime64("2015-10-01", "D")
-NUM_MONTHS = int((CUTOFF - FIRST_MONTH).astype(int) / MONTH_DAYS)
-OUTCOMES = (*DISEASE_CATEGORIES, "death")
 TEXT_VALUES = SMOKING_VALUES
-
-
-def _days(date: np.datetime64) -> float:
-    return float((date - EPOCH).astype(int))
-
-
-@dataclass(frozen=True)
-class CodePools:
-    """Code indices the simulator draws from, derived from the catalogue."""
-
-    disease: dict[str, np.ndarray]
-    signature: list[np.ndarray]
-    routine_icd10: np.ndarray
-    routine_icd9: np.ndarray
-    procedures: np.ndarray
-    cpt4: np.ndarray
-    labs: dict[str, int]
-    drugs: dict[str, int]
-    hemonc: np.ndarray
-    visit: dict[str, int]
-    gender: np.ndarray
-    race: np.ndarray
-    smoking: int
-    birth: int = 0
-    death: int = 1
-
-    @classmethod
-    def from_catalog(cls, catalog: Catalog) -> CodePools:
-        concepts = catalog.concepts
-
-        def codes_where(vocab: str, klass: str) -> list[str]:
-            rows = concepts.filter(
-                (concepts["vocabulary_id"] == vocab) & (concepts["concept_class_id"] == klass)
-            )
-            return rows["code"].to_list()
-
-        icd10_codes = codes_where("ICD10CM", "ICD10 code")
-        parents = set(catalog.edges.filter(catalog.edges["relationship"] == "Is a")["parent"])
-        # Planted codes stay out of the background so their signal is the planted one.
-        planted = {c for v in DISEASE_CATEGORIES.values() for c in icd10_leaves_under(v)}
-        planted |= {c for b in SIGNATURE_BLOCKS for c in icd10_leaves_under(b)}
-        icd10_leaves = [c for c in icd10_codes if c not in parents and c not in planted]
-        maps = catalog.edges.filter(catalog.edges["relationship"] == "Maps to")
-        icd9_planted = set(maps.filter(maps["parent"].is_in(list(planted)))["child"])
-        icd9_codes = [c for c in codes_where("ICD9CM", "ICD9CM code") if c not in icd9_planted]
-        return cls(
-            disease={k: catalog.ids(icd10_leaves_under(v)) for k, v in DISEASE_CATEGORIES.items()},
-            signature=[catalog.ids(icd10_leaves_under(b)) for b in SIGNATURE_BLOCKS],
-            routine_icd10=catalog.ids(icd10_leaves),
-            routine_icd9=catalog.ids(icd9_codes),
-            procedures=catalog.ids(codes_where("ICD10PCS", "ICD10PCS")),
-            cpt4=catalog.ids([f"CPT4/{c}" for c, _ in CPT4]),
-            labs={code: catalog.index[f"LOINC/{code}"] for code, *_ in LABS},
-            drugs={name: catalog.index[f"RxNorm/{rx}"] for rx, name, _ in DRUGS},
-            hemonc=catalog.ids([f"HemOnc/{10_000 + i}" for i in range(len(HEMONC_REGIMENS))]),
-            visit={v: catalog.index[f"Visit/{v}"] for v in ("IP", "OP", "ER")},
-            gender=catalog.ids(["Gender/F", "Gender/M"]),
-            race=catalog.ids(["Race/2106-3", "Race/2054-5", "Race/2028-9", "Race/1002-5",
-                              "Race/2076-8"]),
-            smoking=catalog.index[f"LOINC/{SMOKING_STATUS[0]}"],
-        )
 
 
 class Events:
@@ -136,108 +75,6 @@ class Events:
 
     def columns(self) -> tuple[np.ndarray, ...]:
         return tuple(np.concatenate(col) for col in zip(*self.parts, strict=True))
-
-
-def _zipf_cdf(n: int, rng: np.random.Generator, exponent: float = 1.1) -> np.ndarray:
-    """Cumulative Zipf weights over a random permutation of n codes (heavy-tailed frequencies)."""
-    weights = 1.0 / np.arange(1, n + 1) ** exponent
-    weights = weights[rng.permutation(n)]
-    cdf = np.cumsum(weights)
-    return cdf / cdf[-1]
-
-
-def _decay(now: float, last: np.ndarray, months: float) -> np.ndarray:
-    """exp(-(now - last) / months), 0 where there was no previous event (last is nan)."""
-    return np.nan_to_num(np.exp(-(now - last) / months), nan=0.0)
-
-
-@dataclass
-class Subjects:
-    """Fixed per-subject traits of one shard (arrays of length n)."""
-
-    birth_day: np.ndarray  # days since 1970
-    start_month: np.ndarray  # first observed month index (float)
-    sex: np.ndarray  # 0 female, 1 male
-    race: np.ndarray
-    latent: np.ndarray  # (n, 3)
-    visit_rate: np.ndarray  # personal multiplier, lognormal
-    smoking: np.ndarray  # 0 never, 1 former, 2 current
-
-    @classmethod
-    def draw(cls, n: int, rng: np.random.Generator) -> Subjects:
-        cutoff = _days(CUTOFF)
-        age_at_cutoff = rng.uniform(1.0, 95.0, n) * 365.25
-        birth_day = np.floor(cutoff - age_at_cutoff)
-        record_years = np.clip(rng.lognormal(np.log(7.0), 0.7, n), 0.5, 31.0)
-        start_day = np.maximum(cutoff - record_years * 365.25, birth_day)
-        start_month = np.maximum((start_day - _days(FIRST_MONTH)) / MONTH_DAYS, 0.0)
-        latent = rng.standard_normal((n, 3))
-        p_current = 1 / (1 + np.exp(-(-1.6 + 1.2 * latent[:, 1])))
-        smoking = np.where(rng.random(n) < p_current, 2, rng.choice([0, 0, 1], n))
-        return cls(
-            birth_day=birth_day, start_month=start_month, sex=rng.integers(0, 2, n),
-            race=rng.choice(5, n, p=[0.6, 0.15, 0.12, 0.08, 0.05]), latent=latent,
-            visit_rate=rng.lognormal(0.0, 0.6, n), smoking=smoking,
-        )
-
-
-class State:
-    """Disease, treatment and lab state of every subject; nan times mean 'never'."""
-
-    def __init__(self, n: int) -> None:
-        nan = np.full(n, np.nan)
-        self.onset = {k: nan.copy() for k in OUTCOMES}  # month of coded diagnosis / event
-        self.last = {k: nan.copy() for k in ("mi", "pneumonia", "sepsis", "stroke", "afib")}
-        self.subclinical = {"diabetes": nan.copy(), "ckd": nan.copy()}
-        self.treated = {k: np.zeros(n, bool) for k in
-                        ("metformin", "lisinopril", "atorvastatin", "metoprolol", "apixaban",
-                         "tiotropium", "chemo")}
-        self.order_flag = np.zeros(n, bool)
-        self.alive = np.ones(n, bool)
-
-    def has(self, disease: str) -> np.ndarray:
-        return ~np.isnan(self.onset[disease])
-
-
-def _hazards(month: float, age: np.ndarray, subjects: Subjects, state: State,
-             idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Monthly hazards of every outcome for the subjects `idx` (arrays aligned with idx)."""
-    a = (age - 60.0) / 10.0
-    z0, z1, z2 = (subjects.latent[idx, k] for k in range(3))
-    smoker = subjects.smoking[idx]
-    has = {k: state.has(k)[idx].astype(float) for k in OUTCOMES}
-    treated = {k: v[idx] for k, v in state.treated.items()}
-    recent_mi = _decay(month, state.last["mi"][idx], 6.0)
-    recent_pneu = _decay(month, state.last["pneumonia"][idx], 2.0)
-    recent_sepsis = _decay(month, state.last["sepsis"][idx], 1.0)
-    h = {
-        "diabetes": 0.0009 * np.exp(0.3 * a + 0.9 * z0),
-        "hypertension": 0.0015 * np.exp(0.45 * a + 0.6 * z0),
-        "ckd": 0.0003
-        * np.exp(0.4 * a + 0.6 * z0 + 1.2 * has["diabetes"] + 0.7 * has["hypertension"])
-        * np.where(treated["lisinopril"], 0.5, 1.0) * np.where(treated["metformin"], 0.7, 1.0),
-        "afib": 0.0004 * np.exp(0.6 * a + 0.5 * z2),
-        "mi": 0.0003 * np.exp(0.5 * a + 0.8 * z0 + 0.6 * has["diabetes"] + 0.5 * has["hypertension"]
-                              + 0.5 * (smoker == 2)) * np.where(treated["atorvastatin"], 0.6, 1.0),
-        "heart_failure": 0.0002 * np.exp(0.5 * a + 0.5 * z0 + 0.6 * has["hypertension"]
-                                         + 0.8 * has["ckd"])
-        * (1.0 + 30.0 * recent_mi) * np.where(state.order_flag[idx], 5.0, 1.0)
-        * np.where(treated["metoprolol"], 0.6, 1.0),
-        "copd": 0.00025 * np.exp(0.4 * a + 1.3 * z1 + 1.0 * (smoker == 2) + 0.5 * (smoker == 1)),
-        "pneumonia": 0.0006 * np.exp(0.3 * a + 0.5 * z1 + 0.4 * z2 + 1.0 * has["copd"])
-        * np.where(treated["tiotropium"], 0.7, 1.0),
-        "lung_cancer": 0.00006 * np.exp(0.5 * a + 1.5 * z1 + 1.2 * (smoker == 2)),
-        "stroke": 0.0002 * np.exp(0.5 * a + 0.5 * z0)
-        * (1.0 + 2.0 * has["afib"] * ~treated["apixaban"]),
-        "sepsis": 0.0001 * np.exp(0.4 * a + 0.6 * z2) * (1.0 + 10.0 * recent_pneu),
-    }
-    h["death"] = (
-        0.0004 * np.exp(0.75 * a + 0.5 * z2 + 0.7 * has["heart_failure"] + 0.5 * has["ckd"]
-                        + 1.5 * has["lung_cancer"] * ~treated["chemo"] + 0.8 * treated["chemo"]
-                        + 0.4 * has["copd"] + 0.3 * has["diabetes"])
-        * (1.0 + 6.0 * recent_mi + 10.0 * recent_sepsis + 3.0 * recent_pneu)
-    )
-    return {k: np.minimum(v, 0.9) for k, v in h.items()}
 
 
 STATIC_TIME = np.iinfo(np.int64).min  # marks a static row (null time)
@@ -281,9 +118,9 @@ class ShardSimulator:
     def __init__(self, n: int, seed: int, shard: int, pools: CodePools) -> None:
         self.rng = np.random.default_rng([seed, shard])
         popularity = np.random.default_rng([seed, 1 << 30])  # code popularity is dataset-wide
-        self.cdf_icd10 = _zipf_cdf(len(pools.routine_icd10), popularity)
-        self.cdf_icd9 = _zipf_cdf(len(pools.routine_icd9), popularity)
-        self.cdf_procedures = _zipf_cdf(len(pools.procedures), popularity)
+        self.cdf_icd10 = zipf_cdf(len(pools.routine_icd10), popularity)
+        self.cdf_icd9 = zipf_cdf(len(pools.routine_icd9), popularity)
+        self.cdf_procedures = zipf_cdf(len(pools.procedures), popularity)
         self.pools = pools
         self.subjects = Subjects.draw(n, self.rng)
         self.state = State(n)
@@ -314,9 +151,9 @@ class ShardSimulator:
             active = np.flatnonzero(self.state.alive & (first_month <= month))
             if len(active) == 0:
                 continue
-            month_day = _days(FIRST_MONTH) + month * MONTH_DAYS
+            month_day = epoch_days(FIRST_MONTH) + month * MONTH_DAYS
             age = (month_day - subjects.birth_day[active]) / 365.25
-            hazards = _hazards(float(month), age, subjects, self.state, active)
+            hazards = monthly_hazards(float(month), age, subjects, self.state, active)
             if probed is not None and probe_subject is not None and probe_month is not None:
                 rows = np.flatnonzero(probe_month == month)
                 pos = np.searchsorted(active, probe_subject[rows])
@@ -426,8 +263,8 @@ class ShardSimulator:
                  - 0.8 * state.treated["metformin"][s])
         creatinine = np.maximum(0.75 + 0.2 * sex + rng.normal(0, 0.08, nv)
                                 + np.minimum(0.035 * since_ckd, 5.0), 0.3)
-        recent_infection = (_decay(month, state.last["pneumonia"][s], 1.0)
-                            + 2 * _decay(month, state.last["sepsis"][s], 1.0))
+        recent_infection = (decay(month, state.last["pneumonia"][s], 1.0)
+                            + 2 * decay(month, state.last["sepsis"][s], 1.0))
         hf = state.has("heart_failure")[s]
         mi_now = state.last["mi"][s] == month
         p_panel = np.array([0.3, 0.8, 0.95])[kind]

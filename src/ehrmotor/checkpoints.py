@@ -1,0 +1,127 @@
+"""Resuming pretraining: which checkpoint in `WORK/pretraining_output/` a rerun continues from.
+
+`pretraining_output/` records the settings its checkpoints were trained with (SETTINGS_FILE,
+`pretrain_settings.json`: the resolved PretrainConfig and a digest of each prepared input). A
+rerun resumes the last complete checkpoint when its settings match (RESUMABLE_CHANGES aside) and
+stops with a PretrainError naming what changed when they do not. The decision reads files only,
+so every rank of a distributed run takes the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ehrmotor import artifacts
+from ehrmotor.config import PretrainConfig, config_dict
+from ehrmotor.errors import PretrainError
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from
+# Settings a resumed run may change: they change neither the weights nor the batches.
+RESUMABLE_CHANGES = ("dataloader_num_workers", "logging_steps", "save_total_limit")
+
+
+def prepared_digests(files: Path) -> dict[str, str]:
+    """A digest per prepared artifact: its manifest (less the package version) and, for the
+    datasets, the fingerprint of their Arrow files."""
+    parts: dict[str, list[str]] = {}
+    for manifest in sorted(files.glob("*.manifest.json")):
+        text = manifest.read_text()
+        try:
+            recorded = json.loads(text)
+        except json.JSONDecodeError:
+            recorded = text
+        if isinstance(recorded, dict):
+            recorded.pop("ehrmotor_version", None)
+        parts.setdefault(manifest.name.removesuffix(".manifest.json"), []).append(
+            json.dumps(recorded, sort_keys=True))
+    for name in ("train_batches", "val_batches"):
+        state = json.loads((files / name / "state.json").read_text())
+        parts.setdefault(name, []).append(str(state.get("_fingerprint")))
+    return {name: hashlib.sha256("\0".join(values).encode()).hexdigest()[:16]
+            for name, values in sorted(parts.items())}
+
+
+def training_settings(config: PretrainConfig, files: Path) -> dict[str, Any]:
+    """What a checkpoint depends on: the resolved config and the prepared inputs."""
+    return {"config": config_dict(config), "prepared": prepared_digests(files)}
+
+
+def settings_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two `training_settings`, ignoring RESUMABLE_CHANGES."""
+    old, new = recorded.get("config", {}), current["config"]
+    changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
+    old, new = recorded.get("prepared", {}), current["prepared"]
+    inputs = [name for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    if inputs:
+        changes.append(f"prepared {', '.join(inputs)} changed")
+    return changes
+
+
+def _read_settings(output: Path) -> dict[str, Any] | None:
+    try:
+        recorded = json.loads((output / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def resumable_checkpoint(output: Path, settings: dict[str, Any]) -> str | None:
+    """The last complete checkpoint in `output` when it was trained with `settings`, else None
+    when there is none; PretrainError when there is one from other (or unrecorded) settings.
+
+    Depends on files only, so every rank of a distributed run decides alike.
+    """
+    checkpoint = last_complete_checkpoint(output)
+    if checkpoint is None:
+        return None
+    restart = "rerun with --restart to discard the checkpoints and train from step 0"
+    recorded = _read_settings(output)
+    if recorded is None:
+        raise PretrainError(f"pretrain: {output} has checkpoints but no readable record of their "
+                            f"settings ({SETTINGS_FILE}); {restart}")
+    changes = settings_changes(recorded, settings)
+    if changes:
+        raise PretrainError(f"pretrain: the checkpoints in {output} were trained with other "
+                            f"settings: {'; '.join(changes)}; rerun with the earlier settings to "
+                            f"resume, or {restart}")
+    return checkpoint
+
+
+def prepare_output(output: Path, checkpoint: str | None, settings: dict[str, Any],
+                   restart: bool) -> None:
+    """On the main process: empty `output` unless resuming, record `settings` in it."""
+    if checkpoint is None:
+        if output.exists():
+            why = "restart" if restart else "no complete checkpoint"
+            log.info("pretrain: %s; discarding %s and training from step 0", why, output)
+            shutil.rmtree(output)
+    else:
+        log.info("pretrain: resuming from %s (same settings) in %s", Path(checkpoint).name,
+                 output)
+        for stale in artifacts.clean_stale_temporaries(output):
+            log.info("pretrain: removed %s, left by an interrupted run", stale)
+    output.mkdir(parents=True, exist_ok=True)
+    if _read_settings(output) != settings:
+        artifacts.write_json(output / SETTINGS_FILE, settings)
+
+
+def last_complete_checkpoint(output: Path) -> str | None:
+    """The newest `checkpoint-N` that Trainer finished writing, or None.
+
+    Trainer writes `trainer_state.json` last; a process killed while saving leaves a folder
+    without it (and possibly a truncated `model.safetensors`), which resuming must skip.
+    """
+    try:
+        steps = [int(path.parent.name.split("-")[1])
+                 for path in output.glob("checkpoint-*/trainer_state.json")
+                 if path.parent.name.split("-")[1].isdigit()]
+    except FileNotFoundError:  # the main process is discarding `output`: nothing to resume
+        return None
+    return str(output / f"checkpoint-{max(steps)}") if steps else None

@@ -1,0 +1,290 @@
+"""The steps of `ehrmotor prepare`: `step(context, settings, *, inputs) -> artifact path`.
+
+Each step maps over the MEDS shards in worker processes (`ehrmotor.prepare.shards`), reduces here,
+and writes its artifact atomically, unless the artifact is current. Its manifest
+(`<artifact>.manifest.json`) is derived from the step's settings (a frozen dataclass of
+`ehrmotor.config`, recorded with `dataclasses.asdict`), the FORMAT_VERSION of the artifact's
+module, the fingerprints of the MEDS and Athena files, and the digest of the manifest of the
+artifact built before it (`after`), so that a change upstream reaches every later step. A
+different manifest stops the run with an ArtifactMismatch naming the changed key.
+
+    ontology_step    ontology/                  `ehrmotor.prepare.ontology`
+    split_step       split.csv                  `ehrmotor.prepare.split`
+    tokenizer_step   tokenizer/                 `ehrmotor.prepare.tokenizer`
+    motor_task_step  motor_task.json            `ehrmotor.prepare.motor_task` (and the train
+                                                labels, kept in `ehrmotor.prepare.label_cache`)
+    dataset_step     train_batches/, val_batches/   `ehrmotor.prepare.examples`, `.datasets`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, wait
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from ehrmotor import artifacts
+from ehrmotor.config import (
+    OntologySettings,
+    SplitSettings,
+    TaskSettings,
+    TokenizerSettings,
+    WindowSettings,
+    config_dict,
+)
+from ehrmotor.errors import InputError
+from ehrmotor.meds import read_codes_metadata, read_subject_splits
+from ehrmotor.prepare import label_cache
+from ehrmotor.prepare.datasets import finish_dataset
+from ehrmotor.prepare.examples import FORMAT_VERSION as DATASET_FORMAT_VERSION
+from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
+from ehrmotor.prepare.motor_task import MotorTask, candidate_tasks
+from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.prepare.positions import time_stats_from_moments
+from ehrmotor.prepare.shards import (
+    DatasetSpec,
+    ShardDataset,
+    ShardJob,
+    shard_codes,
+    shard_dataset,
+    shard_subjects,
+    shard_task_labels,
+    shard_tokenizer_bins,
+    shard_tokenizer_counts,
+)
+from ehrmotor.prepare.split import read_split, split_subjects, write_split
+from ehrmotor.prepare.tokenizer import FORMAT_VERSION as TOKENIZER_FORMAT_VERSION
+from ehrmotor.prepare.tokenizer import Tokenizer, fit_numeric_edges
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# ontology.py and split.py define no format version of their own yet.
+ONTOLOGY_FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 1
+DATASET_STATS = "prepare_stats.json"
+
+
+class PrepareError(InputError):
+    """Bad input for prepare (one line); the CLI exits with status 2."""
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Digest of a manifest, less the package version (a new release alone changes nothing)."""
+    kept = {k: v for k, v in manifest.items() if k != "ehrmotor_version"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_digest(artifact: Path) -> str:
+    """`manifest_digest` of the manifest recorded beside a finished artifact."""
+    return manifest_digest(json.loads(artifacts.manifest_path(artifact).read_text()))
+
+
+@dataclass
+class StepContext:
+    """What every step shares: the inputs, the work folder, the shard jobs and the worker pool."""
+
+    meds_dir: Path
+    athena_dir: Path | None
+    out: Path  # WORK/pretraining_files
+    inputs: dict[str, str]  # fingerprints of the MEDS (and Athena) files
+    jobs: list[ShardJob]
+    pool: Executor
+    force: bool = False
+    progress: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, built or loaded
+
+    def map(self, work: Callable[[ShardJob], T], desc: str) -> list[T]:
+        """`work(job)` for every shard job in the worker pool, results in job order."""
+        futures = [self.pool.submit(work, job) for job in self.jobs]
+        bar = tqdm(futures, desc=desc, unit="shard", leave=False,
+                   disable=None if self.progress else True)  # None: only on a terminal
+        try:
+            return [future.result() for future in bar]
+        except BaseException:
+            # Let running shards finish before the step's temporary folder is removed, so that no
+            # worker writes into it afterwards; the queued ones never start.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
+
+    def manifest(self, step: str, settings: Any, format_version: int,
+                 after: Path | None) -> dict[str, Any]:
+        """The manifest of `step` with these settings, after the artifact `after` (None: first)."""
+        upstream = "" if after is None else recorded_digest(after)
+        return artifacts.make_manifest(step, format_version, config_dict(settings),
+                                       {**self.inputs, "upstream": upstream})
+
+    def build(self, artifact: Path, manifest: dict[str, Any],
+              build: Callable[[Path], None]) -> bool:
+        """Build `artifact` with `build(temporary path)` unless current; True when built."""
+        name = manifest["step"]
+        started = time.perf_counter()
+        built = False
+        if self.force or not artifacts.is_current(artifact, manifest):
+            with artifacts.atomic_path(artifact, replace_folder=True) as tmp:
+                try:
+                    build(tmp)
+                except PrepareError:
+                    raise
+                except InputError as error:  # a fit found nothing to learn from
+                    raise PrepareError(f"{name}: {str(error).splitlines()[0]}") from error
+            artifacts.record(artifact, manifest)
+            built = True
+        self.seconds[name] = time.perf_counter() - started
+        log.info("%s: %s %s", name, "built" if built else "loaded", artifact)
+        return built
+
+
+def ontology_step(ctx: StepContext, settings: OntologySettings) -> Path:
+    """Step 1: `ontology/`, the data's codes and their ancestors (from Athena when given)."""
+    artifact = ctx.out / "ontology"
+
+    def build(tmp: Path) -> None:
+        found = ctx.map(shard_codes, "ontology: data codes")
+        codes = pl.concat(found).unique().sort("code")
+        ontology = Ontology.build(codes["code"],
+                                  athena_dir=ctx.athena_dir if settings.athena else None,
+                                  codes_metadata=read_codes_metadata(ctx.meds_dir),
+                                  remove_vocabularies=settings.remove_vocabularies)
+        tmp.mkdir()
+        ontology.save(tmp)
+
+    ctx.build(artifact, ctx.manifest("ontology", settings, ONTOLOGY_FORMAT_VERSION, None), build)
+    return artifact
+
+
+def split_step(ctx: StepContext, settings: SplitSettings, *, after: Path) -> Path:
+    """Step 2: `split.csv`, train/val of the subjects outside `settings.exclude_splits`."""
+    artifact = ctx.out / "split.csv"
+
+    def build(tmp: Path) -> None:
+        splits = read_subject_splits(ctx.meds_dir)
+        excluded = np.array([], dtype=np.int64)
+        if splits is not None and settings.exclude_splits:
+            excluded = splits.filter(pl.col("split").is_in(list(settings.exclude_splits)))[
+                "subject_id"].to_numpy()
+        subjects = pl.concat(ctx.map(partial(shard_subjects, excluded=excluded),
+                                     "split: subjects"))
+        if subjects.height == 0:
+            raise PrepareError(f"{ctx.meds_dir}: no subjects left for pretraining after "
+                               f"excluding splits {list(settings.exclude_splits)}")
+        write_split(split_subjects(subjects["subject_id"].to_numpy(), settings.seed,
+                                   settings.val_fraction), tmp)
+
+    ctx.build(artifact, ctx.manifest("split", settings, SPLIT_FORMAT_VERSION, after), build)
+    if read_split(artifact).filter(pl.col("split_name") == "train").height == 0:
+        raise PrepareError(f"{artifact}: the train split is empty")
+    return artifact
+
+
+def tokenizer_step(ctx: StepContext, settings: TokenizerSettings, *, ontology: Path,
+                   split: Path) -> Path:
+    """Step 3: `tokenizer/`, the vocabulary fitted on the train subjects."""
+    artifact = ctx.out / "tokenizer"
+
+    def build(tmp: Path) -> None:
+        counts = ctx.map(partial(shard_tokenizer_counts, split=split, ontology=ontology,
+                                 settings=settings), "tokenizer: counts")
+        edges = fit_numeric_edges([c.numeric_samples for c, _ in counts], settings.numeric_bins,
+                                  settings.numeric_sample_size)
+        bins = ctx.map(partial(shard_tokenizer_bins, split=split, edges=edges),
+                       "tokenizer: numeric bins")
+        fitted = Tokenizer.fit([c for c, _ in counts], bins, edges, Ontology.load(ontology),
+                               vocab_size=settings.vocab_size, min_fraction=settings.min_fraction,
+                               min_text_fraction=settings.min_text_fraction)
+        fitted.time_stats = time_stats_from_moments(np.sum([m for _, m in counts], axis=0))
+        fitted.save(tmp)
+
+    manifest = ctx.manifest("tokenizer", settings, TOKENIZER_FORMAT_VERSION, split)
+    ctx.build(artifact, manifest, build)
+    return artifact
+
+
+def motor_task_step(ctx: StepContext, settings: TaskSettings, *, ontology: Path, split: Path,
+                    tokenizer: Path) -> Path:
+    """Step 4: `motor_task.json`, fitted on the train subjects' labels for the candidate tasks.
+
+    Those labels stay in the `label_cache` for `dataset_step`, marked with this step's manifest.
+    """
+    artifact = ctx.out / "motor_task.json"
+    manifest = ctx.manifest("motor_task", settings, TASK_FORMAT_VERSION, tokenizer)
+    cache = label_cache.folder(ctx.out)
+
+    def build(tmp: Path) -> None:
+        label_cache.discard(cache)
+        candidates = candidate_tasks(Tokenizer.load(tokenizer), settings.num_tasks)
+        with artifacts.atomic_path(cache, replace_folder=True) as cache_tmp:
+            label_cache.write_candidates(cache_tmp, candidates)
+            counts = ctx.map(partial(shard_task_labels, split=split, ontology=ontology,
+                                     tokenizer=tokenizer, settings=settings, cache=cache_tmp),
+                             "MOTOR task: labels")
+            task = MotorTask.fit(candidates, counts, num_bins=settings.num_bins,
+                                 final_layer_size=settings.final_layer_size,
+                                 min_task_events=settings.min_task_events,
+                                 min_task_fraction=settings.min_task_fraction)
+        label_cache.record_current(cache, manifest_digest(manifest),
+                                   settings.window_settings())
+        task.save(tmp)
+
+    ctx.build(artifact, manifest, build)
+    if MotorTask.load(artifact).tasks.height == 0:
+        raise PrepareError(
+            f"{artifact}: no MOTOR task has at least {settings.min_task_events} train events; "
+            "lower min_task_events or add subjects")
+    return artifact
+
+
+def dataset_step(ctx: StepContext, settings: WindowSettings, split_name: str, *, ontology: Path,
+                 split: Path, tokenizer: Path, task: Path, after: Path) -> Path:
+    """Step 5: `<split_name>_batches/`, the windows of one split as a Hugging Face dataset.
+
+    Its `prepare_stats.json` holds the counts of `dataset_stats`. The train split reads its
+    labels from the `label_cache` when the MOTOR-task step left a current one.
+    """
+    artifact = ctx.out / f"{split_name}_batches"
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer, task)
+        cache = label_cache.folder(ctx.out)
+        if split_name == "train" and label_cache.is_current(cache, recorded_digest(task),
+                                                            settings):
+            spec = replace(spec, labels=cache,
+                           renumbered=label_cache.renumbering(cache, MotorTask.load(task)))
+            log.info("%s: labels of the MOTOR-task step read from %s", artifact.name, cache)
+        shards = ctx.map(partial(shard_dataset, spec=spec), f"datasets: {split_name}")
+        finish_dataset(tmp, len(ctx.jobs))
+        (tmp / DATASET_STATS).write_text(json.dumps(dataset_stats(shards)))
+
+    manifest = ctx.manifest(f"{split_name}_batches", settings, DATASET_FORMAT_VERSION, after)
+    ctx.build(artifact, manifest, build)
+    return artifact
+
+
+def dataset_stats(shards: list[ShardDataset]) -> dict[str, Any]:
+    """The counts a dataset records in its prepare_stats.json."""
+    return {"windows": sum(s.windows for s in shards),
+            "points": sum(s.points for s in shards),
+            "events": sum(s.events.events for s in shards),
+            "skipped_windows": sum(s.skipped_windows for s in shards),
+            "skipped_subjects": sum(s.skipped_subjects for s in shards),
+            "subjects_born_late": sum(s.events.subjects_born_late for s in shards),
+            "events_before_birth": sum(s.events.events_before_birth for s in shards),
+            "entries_used": sorted(set().union(*(s.entries_used for s in shards)))}
+
+
+def read_dataset_stats(dataset: Path) -> dict[str, Any]:
+    """A finished dataset's prepare_stats.json (`dataset_stats`)."""
+    stats: dict[str, Any] = json.loads((dataset / DATASET_STATS).read_text())
+    return stats
