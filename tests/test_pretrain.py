@@ -40,10 +40,10 @@ TOKENS = 2048
 LEARN_STEPS = 100
 # Observed on the session's 300-subject data (seed 0): base-rate val loss 1.812; constant
 # hazards per (bin, task) fitted on train reach 1.806; after 100 steps the val loss is
-# 1.787-1.791 over 7 training seeds (margins 0.021-0.025 and 0.015-0.019). A 20-step model
-# reaches 1.801-1.803 (0.010-0.011 below the base rate, only 0.003-0.005 below constant
-# hazards): the second check is the one that needs the histories. The margins are about half to
-# two thirds of the smallest seen.
+# 1.787-1.791 over 12 training seeds (margins 0.021-0.026 and 0.015-0.020). A 20-step model
+# reaches 1.801-1.804 over 7 seeds (0.009-0.011 below the base rate, only 0.002-0.005 below
+# constant hazards): the second check is the one that needs the histories. The margins are about
+# half to two thirds of the smallest seen.
 BASE_RATE_MARGIN = 0.012
 CONSTANT_HAZARD_MARGIN = 0.009
 CLI_CONFIG = """\
