@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as hf_logging
 
-from ehrmotor.errors import BundleError, InputError
+from ehrmotor.errors import BundleError, InputError, one_line
 from ehrmotor.model import MotorConfig, MotorModel, current_weight_name
 from ehrmotor.prepare.ontology import Ontology, OntologyError
 from ehrmotor.prepare.tokenizer import Tokenizer
@@ -90,9 +90,6 @@ def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None)
     return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
 
 def _load_config(path: Path) -> MotorConfig:
     expected = f"expected the MotorConfig JSON {BY_PRETRAIN}"
@@ -103,7 +100,7 @@ def _load_config(path: Path) -> MotorConfig:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read ({exc.strerror or exc}); {expected}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({_one_line(exc)}); {expected}") from exc
+        raise BundleError(f"{path}: not valid JSON ({one_line(exc)}); {expected}") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: holds a JSON {type(raw).__name__}; {expected} (an object)")
     if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
@@ -120,7 +117,7 @@ def _load_config(path: Path) -> MotorConfig:
     try:
         config = MotorConfig.from_dict(raw)
     except (ValueError, TypeError, KeyError) as exc:
-        raise BundleError(f"{path}: {_one_line(exc)}") from exc
+        raise BundleError(f"{path}: {one_line(exc)}") from exc
     if not isinstance(config, MotorConfig):  # from_dict may hand back (config, unused kwargs)
         raise BundleError(f"{path}: not a MotorConfig; {expected}")
     return config
@@ -132,7 +129,7 @@ def _load_tokenizer(bundle: Path) -> Tokenizer:
     except BundleError:
         raise
     except InputError as exc:  # Tokenizer.load names the file
-        raise BundleError(_one_line(exc)) from exc
+        raise BundleError(one_line(exc)) from exc
 
 
 def _weights_file(bundle: Path) -> Path:
@@ -157,7 +154,7 @@ def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
             names = list(stored.keys())  # a safe_open handle is not iterable
             return {name: tuple(stored.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BundleError(f"{weights}: not a readable safetensors file ({_one_line(exc)}); "
+        raise BundleError(f"{weights}: not a readable safetensors file ({one_line(exc)}); "
                           f"expected the complete weights {BY_PRETRAIN}") from exc
 
 
@@ -207,7 +204,7 @@ def _load_model(bundle: Path, weights: Path, config: MotorConfig) -> MotorModel:
         loaded: Any = MotorModel.from_pretrained(bundle, config=config, use_safetensors=True,
                                                  output_loading_info=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BundleError(f"{weights}: cannot be loaded ({_one_line(exc)}); expected the "
+        raise BundleError(f"{weights}: cannot be loaded ({one_line(exc)}); expected the "
                           f"weights {BY_PRETRAIN}") from exc
     finally:
         if bars:
@@ -238,7 +235,7 @@ def _load_max_window(path: Path) -> int | None:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not readable JSON ({_one_line(exc)}); expected the training "
+        raise BundleError(f"{path}: not readable JSON ({one_line(exc)}); expected the training "
                           f"summary {BY_PRETRAIN}") from exc
     if not isinstance(summary, dict):
         raise BundleError(f"{path}: holds a JSON {type(summary).__name__}; expected an object")
@@ -258,14 +255,14 @@ def _load_ontology(bundle: Path, ontology: Ontology | str | Path | None) -> Onto
         try:
             return Ontology.load(Path(ontology))
         except OntologyError as exc:
-            raise OntologyError(_one_line(exc)) from exc
+            raise OntologyError(one_line(exc)) from exc
     folder = bundle / ONTOLOGY_DIR
     if not folder.is_dir():
         raise BundleError(f"{folder}: not found; expected the ontology folder {BY_PRETRAIN}")
     try:
         return Ontology.load(folder)
     except OntologyError as exc:  # names the file
-        message = _one_line(exc)
+        message = one_line(exc)
         if "expected" not in message:
             message += f"; expected the ontology folder {BY_PRETRAIN}"
         raise BundleError(message) from exc

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.bundle import Bundle, load_bundle
-from ehrmotor.errors import InputError
+from ehrmotor.errors import InputError, one_line
 from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, scan_shard
 from ehrmotor.model import MotorModel
 from ehrmotor.prepare.ontology import Ontology
@@ -125,7 +125,7 @@ def _read_label_files(path: Path) -> pl.DataFrame:
     try:
         return pl.concat([pl.read_parquet(file) for file in files], how="diagonal_relaxed")
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-        raise InputError(f"labels file {path}: cannot read parquet ({_one_line(exc)})") from exc
+        raise InputError(f"labels file {path}: cannot read parquet ({one_line(exc)})") from exc
 
 
 def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
@@ -139,11 +139,8 @@ def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
     try:
         return pl.from_dicts(kept, infer_schema_length=None)
     except pl.exceptions.PolarsError as exc:
-        raise InputError(f"labels: cannot build a table from the dicts ({_one_line(exc)})") from exc
+        raise InputError(f"labels: cannot build a table from the dicts ({one_line(exc)})") from exc
 
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _trim(events: pl.LazyFrame, horizons: pl.DataFrame) -> pl.LazyFrame:

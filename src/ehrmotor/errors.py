@@ -48,6 +48,16 @@ class PretrainError(InputError):
     """Missing or unusable input for pretraining (one line; the CLI exits with status 2)."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's text with every run of whitespace (newlines included) made one space."""
+    return " ".join(str(error).split())
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's text (polars and transformers add multi-line hints)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # Failures of the machine rather than the program: full disk, file size limit, read-only or
 # forbidden paths. They are reported as one line naming the file, never as a traceback.
 ENVIRONMENT_ERRNOS = frozenset({

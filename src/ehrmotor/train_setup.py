@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 
 from ehrmotor.batching import window_lengths
 from ehrmotor.config import PretrainConfig
-from ehrmotor.errors import PretrainError
+from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import PRESETS, MotorConfig
 from ehrmotor.prepare.datasets import load_prepared
 from ehrmotor.prepare.motor_task import MotorTask
@@ -46,9 +46,6 @@ def load_prepared_files(work: Path) -> Prepared:
     return Prepared(Tokenizer.load(files / "tokenizer"), MotorTask.load(files / "motor_task.json"),
                     load_prepared(files / "train_batches"), load_prepared(files / "val_batches"))
 
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_settings(config: PretrainConfig) -> None:
@@ -121,7 +118,7 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
             max_window=recorded.get("max_window"), **overrides,
         )
     except ValueError as error:  # a setting (or prepared task) the model rejects
-        raise PretrainError(f"pretrain: {_first_line(error)}") from error
+        raise PretrainError(f"pretrain: {first_line(error)}") from error
 
 
 def _use_bf16(config: PretrainConfig) -> bool:
@@ -136,7 +133,7 @@ def training_arguments(config: PretrainConfig, output: Path, has_val: bool) -> T
     try:
         return TrainingArguments(**_training_kwargs(config, output, has_val))
     except ValueError as error:
-        raise PretrainError(f"pretrain: {_first_line(error)}") from error
+        raise PretrainError(f"pretrain: {first_line(error)}") from error
 
 
 def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool) -> dict[str, Any]:

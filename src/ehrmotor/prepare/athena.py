@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrmotor.errors import OntologyError
+from ehrmotor.errors import OntologyError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _scan_athena(path: Path) -> pl.LazyFrame:
     try:
         present = lf.collect_schema().names()
     except pl.exceptions.PolarsError as exc:
-        raise OntologyError(f"{path}: cannot read header ({_first_line(exc)})") from exc
+        raise OntologyError(f"{path}: cannot read header ({first_line(exc)})") from exc
     _require_columns(path, present)
     if _has_rows(path):
         _check_last_line(path, len(present))
@@ -69,10 +69,6 @@ def _scan_athena(path: Path) -> pl.LazyFrame:
           for c, dtype in wanted.items()),
     )
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's text (polars errors add multi-line hints)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _has_rows(path: Path) -> bool:
@@ -218,7 +214,7 @@ def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
         return lf.collect(engine="streaming")
     except pl.exceptions.PolarsError as exc:
         located = _locate_non_integer(path)
-        raise OntologyError(located or f"{path}: cannot parse ({_first_line(exc)})") from exc
+        raise OntologyError(located or f"{path}: cannot parse ({first_line(exc)})") from exc
 
 
 def _locate_non_integer(path: Path) -> str | None:

@@ -34,6 +34,7 @@ from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
 from ehrmotor.prepare import label_cache
+from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import ShardJob
 from ehrmotor.prepare.split import read_split
@@ -53,7 +54,7 @@ from ehrmotor.processes import process_pool
 __all__ = ["ATHENA_FILES", "PrepareError", "PrepareSummary", "prepare"]
 
 log = logging.getLogger(__name__)
-ATHENA_FILES = ("CONCEPT.csv", "CONCEPT_RELATIONSHIP.csv", "CONCEPT_ANCESTOR.csv")
+ATHENA_FILES = (CONCEPT_FILE, RELATIONSHIP_FILE, ANCESTOR_FILE)
 
 
 @dataclass

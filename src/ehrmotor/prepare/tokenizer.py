@@ -43,7 +43,7 @@ import msgpack
 import numpy as np
 import polars as pl
 
-from ehrmotor.errors import InputError
+from ehrmotor.errors import InputError, one_line
 from ehrmotor.prepare.ontology import Ontology
 
 FORMAT_VERSION = 1
@@ -248,7 +248,7 @@ class Tokenizer:
         except OSError as exc:
             raise InputError(f"{path}: cannot read ({exc.strerror or exc}); {expected}") from exc
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise InputError(f"{path}: not a valid msgpack file ({_one_line(exc)}); "
+            raise InputError(f"{path}: not a valid msgpack file ({one_line(exc)}); "
                              f"{expected}") from exc
         if not isinstance(document, dict):
             raise InputError(f"{path}: holds a msgpack {type(document).__name__}; expected a map "
@@ -292,16 +292,13 @@ class Tokenizer:
                 "probability": pl.Float64, "score": pl.Float64, "lower": pl.Float64,
                 "upper": pl.Float64}).with_row_index("index")
         except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as exc:
-            raise InputError(f"{path}: entries do not fit their types ({_one_line(exc)}); "
+            raise InputError(f"{path}: entries do not fit their types ({one_line(exc)}); "
                              f"{expected}") from exc
         return cls(frame, edges, stats, subjects)
 
     def __len__(self) -> int:
         return self.entries.height
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _is_number(value: Any) -> bool:
