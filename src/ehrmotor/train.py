@@ -161,10 +161,9 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    prepared_config = json.loads((work / "pretraining_files" / "config.json").read_text())
     summary: dict[str, Any] = {"global_step": result.global_step,
                                # compute_features cuts windows as prepare did
-                               "max_window": prepared_config.get("max_window"),
+                               "max_window": prepared.max_window,
                                "train_loss": result.training_loss,
                                "parameters": model.count_parameters(),
                                "config": config_dict(config)}

@@ -33,6 +33,7 @@ class Prepared:
     task: MotorTask
     train: Any
     val: Any
+    max_window: int | None  # the training context prepare cut the windows with
 
 
 def load_prepared_files(work: Path) -> Prepared:
@@ -43,8 +44,11 @@ def load_prepared_files(work: Path) -> Prepared:
     if missing:
         raise PretrainError(f"{files}: missing {', '.join(missing)}; run `ehrmotor prepare` "
                             "first")
+    resolved = files / "config.json"
+    recorded = json.loads(resolved.read_text()) if resolved.is_file() else {}
     return Prepared(Tokenizer.load(files / "tokenizer"), MotorTask.load(files / "motor_task.json"),
-                    load_prepared(files / "train_batches"), load_prepared(files / "val_batches"))
+                    load_prepared(files / "train_batches"), load_prepared(files / "val_batches"),
+                    recorded.get("max_window"))
 
 
 
@@ -105,9 +109,6 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
     _check_heads(sizes["hidden_size"], sizes["num_heads"])
     if prepared.task.final_layer_size is not None:  # set in prepare; else the preset's
         overrides.setdefault("final_layer_size", prepared.task.final_layer_size)
-    # The training context, as `prepare` cut the windows (WORK/pretraining_files/config.json).
-    files = [Path(f["filename"]).parents[1] for f in prepared.train.cache_files]
-    recorded = json.loads((files[0] / "config.json").read_text()) if files else {}
     try:
         return MotorConfig.preset(
             config.preset, vocab_size=len(prepared.tokenizer),
@@ -115,7 +116,7 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
             bin_edges_days=prepared.task.bin_edges_days,
             initial_log_rates=[float(x) for x in prepared.task.initial_log_rates()],
             attention_width=config.attention_width, attention_backend=config.attention_backend,
-            max_window=recorded.get("max_window"), **overrides,
+            max_window=prepared.max_window, **overrides,
         )
     except ValueError as error:  # a setting (or prepared task) the model rejects
         raise PretrainError(f"pretrain: {first_line(error)}") from error
