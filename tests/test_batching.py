@@ -127,7 +127,7 @@ def test_unshuffled_batches_follow_the_window_order_on_every_epoch() -> None:
 def window(bag_sizes: list[int], entries: list[int], age_days: list[float], points: list[int],
            censor_days: list[float], labels: list[tuple[int, int, float]]
            ) -> dict[str, torch.Tensor]:
-    """A prepared row in torch format (layout of `ehrmotor.prepare.examples`)."""
+    """A prepared row in torch format (layout of `ehrmotor.prepare.shards`)."""
     length = len(bag_sizes)
     ages = torch.tensor(age_days)
     label_point, label_task, label_days = zip(*labels, strict=True) if labels else ((), (), ())

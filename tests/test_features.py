@@ -27,7 +27,7 @@ from ehrmotor.cli import main
 from ehrmotor.embed import compute_features, read_labels, write_embeddings
 from ehrmotor.errors import InputError
 from ehrmotor.model import MotorModel
-from ehrmotor.prepare.datasets import load_prepared
+from ehrmotor.prepare.shards import load_prepared
 
 SECOND = timedelta(seconds=1)
 HOUR = timedelta(hours=1)

@@ -1,8 +1,8 @@
 """Unit tests of the `prepare` steps on tiny hand-built inputs with hand-computed expectations.
 
 Covers the split (split.py), tokenizer fitting and binning (tokenizer.py), positions
-(positions.py), prediction points and labels (labels.py), training windows (labels.py,
-examples.py), the label cache (label_cache.py) and the MOTOR task fit (motor_task.py).
+(positions.py), prediction points, labels and the label cache (labels.py), training windows
+(windows.py, shards.py) and the MOTOR task fit (motor_task.py).
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from prepare_builders import (
 )
 
 from ehrmotor.config import ConfigError, PrepareConfig, WindowSettings
-from ehrmotor.prepare import label_cache
-from ehrmotor.prepare.examples import ShardLabels, label_shard, window_rows
+from ehrmotor.prepare import labels as label_cache
 from ehrmotor.prepare.labels import (
+    ShardLabels,
     last_event_times,
     prediction_points,
     sample_points,
     sparse_labels,
     task_events,
-    with_windows,
 )
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.prepare.positions import build_positions, encode_events
+from ehrmotor.prepare.shards import label_shard, window_rows
 from ehrmotor.prepare.split import split_subjects
 from ehrmotor.prepare.tokenizer import (
     Tokenizer,
@@ -49,6 +49,7 @@ from ehrmotor.prepare.tokenizer import (
     fit_numeric_edges,
     information_score,
 )
+from ehrmotor.prepare.windows import with_windows
 
 EPOCH = datetime(1970, 1, 1)
 
@@ -533,14 +534,14 @@ def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_ta
         *[event(3, datetime(1980, 2, day), code)
           for day, code in enumerate(["X", "R/b", "R/a", "X", "R/b", "R/a", "X"], start=1)]])
     vocab, tree = tokenizer(POSITION_VOCAB, POSITION_EDGES), ontology(POSITION_TREE)
-    cache = label_cache.folder(tmp_path)
-    shard = label_cache.shard_folder(cache, 0, 1)
+    cache = label_cache.cache_folder(tmp_path)
+    shard = label_cache.cache_shard_folder(cache, 0, 1)
     label_cache.write_candidates(cache, candidates)
-    label_cache.write_shard(shard, label_shard(events, vocab, tree, candidates, 4, seed=97),
+    label_cache.write_cached_shard(shard, label_shard(events, vocab, tree, candidates, 4, seed=97),
                             label_cache.EventCounts.of(events))
     renumbered = label_cache.renumbering(cache, kept)
     assert renumbered.rows() == [(0, 0), (2, 1)]
-    cached, counts = label_cache.read_shard(shard, renumbered)
+    cached, counts = label_cache.read_cached_shard(shard, renumbered)
     direct = label_shard(events, vocab, tree, kept.task_codes(), 4, seed=97)
     # Every frame, the pairs' order included, so the dataset rows are the same bytes.
     assert set(direct.pairs["task"]) == {0, 1} and direct.pairs.height > 10
@@ -549,11 +550,11 @@ def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_ta
     assert counts == label_cache.EventCounts(events.height, 0, 0)
     assert_frame_equal(window_rows(cached, 4).rows, window_rows(direct, 4).rows)
     # Read only as written: with that task (manifest digest) and those windows.
-    assert not label_cache.is_current(cache, "task-digest", WindowSettings(4, 97))
-    label_cache.record_current(cache, "task-digest", WindowSettings(4, 97))
-    assert label_cache.is_current(cache, "task-digest", WindowSettings(4, 97))
-    assert not label_cache.is_current(cache, "other-task", WindowSettings(4, 97))
-    assert not label_cache.is_current(cache, "task-digest", WindowSettings(5, 97))
+    assert not label_cache.cache_is_current(cache, "task-digest", WindowSettings(4, 97))
+    label_cache.record_cache(cache, "task-digest", WindowSettings(4, 97))
+    assert label_cache.cache_is_current(cache, "task-digest", WindowSettings(4, 97))
+    assert not label_cache.cache_is_current(cache, "other-task", WindowSettings(4, 97))
+    assert not label_cache.cache_is_current(cache, "task-digest", WindowSettings(5, 97))
 
 
 # =========================================================================== 5. windows

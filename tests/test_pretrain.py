@@ -32,8 +32,8 @@ from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError
 from ehrmotor.model import MotorModel, bin_labels, piecewise_exponential_nll
-from ehrmotor.prepare.datasets import load_prepared
 from ehrmotor.prepare.motor_task import MotorTask
+from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.train import pretrain
 
 TOKENS = 2048

@@ -164,7 +164,7 @@ def pad_batch(batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch
 
 
 def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
-    """The rows of a window frame (layout of `ehrmotor.prepare.examples`) as a torch-format
+    """The rows of a window frame (layout of `ehrmotor.prepare.shards`) as a torch-format
     dataset hands them to `collate_windows`: one tensor per list column and row."""
     columns = {}
     for name, dtype in frame.schema.items():

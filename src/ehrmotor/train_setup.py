@@ -22,8 +22,8 @@ from ehrmotor.batching import window_lengths
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import PRESETS, MotorConfig
-from ehrmotor.prepare.datasets import load_prepared
 from ehrmotor.prepare.motor_task import MotorTask
+from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.prepare.tokenizer import Tokenizer
 
 

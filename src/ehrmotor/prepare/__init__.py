@@ -1,12 +1,12 @@
 """Stage 1, `ehrmotor prepare`: MEDS + Athena → ontology, split, tokenizer, MOTOR task, windows.
 
 Modules in pipeline order: `athena` and `ontology` (code hierarchy), `split`, `tokenizer`
-(vocabulary fit and encoding), `positions` (events → position bags), `labels` (prediction points
-and MOTOR labels), `motor_task` (task fit), `windows` (positions → windows, shared with
-embedding), `examples` (a shard's training rows), `datasets` (writing them), `label_cache` (a
-shard's labels, computed once by the task step and reused by the dataset step), `shards` (the
-per-shard work run in worker processes), `steps` (one function per step, each with its typed
-settings and manifest) and `run` (the lock, clean-up and summary around them).
+(vocabulary fit), `motor_task` (task fit), then a subject's way: `positions` (events → position
+bags), `windows` (positions → windows, shared with embedding), `labels` (prediction points, MOTOR
+labels, and the label cache that carries the train labels from the task step to the dataset
+step), `shards` (the per-shard work run in worker processes: a shard's training rows and the
+datasets they are written to); `steps` (one function per step, each with its typed settings and
+manifest) and `run` (the lock, clean-up and summary around them).
 """
 
 from ehrmotor.prepare.run import ATHENA_FILES, PrepareError, PrepareSummary, prepare

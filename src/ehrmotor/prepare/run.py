@@ -9,14 +9,14 @@ Artifacts in `WORK/pretraining_files/` (each written to a temporary path and ren
     tokenizer/dictionary.msgpack   see `ehrmotor.prepare.tokenizer`
     motor_task.json            see `ehrmotor.prepare.motor_task`
     train_batches/, val_batches/   Hugging Face datasets (save_to_disk, torch format), one row
-                               per training window; see `ehrmotor.prepare.examples`
+                               per training window; see `ehrmotor.prepare.shards`
 
 The steps are the functions of `ehrmotor.prepare.steps`, each of its inputs and its settings (see
 there for the manifests). A step whose artifact exists with the same manifest is loaded, not
 rebuilt; a different manifest stops with a message naming what changed. Per-shard work runs in
 worker processes (spawned), so memory is bounded by the largest shard, not the dataset. The train
-labels the MOTOR-task step computes are kept for the train dataset (`ehrmotor.prepare.label_cache`)
-and removed once both datasets are complete.
+labels the MOTOR-task step computes are kept for the train dataset (the label cache of
+`ehrmotor.prepare.labels`) and removed once both datasets are complete.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ehrmotor import artifacts
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
-from ehrmotor.prepare import label_cache
+from ehrmotor.prepare import labels
 from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import ShardJob
@@ -187,7 +187,7 @@ class Preparer:
         fitted = {"ontology": ontology, "split": split, "tokenizer": tokenizer, "task": task}
         train = dataset_step(ctx, config.window_settings(), "train", **fitted, after=task)
         val = dataset_step(ctx, config.window_settings(), "val", **fitted, after=train)
-        label_cache.discard(label_cache.folder(self.out))  # both datasets are complete
+        labels.discard_cache(labels.cache_folder(self.out))  # both datasets are complete
         self._summarize(split, tokenizer, task, {"train": train, "val": val})
 
     def _summarize(self, split: Path, tokenizer: Path, task: Path,

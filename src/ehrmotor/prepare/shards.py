@@ -4,31 +4,88 @@ Each function takes a picklable `ShardJob` and, as keywords (bound with `functoo
 paths of the artifacts it reads and the step's settings; it reads its shard lazily, keeps the
 subjects it needs and returns small results for the reduce in `ehrmotor.prepare.steps`. Fitted
 artifacts are loaded once per process.
+
+A shard's training rows (`label_shard`, then `window_rows`), one per training window with
+sampled points (windows: `ehrmotor.prepare.windows`; points and labels: `ehrmotor.prepare.labels`),
+are the rows of the train/val datasets:
+
+    subject_id      int64
+    window          int32      0-based window of the subject
+    bag_sizes       list<i32>  entries per position (position 0 first)
+    entries         list<u32>  vocabulary entries of all positions, concatenated
+    weights         list<f32>  their weights
+    times           list<i64>  position timestamps, µs since 1970 (position 0: birth)
+    age_days        list<f32>  days since birth (drives the rotary encoding)
+    age, log_age, log_delta  list<f32>  normalised time features
+    points          list<i32>  window-local indices of the sampled prediction points
+    censor_days     list<f32>  per point: days to the subject's last event
+    label_point     list<i32>  per (point, task) pair: index into `points`
+    label_task      list<i32>  task index (model order of `motor_task.json`)
+    label_days      list<f32>  days from the point to the task's next occurrence
+
+Windows without sampled prediction points are skipped and counted. DATASET_FORMAT_VERSION is the
+version of this layout, recorded in the datasets' manifests.
+
+Workers write their shard's rows as an Arrow IPC stream, `parts/rows-XXXXX-of-NNNNN.arrow` in the
+dataset folder (`write_shard_table`). The reduce (`finish_dataset`) opens the parts with
+`datasets.Dataset.from_file` (memory-mapped), concatenates them in shard order and writes the
+folder with `Dataset.save_to_disk` (`data-XXXXX-of-NNNNN.arrow`, `state.json`,
+`dataset_info.json`; torch format), then removes `parts/`. The dataset's fingerprint is a hash of
+the parts' bytes, so the same input gives the same folder whatever the number of workers. Memory
+stays bounded by one shard; the disk holds the rows twice while the reduce runs.
+`load_prepared` (`datasets.load_from_disk`) reads the folder back in torch format.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ehrmotor.config import TaskSettings, TokenizerSettings, WindowSettings
 from ehrmotor.meds import scan_shard
-from ehrmotor.prepare import label_cache
-from ehrmotor.prepare.datasets import shard_file_name, write_shard_table
-from ehrmotor.prepare.examples import ShardLabels, label_shard, window_rows
-from ehrmotor.prepare.label_cache import EventCounts
+from ehrmotor.prepare.labels import (
+    EventCounts,
+    ShardLabels,
+    cache_shard_folder,
+    last_event_times,
+    prediction_points,
+    read_cached_shard,
+    sample_points,
+    sparse_labels,
+    task_events,
+    write_cached_shard,
+)
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import time_moments
+from ehrmotor.prepare.positions import build_positions, time_moments
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
+from ehrmotor.prepare.windows import local_index, training_windows, window_sequences
+
+if TYPE_CHECKING:
+    import datasets
 
 L = TypeVar("L")
+DATASET_FORMAT_VERSION = 1
+PARTS = "parts"
+ROW_SCHEMA = pa.schema([
+    ("subject_id", pa.int64()), ("window", pa.int32()),
+    ("bag_sizes", pa.list_(pa.int32())), ("entries", pa.list_(pa.uint32())),
+    ("weights", pa.list_(pa.float32())), ("times", pa.list_(pa.int64())),
+    ("age_days", pa.list_(pa.float32())), ("age", pa.list_(pa.float32())),
+    ("log_age", pa.list_(pa.float32())), ("log_delta", pa.list_(pa.float32())),
+    ("points", pa.list_(pa.int32())), ("censor_days", pa.list_(pa.float32())),
+    ("label_point", pa.list_(pa.int32())), ("label_task", pa.list_(pa.int32())),
+    ("label_days", pa.list_(pa.float32())),
+])
 
 
 @dataclass(frozen=True)
@@ -83,6 +140,18 @@ def shard_tokenizer_bins(job: ShardJob, *, split: Path,
     return count_bins(_events(job, split, "train").lazy(), edges)
 
 
+def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
+                task_codes: pl.DataFrame, max_window: int, seed: int) -> ShardLabels:
+    """Positions, sampled prediction points and their labels for the subjects in `events`."""
+    positions = build_positions(events, tokenizer, ontology)
+    last_time = last_event_times(events)
+    points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
+    occurrences = task_events(events, ontology, task_codes)
+    censoring, pairs = sparse_labels(points.drop("window"), occurrences, last_time)
+    # A pair's subject and position are its point's: 10⁸ rows need not carry them twice.
+    return ShardLabels(positions, points, censoring, pairs.select("point", "task", "days"))
+
+
 def _label(events: pl.DataFrame, ontology: Path, tokenizer: Path, task_codes: pl.DataFrame,
            max_window: int, seed: int) -> ShardLabels:
     return label_shard(events, _load(tokenizer, Tokenizer.load), _load(ontology, Ontology.load),
@@ -92,14 +161,58 @@ def _label(events: pl.DataFrame, ontology: Path, tokenizer: Path, task_codes: pl
 def shard_task_labels(job: ShardJob, *, split: Path, ontology: Path, tokenizer: Path,
                       settings: TaskSettings, cache: Path) -> TaskCounts:
     """Label the shard's train subjects for the candidate tasks; write the labels to the
-    `label_cache` folder `cache` and return their task statistics."""
+    label cache folder `cache` and return their task statistics."""
     events = _events(job, split, "train")
     candidates = candidate_tasks(_load(tokenizer, Tokenizer.load), settings.num_tasks)
     labelled = _label(events, ontology, tokenizer, candidates.select("code", "task"),
                       settings.max_window, settings.seed)
-    label_cache.write_shard(label_cache.shard_folder(cache, job.index, job.shards), labelled,
-                            EventCounts.of(events))
+    write_cached_shard(cache_shard_folder(cache, job.index, job.shards), labelled,
+                       EventCounts.of(events))
     return count_tasks(labelled.censoring, labelled.pairs, settings.seed)
+
+
+@dataclass(frozen=True)
+class ShardWindows:
+    rows: pl.DataFrame
+    windows_skipped: int
+    subjects_skipped: int
+
+
+def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
+    """One row per (subject, window) with sampled points, in the layout of the module docstring."""
+    windows = training_windows(labelled.positions, max_window)
+    # Points in the order of `censoring` (subject, position), which pairs index by `point`.
+    points = labelled.points.sort("subject_id", "position").with_columns(
+        censor_days=labelled.censoring["censor_days"],
+    ).join(windows.select("subject_id", "window", "start"), on=["subject_id", "window"],
+           how="left", maintain_order="left").with_columns(
+        local=local_index(),
+        point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32))
+    point_lists = points.group_by("subject_id", "window", maintain_order=True).agg(
+        points=pl.col("local"), censor_days=pl.col("censor_days"))
+    row = labelled.pairs["point"].to_numpy()
+    pair_lists = pl.DataFrame({
+        "subject_id": points["subject_id"].to_numpy()[row],
+        "window": points["window"].to_numpy()[row],
+        "label_point": points["point"].to_numpy()[row],
+        "label_task": labelled.pairs["task"].cast(pl.Int32),
+        "label_days": labelled.pairs["days"],
+    }).group_by("subject_id", "window", maintain_order=True).agg(
+        "label_point", "label_task", "label_days")
+    kept = windows.join(point_lists.select("subject_id", "window"), on=["subject_id", "window"],
+                        how="semi", maintain_order="left")
+    rows = (
+        window_sequences(labelled.positions, kept)
+        .join(point_lists, on=["subject_id", "window"], how="inner")
+        .join(pair_lists, on=["subject_id", "window"], how="left")
+        .with_columns([pl.col(c).fill_null(pl.lit([], dtype=dtype)) for c, dtype in (
+            ("label_point", pl.List(pl.Int32)), ("label_task", pl.List(pl.Int32)),
+            ("label_days", pl.List(pl.Float32)))])
+        .sort("subject_id", "window")
+    )
+    subjects = labelled.positions["subject_id"].n_unique()
+    return ShardWindows(rows=rows, windows_skipped=windows.height - rows.height,
+                        subjects_skipped=subjects - rows["subject_id"].n_unique())
 
 
 @dataclass(frozen=True)
@@ -113,8 +226,8 @@ class DatasetSpec:
     ontology: Path
     tokenizer: Path
     task: Path
-    labels: Path | None = None  # a current `label_cache` of this split's subjects
-    renumbered: pl.DataFrame | None = None  # its `label_cache.renumbering`
+    labels: Path | None = None  # a current label cache of this split's subjects
+    renumbered: pl.DataFrame | None = None  # its `labels.renumbering`
 
 
 @dataclass(frozen=True)
@@ -130,8 +243,8 @@ class ShardDataset:
 def _labelled(job: ShardJob, spec: DatasetSpec) -> tuple[ShardLabels, EventCounts]:
     """The shard's labels for the kept tasks: from the label cache when there is one."""
     if spec.labels is not None and spec.renumbered is not None:
-        return label_cache.read_shard(
-            label_cache.shard_folder(spec.labels, job.index, job.shards), spec.renumbered)
+        return read_cached_shard(cache_shard_folder(spec.labels, job.index, job.shards),
+                                 spec.renumbered)
     events = _events(job, spec.split, spec.split_name)
     task = _load(spec.task, MotorTask.load)
     labelled = _label(events, spec.ontology, spec.tokenizer, task.task_codes(),
@@ -148,3 +261,48 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
     return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0),
                         windows.windows_skipped, windows.subjects_skipped, used, counts)
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """Where the worker of shard `index` (of `count`) writes its rows, relative to the dataset
+    folder."""
+    return f"{PARTS}/rows-{index:05d}-of-{count:05d}.arrow"
+
+
+def write_shard_table(table: pa.Table, path: Path) -> None:
+    """Write one shard's rows (any table castable to ROW_SCHEMA) as an Arrow IPC stream."""
+    table = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, ROW_SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=1024)
+
+
+def finish_dataset(directory: Path, count: int) -> None:
+    """Turn the `count` shard files in `directory` into one saved dataset (torch format)."""
+    import datasets  # not in the workers, which only write Arrow files
+
+    paths = [directory / shard_file_name(i, count) for i in range(count)]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(ROW_SCHEMA))
+    parts = [datasets.Dataset.from_file(str(path), info=info) for path in paths]
+    dataset = datasets.concatenate_datasets(parts, info=info).with_format("torch")
+    # A fingerprint from the content (the default would hash the parts' paths).
+    dataset = dataset.select_columns(ROW_SCHEMA.names, new_fingerprint=digest.hexdigest()[:16])
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # prepare reports its own progress
+    try:
+        dataset.save_to_disk(str(directory), num_shards=count)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    del dataset, parts
+    shutil.rmtree(directory / PARTS)
+
+
+def load_prepared(path: Path) -> datasets.Dataset:
+    """A prepared train/val dataset, in torch format."""
+    import datasets
+
+    return datasets.load_from_disk(str(path))

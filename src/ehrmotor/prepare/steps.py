@@ -12,8 +12,8 @@ different manifest stops the run with an ArtifactMismatch naming the changed key
     split_step       split.csv                  `ehrmotor.prepare.split`
     tokenizer_step   tokenizer/                 `ehrmotor.prepare.tokenizer`
     motor_task_step  motor_task.json            `ehrmotor.prepare.motor_task` (and the train
-                                                labels, kept in `ehrmotor.prepare.label_cache`)
-    dataset_step     train_batches/, val_batches/   `ehrmotor.prepare.examples`, `.datasets`
+                                                labels, kept in the label cache of `.labels`)
+    dataset_step     train_batches/, val_batches/   `ehrmotor.prepare.shards`
 """
 
 from __future__ import annotations
@@ -44,17 +44,17 @@ from ehrmotor.config import (
 )
 from ehrmotor.errors import InputError
 from ehrmotor.meds import read_codes_metadata, read_subject_splits
-from ehrmotor.prepare import label_cache
-from ehrmotor.prepare.datasets import finish_dataset
-from ehrmotor.prepare.examples import FORMAT_VERSION as DATASET_FORMAT_VERSION
+from ehrmotor.prepare import labels
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask, candidate_tasks
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import time_stats_from_moments
 from ehrmotor.prepare.shards import (
+    DATASET_FORMAT_VERSION,
     DatasetSpec,
     ShardDataset,
     ShardJob,
+    finish_dataset,
     shard_codes,
     shard_dataset,
     shard_subjects,
@@ -215,17 +215,18 @@ def motor_task_step(ctx: StepContext, settings: TaskSettings, *, ontology: Path,
                     tokenizer: Path) -> Path:
     """Step 4: `motor_task.json`, fitted on the train subjects' labels for the candidate tasks.
 
-    Those labels stay in the `label_cache` for `dataset_step`, marked with this step's manifest.
+    Those labels stay in the label cache (`labels.cache_folder`) for `dataset_step`, marked with
+    this step's manifest.
     """
     artifact = ctx.out / "motor_task.json"
     manifest = ctx.manifest("motor_task", settings, TASK_FORMAT_VERSION, tokenizer)
-    cache = label_cache.folder(ctx.out)
+    cache = labels.cache_folder(ctx.out)
 
     def build(tmp: Path) -> None:
-        label_cache.discard(cache)
+        labels.discard_cache(cache)
         candidates = candidate_tasks(Tokenizer.load(tokenizer), settings.num_tasks)
         with artifacts.atomic_path(cache, replace_folder=True) as cache_tmp:
-            label_cache.write_candidates(cache_tmp, candidates)
+            labels.write_candidates(cache_tmp, candidates)
             counts = ctx.map(partial(shard_task_labels, split=split, ontology=ontology,
                                      tokenizer=tokenizer, settings=settings, cache=cache_tmp),
                              "MOTOR task: labels")
@@ -233,7 +234,7 @@ def motor_task_step(ctx: StepContext, settings: TaskSettings, *, ontology: Path,
                                  final_layer_size=settings.final_layer_size,
                                  min_task_events=settings.min_task_events,
                                  min_task_fraction=settings.min_task_fraction)
-        label_cache.record_current(cache, manifest_digest(manifest),
+        labels.record_cache(cache, manifest_digest(manifest),
                                    settings.window_settings())
         task.save(tmp)
 
@@ -250,18 +251,18 @@ def dataset_step(ctx: StepContext, settings: WindowSettings, split_name: str, *,
     """Step 5: `<split_name>_batches/`, the windows of one split as a Hugging Face dataset.
 
     Its `prepare_stats.json` holds the counts of `dataset_stats`. The train split reads its
-    labels from the `label_cache` when the MOTOR-task step left a current one.
+    labels from the label cache when the MOTOR-task step left a current one.
     """
     artifact = ctx.out / f"{split_name}_batches"
 
     def build(tmp: Path) -> None:
         tmp.mkdir()
         spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer, task)
-        cache = label_cache.folder(ctx.out)
-        if split_name == "train" and label_cache.is_current(cache, recorded_digest(task),
+        cache = labels.cache_folder(ctx.out)
+        if split_name == "train" and labels.cache_is_current(cache, recorded_digest(task),
                                                             settings):
             spec = replace(spec, labels=cache,
-                           renumbered=label_cache.renumbering(cache, MotorTask.load(task)))
+                           renumbered=labels.renumbering(cache, MotorTask.load(task)))
             log.info("%s: labels of the MOTOR-task step read from %s", artifact.name, cache)
         shards = ctx.map(partial(shard_dataset, spec=spec), f"datasets: {split_name}")
         finish_dataset(tmp, len(ctx.jobs))

@@ -18,7 +18,7 @@ cut:
   window, both rules give the same positions.
 
 `window_sequences` turns windows into rows of the prepared layout (see
-`ehrmotor.prepare.examples`), one row per window; `ehrmotor.batching.collate_windows` turns rows
+`ehrmotor.prepare.shards`), one row per window; `ehrmotor.batching.collate_windows` turns rows
 into the model's batch.
 """
 
@@ -99,7 +99,7 @@ def first_rows(positions: pl.DataFrame) -> pl.DataFrame:
 
 def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
     """One row per window (in `windows` order): subject_id, window, bag_sizes, entries,
-    weights, times, age_days, age, log_age, log_delta (layout of `ehrmotor.prepare.examples`).
+    weights, times, age_days, age, log_age, log_delta (layout of `ehrmotor.prepare.shards`).
 
     positions: the columns of `build_positions`, sorted by subject and position (as it returns
     them), for (at least) the windows' subjects. windows may carry `first_row` (`first_rows`),
