@@ -1,12 +1,12 @@
-"""Tests of `ehrmotor.evaluate`: task construction, count features, metrics, and the whole
-evaluation on a tiny pretrained model (one session-scoped synthetic dataset and bundle, whose
-outcome codes and oracle the tests hand to `evaluate` as the CLI does)."""
+"""Tests of `ehrmotor.evaluate` without a model: landmark labels, evaluation subjects and label
+files, count features, the k-shot draws and the report's cells (the whole evaluation on a model:
+test_evaluate_protocol.py)."""
 
 from __future__ import annotations
 
-import logging
+import json
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +15,38 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from meds_builders import rows_table, write_table
-from sksurv.metrics import concordance_index_censored
 
 from ehrmotor.cli import main
-from ehrmotor.errors import InputError
-from ehrmotor.evaluate import RESULT_SCHEMA, evaluate
+from ehrmotor.errors import InputError, OutputError
+from ehrmotor.evaluate import LandmarkSettings, landmark_label_sets
 from ehrmotor.evaluate.counts import count_features, feature_matrix, select_features
-from ehrmotor.evaluate.metrics import concordance
-from ehrmotor.evaluate.tasks import TASK_SCHEMA, held_out_tasks
+from ehrmotor.evaluate.landmarks import write_landmark_labels
+from ehrmotor.evaluate.metrics import subject_resamples
+from ehrmotor.evaluate.protocol import (
+    Draw,
+    Fit,
+    Method,
+    Targets,
+    TaskData,
+    fit_task,
+    kshot_draws,
+    split_subjects,
+)
+from ehrmotor.evaluate.report import Report, markdown
+from ehrmotor.evaluate.scoring import (
+    RESULT_SCHEMA,
+    metrics_for,
+    score_difference,
+    score_method,
+    task_scoring,
+)
+from ehrmotor.evaluate.tasks import Task, evaluation_subjects, tasks_from_label_sets
+from ehrmotor.meds import LabelSet, read_label_set
 from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.synthetic.outcomes import outcome_codes, synthetic_oracle
 
 BIRTH = datetime(1950, 1, 1)
-VISIT = datetime(2010, 1, 1, 9)
-DEATH = {"death": ["MEDS_DEATH"]}
+LAST = datetime(2013, 1, 1)
+HF = {"heart_failure": ["ICD10CM/I50"]}
 
 
 def write_dataset(root: Path, events: dict[int, list[tuple[datetime | None, str, float | None]]],
@@ -45,80 +63,127 @@ def write_dataset(root: Path, events: dict[int, list[tuple[datetime | None, str,
     return root
 
 
-def visit_subject(*extra: tuple[datetime | None, str, float | None],
-                  last: datetime = datetime(2013, 1, 1)) -> list[tuple[Any, str, Any]]:
-    """Born 1950-01-01, one eligible visit at VISIT, last event at `last`, plus `extra`."""
+def subject(visits: list[datetime], *extra: tuple[datetime, str, float | None],
+            last: datetime = LAST) -> list[tuple[Any, str, Any]]:
+    """Born 1950-01-01 (a birth-day visit, never a landmark), `visits`, a last event at `last`."""
     return [(None, "Gender/F", None), (BIRTH, "MEDS_BIRTH", None), (BIRTH, "Visit/IP", None),
-            (VISIT, "Visit/OP", None), (last, "CPT4/99213", None), *extra]
+            *[(time, "Visit/OP", None) for time in visits], (last, "CPT4/99213", None), *extra]
+
+
+VISITS = [datetime(2010, 1, 1, 9), datetime(2010, 3, 1, 9), datetime(2010, 9, 1, 9),
+          datetime(2011, 6, 1, 9), datetime(2012, 1, 1, 9)]
 
 
 @pytest.fixture
-def tiny_tasks(tmp_path: Path) -> pl.DataFrame:
+def landmark_meds(tmp_path: Path) -> Path:
     events = {
-        1: visit_subject((datetime(2010, 6, 1, 9), "ICD10CM/I50.9", None),
-                         (datetime(2011, 1, 1, 9), "ICD10CM/I50.22", None)),
-        2: visit_subject((datetime(2009, 1, 1), "ICD10CM/I50", None)),  # prevalent
-        3: visit_subject(last=datetime(2010, 9, 1, 9)),  # censored before the horizon
-        4: visit_subject((datetime(2012, 1, 1, 21), "ICD10CM/I50.1", None),
-                         (datetime(2010, 2, 1), "ICD10CM/I509", None)),  # not under I50.
-        5: visit_subject((datetime(2010, 3, 1, 9), "MEDS_DEATH", None),
-                         last=datetime(2010, 3, 1, 9)),
-        6: visit_subject(),  # train split: not evaluated
-        7: [(BIRTH, "MEDS_BIRTH", None), (BIRTH, "Visit/OP", None),
-            (datetime(2000, 1, 1), "CPT4/99213", None)],  # no visit after the birth day
+        1: subject(VISITS, (datetime(2011, 1, 1), "ICD10CM/I50.9", None),
+                   (datetime(2012, 6, 1), "ICD10CM/I50.22", None)),
+        2: subject(VISITS),  # never: censored at its last event
+        3: subject(VISITS, (datetime(2010, 9, 1, 9), "ICD10CM/I50", None)),  # at a visit
+        4: subject(VISITS),  # train split: never evaluated
+        5: [(BIRTH, "MEDS_BIRTH", None), (datetime(2000, 1, 1), "Visit/OP", None),
+            (datetime(2000, 1, 1), "CPT4/99213", None)],  # its only visit is its last event
+        6: subject(VISITS, (datetime(2010, 6, 1), "ICD10CM/I509", None)),  # not under I50.
     }
-    splits = {sid: "train" if sid == 6 else "held_out" for sid in events}
-    meds = write_dataset(tmp_path / "meds", events, splits)
-    return held_out_tasks(meds, {"heart_failure": ["ICD10CM/I50"], **DEATH}, horizon_days=365,
-                          seed=0)
+    splits = {1: "held_out", 2: "tuning", 3: "held_out", 4: "train", 5: "held_out",
+              6: "held_out"}
+    return write_dataset(tmp_path / "meds", events, splits)
 
 
-def task_rows(tasks: pl.DataFrame, outcome: str) -> dict[int, tuple[float, bool, bool | None]]:
-    frame = tasks.filter(pl.col("outcome") == outcome).sort("subject_id")
-    return {sid: (days, event, label) for sid, days, event, label in frame.select(
-        "subject_id", "time_to_event_days", "event", "boolean_value").iter_rows()}
+def frame_rows(label_set: LabelSet) -> dict[tuple[int, datetime], tuple[Any, Any]]:
+    return {(sid, time): (event, censor) for sid, time, event, censor in label_set.frame.select(
+        "subject_id", "prediction_time", "event_time", "censor_time").iter_rows()}
 
 
-def test_tasks_exclude_prevalent_and_count_exact_days(tiny_tasks: pl.DataFrame) -> None:
-    assert tiny_tasks.schema == TASK_SCHEMA
-    assert (tiny_tasks["prediction_time"] == VISIT).all()
-    heart = task_rows(tiny_tasks, "heart_failure")
-    assert sorted(heart) == [1, 3, 4, 5]  # 2 prevalent, 6 train, 7 no eligible visit
-    assert heart[1] == (151.0, True, True)  # first occurrence after the prediction time
-    assert heart[3] == pytest.approx((243.0, False, None))  # censored before the horizon
-    assert heart[4] == (730.5, True, False)  # event after the horizon: followed past it
-    assert heart[5] == (59.0, False, None)  # censored at death
-    death = task_rows(tiny_tasks, "death")
-    assert death[5] == (59.0, True, True)
-    assert death[2] == (1095.625, False, False)  # followed to 2013-01-01 without dying
+def test_landmarks_every_visit_drop_prevalent_and_censor_at_the_last_event(
+        landmark_meds: Path) -> None:
+    everything = LandmarkSettings(landmarks=10, min_gap_days=0)
+    (hf,) = landmark_label_sets(landmark_meds, HF, everything)
+    assert (hf.name, hf.kind) == ("heart_failure", "time_to_event")
+    rows = frame_rows(hf)
+    first_event = datetime(2011, 1, 1)
+    assert {key for key in rows if key[0] == 1} == {(1, t) for t in VISITS[:3]}  # later: prevalent
+    assert all(rows[(1, t)] == (first_event, None) for t in VISITS[:3])
+    assert {key: value for key, value in rows.items() if key[0] == 2} == {
+        (2, t): (None, LAST) for t in VISITS}
+    assert {t for s, t in rows if s == 3} == set(VISITS[:2])  # the event at a visit: prevalent
+    assert {t for s, t in rows if s == 6} == set(VISITS)  # I509 is not under I50.
+    assert all(rows[(6, t)] == (None, LAST) for t in VISITS)
+    assert {s for s, _ in rows} == {1, 2, 3, 6}  # 4: train; 5: no visit before its last event
 
 
-def test_prediction_time_is_a_seeded_visit_strictly_before_the_last_event(tmp_path: Path) -> None:
-    visits = [(datetime(2000 + year, 5, 1), "Visit/OP", None) for year in range(10)]
-    meds = write_dataset(tmp_path / "meds", {1: [(BIRTH, "MEDS_BIRTH", None), *visits]},
-                         {1: "held_out"})
-    drawn = {held_out_tasks(meds, DEATH, horizon_days=365, seed=seed)["prediction_time"][0]
-             for seed in range(12)}
-    assert drawn <= {time for time, _, _ in visits[:-1]} and len(drawn) > 1
-    again = held_out_tasks(meds, DEATH, horizon_days=365, seed=3)["prediction_time"][0]
-    assert again == held_out_tasks(meds, DEATH, horizon_days=365, seed=3)["prediction_time"][0]
+def test_landmarks_are_seeded_visits_at_least_the_gap_apart(landmark_meds: Path) -> None:
+    drawn = set()
+    for seed in range(8):
+        settings = LandmarkSettings(landmarks=3, min_gap_days=180, seed=seed)
+        (death,) = landmark_label_sets(landmark_meds, {"death": ["MEDS_DEATH"]}, settings)
+        for _, times in death.frame.group_by("subject_id"):
+            chosen = sorted(times["prediction_time"])
+            assert set(chosen) <= set(VISITS) and len(chosen) <= 3
+            assert all(b - a >= timedelta(days=180) for a, b in zip(chosen, chosen[1:],
+                                                                    strict=False))
+            # a draw stops early only when every other visit is within the gap of a chosen one
+            if len(chosen) < 3:
+                assert all(any(abs(v - c) < timedelta(days=180) for c in chosen) for v in VISITS)
+        drawn.add(tuple(death.frame.filter(pl.col("subject_id") == 2)["prediction_time"]))
+        again = landmark_label_sets(landmark_meds, {"death": ["MEDS_DEATH"]}, settings)[0]
+        assert again.frame.equals(death.frame)
+    assert len(drawn) > 1
 
 
-def test_empty_held_out_falls_back_to_tuning(tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    meds = write_dataset(tmp_path / "meds", {1: visit_subject(), 2: visit_subject()},
-                         {1: "tuning", 2: "train"})
-    with caplog.at_level(logging.WARNING):
-        tasks = held_out_tasks(meds, DEATH, horizon_days=365, seed=0)
-    assert tasks["subject_id"].to_list() == [1]
-    assert "held_out split is empty" in caplog.text
+def test_evaluation_subjects_are_the_chosen_splits_never_train(landmark_meds: Path) -> None:
+    assert evaluation_subjects(landmark_meds).to_list() == [1, 2, 3, 5, 6]
+    assert evaluation_subjects(landmark_meds, ("tuning",)).to_list() == [2]
+    with pytest.raises(InputError, match="train split is what pretraining saw"):
+        evaluation_subjects(landmark_meds, ("held_out", "train"))
+    with pytest.raises(InputError, match=r"no subject in validation \(splits found: held_out"):
+        evaluation_subjects(landmark_meds, ("validation",))
 
 
-@pytest.mark.parametrize("codes", ["MEDS_DEATH", [], [""]])
-def test_an_outcome_without_a_list_of_codes_is_refused(tmp_path: Path, codes: Any) -> None:
-    meds = write_dataset(tmp_path / "meds", {1: visit_subject()}, {1: "held_out"})
-    with pytest.raises(InputError, match="outcome 'death': expected a name and a non-empty list"):
-        held_out_tasks(meds, {"death": codes}, horizon_days=365, seed=0)
+def test_label_files_keep_evaluation_subjects_after_their_birth_day(landmark_meds: Path) -> None:
+    frame = pl.DataFrame({
+        "subject_id": [1, 1, 1, 4, 99, 2],
+        "prediction_time": [BIRTH, VISITS[0], VISITS[0], VISITS[0], VISITS[0], VISITS[1]],
+        "boolean_value": [True, True, False, True, True, False]},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"),
+                "boolean_value": pl.Boolean})
+    (task,) = tasks_from_label_sets(landmark_meds, [LabelSet("mortality", "boolean", frame)],
+                                    evaluation_subjects(landmark_meds), from_outcomes=False)
+    assert (task.name, task.kind, task.target) == ("mortality", "binary", "label")
+    # the birth day, a train subject, an unknown subject and a duplicate (the first kept) go
+    assert task.labels.rows() == [(1, VISITS[0], True), (2, VISITS[1], False)]
+    numbers = LabelSet("los", "float", frame.select(
+        "subject_id", "prediction_time", float_value=pl.lit(2.0)), (Path("los.parquet"),))
+    with pytest.raises(InputError, match="los.parquet: float labels are not evaluated yet"):
+        tasks_from_label_sets(landmark_meds, [numbers], pl.Series([1]), from_outcomes=False)
+
+
+def test_label_command_writes_label_files_and_replaces_only_its_own_folder(
+        landmark_meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "labels"
+    assert main(["label", "--meds", str(landmark_meds), "--out", str(out), "--outcomes",
+                 "heart_failure,death", "ICD10CM/I50.9", "--landmarks", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ICD10CM_I50.9.parquet", "death.parquet", "heart_failure.parquet", "labels.json"]
+    hf = read_label_set(out / "heart_failure.parquet")
+    assert hf.kind == "time_to_event" and hf.frame.group_by("subject_id").len()["len"].max() == 2
+    record = json.loads((out / "labels.json").read_text())
+    assert record["outcomes"]["heart_failure"] == ["ICD10CM/I50"] and record["landmarks"] == 2
+    assert main(["label", "--meds", str(landmark_meds), "--out", str(out), "--outcomes",
+                 "death"]) == 0  # its own folder: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["death.parquet", "labels.json"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep\n")
+    capsys.readouterr()
+    assert main(["label", "--meds", str(landmark_meds), "--out", str(mine)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("ehrmotor label: error: ") and "not a folder written by" in error
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(OutputError, match="not a folder written by"):
+        write_landmark_labels(landmark_meds, mine, HF)
 
 
 def test_cli_refuses_an_unknown_outcome_name_before_any_work(
@@ -127,6 +192,9 @@ def test_cli_refuses_an_unknown_outcome_name_before_any_work(
                  "--out", str(tmp_path / "out"), "--outcomes", "death", "flu"]) == 2
     assert "unknown outcome 'flu'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- count features
 
 
 def test_count_features_lifetime_recent_ancestors_and_last_lab(tmp_path: Path) -> None:
@@ -170,97 +238,137 @@ def test_count_features_lifetime_recent_ancestors_and_last_lab(tmp_path: Path) -
     assert np.isnan(matrix[0, 3]) and matrix[1, 3] == 150.0
 
 
-def test_concordance_matches_sksurv_and_weights_act_as_copies() -> None:
+# --------------------------------------------------------------------------- the protocol
+
+
+def test_test_set_is_a_fixed_share_of_subjects() -> None:
+    ids = np.repeat(np.arange(100, 200), 3)  # three labels per subject
+    test, pool = split_subjects(ids, 0.5, seed=0)
+    assert len(test) == len(pool) == 50 and not set(test) & set(pool)
+    assert set(test) | set(pool) == set(range(100, 200))
+    again, _ = split_subjects(ids[::-1], 0.5, seed=0)
+    assert np.array_equal(test, again)
+    assert not np.array_equal(test, split_subjects(ids, 0.5, seed=1)[0])
+
+
+class Recorder:
+    """A head that records the subjects it was trained on and scores risk = first feature."""
+
+    def __init__(self) -> None:
+        self.trained_on: list[np.ndarray] = []
+
+    def fit(self, x: np.ndarray, targets: Targets, context: Any) -> Any:
+        self.trained_on.append(np.unique(context.groups))
+        return self
+
+    def risk(self, x: np.ndarray) -> np.ndarray:
+        return x[:, 0]
+
+    def survival(self, x: np.ndarray, days: np.ndarray) -> None:
+        return None
+
+
+def test_kshot_draws_count_subjects_and_are_deterministic() -> None:
+    pool = np.arange(1000, 1100)
+    draws = kshot_draws(pool, (16, 32, 100, 128, None), 5, seed=3)
+    assert [(d.k, d.replicate) for d in draws] == [
+        *[(16, r) for r in range(5)], *[(32, r) for r in range(5)], (None, 0)]
+    assert all(len(np.unique(d.subjects)) == (d.k or 100) for d in draws)
+    assert set(draws[-1].subjects) == set(pool)
+    same = kshot_draws(pool, (16, 32, 100, 128, None), 5, seed=3)
+    assert all(np.array_equal(a.subjects, b.subjects) for a, b in zip(draws, same, strict=True))
+    assert not np.array_equal(draws[0].subjects, draws[1].subjects)
+
+    # every label of a drawn subject trains the head: k counts subjects, not label rows
+    subjects = np.repeat(np.arange(1000, 1100), 7)
+    data = TaskData(rows=np.arange(len(subjects)), subjects=subjects,
+                    targets=Targets(None, np.arange(len(subjects)) % 3 == 0),
+                    test=np.arange(0), pool_subjects=pool)
+    recorder = Recorder()
+    method = Method("fake", "fake", "motor", "binary", "motor", recorder.fit)
+    fits = fit_task(data, [method], {"motor": np.ones((len(subjects), 2))}, draws[:6], seed=0,
+                    bin_edges_days=[0.0], horizon_days=365)
+    assert [len(s) for s in recorder.trained_on] == [16] * 5 + [32]
+    assert all(fit.skipped is None for fit in fits["fake"])
+
+
+def scored_task(events: int, name: str = "rare") -> tuple[Task, list[dict[str, Any]]]:
+    """A time-to-event task whose 40 test labels hold `events` events, scored with fake fits."""
     rng = np.random.default_rng(0)
-    time = rng.integers(1, 20, 60).astype(float)  # many tied times
+    subjects = np.arange(80)
+    event = np.zeros(80, dtype=bool)
+    event[:events] = True
+    event[40:60] = True
+    time = rng.uniform(10, 500, 80)
+    data = TaskData(rows=np.arange(80), subjects=subjects, targets=Targets(time, event),
+                    test=np.arange(40), pool_subjects=subjects[40:], days=np.array([50., 100.]))
+    methods = [Method("motor_cox", "MOTOR Cox", "motor", "time_to_event", "motor", Recorder().fit),
+               Method("counts_cox", "counts Cox", "counts", "time_to_event", "counts",
+                      Recorder().fit)]
+    fits = {m.name: [Fit(Draw(None, 0, subjects[40:]), risk=rng.normal(size=40) - time[:40] / 100,
+                         survival=np.full((40, 2), 0.9))] for m in methods}
+    scoring = task_scoring(name, "time_to_event", data, subject_resamples(subjects[:40], 20, 0))
+    rows = []
+    for metric in metrics_for("time_to_event", 365):
+        cells = {m.name: score_method(scoring, m, metric, None, fits[m.name]) for m in methods}
+        rows += [*cells.values(), score_difference(scoring, metric, None, cells, methods, fits)]
+    labels = pl.DataFrame({"subject_id": subjects, "prediction_time": [datetime(2010, 1, 1)] * 80,
+                           "time_days": time, "event": event})
+    return Task(name, "time_to_event", labels, False), rows
+
+
+def test_too_few_test_events_print_the_reason_instead_of_a_number() -> None:
+    rare, rare_rows = scored_task(3, "rare")
+    common, common_rows = scored_task(12, "common")
+    results = pl.DataFrame([*rare_rows, *common_rows], schema=RESULT_SCHEMA)
+    assert results.filter(pl.col("task") == "rare")["mean"].is_nan().all()
+    assert results.filter(pl.col("task") == "common")["mean"].is_finite().all()
+    text = markdown(Report(results, [rare, common], [], [], 365))
+    rare_text, common_text = text.split("## common")
+    table_rows = [line for line in rare_text.splitlines() if line.startswith("| all")]
+    assert len(table_rows) == 3  # Harrell's C, Uno's C, integrated Brier
+    for line in table_rows:
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert cells == ["too few events (3 < 10)"] * 3
+    assert "Test set: 40 subjects, 40 labels, 3 events (3 subjects with one)." in rare_text
+    assert "too few" not in common_text and "| all (40) | 0." in common_text
+
+
+def test_difference_is_best_motor_minus_best_count_at_the_same_k_on_shared_draws() -> None:
+    rng = np.random.default_rng(1)
+    time = rng.uniform(10, 500, 60)
     event = rng.random(60) < 0.4
-    risk = rng.integers(0, 5, 60).astype(float)  # many tied risks
-    expected = concordance_index_censored(event, time, risk)[0]
-    assert concordance(time, event, risk)[0] == pytest.approx(expected)
-    weights = rng.integers(0, 3, 60)
-    copies = np.repeat(np.arange(60), weights)
-    assert concordance(time, event, risk, weights)[0] == pytest.approx(
-        concordance(time[copies], event[copies], risk[copies])[0])
-
-
-# --------------------------------------------------------------------------- end to end
-
-SUBJECTS = 600
-OUTCOMES = ("death", "diabetes")
-EVAL_SETTINGS: dict[str, Any] = {"outcomes": outcome_codes(OUTCOMES),
-                                 "train_sizes": (40, None), "repeats": 2, "bootstrap": 50,
-                                 "seed": 0, "tokens_per_batch": 1024, "max_count_features": 500}
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(MEDS dir, model bundle): 600 synthetic subjects and a tiny model pretrained 20 steps.
-
-    Two in five subjects are moved to held_out (before pretraining, which leaves them out) so
-    that the test set has enough deaths for finite metrics. Not the session's 300-subject
-    `tiny_bundle`: with its own held_out split (10%) every metric is nan, and with two in five of
-    its subjects moved to held_out (and used in its pretraining) the test set has 3 deaths and
-    only the death C-index is finite; here it has 10, and 16 of the 20 metrics are finite.
-    """
-    from synthetic_data import prepare_work, pretrain_tiny, synthetic_meds
-
-    root = tmp_path_factory.mktemp("evaluate")
-    meds = synthetic_meds(root / "meds", SUBJECTS)
-    splits_file = meds / "metadata/subject_splits.parquet"
-    splits = pl.read_parquet(splits_file)
-    held_out = pl.when(pl.col("subject_id") % 5 < 2).then(pl.lit("held_out"))
-    splits.with_columns(split=held_out.otherwise("split")).write_parquet(splits_file)
-    return meds, pretrain_tiny(prepare_work(meds, root / "work"), 20)
-
-
-@pytest.fixture(scope="session")
-def evaluated(bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    meds, model = bundle
-    out = tmp_path_factory.mktemp("evaluation")
-    result = evaluate(meds, model, out, oracle=synthetic_oracle(meds), **EVAL_SETTINGS)
-    assert result.results_csv == out / "results.csv"
-    assert result.table_markdown == (out / "results.md").read_text().rstrip("\n")
-    return out
-
-
-def test_evaluation_writes_finite_metrics_with_intervals_and_oracle(evaluated: Path) -> None:
-    results = pl.read_csv(evaluated / "results.csv", schema=RESULT_SCHEMA)
-    assert set(results["features"]) == {"motor", "counts", "oracle"}
-    for outcome in OUTCOMES:
-        for metric in ("c_index", "auroc"):
-            task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric))
-            assert task.filter(pl.col("features") == "oracle").height == 1
-    finite = results.filter(pl.col("mean").is_finite())
-    assert finite.filter((pl.col("mean") < 0) | (pl.col("mean") > 1)).is_empty()
-    assert finite.filter(~pl.col("ci_low").is_between(0, pl.col("mean"))
-                         | ~pl.col("ci_high").is_between(pl.col("mean"), 1)).is_empty()
-    death = results.filter((pl.col("outcome") == "death") & (pl.col("metric") == "c_index"))
-    assert death["mean"].is_finite().all() and (death["events_test"] > 0).all()
-    assert sorted(death.filter(pl.col("features") == "motor")["repeats_used"]) == [1, 2]
-    assert pl.read_parquet(evaluated / "labels.parquet").schema == TASK_SCHEMA
-    table = (evaluated / "results.md").read_text()
-    assert table.startswith("| outcome | metric | train size | test (events) | MOTOR | counts |")
-    assert "| death | c_index | 40 |" in table and " (all) |" in table
-    assert (evaluated / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_evaluation_is_deterministic(bundle: tuple[Path, Path], evaluated: Path,
-                                     tmp_path: Path) -> None:
-    meds, model = bundle
-    evaluate(meds, model, tmp_path, oracle=synthetic_oracle(meds), **EVAL_SETTINGS)
-    assert (tmp_path / "results.csv").read_bytes() == (evaluated / "results.csv").read_bytes()
-
-
-def test_meds_label_file_is_one_binary_task(bundle: tuple[Path, Path], evaluated: Path,
-                                            tmp_path: Path) -> None:
-    meds, model = bundle
-    deaths = pl.read_parquet(evaluated / "labels.parquet").filter(pl.col("outcome") == "death")
-    labels = tmp_path / "mortality.parquet"
-    deaths.select("subject_id", "prediction_time", boolean_value="event").write_parquet(labels)
-    result = evaluate(meds, model, tmp_path / "out", labels_path=labels, train_sizes=(None,),
-                      bootstrap=20, tokens_per_batch=1024, max_count_features=500)
-    rows = result.results
-    assert set(rows["outcome"]) == {"mortality"} and set(rows["metric"]) == {"auroc"}
-    assert set(rows["features"]) == {"motor", "counts"}  # no oracle for a label file
-    assert rows["mean"].is_finite().all()
-    assert rows["n_test"][0] + rows["train_pool"][0] == deaths.height
+    data = TaskData(rows=np.arange(60), subjects=np.arange(60), targets=Targets(time, event),
+                    test=np.arange(40), pool_subjects=np.arange(40, 60),
+                    days=np.array([50.0, 100.0]))
+    scoring = task_scoring("t", "time_to_event", data, subject_resamples(np.arange(40), 20, 0))
+    methods = [Method(name, name, name.split("_")[0], "time_to_event", "x", Recorder().fit)
+               for name in ("motor_a", "motor_b", "counts_a", "counts_b")]
+    quality = {"motor_a": (3.0, 0.0), "motor_b": (1.0, 0.5), "counts_a": (0.0, 4.0),
+               "counts_b": (0.5, 0.2)}  # signal at k=16 and at k=all
+    draws = [Draw(16, 0, np.arange(40, 56)), Draw(16, 1, np.arange(44, 60)),
+             Draw(None, 0, np.arange(40, 60))]
+    fits = {name: [Fit(d, risk=-time[:40] / 100 * signal[d.k is None] + rng.normal(size=40))
+                   for d in draws] for name, signal in quality.items()}
+    fits["counts_a"][0] = Fit(draws[0], skipped="no event")  # k=16: one draw left to pair with
+    harrell = metrics_for("time_to_event", 365)[0]
+    for k, motor, counts in ((16, "motor_a", "counts_b"), (None, "motor_b", "counts_a")):
+        cells = {m.name: score_method(scoring, m, harrell, k,
+                                      [f for f in fits[m.name] if f.draw.k == k])
+                 for m in methods}
+        best_motor = max(("motor_a", "motor_b"), key=lambda n: cells[n]["mean"])
+        best_counts = max(("counts_a", "counts_b"), key=lambda n: cells[n]["mean"])
+        assert (best_motor, best_counts) == (motor, counts)
+        row = score_difference(scoring, harrell, k, cells, methods, fits)
+        assert row is not None and row["note"] == f"{motor} - {counts}"
+        assert row["mean"] == pytest.approx(cells[motor]["mean"] - cells[counts]["mean"])
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    cells = {m.name: score_method(scoring, m, harrell, 16,
+                                  [f for f in fits[m.name] if f.draw.k == 16]) for m in methods}
+    cells["counts_b"]["mean"] = 0.0  # now counts_a, fitted on draw 1 only, is the best
+    row = score_difference(scoring, harrell, 16, cells, methods, fits)
+    assert row is not None and row["note"] == "motor_a - counts_a"
+    assert (row["replicates_fitted"], row["replicates_skipped"]) == (1, 1)
+    draw_1 = [f for f in fits["motor_a"] if f.draw.k == 16][1:]
+    assert row["mean"] == pytest.approx(
+        score_method(scoring, methods[0], harrell, 16, draw_1)["mean"] - cells["counts_a"]["mean"])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ehrmotor import __version__
 from ehrmotor.errors import EhrmotorError, OutputError, environment_message
+from ehrmotor.evaluate.commands import add_evaluate, add_label
 
 log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
@@ -281,66 +282,6 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_size(value: str) -> int | None:
-    return None if value == "all" else _positive(value)
-
-
-def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "evaluate",
-        help="probe MOTOR embeddings against count features on downstream tasks",
-        description=(
-            "Build time-to-event tasks (and binary versions at a horizon) for held-out subjects "
-            "(the planted outcomes of `ehrmotor synth`, or codes), or use a MEDS label file; fit "
-            "the same probes on MOTOR embeddings and on ontology-expanded count features at "
-            "several training sizes; report Harrell's C-index and AUROC with 95% bootstrap "
-            "intervals (and, on a dataset `ehrmotor synth` wrote, the generator's oracle) in "
-            "results.csv, results.md and learning_curves.png in OUT."
-        ),
-    )
-    parser.add_argument("--model", type=Path, required=True, help="model bundle (WORK/model)")
-    parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    parser.add_argument("--outcomes", nargs="+", default=None, metavar="OUTCOME",
-                        help="planted outcomes of `ehrmotor synth` (default: heart_failure ckd "
-                             "diabetes copd death) or codes such as ICD10CM/I50 (that code and "
-                             "the codes under it)")
-    parser.add_argument("--labels", type=Path, default=None,
-                        help="a MEDS label parquet (boolean_value) to evaluate instead")
-    parser.add_argument("--horizon-days", type=_positive_float, default=365.0,
-                        help="horizon of the binary tasks in days (default 365)")
-    parser.add_argument("--train-sizes", nargs="+", type=_train_size, default=None,
-                        metavar="N", help="probe training sizes; 'all' = the whole pool "
-                                          "(default 50 100 500 all)")
-    parser.add_argument("--repeats", type=_positive, default=5,
-                        help="subsamples per training size (default 5)")
-    parser.add_argument("--bootstrap", type=_positive, default=200,
-                        help="bootstrap resamples for the intervals (default 200)")
-    parser.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
-    parser.set_defaults(run=_run_evaluate)
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from ehrmotor.artifacts import check_output
-    from ehrmotor.evaluate import evaluate
-    from ehrmotor.lock import work_lock
-    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
-
-    # The planted outcomes' codes and true hazards come from the generator, named here only.
-    outcomes = outcome_codes(args.outcomes or DEFAULT_OUTCOMES)
-    check_output(args.out, "folder")
-    with work_lock(args.out, "evaluate"):
-        result = evaluate(
-            args.meds, args.model, args.out, outcomes=outcomes,
-            oracle=synthetic_oracle(args.meds), horizon_days=args.horizon_days,
-            train_sizes=args.train_sizes or (50, 100, 500, None), repeats=args.repeats,
-            seed=args.seed, labels_path=args.labels, bootstrap=args.bootstrap,
-        )
-    print(result.table_markdown)
-    log.info("evaluate: results in %s", args.out)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrmotor",
@@ -363,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, _add_evaluate,
+    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, add_label, add_evaluate,
 ]
 
 

@@ -48,7 +48,13 @@ from ehrmotor.artifacts import atomic_path
 from ehrmotor.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.bundle import Bundle, load_bundle
 from ehrmotor.errors import InputError, one_line
-from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, scan_shard
+from ehrmotor.meds import (
+    DATA_COLUMNS,
+    DATA_DTYPES,
+    data_files,
+    read_prediction_times,
+    scan_shard,
+)
 from ehrmotor.model import MotorModel
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import BIRTH_CODE, build_positions
@@ -75,14 +81,15 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
     """Labels as `subject_id` Int64, `prediction_time` Datetime("us"), in input order.
 
     Accepts a sequence of dicts, a polars DataFrame/LazyFrame, a pandas DataFrame, or the path of
-    a parquet file or a folder of parquet files. Other columns are dropped. Zoned times become
-    naive UTC. Raises InputError naming the column (and file) when a column is missing, has the
-    wrong type or holds nulls.
+    a MEDS label file or folder (read by `ehrmotor.meds.read_prediction_times`, as
+    `read_label_set` reads it: ACES's `.logs/` skipped; a label column is not needed). Other
+    columns are dropped. Zoned times become naive UTC. Raises InputError naming the column (and
+    file) when a column is missing, has the wrong type or holds nulls.
     """
-    source = "labels"
     if isinstance(labels, str | Path):
-        source, frame = f"labels file {labels}", _read_label_files(Path(labels))
-    elif isinstance(labels, pl.LazyFrame):
+        return read_prediction_times(labels)
+    source = "labels"
+    if isinstance(labels, pl.LazyFrame):
         frame = labels.collect()
     elif isinstance(labels, pl.DataFrame):
         frame = labels
@@ -115,17 +122,6 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
             raise InputError(f"{source}: column '{column}' has {nulls} null values (first at row "
                              f"{row}); expected none")
     return frame
-
-
-def _read_label_files(path: Path) -> pl.DataFrame:
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise InputError(f"labels file {path}: not found; expected a parquet file or a folder "
-                         "of parquet files")
-    try:
-        return pl.concat([pl.read_parquet(file) for file in files], how="diagonal_relaxed")
-    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-        raise InputError(f"labels file {path}: cannot read parquet ({one_line(exc)})") from exc
 
 
 def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:

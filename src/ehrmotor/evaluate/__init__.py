@@ -1,10 +1,34 @@
 """`ehrmotor evaluate`: MOTOR embeddings against count features on downstream tasks.
 
-`tasks` builds the labels (held-out outcomes or a MEDS label file), `counts` the count-feature
-baseline; `probes` fits the linear probes, scored with `metrics`; `run` is the stage (pool and
-test split, train sizes, bootstrap intervals) and `report` writes the table and the plot.
+`tasks` picks the evaluation subjects and turns label sets into tasks, `landmarks` makes
+time-to-event labels of outcomes at several prediction times per subject; `features` builds the
+MOTOR and count (`counts`) feature sets; `protocol` draws the k-shot training sets and fits the
+heads (`heads`), `scoring` scores them (`metrics`) with subject-bootstrap intervals; `run` is the
+stage, `report` writes its files and `commands` holds the `label` and `evaluate` commands.
+
+The names below are imported on first use, so that the command line (which imports `commands`)
+starts without torch, LightGBM and scikit-survival.
 """
 
-from ehrmotor.evaluate.run import RESULT_SCHEMA, EvaluationResult, Oracle, evaluate
+from __future__ import annotations
 
-__all__ = ["RESULT_SCHEMA", "EvaluationResult", "Oracle", "evaluate"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ehrmotor.evaluate.landmarks import LandmarkSettings, landmark_label_sets
+    from ehrmotor.evaluate.run import EvaluationResult, Oracle, ProtocolSettings, evaluate
+    from ehrmotor.evaluate.scoring import RESULT_SCHEMA
+
+_HOMES = {"LandmarkSettings": "landmarks", "landmark_label_sets": "landmarks",
+          "EvaluationResult": "run", "Oracle": "run", "ProtocolSettings": "run",
+          "evaluate": "run", "RESULT_SCHEMA": "scoring"}
+
+__all__ = ["RESULT_SCHEMA", "EvaluationResult", "LandmarkSettings", "Oracle", "ProtocolSettings",
+           "evaluate", "landmark_label_sets"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'ehrmotor.evaluate' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ehrmotor.evaluate.{_HOMES[name]}"), name)

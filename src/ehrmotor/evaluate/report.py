@@ -1,7 +1,21 @@
-"""The evaluation report: the results as a markdown table and as learning curves (PNG)."""
+"""The evaluation's files: results.csv, results.md, a k-shot plot per task, binary predictions
+in the meds-evaluation schema and the landmark labels. Every file is written atomically.
+
+results.md has, per task, one table per metric: a row per k (training subjects; "all" is the
+whole pool), a column per method, cells "0.712 [0.650, 0.770]" (mean over replicates [95%
+subject-bootstrap interval]; "(3/5)" when draws were skipped), the "MOTOR − best count" column
+and, where the generator's true hazards are known, an "oracle" row. A test set with too few events
+or positives shows that text in every cell instead of a number.
+
+Predictions (`predictions/<task>/<method>.parquet`, the k = "all" fit on the test labels):
+subject_id int64, prediction_time timestamp[us], boolean_value bool,
+predicted_boolean_value bool (probability >= 0.5), predicted_boolean_probability float64.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,80 +23,199 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.artifacts import atomic_path
+from ehrmotor.evaluate.protocol import methods_for
+from ehrmotor.evaluate.scoring import DIFFERENCE, ORACLE, Metric, metrics_for
+from ehrmotor.evaluate.tasks import TIME_TO_EVENT, Task, file_stem
+from ehrmotor.meds.labels import LabelSet, write_label_set
 
-FEATURE_LABELS = {"motor": "MOTOR", "counts": "counts", "oracle": "oracle"}
-
-
-def _cell(row: dict[str, Any] | None) -> str:
-    """"0.712 [0.650, 0.770]", or "n/a"."""
-    if row is None or not np.isfinite(float(row["mean"])):
-        return "n/a"
-    interval = (f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
-                if np.isfinite(float(row["ci_low"])) else "")
-    return f"{row['mean']:.3f}{interval}"
-
-
-def markdown_table(results: pl.DataFrame) -> str:
-    """One row per outcome × metric × train size; columns MOTOR, counts, oracle."""
-    lines = ["| outcome | metric | train size | test (events) | MOTOR | counts | oracle |",
-             "|---|---|---:|---:|---|---|---|"]
-    keys = results.select("outcome", "metric").unique(maintain_order=True).iter_rows()
-    for outcome, metric in keys:
-        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric))
-        oracle = task.filter(pl.col("features") == "oracle").to_dicts()
-        probes = task.filter(pl.col("features") != "oracle")
-        for (size,) in probes.select("train_size").unique(maintain_order=True).iter_rows():
-            cells = {r["features"]: r for r in probes.filter(pl.col("train_size") == size)
-                     .to_dicts()}
-            first = next(iter(cells.values()))
-            shown = f"{size} (all)" if size == first["train_pool"] else str(size)
-            lines.append(f"| {outcome} | {metric} | {shown} | {first['n_test']} "
-                         f"({first['events_test']}) | {_cell(cells.get('motor'))} | "
-                         f"{_cell(cells.get('counts'))} | {_cell(oracle[0] if oracle else None)} |")
-    return "\n".join(lines)
+KIND_TITLES = {TIME_TO_EVENT: "time to event", "binary": "binary"}
+PREDICTION_SCHEMA = pl.Schema({
+    "subject_id": pl.Int64(), "prediction_time": pl.Datetime("us"),
+    "boolean_value": pl.Boolean(), "predicted_boolean_value": pl.Boolean(),
+    "predicted_boolean_probability": pl.Float64(),
+})
 
 
-def plot_learning_curves(results: pl.DataFrame, path: Path) -> Path:
-    """Metric vs. train size per outcome (C-index, else AUROC): MOTOR and counts with their
-    intervals, the oracle as a dashed line. Drawn on matplotlib's Agg canvas (no pyplot)."""
+@dataclass(frozen=True)
+class TaskPredictions:
+    """One binary head's k = "all" predictions on a task's test labels."""
+
+    task: str
+    method: str
+    keys: pl.DataFrame  # subject_id, prediction_time
+    label: np.ndarray
+    probability: np.ndarray
+
+
+@dataclass(frozen=True)
+class Report:
+    results: pl.DataFrame
+    tasks: Sequence[Task]
+    predictions: Sequence[TaskPredictions]
+    landmark_labels: Sequence[LabelSet]
+    horizon_days: float
+
+
+# --------------------------------------------------------------------------- results.md
+
+
+def cell(row: dict[str, Any], signed: bool = False, digits: int = 3) -> str:
+    """"0.712 [0.650, 0.770]", the row's note when it has no number, and "(fitted/draws)" when
+    draws were skipped."""
+    mean = float(row["mean"])
+    if not np.isfinite(mean):
+        return str(row["note"] or "no value")
+    number = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    low, high = float(row["ci_low"]), float(row["ci_high"])
+    text = (f"{number} [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low)
+            else f"{number} [no interval]")
+    fitted, skipped = int(row["replicates_fitted"]), int(row["replicates_skipped"])
+    return f"{text} ({fitted}/{fitted + skipped})" if skipped else text
+
+
+def _metric_table(rows: pl.DataFrame, metric: Metric, titles: dict[str, str],
+                  pool: int) -> list[str]:
+    methods = [m for m in titles if m in set(rows["method"])]
+    columns = [*(titles[m] for m in methods), "MOTOR − best count"]
+    better = "higher" if metric.higher_is_better else "lower"
+    lines = [f"**{metric.title}** ({better} is better)", "",
+             "| k | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    by_k = rows.filter(pl.col("method") != ORACLE)
+    for k in by_k["k"].unique(maintain_order=True).to_list():
+        cells = {r["method"]: r for r in by_k.filter(pl.col("k") == k).iter_rows(named=True)}
+        shown = [cell(cells[m], digits=metric.digits) if m in cells else "" for m in methods]
+        shown.append(cell(cells[DIFFERENCE], True, metric.digits) if DIFFERENCE in cells else "")
+        label = f"all ({pool})" if k == "all" else k
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    oracle = rows.filter(pl.col("method") == ORACLE).to_dicts()
+    if oracle:
+        shown = [cell(oracle[0], digits=metric.digits), *[""] * (len(columns) - 1)]
+        lines.append("| oracle (true hazard) | " + " | ".join(shown) + " |")
+    return lines
+
+
+def markdown(report: Report) -> str:
+    """results.md: a section per task, a table per metric (see the module docstring)."""
+    lines = ["# Evaluation", "",
+             "Mean over k-shot replicates on a fixed test set of subjects, [95% subject-bootstrap "
+             "interval]; k = training subjects drawn from the pool (all = the whole pool). "
+             "MOTOR − best count: the best MOTOR head minus the best count head of the row, with "
+             "a paired bootstrap interval."]
+    results = report.results
+    for task in report.tasks:
+        rows = results.filter(pl.col("task") == task.name)
+        if rows.is_empty():
+            continue
+        first = rows.row(0, named=True)
+        lines += ["", f"## {task.name} ({KIND_TITLES[task.kind]})", "",
+                  _test_set_line(task, first), ""]
+        titles = {m.name: m.title for m in methods_for(task.kind)}
+        pool = _pool_size(task, first["test_subjects"])
+        for metric in metrics_for(task.kind, report.horizon_days):
+            metric_rows = rows.filter(pl.col("metric") == metric.name)
+            if metric_rows.is_empty():
+                continue
+            lines += _metric_table(metric_rows, metric, titles, pool)
+            lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def _test_set_line(task: Task, first: dict[str, Any]) -> str:
+    """"Test set: 300 subjects, 1012 labels, 64 events (29 subjects with one)."."""
+    what = "events" if task.kind == TIME_TO_EVENT else "positives"
+    having = first["test_event_subjects"]
+    return (f"Test set: {first['test_subjects']} subjects, {first['test_rows']} labels, "
+            f"{first['test_events']} {what} ({having} subject{'s' * (having != 1)} with one).")
+
+
+def _pool_size(task: Task, test_subjects: int) -> int:
+    return task.labels["subject_id"].n_unique() - test_subjects
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_kshot(report: Report, task: Task, path: Path) -> Path:
+    """Each metric of the task against k (log2 axis; "all" at the pool size), a line and its
+    interval band per method, the oracle as a dashed line. matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    primary = results.sort(pl.col("metric") != "c_index", maintain_order=True).unique(
-        "outcome", keep="first", maintain_order=True).select("outcome", "metric")
-    tasks = primary.rows()
-    columns = max(1, min(3, len(tasks)))
-    rows = max(1, -(-len(tasks) // columns))
-    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    rows = report.results.filter(pl.col("task") == task.name)
+    metrics = [m for m in metrics_for(task.kind, report.horizon_days)
+               if m.name in set(rows["metric"])]
+    figure = Figure(figsize=(4.4 * max(1, len(metrics)), 3.6))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for axis, (outcome, metric) in zip(axes, tasks, strict=False):
-        task = results.filter((pl.col("outcome") == outcome) & (pl.col("metric") == metric)
-                              & pl.col("mean").is_finite())
-        axis.set_title(outcome)
-        axis.set_ylabel("C-index" if metric == "c_index" else "AUROC")
-        oracle = task.filter(pl.col("features") == "oracle")["mean"]
+    axes = figure.subplots(1, max(1, len(metrics)), squeeze=False).ravel()
+    pool = _pool_size(task, int(rows["test_subjects"][0])) if rows.height else 0
+    for axis, metric in zip(axes, metrics, strict=False):
+        axis.set_title(f"{task.name}: {metric.title}", fontsize="medium")
+        axis.set_xlabel("training subjects (k)")
+        shown = rows.filter((pl.col("metric") == metric.name) & pl.col("mean").is_finite())
+        if shown.is_empty():
+            note = rows["note"].drop_nulls()
+            axis.text(0.5, 0.5, note[0] if note.len() else "no value", ha="center",
+                      transform=axis.transAxes)
+            continue
+        for method in methods_for(task.kind):
+            line = shown.filter(pl.col("method") == method.name)
+            if line.is_empty():
+                continue
+            x = np.array([pool if k == "all" else int(k) for k in line["k"]], dtype=float)
+            axis.plot(x, line["mean"].to_numpy(), marker="o", label=method.title)
+            axis.fill_between(x, line["ci_low"].to_numpy(), line["ci_high"].to_numpy(),
+                              alpha=0.15)
+        oracle = shown.filter(pl.col("method") == ORACLE)["mean"]
         if oracle.len():
             axis.axhline(oracle[0], linestyle="--", color="grey", label="oracle")
-        sizes = task.filter(pl.col("features") != "oracle")["train_size"].unique().sort()
-        if sizes.is_empty():
-            axis.text(0.5, 0.5, "too few events", ha="center", transform=axis.transAxes)
-            continue
-        for name, marker in (("motor", "o"), ("counts", "s")):
-            line = task.filter(pl.col("features") == name).sort("train_size")
-            mean = line["mean"].to_numpy()
-            spread = np.abs(np.stack([mean - line["ci_low"].to_numpy(),
-                                      line["ci_high"].to_numpy() - mean]))
-            axis.errorbar(line["train_size"].to_numpy(), mean, yerr=np.nan_to_num(spread),
-                          marker=marker, capsize=3, label=FEATURE_LABELS[name])
-        axis.set_xscale("log")
-        axis.set_xticks(sizes.to_list(), [str(size) for size in sizes], minor=False)
+        axis.set_xscale("log", base=2)
+        ks = shown.filter(pl.col("method") != ORACLE)["k"].unique(maintain_order=True).to_list()
+        axis.set_xticks([pool if k == "all" else int(k) for k in ks],
+                        [f"all\n({pool})" if k == "all" else k for k in ks])
         axis.set_xticks([], minor=True)
-        axis.set_xlabel("probe-training subjects")
         axis.legend(fontsize="small")
-    for axis in axes[len(tasks):]:
-        axis.set_axis_off()
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100, format="png")
+        figure.savefig(tmp, dpi=90, format="png")
     return path
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_predictions(predictions: TaskPredictions, path: Path) -> Path:
+    """One head's test predictions in the meds-evaluation schema (see the module docstring)."""
+    frame = predictions.keys.select("subject_id", "prediction_time").with_columns(
+        boolean_value=pl.Series(predictions.label.astype(bool)),
+        predicted_boolean_value=pl.Series(predictions.probability >= 0.5),
+        predicted_boolean_probability=pl.Series(predictions.probability.astype(np.float64)),
+    ).cast(PREDICTION_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
+    return path
+
+
+def write_report(report: Report, out_dir: Path) -> tuple[str, dict[str, Path]]:
+    """Write every file of the report to `out_dir`; return results.md's text and the files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"results_csv": out_dir / "results.csv", "results_md": out_dir / "results.md"}
+    with atomic_path(files["results_csv"]) as tmp:
+        report.results.write_csv(tmp)
+    table = markdown(report)
+    with atomic_path(files["results_md"]) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    for task in report.tasks:
+        path = out_dir / f"kshot_{file_stem(task.name)}.png"
+        files[f"kshot/{task.name}"] = plot_kshot(report, task, path)
+    for predictions in report.predictions:
+        path = (out_dir / "predictions" / file_stem(predictions.task)
+                / f"{file_stem(predictions.method)}.parquet")
+        files[f"predictions/{predictions.task}/{predictions.method}"] = write_predictions(
+            predictions, path)
+    for label_set in report.landmark_labels:
+        path = out_dir / "labels" / f"{file_stem(label_set.name)}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files[f"labels/{label_set.name}"] = write_label_set(label_set, path)
+    return table, files

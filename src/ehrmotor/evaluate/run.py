@@ -1,134 +1,103 @@
-"""Downstream evaluation: linear probes on MOTOR representations vs. a count-feature baseline.
+"""`evaluate`: the few-shot protocol on MOTOR embeddings against count features.
 
-`evaluate(meds_dir, model_path, out_dir, outcomes=...)` builds tasks (`ehrmotor.evaluate.tasks`):
-for each outcome (a name and its codes, given by the caller) a time-to-event task (metric
-`c_index`, Harrell's C) and a binary task at `horizon_days` (metric `auroc`), or one binary task
-from a MEDS label file. Both feature sets, MOTOR (`compute_features`) and counts
-(`ehrmotor.evaluate.counts`), get the same probes (`ehrmotor.evaluate.probes`: a mostly-ridge Cox
-model for time to event, an L2 logistic regression for binary tasks, each tuned by inner CV).
+Labels: landmark time-to-event labels of outcomes (`ehrmotor.evaluate.landmarks`; a name and its
+codes, given by the caller) and/or MEDS label files (`ehrmotor.meds.labels.read_label_set`:
+boolean labels are binary tasks, time-to-event labels are used as they are). Only subjects of the
+evaluation splits count (`tasks.evaluation_subjects`). The protocol (`ehrmotor.evaluate.protocol`):
+a fixed test set of subjects, k-shot training sets drawn from the pool, the heads of each task
+kind on the feature sets (`ehrmotor.evaluate.features`), scored on the test set with
+subject-bootstrap intervals (`ehrmotor.evaluate.scoring`). When the caller knows the true hazards
+of an outcome (a simulated dataset), its `oracle` gives them at the test labels and they are
+scored as a reference row.
 
-Subjects are split once (seeded) into a probe-training pool (POOL_FRACTION) and a test set. For
-each train size (None = the whole pool, fitted once since every draw is the pool) and repeat a
-seeded subsample of the pool is fitted and scored on the test set; subsamples with fewer than two
-events (or, for binary tasks, two negatives) are skipped and counted. `mean` is the mean test
-metric over repeats; `ci_low`/`ci_high` are the 2.5/97.5 percentiles of that mean over `bootstrap`
-resamples of the test subjects (the same resamples for every feature set). When the caller knows
-the true hazards (a simulated dataset), its `oracle` function gives them at the prediction times
-and they are scored the same way (features "oracle").
-
-Written to out_dir: results.csv (RESULT_SCHEMA), results.md and learning_curves.png
-(`ehrmotor.evaluate.report`), labels.parquet (the task table).
+Written to out_dir (`ehrmotor.evaluate.report`): results.csv (`scoring.RESULT_SCHEMA`),
+results.md, kshot_<task>.png, predictions/<task>/<method>.parquet (binary tasks, the k = "all"
+fit, the meds-evaluation schema) and labels/<outcome>.parquet (the landmark labels, readable by
+`read_label_set` and `ehrmotor embed --labels`).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from ehrmotor.artifacts import atomic_path
 from ehrmotor.errors import InputError
-from ehrmotor.evaluate.counts import count_features, feature_matrix, select_features
-from ehrmotor.evaluate.metrics import bootstrap_weights
-from ehrmotor.evaluate.probes import ProbeTask, fit_probe, probe_tasks
-from ehrmotor.evaluate.report import markdown_table, plot_learning_curves
-from ehrmotor.evaluate.tasks import check_outcomes, held_out_tasks, label_file_task
-
-if TYPE_CHECKING:
-    from ehrmotor.bundle import Bundle
+from ehrmotor.evaluate.features import FeatureSets, build_features
+from ehrmotor.evaluate.landmarks import LandmarkSettings, landmark_label_sets
+from ehrmotor.evaluate.metrics import brier_grid, subject_resamples
+from ehrmotor.evaluate.protocol import (
+    K_VALUES,
+    Fit,
+    Targets,
+    TaskData,
+    fit_task,
+    kshot_draws,
+    methods_for,
+    split_subjects,
+)
+from ehrmotor.evaluate.report import Report, TaskPredictions, write_report
+from ehrmotor.evaluate.scoring import (
+    RESULT_SCHEMA,
+    score_difference,
+    score_method,
+    score_oracle,
+    task_scoring,
+)
+from ehrmotor.evaluate.scoring import metrics_for as task_metrics
+from ehrmotor.evaluate.tasks import (
+    DEFAULT_SPLITS,
+    TIME_TO_EVENT,
+    Task,
+    check_label_kinds,
+    check_outcomes,
+    evaluation_subjects,
+    tasks_from_label_sets,
+)
+from ehrmotor.meds.labels import LabelSet, read_label_set
 
 log = logging.getLogger(__name__)
 
 # (outcome, subject_ids (n,) int64, prediction_times (n,) datetime64[us]) -> the true hazard at
 # each (nan where unknown), or None when there is none for that outcome.
 Oracle = Callable[[str, np.ndarray, np.ndarray], np.ndarray | None]
-POOL_FRACTION = 0.6
-
-RESULT_SCHEMA: dict[str, pl.DataType] = {
-    "outcome": pl.String(), "metric": pl.String(), "features": pl.String(),
-    "train_size": pl.Int64(), "n_test": pl.Int64(), "events_test": pl.Int64(),
-    "mean": pl.Float64(), "ci_low": pl.Float64(), "ci_high": pl.Float64(),
-    "repeats_used": pl.Int64(), "repeats_skipped": pl.Int64(), "train_pool": pl.Int64(),
-}
 
 
-# --------------------------------------------------------------------------- one task
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The protocol's settings: k values (None = the whole pool), replicates per k, the test
+    share of subjects, the horizon of Uno's C and of the Brier grid (days), bootstrap resamples,
+    the seed, the evaluation splits, the count features kept and the embedding batch budget."""
 
+    k_values: tuple[int | None, ...] = K_VALUES
+    replicates: int = 5
+    test_fraction: float = 0.5
+    horizon_days: float = 365.0
+    bootstrap: int = 200
+    seed: int = 0
+    splits: tuple[str, ...] = DEFAULT_SPLITS
+    max_count_features: int = 2000
+    tokens_per_batch: int | None = None
 
-def _summary(task: ProbeTask, test: np.ndarray, risks: np.ndarray,
-             boot: np.ndarray) -> tuple[float, float, float]:
-    """Mean metric over the risk rows and its bootstrap percentile interval."""
-    if risks.shape[0] == 0:
-        return np.nan, np.nan, np.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-nan rows
-        mean = float(np.nanmean(task.score(test, risks)))
-        means = np.array([np.nanmean(task.score(test, risks, w)) for w in boot])
-    means = means[np.isfinite(means)]
-    if not np.isfinite(mean) or len(means) == 0:
-        return mean, np.nan, np.nan
-    low, high = np.percentile(means, [2.5, 97.5])
-    return mean, float(low), float(high)
-
-
-def evaluate_task(task: ProbeTask, index: int, features: dict[str, np.ndarray],
-                  train_sizes: Sequence[int | None], repeats: int, seed: int, bootstrap: int,
-                  oracle: np.ndarray | None) -> list[dict[str, object]]:
-    """Result rows (RESULT_SCHEMA) of one task; `oracle` is the true hazard per task entry."""
-    pool, test = np.flatnonzero(task.in_pool), np.flatnonzero(~task.in_pool)
-    base = {"outcome": task.outcome, "metric": task.metric, "n_test": len(test),
-            "events_test": int(task.event[test].sum()), "train_pool": len(pool)}
-    boot = bootstrap_weights(len(test), bootstrap, (seed, 23, index))
-    sizes = sorted({len(pool) if s is None else s for s in train_sizes if (s or 0) <= len(pool)})
-    if len(sizes) < len(train_sizes):
-        log.info("evaluate: %s/%s: pool of %d; train sizes %s kept", task.outcome, task.metric,
-                 len(pool), sizes)
-    rows: list[dict[str, object]] = []
-    for size in sizes:
-        draws = 1 if size == len(pool) else repeats
-        subsamples = [np.sort(np.random.default_rng([seed, index, size, r]).choice(
-            pool, size, replace=False)) for r in range(draws)]
-        usable = [s for s in subsamples if task.usable(s)]
-        for name, matrix in features.items():
-            risks = []
-            for repeat, subsample in enumerate(usable):
-                try:
-                    probe = fit_probe(task, matrix[task.rows[subsample]], subsample,
-                                      seed + repeat)
-                except ArithmeticError as exc:
-                    log.warning("evaluate: %s/%s %s n=%d: fit failed (%s)", task.outcome,
-                                task.metric, name, size, exc)
-                    continue
-                risks.append(probe(matrix[task.rows[test]]))
-            mean, low, high = _summary(task, test, np.array(risks).reshape(len(risks), len(test)),
-                                       boot)
-            rows.append(base | {"features": name, "train_size": size, "mean": mean,
-                                "ci_low": low, "ci_high": high, "repeats_used": len(risks),
-                                "repeats_skipped": draws - len(risks)})
-        log.info("evaluate: %s/%s n=%d: %s", task.outcome, task.metric, size, ", ".join(
-            f"{r['features']} {r['mean']:.3f}" for r in rows[-len(features):]))
-    if oracle is not None:
-        finite = np.isfinite(oracle[test])
-        if not finite.all():
-            log.warning("evaluate: %s: no true hazard for %d test subjects; oracle left them "
-                        "out", task.outcome, int((~finite).sum()))
-        kept = test[finite]
-        mean, low, high = _summary(task, kept, oracle[kept][None, :], boot[:, finite])
-        rows.append(base | {"features": "oracle", "train_size": None, "n_test": len(kept),
-                            "events_test": int(task.event[kept].sum()), "mean": mean,
-                            "ci_low": low, "ci_high": high, "repeats_used": 1,
-                            "repeats_skipped": 0})
-    return rows
-
-
-# --------------------------------------------------------------------------- the stage
+    def check(self) -> None:
+        """InputError naming the first setting that cannot work."""
+        if self.replicates < 1 or self.bootstrap < 1 or self.seed < 0:
+            raise InputError(f"replicates and bootstrap must be at least 1 and seed at least 0, "
+                             f"got {self.replicates}, {self.bootstrap}, {self.seed}")
+        if not self.k_values or any(k is not None and k < 1 for k in self.k_values):
+            raise InputError(f"k values must be at least 1 (or all), got {list(self.k_values)}")
+        if not 0 < self.test_fraction < 1:
+            raise InputError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if not 0 < self.horizon_days < float("inf"):
+            raise InputError(f"horizon_days must be a positive number, got {self.horizon_days}")
+        if self.max_count_features < 1:
+            raise InputError(f"max_count_features must be at least 1, got "
+                             f"{self.max_count_features}")
 
 
 @dataclass(frozen=True)
@@ -138,143 +107,166 @@ class EvaluationResult:
     results: pl.DataFrame
     table_markdown: str
     out_dir: Path
-    results_csv: Path
-    results_md: Path
-    learning_curves: Path
-    labels: Path
-
-
-def motor_features(meds_dir: Path, bundle: Bundle, points: pl.DataFrame,
-                   tokens_per_batch: int | None) -> np.ndarray:
-    """MOTOR representations (n, hidden) at `points`, rows in `points` order."""
-    from ehrmotor.embed import bundle_features  # imports torch and the model
-
-    result = bundle_features(meds_dir, bundle, points, tokens_per_batch=tokens_per_batch)
-    times = np.asarray(result["feature_times"], dtype="datetime64[us]")
-    if not (np.array_equal(result["subject_ids"], points["subject_id"].to_numpy())
-            and np.array_equal(times, points["prediction_time"].to_numpy())):
-        raise RuntimeError("compute_features returned rows out of (subject_id, prediction_time) "
-                           "order")
-    return np.asarray(result["features"], dtype=np.float64)
-
-
-def _oracle_hazards(oracle: Oracle, task: ProbeTask, points: pl.DataFrame,
-                    cache: dict[str, np.ndarray | None]) -> np.ndarray | None:
-    """The oracle's true hazard of the task's outcome at each task entry, or None."""
-    if task.outcome not in cache:
-        hazards = oracle(task.outcome, points["subject_id"].to_numpy(),
-                         points["prediction_time"].to_numpy())
-        if hazards is not None:
-            hazards = np.asarray(hazards, dtype=np.float64)
-            if hazards.shape != (points.height,):
-                raise ValueError(f"oracle: {task.outcome}: expected {points.height} hazards, "
-                                 f"got shape {hazards.shape}")
-        cache[task.outcome] = hazards
-    hazards = cache[task.outcome]
-    return None if hazards is None else hazards[task.rows]
+    files: dict[str, Path]  # results_csv, results_md, and one entry per plot and label file
 
 
 def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
-             outcomes: Mapping[str, Sequence[str]] | None = None, oracle: Oracle | None = None,
-             horizon_days: float = 365,
-             train_sizes: Sequence[int | None] = (50, 100, 500, None), repeats: int = 5,
-             seed: int = 0, labels_path: Path | None = None, tokens_per_batch: int | None = None,
-             bootstrap: int = 200, max_count_features: int = 2000) -> EvaluationResult:
-    """Probe MOTOR and count features on downstream tasks; write and return the results.
+             outcomes: Mapping[str, Sequence[str]] | None = None,
+             labels: Sequence[Path] = (), task_name: str | None = None,
+             oracle: Oracle | None = None, settings: ProtocolSettings = ProtocolSettings(),
+             landmarks: LandmarkSettings | None = None) -> EvaluationResult:
+    """Run the protocol on the tasks of `outcomes` and `labels`; write and return the results.
 
-    meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (with its ontology; read
-    by `load_bundle`, which raises BundleError for a missing, incomplete or corrupt one);
-    outcomes: outcome name → its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure":
-    ["ICD10CM/I50"]} (see `tasks.outcome_matcher`); oracle: the true hazards of a
-    simulated dataset (see `Oracle`; scored for the outcomes, not for a label file);
-    horizon_days: binary-task horizon in days; train_sizes: probe-training subjects per fit
-    (None = the whole pool); repeats: subsamples per size; labels_path: a MEDS label parquet to
-    use instead of the outcomes; bootstrap: resamples for the intervals; max_count_features:
-    count features kept. Deterministic given `seed` (and a deterministic oracle). See the
-    module docstring for what is written to `out_dir`.
+    meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (read by `load_bundle`,
+    which raises BundleError for a missing, incomplete or corrupt one); outcomes: outcome name →
+    its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure": ["ICD10CM/I50"]} (landmark
+    labels, see `ehrmotor.evaluate.landmarks`); labels: MEDS label files or folders, one task
+    each, named `task_name` when there is one path; oracle: see `Oracle`; landmarks: how
+    landmark labels are drawn (default `LandmarkSettings()`). Deterministic given
+    the settings (and a deterministic oracle). InputError for bad settings, outcomes or label
+    files, all before the model is read.
     """
-    meds_dir, model_path, out_dir = Path(meds_dir), Path(model_path), Path(out_dir)
-    _check_settings(repeats, bootstrap, seed, train_sizes)
-    if labels_path is None and not outcomes:
-        raise InputError("evaluate: give outcomes (name → codes) or a label file")
-    outcome_codes = check_outcomes(outcomes or {})
+    meds_dir, out_dir = Path(meds_dir), Path(out_dir)
+    landmarks = landmarks or LandmarkSettings()
+    settings.check()
+    landmarks.check()
+    checked = check_outcomes(outcomes or {})
+    label_sets = _read_label_files(labels, task_name)
+    if not checked and not label_sets:
+        raise InputError("evaluate: give outcomes (name → codes) or label files")
     from ehrmotor.bundle import load_bundle  # imports torch and the model
 
-    bundle = load_bundle(model_path)  # a bad bundle fails before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if labels_path is not None:
-        tasks = label_file_task(meds_dir, Path(labels_path))
-        oracle = None
-    else:
-        tasks = held_out_tasks(meds_dir, outcome_codes, horizon_days=horizon_days, seed=seed)
-    if tasks.is_empty():
-        raise InputError(f"{labels_path or meds_dir}: no labels to evaluate")
-    labels_file = out_dir / "labels.parquet"
-    with atomic_path(labels_file) as tmp:
-        tasks.write_parquet(tmp)
-    points = tasks.select("subject_id", "prediction_time").unique().sort(
-        "subject_id", "prediction_time")
-    in_pool = _probe_training_pool(points, seed)
-    features = _feature_sets(meds_dir, bundle, points, in_pool, tokens_per_batch,
-                             max_count_features)
-
-    hazards: dict[str, np.ndarray | None] = {}
+    bundle = load_bundle(Path(model_path))  # a bad bundle fails before any work
+    subjects = evaluation_subjects(meds_dir, settings.splits)
+    outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=settings.splits)
+                    if checked else [])
+    tasks = [*tasks_from_label_sets(meds_dir, outcome_sets, subjects, from_outcomes=True),
+             *tasks_from_label_sets(meds_dir, label_sets, subjects, from_outcomes=False)]
+    tasks = _usable_tasks(tasks)
+    points = (pl.concat([t.labels.select("subject_id", "prediction_time") for t in tasks])
+              .unique().sort("subject_id", "prediction_time"))
+    test, pool = split_subjects(points["subject_id"].to_numpy(), settings.test_fraction,
+                                settings.seed)
+    log.info("evaluate: %d tasks, %d labels at %d points of %d subjects (%d test, %d pool)",
+             len(tasks), sum(t.labels.height for t in tasks), points.height, len(test) +
+             len(pool), len(test), len(pool))
+    features = build_features(
+        meds_dir, bundle, points, np.flatnonzero(np.isin(points["subject_id"].to_numpy(), pool)),
+        tokens_per_batch=settings.tokens_per_batch, max_features=settings.max_count_features)
     rows: list[dict[str, object]] = []
-    all_tasks = probe_tasks(tasks, points, in_pool)
-    for index, task in enumerate(tqdm(all_tasks, desc="evaluate", unit="task", disable=None)):
-        truth = _oracle_hazards(oracle, task, points, hazards) if oracle is not None else None
-        rows += evaluate_task(task, index, features, train_sizes, repeats, seed, bootstrap,
-                              truth)
+    predictions: list[TaskPredictions] = []
+    for index, task in enumerate(tqdm(tasks, desc="evaluate", unit="task", disable=None)):
+        task_rows, task_predictions = evaluate_task(
+            task, index, features, test, settings, oracle if task.from_outcome else None)
+        rows += task_rows
+        predictions += task_predictions
     results = pl.DataFrame(rows, schema=RESULT_SCHEMA)
-    return _write_results(results, out_dir, labels_file)
+    report = Report(results, tasks, predictions, outcome_sets, settings.horizon_days)
+    table, files = write_report(report, out_dir)
+    return EvaluationResult(results, table, out_dir, files)
 
 
-def _check_settings(repeats: int, bootstrap: int, seed: int,
-                    train_sizes: Sequence[int | None]) -> None:
-    """InputError naming the first of `evaluate`'s numeric settings that cannot work."""
-    if repeats < 1 or bootstrap < 1 or seed < 0:
-        raise InputError(f"repeats and bootstrap must be at least 1 and seed at least 0, got "
-                         f"{repeats}, {bootstrap}, {seed}")
-    if any(size is not None and size < 1 for size in train_sizes):
-        raise InputError(f"train sizes must be at least 1 (or None), got {list(train_sizes)}")
+def _read_label_files(paths: Sequence[Path], task_name: str | None) -> list[LabelSet]:
+    if task_name is not None and len(paths) != 1:
+        raise InputError(f"--task-name names the task of one label path; got {len(paths)} paths")
+    label_sets = [read_label_set(Path(path), task_name=task_name) for path in paths]
+    check_label_kinds(label_sets)
+    names = [label_set.name for label_set in label_sets]
+    if len(set(names)) < len(names):
+        raise InputError(f"label files: two tasks are named alike ({', '.join(names)}); give "
+                         "each a file or folder of its own name")
+    return label_sets
 
 
-def _probe_training_pool(points: pl.DataFrame, seed: int) -> np.ndarray:
-    """Whether each label of `points` belongs to a subject of the probe-training pool.
-
-    POOL_FRACTION of the subjects, drawn once with `seed`; the others form the test set.
-    """
-    subjects = points["subject_id"].unique().sort().to_numpy()
-    shuffled = np.random.default_rng([seed, 5]).permutation(subjects)
-    pool_subjects = shuffled[:round(POOL_FRACTION * len(subjects))]
-    in_pool = np.isin(points["subject_id"].to_numpy(), pool_subjects)
-    log.info("evaluate: %d labels of %d subjects (%d in the probe-training pool)", points.height,
-             len(subjects), len(pool_subjects))
-    return in_pool
-
-
-def _feature_sets(meds_dir: Path, bundle: Bundle, points: pl.DataFrame, in_pool: np.ndarray,
-                  tokens_per_batch: int | None, max_count_features: int) -> dict[str, np.ndarray]:
-    """The MOTOR and count feature matrices (rows in `points` order) the probes compare.
-
-    The count features kept are the `max_count_features` most frequent in the training pool.
-    """
-    motor = motor_features(meds_dir, bundle, points, tokens_per_batch)
-    long = count_features(meds_dir, points, bundle.ontology)
-    names = select_features(long, np.flatnonzero(in_pool), max_count_features)
-    counts = feature_matrix(long, names, points.height)
-    log.info("evaluate: MOTOR %d features, counts %d features", motor.shape[1], counts.shape[1])
-    return {"motor": motor, "counts": counts}
+def _usable_tasks(tasks: list[Task]) -> list[Task]:
+    """Tasks with labels; InputError when none has, or when two share a name."""
+    names = [task.name for task in tasks]
+    if len(set(names)) < len(names):
+        raise InputError(f"evaluate: tasks named alike ({', '.join(names)}); rename a label "
+                         "file or drop the outcome of the same name")
+    for task in tasks:
+        if task.labels.is_empty():
+            log.warning("evaluate: %s: no label of an evaluation subject; left out", task.name)
+    kept = [task for task in tasks if not task.labels.is_empty()]
+    if not kept:
+        raise InputError("evaluate: no label of an evaluation subject in any task (evaluation "
+                         "subjects: the held_out and tuning splits unless chosen otherwise)")
+    return kept
 
 
-def _write_results(results: pl.DataFrame, out_dir: Path, labels_file: Path) -> EvaluationResult:
-    """Write results.csv, results.md and learning_curves.png to `out_dir`."""
-    results_csv, results_md = out_dir / "results.csv", out_dir / "results.md"
-    with atomic_path(results_csv) as tmp:
-        results.write_csv(tmp)
-    table = markdown_table(results)
-    with atomic_path(results_md) as tmp:
-        tmp.write_text(table + "\n", encoding="utf-8")
-    curves = plot_learning_curves(results, out_dir / "learning_curves.png")
-    log.info("evaluate: wrote %s, %s, %s", results_csv, results_md, curves)
-    return EvaluationResult(results, table, out_dir, results_csv, results_md, curves, labels_file)
+def task_data(task: Task, points: pl.DataFrame, test_subjects: np.ndarray,
+              horizon_days: float) -> TaskData:
+    """The task's labels as indices into `points`, with its test set and training pool."""
+    indexed = task.labels.join(points.with_row_index("row"),
+                               on=["subject_id", "prediction_time"], maintain_order="left")
+    subjects = indexed["subject_id"].to_numpy()
+    in_test = np.isin(subjects, test_subjects)
+    time = indexed["time_days"].to_numpy() if task.kind == TIME_TO_EVENT else None
+    event = indexed[task.target].to_numpy().astype(bool)
+    test = np.flatnonzero(in_test)
+    days = (brier_grid(time[test], event[test], horizon_days) if time is not None
+            else np.zeros(0))
+    return TaskData(indexed["row"].to_numpy().astype(np.int64), subjects, Targets(time, event),
+                    test, np.unique(subjects[~in_test]), days)
+
+
+def evaluate_task(task: Task, index: int, features: FeatureSets, test_subjects: np.ndarray,
+                  settings: ProtocolSettings,
+                  oracle: Oracle | None) -> tuple[list[dict[str, object]], list[TaskPredictions]]:
+    """The result rows of one task and, for a binary task, its k = "all" test predictions."""
+    data = task_data(task, features.points, test_subjects, settings.horizon_days)
+    draws = kshot_draws(data.pool_subjects, settings.k_values, settings.replicates,
+                        settings.seed)
+    methods = methods_for(task.kind)
+    fits = fit_task(data, methods, features.matrices, draws, seed=settings.seed,
+                    bin_edges_days=features.bin_edges_days, horizon_days=settings.horizon_days)
+    resamples = subject_resamples(data.subjects[data.test], settings.bootstrap,
+                                  [settings.seed, 29, index])
+    scoring = task_scoring(task.name, task.kind, data, resamples)
+    hazard = _oracle_hazard(oracle, task, features.points, data)
+    ks = list(dict.fromkeys(draw.k for draw in draws))
+    rows: list[dict[str, object]] = []
+    for metric in task_metrics(task.kind, settings.horizon_days):
+        for k in ks:
+            cells = {}
+            for method in methods:
+                row = score_method(scoring, method, metric, k,
+                                   [fit for fit in fits[method.name] if fit.draw.k == k])
+                if row is not None:
+                    cells[method.name] = row
+            difference = score_difference(scoring, metric, k, cells, methods, fits)
+            rows += [*cells.values(), *([difference] if difference else [])]
+        if hazard is not None and (oracle_row := score_oracle(scoring, metric, hazard)):
+            rows.append(oracle_row)
+    log.info("evaluate: %s: %d test labels (%d events or positives), pool of %d subjects",
+             task.name, len(data.test), scoring.base["test_events"], len(data.pool_subjects))
+    return rows, _predictions(task, features.points, data, fits)
+
+
+def _oracle_hazard(oracle: Oracle | None, task: Task, points: pl.DataFrame,
+                   data: TaskData) -> np.ndarray | None:
+    """The oracle's true hazard of the task's outcome at each test label, or None."""
+    if oracle is None:
+        return None
+    rows = data.rows[data.test]
+    hazard = oracle(task.name, points["subject_id"].to_numpy()[rows],
+                    points["prediction_time"].to_numpy()[rows])
+    if hazard is None:
+        return None
+    hazard = np.asarray(hazard, dtype=np.float64)
+    if hazard.shape != (len(rows),):
+        raise ValueError(f"oracle: {task.name}: expected {len(rows)} hazards, got shape "
+                         f"{hazard.shape}")
+    return hazard
+
+
+def _predictions(task: Task, points: pl.DataFrame, data: TaskData,
+                 fits: dict[str, list[Fit]]) -> list[TaskPredictions]:
+    """The k = "all" fit's test predictions of each method of a binary task."""
+    if task.kind == TIME_TO_EVENT:
+        return []
+    keys = points[data.rows[data.test]]
+    label = data.targets.event[data.test]
+    return [TaskPredictions(task.name, method, keys, label, fit.risk)
+            for method, method_fits in fits.items() for fit in method_fits
+            if fit.draw.k is None and fit.risk is not None]

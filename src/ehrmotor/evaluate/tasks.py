@@ -1,54 +1,51 @@
-"""Downstream tasks for `ehrmotor.evaluate`: the labels each feature set is probed on.
+"""Downstream tasks for `ehrmotor.evaluate`: who is evaluated, and on which labels.
 
-Each evaluation subject gets one prediction time: a seeded random visit time (`Visit/*`
-events) at least one day after its birth day (the `MEDS_BIRTH` time, else its first event,
-truncated to the day) and strictly before its last event. For each outcome (a name and its codes:
-see `outcome_matcher`), subjects with the outcome at or before the prediction time are dropped
-(prevalent); the time to event is the days from the prediction time to the outcome's first later
-occurrence, else the subject is censored at its last event time. The binary label at a horizon
-is True when the event comes within the horizon, False when the subject is followed past the
-horizon without it, and null (excluded) when it is censored earlier.
+Evaluation subjects are those of the chosen splits of `metadata/subject_splits.parquet`
+(`held_out` and `tuning` by default; never `train`, which pretraining saw). Their events are read
+one shard at a time (`subject_events`); `read_timelines` gathers what landmark labels need
+(`ehrmotor.evaluate.landmarks`), and the count features (`ehrmotor.evaluate.counts`) share
+`birth_days`.
 
-Task table (`TASK_SCHEMA`, written as labels.parquet), one row per (outcome, label):
+A `Task` is one label set made ready for the protocol (`tasks_from_label_sets`): labels of
+evaluation subjects only, on or after the day after the subject's birth day (the embeddings
+refuse earlier ones), one per (subject_id, prediction_time). Its `labels` frame:
 
-    outcome             String    outcome name (for a label file: the file's stem)
-    subject_id          Int64
-    prediction_time     Datetime(us)
-    time_to_event_days  Float64   days to the event or to censoring; null for a label file
-    event               Boolean   the event was observed; null for a label file
-    boolean_value       Boolean   binary label at the horizon; null when excluded
-
-The events of the evaluation subjects are read one shard at a time (`subject_events`); the
-count features (`ehrmotor.evaluate.counts`) read them the same way and share `birth_days`.
+    subject_id       Int64
+    prediction_time  Datetime(us)
+    time_days        Float64   time_to_event: days to the event or to censoring
+    event            Boolean   time_to_event: the event was observed
+    label            Boolean   binary: the label (a MEDS boolean_value)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_subject_splits, scan_shard
+from ehrmotor.meds.labels import LabelSet, time_to_event_days
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 BIRTH_CODE = "MEDS_BIRTH"
 VISIT_PREFIX = "Visit/"
+DEFAULT_SPLITS = ("held_out", "tuning")
+PRETRAINING_SPLIT = "train"
+TIME_TO_EVENT, BINARY = "time_to_event", "binary"
+UNSUPPORTED_KINDS = ("integer", "float", "categorical")
 
-TASK_SCHEMA = pl.Schema({
-    "outcome": pl.String(),
-    "subject_id": pl.Int64(),
-    "prediction_time": pl.Datetime("us"),
-    "time_to_event_days": pl.Float64(),
-    "event": pl.Boolean(),
-    "boolean_value": pl.Boolean(),
-})
+
+def file_stem(name: str) -> str:
+    """A task or outcome name as a file name: characters other than letters, digits, '.', '-'
+    and '_' become '_' (ICD10CM/I50 -> ICD10CM_I50)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 def outcome_matcher(codes: Sequence[str]) -> pl.Expr:
@@ -132,137 +129,87 @@ def read_timelines(meds_dir: Path, subject_ids: pl.Series,
                      pl.concat(outcome_events).sort("outcome", "subject_id", "time"))
 
 
-def evaluation_subjects(meds_dir: Path) -> pl.Series:
-    """Subject ids of the `held_out` split (else `tuning`, with a warning), sorted.
+def evaluation_subjects(meds_dir: Path, splits: Sequence[str] = DEFAULT_SPLITS) -> pl.Series:
+    """Subject ids of the `splits` of metadata/subject_splits.parquet, sorted.
 
-    Raises InputError when metadata/subject_splits.parquet is missing or both splits are empty.
+    InputError when `splits` is empty or names `train`, when the file is missing, or when the
+    splits hold no subject.
     """
-    splits = read_subject_splits(meds_dir)
-    if splits is None:
+    if not splits or PRETRAINING_SPLIT in splits:
+        raise InputError(f"evaluation splits {list(splits)}: choose among held_out and tuning "
+                         "(the train split is what pretraining saw)")
+    table = read_subject_splits(meds_dir)
+    if table is None:
         raise InputError(f"{meds_dir}: metadata/subject_splits.parquet is missing; evaluation "
-                         "needs a held_out (or tuning) split")
-    for split in ("held_out", "tuning"):
-        ids = splits.filter(pl.col("split") == split)["subject_id"].unique().sort()
-        if ids.len():
-            if split != "held_out":
-                log.warning("evaluate: the held_out split is empty; evaluating on the %s split "
-                            "(its subjects may have been used for pretraining)", split)
-            return ids
-    raise InputError(f"{meds_dir}: metadata/subject_splits.parquet has no held_out or tuning "
-                     "subjects")
+                         f"needs its {' and '.join(splits)} subjects")
+    ids = table.filter(pl.col("split").is_in(list(splits)))["subject_id"].unique().sort()
+    if ids.is_empty():
+        found = ", ".join(sorted(table["split"].unique().to_list())) or "none"
+        raise InputError(f"{meds_dir}: metadata/subject_splits.parquet has no subject in "
+                         f"{', '.join(splits)} (splits found: {found})")
+    return ids
 
 
-def draw_prediction_times(timelines: Timelines, seed: int) -> pl.DataFrame:
-    """One seeded random eligible visit time per subject: subject_id, prediction_time, last_time.
+@dataclass(frozen=True)
+class Task:
+    """One label set ready for the protocol; see the module docstring for `labels`."""
 
-    Eligible: at least one day after the birth day and strictly before the last event. Subjects
-    without an eligible visit are left out. The draw depends only on the data and `seed`.
+    name: str
+    kind: str  # TIME_TO_EVENT or BINARY
+    labels: pl.DataFrame
+    from_outcome: bool  # landmark labels of an outcome (the oracle may know its hazard)
+
+    @property
+    def target(self) -> str:
+        """The column the test set's events (or positives) are counted in."""
+        return "event" if self.kind == TIME_TO_EVENT else "label"
+
+
+def check_label_kinds(label_sets: Sequence[LabelSet]) -> None:
+    """InputError for a label set of a kind the protocol does not evaluate yet."""
+    for label_set in label_sets:
+        if label_set.kind in UNSUPPORTED_KINDS:
+            where = ", ".join(str(f) for f in label_set.files) or label_set.name
+            raise InputError(f"{where}: {label_set.kind} labels are not evaluated yet; give "
+                             "boolean_value or time-to-event labels")
+
+
+def tasks_from_label_sets(meds_dir: Path, label_sets: Sequence[LabelSet], subjects: pl.Series,
+                          from_outcomes: bool) -> list[Task]:
+    """The `Task` of each label set, restricted to `subjects` (see the module docstring).
+
+    Labels left out (other subjects, too early, duplicates) are counted in a log line.
     """
-    candidates = (
-        timelines.visits.join(timelines.subjects, on="subject_id")
-        .filter((pl.col("time") >= pl.col("birth_day") + pl.duration(days=1))
-                & (pl.col("time") < pl.col("last_time")))
-        .sort("subject_id", "time")
-    )
-    keys = np.random.default_rng([seed, 11]).random(candidates.height)
-    chosen = (
-        candidates.with_columns(key=pl.Series(keys))
-        .group_by("subject_id")
-        .agg(prediction_time=pl.col("time").sort_by("key").last(), last_time=pl.col("last_time")
-             .first())
-        .sort("subject_id")
-    )
-    dropped = timelines.subjects.height - chosen.height
-    if dropped:
-        log.info("evaluate: %d of %d subjects have no visit between their birth day and last "
-                 "event; left out", dropped, timelines.subjects.height)
-    return chosen
-
-
-def outcome_tasks(points: pl.DataFrame, timelines: Timelines, outcomes: Sequence[str],
-                  horizon_days: float) -> pl.DataFrame:
-    """The task table (TASK_SCHEMA) of `outcomes` at `points` (subject_id, prediction_time,
-    last_time); prevalent subjects of each outcome are left out of its rows."""
-    events = timelines.outcome_events
-    frames = []
-    for outcome in outcomes:
-        relative = (
-            events.filter(pl.col("outcome") == outcome).drop("outcome")
-            .join(points.select("subject_id", "prediction_time"), on="subject_id")
-            .group_by("subject_id")
-            .agg(prevalent=(pl.col("time") <= pl.col("prediction_time")).any(),
-                 event_time=pl.col("time").filter(pl.col("time") > pl.col("prediction_time"))
-                 .min())
+    check_label_kinds(label_sets)
+    if not label_sets:
+        return []
+    labelled = pl.concat([ls.frame.select("subject_id") for ls in label_sets])["subject_id"]
+    wanted = labelled.unique().sort()
+    wanted = wanted.filter(wanted.is_in(subjects.implode()))
+    births = [birth_days(events).collect() for events in subject_events(meds_dir, wanted)]
+    birth = pl.concat(births) if births else pl.DataFrame(
+        schema={"subject_id": pl.Int64(), "birth_day": pl.Datetime("us"),
+                "last_time": pl.Datetime("us")})
+    tasks = []
+    for label_set in label_sets:
+        frame = label_set.frame
+        if label_set.kind == TIME_TO_EVENT:
+            frame = time_to_event_days(frame).select(
+                "subject_id", "prediction_time", "time_days", "event")
+        else:
+            frame = frame.select("subject_id", "prediction_time", label="boolean_value")
+        usable = (
+            frame.drop_nulls()
+            .join(birth.select("subject_id", "birth_day"), on="subject_id")
+            .filter(pl.col("prediction_time") >= pl.col("birth_day") + pl.duration(days=1))
+            .drop("birth_day")
+            .unique(["subject_id", "prediction_time"], keep="first", maintain_order=True)
+            .sort("subject_id", "prediction_time")
         )
-        task = (
-            points.join(relative, on="subject_id", how="left")
-            .filter(~pl.col("prevalent").fill_null(False))
-            .with_columns(event=pl.col("event_time").is_not_null(),
-                          end=pl.coalesce("event_time", "last_time"))
-            .with_columns(time_to_event_days=days_between("prediction_time", "end"))
-        )
-        within = pl.col("event") & (pl.col("time_to_event_days") <= horizon_days)
-        followed = pl.col("time_to_event_days") > horizon_days
-        frames.append(task.select(
-            outcome=pl.lit(outcome), subject_id="subject_id", prediction_time="prediction_time",
-            time_to_event_days="time_to_event_days", event="event",
-            boolean_value=pl.when(within).then(True).when(followed).then(False),
-        ).cast(TASK_SCHEMA))
-        log.info("evaluate: %s: %d subjects (%d prevalent left out), %d events, %d binary "
-                 "labels", outcome, task.height, points.height - task.height,
-                 int(task["event"].sum()), int(frames[-1]["boolean_value"].count()))
-    return pl.concat(frames) if frames else pl.DataFrame(schema=TASK_SCHEMA)
-
-
-def held_out_tasks(meds_dir: Path, outcomes: Mapping[str, Sequence[str]], *,
-                   horizon_days: float, seed: int) -> pl.DataFrame:
-    """The task table of `outcomes` (name → codes, see `outcome_matcher`) for the evaluation
-    subjects (see the module docstring). InputError for a malformed outcome."""
-    outcomes = check_outcomes(outcomes)  # fails before the data is read
-    timelines = read_timelines(meds_dir, evaluation_subjects(meds_dir), outcomes)
-    points = draw_prediction_times(timelines, seed)
-    return outcome_tasks(points, timelines, list(outcomes), horizon_days)
-
-
-def label_file_task(meds_dir: Path, labels_path: Path) -> pl.DataFrame:
-    """A MEDS label parquet (subject_id, prediction_time, boolean_value) as one binary task.
-
-    The task is named after the file's stem. Labels with a null value, of subjects absent from
-    the data, or on or before the subject's birth day are dropped with a warning; of labels with
-    the same subject and time only the first is kept.
-    """
-    labels_path = Path(labels_path)
-    try:
-        raw = pl.read_parquet(labels_path)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise InputError(f"{labels_path}: cannot read the label parquet "
-                         f"({' '.join(str(exc).split())})") from exc
-    for column in ("subject_id", "prediction_time", "boolean_value"):
-        if column not in raw.columns:
-            raise InputError(f"{labels_path}: column {column!r} is missing; expected MEDS labels "
-                             "(subject_id, prediction_time, boolean_value)")
-    try:
-        labels = raw.select(
-            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
-            pl.col("boolean_value").cast(pl.Boolean),
-        ).drop_nulls()
-    except pl.exceptions.PolarsError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{labels_path}: a column of the wrong type ({reason}); expected MEDS "
-                         "labels (subject_id integer, prediction_time timestamp, boolean_value "
-                         "boolean)") from exc
-    birth = pl.concat([birth_days(events).collect() for events in
-                       subject_events(meds_dir, labels["subject_id"].unique())])
-    usable = labels.join(birth, on="subject_id").filter(
-        pl.col("prediction_time") >= pl.col("birth_day") + pl.duration(days=1))
-    usable = usable.sort("subject_id", "prediction_time", maintain_order=True).unique(
-        ["subject_id", "prediction_time"], keep="first", maintain_order=True)
-    if usable.height < raw.height:
-        log.warning("evaluate: %s: %d of %d labels dropped (null, duplicate, unknown subject or "
-                    "on/before the birth day)", labels_path, raw.height - usable.height,
-                    raw.height)
-    return usable.select(
-        outcome=pl.lit(labels_path.stem), subject_id="subject_id",
-        prediction_time="prediction_time", time_to_event_days=pl.lit(None, pl.Float64),
-        event=pl.lit(None, pl.Boolean), boolean_value="boolean_value",
-    ).cast(TASK_SCHEMA)
+        if usable.height < frame.height:
+            log.info("evaluate: %s: %d of %d labels left out (null, duplicate, a subject "
+                     "outside the evaluation splits, or on or before the birth day)",
+                     label_set.name, frame.height - usable.height, frame.height)
+        kind = TIME_TO_EVENT if label_set.kind == TIME_TO_EVENT else BINARY
+        tasks.append(Task(label_set.name, kind, usable, from_outcomes))
+    return tasks

@@ -1,6 +1,15 @@
 """MEDS datasets: reading (`read`) and validation (`validate`, each data file checked by
-`shard_checks`); every pipeline step uses these."""
+`shard_checks`); every pipeline step uses these. MEDS label files: `labels`."""
 
+from ehrmotor.meds.labels import (
+    LABEL_KINDS,
+    VALUE_COLUMNS,
+    LabelSet,
+    read_label_set,
+    read_prediction_times,
+    time_to_event_days,
+    write_label_set,
+)
 from ehrmotor.meds.read import (
     DATA_COLUMNS,
     DATA_DTYPES,
@@ -17,14 +26,21 @@ from ehrmotor.meds.validate import ValidationReport, require_valid, validate_dat
 __all__ = [
     "DATA_COLUMNS",
     "DATA_DTYPES",
+    "LABEL_KINDS",
+    "VALUE_COLUMNS",
     "Finding",
+    "LabelSet",
     "MedsError",
     "ValidationReport",
     "data_files",
     "read_codes_metadata",
     "read_dataset_metadata",
+    "read_label_set",
+    "read_prediction_times",
     "read_subject_splits",
     "require_valid",
     "scan_shard",
+    "time_to_event_days",
     "validate_dataset",
+    "write_label_set",
 ]

@@ -1,0 +1,127 @@
+"""Does MOTOR beat counting codes? Synthesize, prepare, pretrain for a fixed budget, evaluate.
+
+    python benchmarks/bench_quality.py                       # 20,000 subjects, ~20 min training
+    python benchmarks/bench_quality.py --device cuda --preset small --steps 20000
+    python benchmarks/bench_quality.py --work /tmp/q --keep  # keep (and reuse) the work folder
+
+Steps (each reused when its output exists in --work): `ehrmotor synth`, `ehrmotor prepare`,
+`ehrmotor pretrain` for `--steps` optimizer steps (the default model and steps take about 20
+minutes on 2 CPU cores; the time is printed), then the evaluation protocol (`ehrmotor.evaluate`:
+k-shot training sets of held-out subjects, MOTOR heads against count baselines) on every planted
+outcome, with landmark time-to-event labels. Prints the pretraining val loss against the
+base-rate loss, the time of each stage and the evaluation table (results.md). The goal (issue
+10, not a test): MOTOR ahead of the best count baseline by >= 0.03 C-index at k <= 128 on most
+outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ehrmotor.config import PrepareConfig, PretrainConfig
+from ehrmotor.evaluate import evaluate
+from ehrmotor.evaluate.landmarks import LandmarkSettings
+from ehrmotor.evaluate.run import ProtocolSettings
+from ehrmotor.prepare import prepare
+from ehrmotor.synthetic import generate
+from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
+from ehrmotor.train import pretrain
+
+T = TypeVar("T")
+
+# The CPU default: a model between `tiny` and `small` (about 1.6M parameters with its head).
+CPU_MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384,
+             "final_layer_size": 64}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subjects", type=int, default=20_000)
+    parser.add_argument("--steps", type=int, default=2_500,
+                        help="optimizer steps of pretraining (default: about 20 min on 2 cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--preset", default=None,
+                        help="a model preset instead of the CPU default model (e.g. small on GPU)")
+    parser.add_argument("--tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--max-window", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--tasks", type=int, default=1024,
+                        help="MOTOR tasks (the dense head loss dominates CPU steps beyond ~1k)")
+    parser.add_argument("--k", default="16,32,64,128,256,512,all")
+    parser.add_argument("--replicates", type=int, default=5)
+    parser.add_argument("--landmarks", type=int, default=4)
+    parser.add_argument("--max-count-features", type=int, default=500,
+                        help="count features kept (the counts Cox fit grows fast with them)")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: temporary)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--workers", type=int, default=2)
+    return parser.parse_args()
+
+
+def _pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    model = {"preset": args.preset} if args.preset else {"preset": "tiny", **CPU_MODEL}
+    return PretrainConfig(**model, tokens_per_batch=args.tokens_per_batch,
+                          gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=200,
+                          max_steps=args.steps, eval_steps=500, save_steps=500,
+                          logging_steps=100, early_stopping_patience=5, num_train_epochs=100)
+
+
+def _timed(name: str, times: dict[str, float], run: Callable[..., T], *args: Any,
+           **kwargs: Any) -> T:
+    start = time.perf_counter()
+    result = run(*args, **kwargs)
+    times[name] = time.perf_counter() - start
+    print(f"{name}: {times[name]:.0f} s", flush=True)
+    return result
+
+
+def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality-"))
+    meds, prepared, evaluation = work / "meds", work / "work", work / "evaluation"
+    times: dict[str, float] = {}
+    try:
+        if not (meds / "metadata" / "synthetic.json").is_file():
+            _timed("synth", times, generate, meds, args.subjects, seed=0, workers=args.workers,
+                   force=True, progress=False)
+        _timed("prepare", times, prepare, meds, prepared, athena_dir=meds / "athena",
+               config=PrepareConfig(max_window=args.max_window, vocab_size=args.vocab_size,
+                                     num_tasks=args.tasks,
+                                     exclude_splits=("held_out", "tuning")), workers=args.workers,
+               progress=False)
+        bundle = _timed("pretrain", times, pretrain, prepared, _pretrain_config(args))
+        k_values = tuple(None if k == "all" else int(k) for k in args.k.split(","))
+        settings = ProtocolSettings(k_values=k_values, replicates=args.replicates,
+                                    max_count_features=args.max_count_features)
+        _timed("evaluate", times, evaluate, meds, bundle, evaluation,
+               outcomes=outcome_codes(DEFAULT_OUTCOMES), oracle=synthetic_oracle(meds),
+               settings=settings, landmarks=LandmarkSettings(landmarks=args.landmarks))
+        summary = json.loads((bundle / "training_summary.json").read_text())
+        print(f"\nsubjects {args.subjects:,}; model {summary['parameters']:,} parameters, "
+              f"{summary['global_step']:,} steps of {args.tokens_per_batch:,} tokens")
+        print(f"pretraining val loss {summary.get('val_loss', float('nan')):.4f} "
+              f"vs base-rate loss {summary.get('base_rate_val_loss', float('nan')):.4f}")
+        print("seconds: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in times.items()))
+        print()
+        print((evaluation / "results.md").read_text())
+    finally:
+        if args.work is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work folder: {work}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The `ehrmotor label` and `ehrmotor evaluate` commands: their options and what they run.
+
+`ehrmotor.cli` registers them (`add_label`, `add_evaluate`); the work is done by
+`landmarks.write_landmark_labels` and `run.evaluate`, imported when a command runs so that the
+command line starts without torch. The planted outcomes' codes and true hazards come from the
+generator (`ehrmotor.synthetic.outcomes`), named here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from ehrmotor.evaluate.landmarks import LandmarkSettings
+
+log = logging.getLogger("ehrmotor")
+T = TypeVar("T")
+
+
+def _number(value: str, kind: type, low: float, high: float, what: str) -> float:
+    """`value` as `kind`, in [low, high); argparse's error (naming `what`) otherwise."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+    if not low <= number < high:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return float(number)
+
+
+def _positive(value: str) -> int:
+    return int(_number(value, int, 1, float("inf"), "a positive integer"))
+
+
+def _non_negative(value: str) -> int:
+    return int(_number(value, int, 0, float("inf"), "an integer >= 0"))
+
+
+def _days(value: str) -> float:
+    return _number(value, float, 0, float("inf"), "a number of days >= 0")
+
+
+def _positive_days(value: str) -> float:
+    number = _days(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of days, got {value}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = _number(value, float, 0, 1, "a fraction between 0 and 1")
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {value}")
+    return number
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return names
+
+
+def _k_values(value: str) -> list[int | None]:
+    return [None if k == "all" else _positive(k) for k in _names(value)]
+
+
+def _flatten(groups: Sequence[Sequence[T]] | None) -> list[T] | None:
+    """Values given as `--opt a,b c` (nargs="+" of comma lists), in order."""
+    return None if groups is None else [item for group in groups for item in group]
+
+
+def _add_landmark_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--outcomes", nargs="+", type=_names, default=None, metavar="OUTCOME",
+                        help=f"{what}: planted outcomes of `ehrmotor synth` (default: "
+                             "heart_failure,ckd,diabetes,copd,death) or codes such as "
+                             "ICD10CM/I50 (that code and the codes under it); comma- or "
+                             "space-separated")
+    parser.add_argument("--landmarks", type=_positive, default=4,
+                        help="prediction times drawn per subject among its visits (default 4)")
+    parser.add_argument("--min-gap-days", type=_days, default=180.0,
+                        help="least days between two prediction times of a subject "
+                             "(default 180)")
+    parser.add_argument("--subjects", type=_names, default=None, metavar="SPLITS",
+                        help="evaluation splits of metadata/subject_splits.parquet, "
+                             "comma-separated (default held_out,tuning; never train)")
+    parser.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
+
+
+def _landmark_settings(args: argparse.Namespace) -> tuple[LandmarkSettings, tuple[str, ...]]:
+    from ehrmotor.evaluate.landmarks import LandmarkSettings
+    from ehrmotor.evaluate.tasks import DEFAULT_SPLITS
+
+    settings = LandmarkSettings(landmarks=args.landmarks, min_gap_days=args.min_gap_days,
+                                seed=args.seed)
+    return settings, tuple(args.subjects or DEFAULT_SPLITS)
+
+
+def _outcome_names(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
+    return _flatten(args.outcomes) or list(default)
+
+
+def add_label(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "label",
+        help="write time-to-event labels of outcomes at landmark times (MEDS label files)",
+        description=(
+            "For each evaluation subject, draw up to --landmarks prediction times among its "
+            "visits (at least --min-gap-days apart, after its birth day, before its last "
+            "event); for each outcome, drop those where the outcome already happened and label "
+            "the others with the outcome's next occurrence (event_time) or the subject's last "
+            "event (censor_time). Writes OUT/<outcome>.parquet and OUT/labels.json; OUT is "
+            "replaced only when `ehrmotor label` wrote it."
+        ),
+    )
+    parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the label files")
+    _add_landmark_options(parser, "outcomes to label")
+    parser.set_defaults(run=_run_label)
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from ehrmotor.evaluate.landmarks import write_landmark_labels
+    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes
+
+    outcomes = outcome_codes(_outcome_names(args, DEFAULT_OUTCOMES))
+    settings, splits = _landmark_settings(args)
+    files = write_landmark_labels(args.meds, args.out, outcomes, settings, splits=splits)
+    log.info("label: %d label files written to %s", len(files), args.out)
+    return 0
+
+
+def add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="few-shot protocol: MOTOR embeddings against count features on downstream tasks",
+        description=(
+            "Evaluate on the held_out and tuning subjects (never train): landmark time-to-event "
+            "labels of outcomes (the planted outcomes of `ehrmotor synth`, or codes), and/or "
+            "MEDS label files (--labels; boolean or time-to-event). A fixed test set of "
+            "subjects; training sets of k subjects (replicates each); Cox, piecewise-exponential "
+            "MOTOR-head and logistic heads on the embeddings, Cox, logistic and LightGBM on "
+            "count features; Harrell's and Uno's C, integrated Brier score, AUROC, AUPRC with "
+            "subject-bootstrap intervals, and MOTOR minus the best count head with a paired "
+            "interval (and, on data `ehrmotor synth` wrote, the generator's oracle). Writes "
+            "results.csv, results.md, kshot_<task>.png, predictions/ and labels/ in OUT."
+        ),
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model bundle (WORK/model)")
+    parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--labels", type=Path, action="append", default=None, metavar="PATH",
+                        help="a MEDS label file or folder (e.g. ACES output), one task each; "
+                             "repeatable. Without --outcomes only these are evaluated")
+    parser.add_argument("--task-name", default=None,
+                        help="name of the task of the one --labels path (default: the file's "
+                             "stem or the folder's name)")
+    _add_landmark_options(parser, "outcomes to evaluate with landmark labels")
+    parser.add_argument("--horizon-days", type=_positive_days, default=365.0,
+                        help="horizon of Uno's C and of the Brier grid in days (default 365)")
+    parser.add_argument("--k", "--train-sizes", dest="k", nargs="+", type=_k_values,
+                        default=None, metavar="K",
+                        help="training-set sizes in subjects, comma- or space-separated; 'all' "
+                             "= the whole pool (default 16,32,64,128,256,512,all)")
+    parser.add_argument("--replicates", "--repeats", dest="replicates", type=_positive,
+                        default=5, help="draws per k (default 5)")
+    parser.add_argument("--test-fraction", type=_fraction, default=0.5,
+                        help="share of evaluation subjects in the test set (default 0.5)")
+    parser.add_argument("--bootstrap", type=_positive, default=200,
+                        help="subject-bootstrap resamples for the intervals (default 200)")
+    parser.add_argument("--max-count-features", type=_positive, default=2000,
+                        help="count features kept, the most frequent in the training pool "
+                             "(default 2000)")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from ehrmotor.artifacts import check_output
+    from ehrmotor.evaluate.protocol import K_VALUES
+    from ehrmotor.evaluate.run import ProtocolSettings, evaluate
+    from ehrmotor.lock import work_lock
+    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
+
+    outcomes = outcome_codes(_outcome_names(args, () if args.labels else DEFAULT_OUTCOMES))
+    landmarks, splits = _landmark_settings(args)
+    k_values: Sequence[int | None] = _flatten(args.k) or K_VALUES
+    settings = ProtocolSettings(
+        k_values=tuple(k_values), replicates=args.replicates, test_fraction=args.test_fraction,
+        horizon_days=args.horizon_days, bootstrap=args.bootstrap, seed=args.seed,
+        splits=splits, max_count_features=args.max_count_features)
+    check_output(args.out, "folder")
+    with work_lock(args.out, "evaluate"):
+        result = evaluate(args.meds, args.model, args.out, outcomes=outcomes,
+                          labels=args.labels or (), task_name=args.task_name,
+                          oracle=synthetic_oracle(args.meds), settings=settings,
+                          landmarks=landmarks)
+    print(result.table_markdown)
+    log.info("evaluate: results in %s", args.out)
+    return 0

@@ -1,0 +1,230 @@
+"""The few-shot protocol (as EHRSHOT and the MOTOR paper evaluate): who trains, who tests, and
+which heads are fitted on which features.
+
+- A fixed, seeded test set: `test_fraction` of the evaluation subjects (`split_subjects`); the
+  others form the training pool. A subject is in the test set of every task or of none.
+- Training sets of k subjects (`kshot_draws`; sizes count subjects, never label rows): for each
+  k in `k_values` below the task's pool size, `replicates` seeded draws from the subjects of the
+  pool that have labels in the task; k = "all" (None) is the whole pool, fitted once.
+- Heads (`METHODS`, from `ehrmotor.evaluate.heads`): for time to event a Cox model and the
+  piecewise-exponential MOTOR head on the MOTOR time bins, on the embeddings, and a Cox model and
+  LightGBM on the count features; for binary labels logistic regression on either, and LightGBM
+  on counts. A draw whose training labels cannot be fitted (no event, one class, or a `HeadError`
+  from the head) is skipped and counted, never dropped silently.
+
+`fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
+for time to event the survival curve at the days the integrated Brier score is read at.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ehrmotor.evaluate.heads import (
+    Head,
+    HeadError,
+    fit_cox,
+    fit_lightgbm_binary,
+    fit_lightgbm_survival,
+    fit_logistic,
+    fit_piecewise_exponential,
+)
+from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
+
+log = logging.getLogger(__name__)
+
+K_VALUES: tuple[int | None, ...] = (16, 32, 64, 128, 256, 512, None)  # None: the whole pool
+
+
+def k_label(k: int | None) -> str:
+    """"16", or "all" for the whole pool."""
+    return "all" if k is None else str(k)
+
+
+# --------------------------------------------------------------------------- who trains, who tests
+
+
+def split_subjects(subject_ids: np.ndarray, test_fraction: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test, pool) subject ids, each sorted: round(test_fraction · n) subjects of a seeded
+    permutation of the sorted unique `subject_ids` are the test set."""
+    subjects = np.unique(np.asarray(subject_ids, dtype=np.int64))
+    shuffled = np.random.default_rng([seed, 5]).permutation(subjects)
+    size = round(test_fraction * len(subjects))
+    return np.sort(shuffled[:size]), np.sort(shuffled[size:])
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One training set: `k` subjects (None: the whole pool), replicate `replicate`."""
+
+    k: int | None
+    replicate: int
+    subjects: np.ndarray  # sorted subject ids
+
+
+def kshot_draws(pool: np.ndarray, k_values: Sequence[int | None], replicates: int,
+                seed: int) -> list[Draw]:
+    """The training sets of the protocol, drawn from `pool` (subject ids), deterministic in
+    `seed`: `replicates` draws of k subjects for each k below len(pool), one of the whole pool
+    for None. Sizes at or above the pool size are left out (the whole pool covers them)."""
+    pool = np.unique(np.asarray(pool, dtype=np.int64))
+    draws = []
+    for k in k_values:
+        if k is None:
+            draws.append(Draw(None, 0, pool))
+        elif k < len(pool):
+            draws += [Draw(k, r, np.sort(np.random.default_rng([seed, 17, k, r]).choice(
+                pool, k, replace=False))) for r in range(replicates)]
+    return draws
+
+
+# --------------------------------------------------------------------------- the heads
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Training targets: time (days) and event for time to event; label for binary."""
+
+    time: np.ndarray | None
+    event: np.ndarray
+
+    @property
+    def days(self) -> np.ndarray:
+        """The times of time-to-event targets (ValueError for binary ones)."""
+        if self.time is None:
+            raise ValueError("binary targets have no times")
+        return self.time
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a head is fitted with besides its features and targets."""
+
+    seed: int
+    groups: np.ndarray  # subject id of each training row: inner folds keep a subject together
+    bin_edges_days: Sequence[float]  # the MOTOR time bins
+    horizon_days: float  # piecewise heads score the cumulative hazard up to here
+
+
+FitHead = Callable[[np.ndarray, Targets, FitContext], Head]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A head fitted on one feature set: `name` in results.csv, `title` in results.md."""
+
+    name: str
+    title: str
+    family: str  # "motor" or "counts"
+    kind: str  # TIME_TO_EVENT or BINARY
+    features: str  # "motor", "motor_bins" or "counts" (see `features.FeatureSets`)
+    fit: FitHead
+
+
+def _cox(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    return fit_cox(x, t.days, t.event, seed=c.seed, groups=c.groups)
+
+
+def _motor_head(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    return fit_piecewise_exponential(x, t.days, t.event, list(c.bin_edges_days), seed=c.seed,
+                                     horizon_days=c.horizon_days, groups=c.groups)
+
+
+def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days)
+
+
+def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    return fit_logistic(x, t.event, seed=c.seed, groups=c.groups)
+
+
+def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    return fit_lightgbm_binary(x, t.event, seed=c.seed)
+
+
+METHODS: tuple[Method, ...] = (
+    Method("motor_cox", "MOTOR Cox", "motor", TIME_TO_EVENT, "motor", _cox),
+    Method("motor_head", "MOTOR head", "motor", TIME_TO_EVENT, "motor_bins", _motor_head),
+    Method("counts_cox", "counts Cox", "counts", TIME_TO_EVENT, "counts", _cox),
+    Method("counts_lightgbm", "counts LightGBM", "counts", TIME_TO_EVENT, "counts",
+           _boosted_survival),
+    Method("motor_logistic", "MOTOR logistic", "motor", BINARY, "motor", _logistic),
+    Method("counts_logistic", "counts logistic", "counts", BINARY, "counts", _logistic),
+    Method("counts_lightgbm", "counts LightGBM", "counts", BINARY, "counts", _boosted_binary),
+)
+
+
+def methods_for(kind: str) -> tuple[Method, ...]:
+    """The methods of a task kind, in report order."""
+    return tuple(m for m in METHODS if m.kind == kind)
+
+
+# --------------------------------------------------------------------------- fitting one task
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One head fitted on one draw: its predictions on the test rows, or why it was skipped."""
+
+    draw: Draw
+    risk: np.ndarray | None = None  # (test rows,)
+    survival: np.ndarray | None = None  # (test rows, len(days)) for time to event, if any
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's rows and targets, split into the training pool and the test set.
+
+    `rows`: each label's index into the feature matrices; `subjects`: its subject id.
+    """
+
+    rows: np.ndarray
+    subjects: np.ndarray
+    targets: Targets
+    test: np.ndarray  # label indices of test subjects
+    pool_subjects: np.ndarray
+    days: np.ndarray = field(default_factory=lambda: np.zeros(0))  # integrated-Brier grid
+
+    def take(self, where: np.ndarray) -> Targets:
+        time = None if self.targets.time is None else self.targets.time[where]
+        return Targets(time, self.targets.event[where])
+
+
+def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.ndarray,
+             draw: Draw, context: FitContext) -> Fit:
+    targets = data.take(train)
+    positives = int(targets.event.sum())
+    if positives == 0 or (targets.time is None and positives == len(train)):
+        what = "no event" if targets.time is not None else "one class"
+        return Fit(draw, skipped=f"{what} among {len(train)} training labels")
+    try:
+        head = method.fit(features[data.rows[train]], targets, context)
+    except HeadError as error:
+        return Fit(draw, skipped=str(error))
+    x_test = features[data.rows[data.test]]
+    survival = head.survival(x_test, data.days) if targets.time is not None else None
+    return Fit(draw, np.asarray(head.risk(x_test), dtype=np.float64),
+               None if survival is None else np.asarray(survival, dtype=np.float64))
+
+
+def fit_task(data: TaskData, methods: Sequence[Method], features: dict[str, np.ndarray],
+             draws: Sequence[Draw], *, seed: int, bin_edges_days: Sequence[float],
+             horizon_days: float) -> dict[str, list[Fit]]:
+    """Every method fitted on every draw (training labels: those of the draw's subjects)."""
+    fits: dict[str, list[Fit]] = {m.name: [] for m in methods}
+    for index, draw in enumerate(draws):
+        train = np.flatnonzero(np.isin(data.subjects, draw.subjects))
+        context = FitContext(seed + index, data.subjects[train], bin_edges_days, horizon_days)
+        for method in methods:
+            fit = _fit_one(method, features[method.features], data, train, draw, context)
+            if fit.skipped:
+                log.info("evaluate: %s k=%s replicate %d skipped: %s", method.name,
+                         k_label(draw.k), draw.replicate, fit.skipped)
+            fits[method.name].append(fit)
+    return fits
