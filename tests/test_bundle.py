@@ -155,6 +155,10 @@ CASES: dict[str, tuple[Damage, str, str]] = {
                                          lambda s: s.update(max_window="big")),
                                "training_summary.json", r"max_window is \"big\"; expected an "
                                                         r"integer"),
+    "summary_bad_unseen_splits": (edit_json("training_summary.json",
+                                            lambda s: s.update(unseen_splits="held_out")),
+                                  "training_summary.json", r"unseen_splits is \"held_out\"; "
+                                                           r"expected a list"),
     "ontology_missing": (remove("ontology"), "ontology", r"ontology: not found"),
     "ontology_file_corrupt": (corrupt_ontology, "ontology/", r"ontology/.*\.parquet"),
 }
@@ -182,6 +186,8 @@ def test_intact_bundle_loads(source: tuple[Path, Path]) -> None:
     assert len(bundle.tokenizer) == bundle.config.vocab_size == 2000
     assert bundle.model.config.hidden_size == 64 and not bundle.model.training
     assert bundle.max_window == 1024 and bundle.path == source[1]
+    # prepare's exclude_splits reach the bundle: evaluate keeps to those subjects
+    assert bundle.unseen_splits == ("held_out",)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -33,6 +33,7 @@ from ehrmotor.evaluate.protocol import (
     split_subjects,
 )
 from ehrmotor.evaluate.report import Report, markdown
+from ehrmotor.evaluate.run import unseen_splits
 from ehrmotor.evaluate.scoring import (
     RESULT_SCHEMA,
     metrics_for,
@@ -139,6 +140,19 @@ def test_evaluation_subjects_are_the_chosen_splits_never_train(landmark_meds: Pa
         evaluation_subjects(landmark_meds, ("held_out", "train"))
     with pytest.raises(InputError, match=r"no subject in validation \(splits found: held_out"):
         evaluation_subjects(landmark_meds, ("validation",))
+
+
+def test_evaluation_leaves_out_the_splits_pretraining_saw(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = Path("WORK/model")
+    assert unseen_splits(("held_out", "tuning"), None, model) == ("held_out", "tuning")
+    assert unseen_splits(("held_out", "tuning"), ("held_out", "tuning"), model) == (
+        "held_out", "tuning")
+    assert unseen_splits(("held_out", "tuning"), ("held_out",), model) == ("held_out",)
+    assert "tuning left out: the model was pretrained on those subjects" in caplog.text
+    with pytest.raises(InputError, match=r"pretrained on the tuning subjects \(prepare left out "
+                                         r"only held_out\)"):
+        unseen_splits(("tuning",), ("held_out",), model)
 
 
 def test_label_files_keep_evaluation_subjects_after_their_birth_day(landmark_meds: Path) -> None:

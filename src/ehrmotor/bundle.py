@@ -63,6 +63,7 @@ class Bundle:
     tokenizer: Tokenizer
     ontology: Ontology
     max_window: int | None  # training context: config.json's, else training_summary.json's
+    unseen_splits: tuple[str, ...] | None = None  # MEDS splits left out of pretraining, if known
 
 
 def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None) -> Bundle:
@@ -82,12 +83,12 @@ def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None)
                           f"{bundle / DICTIONARY_FILE} has {len(tokenizer)} entries; expected the "
                           "dictionary the model was trained with")
     # Old bundles recorded the training context only in their summary.
-    summary_window = _load_max_window(bundle / SUMMARY_FILE)
+    summary_window, unseen_splits = _load_summary(bundle / SUMMARY_FILE)
     max_window = config.max_window if config.max_window is not None else summary_window
     weights = _checked_weights(bundle, config)
     loaded_ontology = _load_ontology(bundle, ontology)
     model = _load_model(bundle, weights, config)  # the costly step last
-    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window)
+    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window, unseen_splits)
 
 
 
@@ -229,9 +230,10 @@ def _loading_problems(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _load_max_window(path: Path) -> int | None:
+def _load_summary(path: Path) -> tuple[int | None, tuple[str, ...] | None]:
+    """max_window and unseen_splits of training_summary.json (None where not recorded)."""
     if not path.exists():
-        return None
+        return None, None
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -239,13 +241,19 @@ def _load_max_window(path: Path) -> int | None:
                           f"summary {BY_PRETRAIN}") from exc
     if not isinstance(summary, dict):
         raise BundleError(f"{path}: holds a JSON {type(summary).__name__}; expected an object")
+    splits = summary.get("unseen_splits")
+    if splits is not None and not (isinstance(splits, list)
+                                   and all(isinstance(name, str) for name in splits)):
+        raise BundleError(f"{path}: unseen_splits is {json.dumps(splits)[:40]}; expected a list "
+                          "of split names")
+    unseen = tuple(splits) if splits is not None else None
     window = summary.get("max_window")
     if window is None:
-        return None
+        return None, unseen
     if not isinstance(window, int) or isinstance(window, bool) or window < 2:
         raise BundleError(f"{path}: max_window is {json.dumps(window)[:40]}; expected an integer "
                           "of at least 2 (position 0 and one more)")
-    return window
+    return window, unseen
 
 
 def _load_ontology(bundle: Path, ontology: Ontology | str | Path | None) -> Ontology:

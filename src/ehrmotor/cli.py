@@ -312,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # accelerate's per-evaluation notes (e.g. "The used dataset had no length") are noise here
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     debug = args.debug or os.environ.get("EHRMOTOR_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args))

@@ -164,6 +164,8 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     summary: dict[str, Any] = {"global_step": result.global_step,
                                # compute_features cuts windows as prepare did
                                "max_window": prepared.max_window,
+                               # evaluate keeps to the subjects pretraining never saw
+                               "unseen_splits": prepared.unseen_splits,
                                "train_loss": result.training_loss,
                                "parameters": model.count_parameters(),
                                "config": config_dict(config)}

@@ -34,6 +34,7 @@ class Prepared:
     train: Any
     val: Any
     max_window: int | None  # the training context prepare cut the windows with
+    unseen_splits: list[str] | None  # MEDS splits prepare left out of pretraining
 
 
 def load_prepared_files(work: Path) -> Prepared:
@@ -48,7 +49,7 @@ def load_prepared_files(work: Path) -> Prepared:
     recorded = json.loads(resolved.read_text()) if resolved.is_file() else {}
     return Prepared(Tokenizer.load(files / "tokenizer"), MotorTask.load(files / "motor_task.json"),
                     load_prepared(files / "train_batches"), load_prepared(files / "val_batches"),
-                    recorded.get("max_window"))
+                    recorded.get("max_window"), recorded.get("exclude_splits"))
 
 
 

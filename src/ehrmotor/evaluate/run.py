@@ -137,8 +137,9 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     from ehrmotor.bundle import load_bundle  # imports torch and the model
 
     bundle = load_bundle(Path(model_path))  # a bad bundle fails before any work
-    subjects = evaluation_subjects(meds_dir, settings.splits)
-    outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=settings.splits)
+    splits = unseen_splits(settings.splits, bundle.unseen_splits, bundle.path)
+    subjects = evaluation_subjects(meds_dir, splits)
+    outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=splits)
                     if checked else [])
     tasks = [*tasks_from_label_sets(meds_dir, outcome_sets, subjects, from_outcomes=True),
              *tasks_from_label_sets(meds_dir, label_sets, subjects, from_outcomes=False)]
@@ -164,6 +165,24 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     report = Report(results, tasks, predictions, outcome_sets, settings.horizon_days)
     table, files = write_report(report, out_dir)
     return EvaluationResult(results, table, out_dir, files)
+
+
+def unseen_splits(splits: Sequence[str], unseen: Sequence[str] | None,
+                  bundle: Path) -> tuple[str, ...]:
+    """The evaluation `splits` that pretraining never saw (the bundle's `unseen` splits, when it
+    recorded them): the others are left out with a warning; InputError when none is left."""
+    if unseen is None:
+        return tuple(splits)
+    kept = tuple(name for name in splits if name in unseen)
+    seen = [name for name in splits if name not in unseen]
+    if not kept:
+        raise InputError(f"evaluate: the model {bundle} was pretrained on the {', '.join(seen)} "
+                         f"subjects (prepare left out only {', '.join(unseen) or 'none'}); "
+                         "evaluate other splits, or prepare with exclude_splits naming them")
+    if seen:
+        log.warning("evaluate: %s left out: the model was pretrained on those subjects (prepare's "
+                    "exclude_splits: %s)", ", ".join(seen), ", ".join(unseen) or "none")
+    return kept
 
 
 def _read_label_files(paths: Sequence[Path], task_name: str | None) -> list[LabelSet]:
