@@ -16,16 +16,18 @@ from ehrmotor.evaluate.heads import (
     MIN_TIME_DAYS,
     Head,
     HeadError,
-    _inner_folds,
-    _poisson_objective,
     fit_cox,
     fit_lightgbm_binary,
-    fit_lightgbm_survival,
     fit_logistic,
+    inner_folds,
+)
+from ehrmotor.evaluate.metrics import auroc, harrell_c
+from ehrmotor.evaluate.piecewise import (
+    _poisson_objective,
+    fit_lightgbm_survival,
     fit_piecewise_exponential,
     motor_bin_features,
 )
-from ehrmotor.evaluate.metrics import auroc, harrell_c
 from ehrmotor.model.config import MotorConfig
 from ehrmotor.model.head import MotorHead
 
@@ -212,7 +214,7 @@ def test_heads_take_missing_features(train: Cohort, test: Cohort) -> None:
 def test_inner_folds_keep_a_subjects_rows_together() -> None:
     groups = np.repeat(np.arange(30), 4)
     strata = np.repeat(np.arange(30) % 3 == 0, 4)
-    folds = _inner_folds(strata, seed=0, groups=groups)
+    folds = inner_folds(strata, seed=0, groups=groups)
     assert len(folds) == 3
     for train_rows, val_rows in folds:
         assert not set(groups[train_rows]) & set(groups[val_rows])
@@ -228,7 +230,7 @@ def test_grouped_fits_work_when_the_events_belong_to_few_subjects(event_subjects
     event = groups < event_subjects
     x = rng.normal(size=(60, 4))
     time = rng.uniform(1, 100, 60)
-    for train_rows, val_rows in _inner_folds(event, seed=0, groups=groups):
+    for train_rows, val_rows in inner_folds(event, seed=0, groups=groups):
         for part in (train_rows, val_rows):
             assert 0 < event[part].sum() < len(part)
     assert np.isfinite(fit_cox(x, time, event, seed=0, groups=groups).risk(x)).all()

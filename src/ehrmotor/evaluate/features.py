@@ -5,7 +5,7 @@ each representation is computed once whatever the number of tasks:
 
 - `motor` (n, hidden): the model's representations (`ehrmotor.embed.bundle_features`, one call);
 - `motor_bins` (n, bins, f): the pretrained MOTOR head's per-bin features of those
-  (`heads.motor_bin_features`), for the piecewise-exponential head on the MOTOR time bins;
+  (`piecewise.motor_bin_features`), for the piecewise-exponential head on the MOTOR time bins;
 - `counts` (n, features): ontology-expanded counts over all time and the last year, last lab
   values and age (`ehrmotor.evaluate.counts`), the `max_features` most frequent in the training
   pool.
@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.evaluate.counts import count_features, feature_matrix, select_features
-from ehrmotor.evaluate.heads import motor_bin_features
+from ehrmotor.evaluate.piecewise import motor_bin_features
 
 if TYPE_CHECKING:
     from ehrmotor.bundle import Bundle

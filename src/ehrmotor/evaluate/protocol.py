@@ -29,10 +29,9 @@ from ehrmotor.evaluate.heads import (
     HeadError,
     fit_cox,
     fit_lightgbm_binary,
-    fit_lightgbm_survival,
     fit_logistic,
-    fit_piecewise_exponential,
 )
+from ehrmotor.evaluate.piecewise import fit_lightgbm_survival, fit_piecewise_exponential
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
 log = logging.getLogger(__name__)
