@@ -233,55 +233,37 @@ def _order_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
     return exprs
 
 
-def _report_row_checks(rel: str, result: dict[str, Any], found: Findings) -> None:
-    """Turn the merged single-row results of the row, order and birth checks into findings."""
-    if result.get("null_sid_row") is not None:
-        found.error(
-            rel,
-            "null subject_id",
-            "a non-null int64",
-            column="subject_id",
-            row=result["null_sid_row"],
-        )
-    if result.get("null_code_row") is not None:
-        found.error(
-            rel, "null code", "a non-null string", column="code", row=result["null_code_row"]
-        )
+_CODE_EXPECTED = "a non-empty code without control characters (newline, tab, < 0x20 or 0x7f)"
+
+
+def _row_problems(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(result key prefix, problem, expectation, column) of each single-row check, in report
+    order; a check found something when `result` has its `<prefix>_row`."""
     value = result.get("control_code_value") or ""
     clipped = value if len(value) <= _MAX_QUOTED else value[:_MAX_QUOTED] + "..."
-    code_problems = {
-        "empty_code": "empty code",
-        "control_code": f"code {clipped!r} holds a control character",
-    }
-    for name, what in code_problems.items():
-        if result.get(f"{name}_row") is None:
-            continue
-        found.error(
-            rel,
-            f"{what} ({result[f'{name}_count']} row(s) of this file)",
-            "a non-empty code without control characters (newline, tab, < 0x20 or 0x7f)",
-            column="code",
-            row=result[f"{name}_row"],
-            subject_id=result.get(f"{name}_sid"),
-        )
-    if result.get("split_row") is not None:
-        found.error(
-            rel,
-            "subject's rows are not contiguous (the subject appeared earlier in the file)",
-            "all rows of a subject to be adjacent",
-            column="subject_id",
-            row=result["split_row"],
-            subject_id=result["split_sid"],
-        )
-    if result.get("unsorted_row") is not None:
-        found.error(
-            rel,
-            "time is earlier than the previous row of the same subject",
-            "static rows (null time) first, then non-decreasing times within a subject",
-            column="time",
-            row=result["unsorted_row"],
-            subject_id=result["unsorted_sid"],
-        )
+
+    def counted(what: str, prefix: str) -> str:
+        return f"{what} ({result.get(f'{prefix}_count')} row(s) of this file)"
+
+    return [
+        ("null_sid", "null subject_id", "a non-null int64", "subject_id"),
+        ("null_code", "null code", "a non-null string", "code"),
+        ("empty_code", counted("empty code", "empty_code"), _CODE_EXPECTED, "code"),
+        ("control_code", counted(f"code {clipped!r} holds a control character", "control_code"),
+         _CODE_EXPECTED, "code"),
+        ("split", "subject's rows are not contiguous (the subject appeared earlier in the file)",
+         "all rows of a subject to be adjacent", "subject_id"),
+        ("unsorted", "time is earlier than the previous row of the same subject",
+         "static rows (null time) first, then non-decreasing times within a subject", "time"),
+    ]
+
+
+def _report_row_checks(rel: str, result: dict[str, Any], found: Findings) -> None:
+    """Turn the merged single-row results of the row, order and birth checks into findings."""
+    for prefix, problem, expected, column in _row_problems(result):
+        if result.get(f"{prefix}_row") is not None:
+            found.error(rel, problem, expected, column=column, row=result[f"{prefix}_row"],
+                        subject_id=result.get(f"{prefix}_sid"))
     if result.get("early_events"):
         found.warn(
             rel,
