@@ -1,12 +1,15 @@
 """Throughput and peak memory of `ehrmotor prepare` on synthetic data.
 
-    python benchmarks/bench_prepare.py --subjects 100000 [--workers 2] [--keep]
+    python benchmarks/bench_prepare.py --subjects 100000 [--workers 2] [--num-tasks 256] [--keep]
+    python benchmarks/bench_prepare.py --meds DIR        # an existing MEDS folder (kept)
 
 Generates the synthetic dataset (not timed), runs prepare with the default vocabulary and task
 sizes, and prints wall and CPU seconds per step (CPU: this process and its workers, from /proc;
 steady where other jobs share the cores and wall seconds are not), events/s, peak RSS (all
-processes together) and the bytes on disk of the prepared datasets.
-Target (issue 3): 100k subjects (~10M events) in <= 5 minutes on 2 cores with <= 6 GB peak RSS.
+processes together) and the bytes on disk of the MEDS data and of the prepared datasets (also per
+MEDS event of the split's subjects).
+Targets: 100k subjects (~13M events) in <= 45 s on 2 cores, with the defaults and with 256 tasks
+(issue 11); <= 3 GB peak RSS and <= 40 bytes per event (issue 12).
 """
 
 from __future__ import annotations
@@ -72,11 +75,14 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--num-tasks", type=int, default=PrepareConfig().num_tasks)
+    parser.add_argument("--meds", type=Path, help="an existing MEDS folder (with athena/)")
     parser.add_argument("--keep", action="store_true", help="keep the data and work folders")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
-    meds = root / "meds"
-    generate(meds, args.subjects, seed=args.seed, workers=args.workers, progress=False)
+    meds = args.meds or root / "meds"
+    if args.meds is None:
+        generate(meds, args.subjects, seed=args.seed, workers=args.workers, progress=False)
 
     cpu = StepCpu()
     logger = logging.getLogger("ehrmotor.prepare")
@@ -85,9 +91,10 @@ def main() -> None:
     with PeakMemory() as memory:
         started = time.perf_counter()
         summary = prepare(meds, root / "work", athena_dir=meds / "athena",
-                          config=PrepareConfig(), workers=args.workers, progress=False)
+                          config=PrepareConfig(num_tasks=args.num_tasks), workers=args.workers,
+                          progress=False)
         seconds = time.perf_counter() - started
-    print(f"subjects (pretraining)  {summary.subjects:,} of {args.subjects:,}")
+    print(f"subjects (pretraining)  {summary.subjects:,}; {args.num_tasks:,} candidate tasks")
     print(f"events                  {summary.events:,}")
     print(f"{'step':<22}  {'wall':>7}  {'CPU':>7}")
     for step, step_seconds in summary.seconds.items():
@@ -95,9 +102,13 @@ def main() -> None:
     print(f"total                   {seconds:7.1f}  {sum(cpu.seconds.values()):7.1f} s")
     print(f"events/s                {summary.events / seconds:,.0f}")
     print(f"peak RSS                {memory.peak_gib:.2f} GiB (all processes)")
+    print(f"MEDS data/              {disk_bytes(meds / 'data'):,} bytes")
+    prepared = 0
     for name in ("train_batches", "val_batches"):
         size = disk_bytes(root / "work" / "pretraining_files" / name)
+        prepared += size
         print(f"{name + '/':<22}  {size:,} bytes ({size / 2**20:.1f} MiB)")
+    print(f"prepared bytes/event    {prepared / summary.events:.1f}")
     for line in summary.lines()[:5]:
         print(f"  {line}")
     if args.keep:

@@ -1,14 +1,22 @@
-"""Forward+backward throughput and peak memory of the MOTOR model on random packed batches.
+"""Training throughput, collate cost and peak memory of the MOTOR model on synthetic windows.
 
-    python benchmarks/bench_train.py                      # CPU: tiny and small at 2,048 and 16,384
-    python benchmarks/bench_train.py --device cuda --presets base --tokens 16384   # GPU, bf16
+    python benchmarks/bench_train.py                    # CPU: 4 shapes × 2,048/16,384 × fp32/bf16
+    python benchmarks/bench_train.py --shapes small --tokens 16384 --precision fp32 \\
+        --checkpointing off on                          # activation checkpointing's memory
+    python benchmarks/bench_train.py --device cuda --shapes base --tokens 16384 --precision bf16
 
 Each configuration runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS of
-the process; CUDA: torch.cuda.max_memory_allocated). Batches mimic prepared data: subjects of
-heavy-tailed length packed to the token budget, ~2.3 entries per position, a point every 10
-positions, vocabulary 16,384, 8,192 tasks, 8 bins. On CUDA the script also reports model FLOPs
-utilisation: (6 × non-embedding parameters + 12 × layers × hidden × attention width) FLOPs per
-token, over the GPU's dense bf16 peak (`--peak-tflops`, default 989 for an H100 SXM).
+the process; CUDA: torch.cuda.max_memory_allocated). The rows mimic prepared windows (layout of
+`ehrmotor.prepare.shards`): subjects of heavy-tailed length packed to the token budget, 1-4
+entries per position, max(5, positions / 10) points per window, and per window the task
+occurrences that label its points (about 150 distinct tasks of 8,192, Zipf-distributed), so
+`collate_windows` derives a realistic number of labels; vocabulary 16,384, 8 bins, final layer
+512. Shapes: the presets `tiny` (2 layers × 64), `small` (6 × 768), `base` (12 × 768), and femr's
+`femr-6x256` (6 layers × 256, FFN 512; femr's 2 × 64 is `tiny`). `collate %` is the time of
+`collate_windows` (one batch, main process) over the time of one training step plus collate.
+On CUDA the script also reports model FLOPs utilisation (`flops_per_token`: 6 per encoder
+parameter, 6 per head parameter at the points only, plus attention) over the GPU's dense bf16
+peak (`--peak-tflops`, default 989 for an H100 SXM).
 """
 
 from __future__ import annotations
@@ -19,110 +27,182 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ehrmotor.batching import US_PER_DAY, collate_windows
 from ehrmotor.model import MotorConfig, MotorModel
 
 VOCAB, TASKS, BINS = 16_384, 8_192, 8
+EDGES = [0, 30, 90, 180, 365, 730, 1460, 2920]
+MAX_WINDOW = 496
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"preset": "tiny"},
+    "small": {"preset": "small"},
+    "base": {"preset": "base"},
+    "femr-6x256": {"preset": "tiny", "num_layers": 6, "hidden_size": 256, "num_heads": 4,
+                   "intermediate_size": 512},
+}
 
 
-def random_batch(tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    lengths: list[int] = []
-    while sum(lengths) < tokens:
-        lengths.append(int(min(tokens - sum(lengths), max(2, rng.lognormal(5.0, 1.0)))))
-    bag_sizes = rng.integers(1, 5, tokens)
-    entries = rng.integers(0, VOCAB, int(bag_sizes.sum()))
-    segment_ids = np.repeat(np.arange(len(lengths)), lengths)
-    points = np.sort(rng.choice(tokens, max(1, tokens // 10), replace=False))
-    age = np.concatenate([np.sort(rng.uniform(0, 30_000, n)) for n in lengths])
+def model_config(shape: str) -> MotorConfig:
+    """The benchmark's model of `shape` (see SHAPES)."""
+    settings = dict(SHAPES[shape])
+    return MotorConfig.preset(settings.pop("preset"), vocab_size=VOCAB, num_tasks=TASKS,
+                              num_bins=BINS, bin_edges_days=EDGES, final_layer_size=512,
+                              initial_log_rates=[-7.0] * TASKS, **settings)
+
+
+def random_row(rng: np.random.Generator, length: int) -> dict[str, torch.Tensor]:
+    """One prepared window of `length` positions, in torch format."""
+    bag_sizes = rng.integers(1, 5, length)
+    gaps = rng.exponential(20.0, length)
+    gaps[0] = 0.0
+    age_days = 20 * 365 + np.cumsum(gaps)
+    age_days[0] = 0.0
+    times = (age_days * US_PER_DAY).astype(np.int64)
+    points = np.sort(rng.choice(np.arange(1, length), min(length - 1, max(5, length // 10)),
+                                replace=False))
+    last = times[-1] + int(rng.exponential(2000.0) * US_PER_DAY)
+    tasks = np.unique(np.minimum(rng.zipf(1.3, 150), TASKS) - 1)
+    per_task = rng.geometric(0.6, len(tasks))
+    task_ids = np.repeat(tasks, per_task)
+    task_times = rng.integers(times[points[0]] + 1, last, len(task_ids))
+    order = np.lexsort((task_times, task_ids))
+    ages = torch.tensor(age_days, dtype=torch.float32)
     return {
-        "entries": torch.tensor(entries),
+        "bag_sizes": torch.tensor(bag_sizes, dtype=torch.int32),
+        "entries": torch.tensor(rng.integers(0, VOCAB, int(bag_sizes.sum()))),
         "weights": torch.tensor(np.repeat(1.0 / bag_sizes, bag_sizes), dtype=torch.float32),
-        "bag_offsets": torch.tensor(np.cumsum(bag_sizes) - bag_sizes),
-        "time_features": torch.randn(tokens, 3),
-        "age_days": torch.tensor(age, dtype=torch.float32),
-        "segment_ids": torch.tensor(segment_ids),
-        "point_indices": torch.tensor(points),
-        "event_days": torch.tensor(rng.exponential(500.0, (len(points), TASKS)),
-                                   dtype=torch.float32),
-        "is_event": torch.tensor(rng.random((len(points), TASKS)) < 0.02),
+        "times": torch.tensor(times), "age_days": ages, "age": ages / 30_000,
+        "log_age": torch.log1p(ages), "log_delta": torch.log1p(torch.tensor(gaps).float()),
+        "points": torch.tensor(points, dtype=torch.int32),
+        "censor_days": torch.tensor((last - times[points]) / US_PER_DAY, dtype=torch.float32),
+        "task_ids": torch.tensor(task_ids[order], dtype=torch.int32),
+        "task_times": torch.tensor(task_times[order]),
     }
 
 
-def flops_per_token(model: MotorModel, config: MotorConfig) -> float:
-    embedding = sum(p.numel() for p in model.embedding.parameters())  # type: ignore[attr-defined]
-    dense = model.count_parameters() - embedding
+def random_rows(tokens: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Windows of heavy-tailed length (at most MAX_WINDOW) filling `tokens` positions."""
+    rng = np.random.default_rng(seed)
+    rows, used = [], 0
+    while used < tokens:
+        length = int(min(tokens - used, MAX_WINDOW, max(2, rng.lognormal(5.0, 1.0))))
+        if length < 2:
+            break
+        rows.append(random_row(rng, length))
+        used += length
+    return rows
+
+
+def random_batch(tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A collated training batch of about `tokens` positions (`collate_windows`, labels on)."""
+    return collate_windows(random_rows(tokens, seed), labels=True)
+
+
+def flops_per_token(model: MotorModel, config: MotorConfig, points_per_token: float) -> float:
+    """Training FLOPs per position: 6 per encoder parameter (embedding bag excluded) and per head
+    parameter at the prediction points only, plus 12 · layers · hidden · attention width."""
+    embedding = sum(p.numel() for p in model.motor.embedding.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    encoder = model.count_parameters() - embedding - head
     attention = 12 * config.num_layers * config.hidden_size * config.attention_width
-    return 6.0 * dense + attention
+    return 6.0 * (encoder + head * points_per_token) + attention
 
 
-def run_one(preset: str, tokens: int, device: str, steps: int) -> dict[str, float]:
+def seconds_per_call(call: Callable[[], object], repeats: int, device: str) -> float:
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
+            checkpointing: bool, compiled: bool) -> dict[str, float]:
     torch.manual_seed(0)
-    config = MotorConfig.preset(preset, vocab_size=VOCAB, num_tasks=TASKS, num_bins=BINS,
-                                bin_edges_days=[0, 30, 90, 180, 365, 730, 1460, 2920],
-                                final_layer_size=512)
-    model = MotorModel(config).to(device)
-    batch = {k: v.to(device) for k, v in random_batch(tokens).items()}
-    use_bf16 = device == "cuda"
+    config = model_config(shape)
+    model = MotorModel(config).to(device).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    forward = torch.compile(model, dynamic=True) if compiled else model
+    rows = random_rows(tokens)
+    batch = {k: v.to(device) for k, v in collate_windows(rows, labels=True).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(**batch).loss
+        with torch.autocast(device_type=device, dtype=torch.bfloat16,
+                            enabled=precision == "bf16"):
+            loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (and compilation on CUDA)
+    step()  # warm-up (and compilation)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / steps
+    seconds = seconds_per_call(step, steps, device)
+    collate = seconds_per_call(lambda: collate_windows(rows, labels=True), 5, "cpu")
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds, "peak_gib": peak,
+    real_tokens = len(batch["segment_ids"])
+    return {"tokens_per_s": real_tokens / seconds, "seconds_per_step": seconds,
+            "collate_fraction": collate / (collate + seconds), "peak_gib": peak,
+            "labels_per_point": len(batch["label_days"]) / len(batch["censor_days"]),
             "parameters": model.count_parameters(),
-            "flops_per_token": flops_per_token(model, config)}
+            "flops_per_token": flops_per_token(model, config, len(batch["censor_days"])
+                                               / real_tokens)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "femr-6x256", "small"],
+                        choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 16384])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--one", nargs=2, metavar=("PRESET", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.device, args.steps)))
+        shape, tokens, precision, checkpointing = args.one
+        print(json.dumps(run_one(shape, int(tokens), args.device, args.steps, precision,
+                                 checkpointing == "on", args.compile)))
         return
-    print(f"device {args.device} ({'bf16' if args.device == 'cuda' else 'fp32'}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'preset':<7}{'tokens':>8}{'params':>14}{'tokens/s':>11}{'s/step':>9}"
-          f"{'peak GiB':>10}" + ("{:>8}".format("MFU") if args.device == "cuda" else ""))
-    for preset in args.presets:
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{', compiled' if args.compile else ''}; {TASKS:,} tasks, {BINS} bins")
+    print(f"{'shape':<11}{'tokens':>7}{'prec':>6}{'ckpt':>5}{'params':>13}{'tokens/s':>10}"
+          f"{'s/step':>8}{'collate':>8}{'labels/pt':>10}{'peak GiB':>9}"
+          + ("{:>7}".format("MFU") if args.device == "cuda" else ""))
+    for shape in args.shapes:
         for tokens in args.tokens:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", preset, str(tokens), "--device", args.device,
-                 "--steps", str(args.steps)], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            line = (f"{preset:<7}{tokens:>8}{r['parameters']:>14,}{r['tokens_per_s']:>11,.0f}"
-                    f"{r['seconds_per_step']:>9.2f}{r['peak_gib']:>10.2f}")
-            if args.device == "cuda":
-                mfu = r["tokens_per_s"] * r["flops_per_token"] / (args.peak_tflops * 1e12)
-                line += f"{mfu:>8.1%}"
-            print(line, flush=True)
+            for precision in args.precision:
+                for checkpointing in args.checkpointing:
+                    command = [sys.executable, __file__, "--one", shape, str(tokens), precision,
+                               checkpointing, "--device", args.device, "--steps",
+                               str(args.steps)] + (["--compile"] if args.compile else [])
+                    out = subprocess.run(command, capture_output=True, text=True, check=True)
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    line = (f"{shape:<11}{tokens:>7}{precision:>6}{checkpointing:>5}"
+                            f"{r['parameters']:>13,}{r['tokens_per_s']:>10,.0f}"
+                            f"{r['seconds_per_step']:>8.2f}{r['collate_fraction']:>8.1%}"
+                            f"{r['labels_per_point']:>10.0f}{r['peak_gib']:>9.2f}")
+                    if args.device == "cuda":
+                        mfu = r["tokens_per_s"] * r["flops_per_token"] / (args.peak_tflops * 1e12)
+                        line += f"{mfu:>7.1%}"
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":

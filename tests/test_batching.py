@@ -11,12 +11,14 @@ import torch
 from prepare_builders import positions_frame
 
 from ehrmotor.batching import (
+    US_PER_DAY,
     TokenBudgetBatchSampler,
     collate_windows,
     frame_rows,
     pack,
     pad_batch,
 )
+from ehrmotor.model import LABELS
 from ehrmotor.prepare.windows import embedding_windows, training_windows, window_sequences
 
 BUDGET = 100
@@ -125,41 +127,49 @@ def test_unshuffled_batches_follow_the_window_order_on_every_epoch() -> None:
 
 
 def window(bag_sizes: list[int], entries: list[int], age_days: list[float], points: list[int],
-           censor_days: list[float], labels: list[tuple[int, int, float]]
+           censor_days: list[float], occurrences: list[tuple[int, float]]
            ) -> dict[str, torch.Tensor]:
-    """A prepared row in torch format (layout of `ehrmotor.prepare.shards`)."""
+    """A prepared row in torch format (layout of `ehrmotor.prepare.shards`); occurrences: (task,
+    age in days), sorted by task and time. Position 0 is at age 0."""
     length = len(bag_sizes)
     ages = torch.tensor(age_days)
-    label_point, label_task, label_days = zip(*labels, strict=True) if labels else ((), (), ())
+    tasks, task_ages = zip(*occurrences, strict=True) if occurrences else ((), ())
     return {
         "subject_id": torch.tensor(1), "window": torch.tensor(0),
         "bag_sizes": torch.tensor(bag_sizes, dtype=torch.int32),
         "entries": torch.tensor(entries, dtype=torch.int64),
         "weights": torch.linspace(0.1, 1.0, len(entries)),
-        "times": torch.arange(length, dtype=torch.int64),
+        "times": torch.tensor([round(a * US_PER_DAY) for a in age_days], dtype=torch.int64),
         "age_days": ages, "age": ages / 1000, "log_age": torch.log1p(ages),
         "log_delta": torch.arange(length, dtype=torch.float32) / 10,
         "points": torch.tensor(points, dtype=torch.int32),
         "censor_days": torch.tensor(censor_days),
-        "label_point": torch.tensor(label_point, dtype=torch.int32),
-        "label_task": torch.tensor(label_task, dtype=torch.int32),
-        "label_days": torch.tensor(label_days, dtype=torch.float32),
+        "task_ids": torch.tensor(tasks, dtype=torch.int32),
+        "task_times": torch.tensor([round(a * US_PER_DAY) for a in task_ages], dtype=torch.int64),
     }
 
 
 @pytest.fixture
 def two_windows() -> list[dict[str, torch.Tensor]]:
+    # Points at ages 10 and 20; task 1 at 12 and 25, task 2 at 20 (a point's own time: not after
+    # it), task 3 at 15 and 100.
     first = window(bag_sizes=[0, 2, 1], entries=[5, 6, 7], age_days=[0.0, 10.0, 20.0],
                    points=[1, 2], censor_days=[100.0, 90.0],
-                   labels=[(0, 2, 5.0), (1, 0, 7.0), (1, 3, 80.0)])
+                   occurrences=[(1, 12.0), (1, 25.0), (2, 20.0), (3, 15.0), (3, 100.0)])
     second = window(bag_sizes=[1, 3], entries=[8, 9, 10, 11], age_days=[0.0, 400.0],
-                    points=[1], censor_days=[50.0], labels=[(0, 1, 3.0)])
+                    points=[1], censor_days=[50.0], occurrences=[(1, 403.0)])
     return [first, second]
+
+
+def label_triples(batch: dict[str, torch.Tensor]) -> list[tuple[int, int, float]]:
+    """The batch's (point, task, days) labels, sorted (their order is free)."""
+    return sorted(zip(batch["label_point"].tolist(), batch["label_task"].tolist(),
+                      batch["label_days"].tolist(), strict=True))
 
 
 def test_collate_packs_bags_segments_and_points_with_each_windows_offset(
         two_windows: list[dict[str, torch.Tensor]]) -> None:
-    batch = collate_windows(two_windows, num_tasks=4)
+    batch = collate_windows(two_windows, labels=True)
     assert batch["entries"].tolist() == [5, 6, 7, 8, 9, 10, 11]
     assert batch["entries"].dtype == torch.long
     torch.testing.assert_close(batch["weights"],
@@ -176,36 +186,65 @@ def test_collate_packs_bags_segments_and_points_with_each_windows_offset(
     assert batch["time_features"].shape == (5, 3)
 
 
-def test_collate_fills_event_days_from_sparse_pairs_and_censor_days_elsewhere(
+def test_collate_derives_each_points_next_occurrence_per_task(
         two_windows: list[dict[str, torch.Tensor]]) -> None:
-    batch = collate_windows(two_windows, num_tasks=4)
-    assert batch["event_days"].tolist() == [
-        [100.0, 100.0, 5.0, 100.0],
-        [7.0, 90.0, 90.0, 80.0],
-        [50.0, 3.0, 50.0, 50.0],  # the second window's point 0 is the batch's point 2
+    batch = collate_windows(two_windows, labels=True)
+    assert batch["censor_days"].tolist() == [100.0, 90.0, 50.0]
+    assert label_triples(batch) == [
+        (0, 1, 2.0), (0, 2, 10.0), (0, 3, 5.0),
+        (1, 1, 5.0), (1, 3, 80.0),
+        (2, 1, 3.0),  # the second window's point 0 is the batch's point 2
     ]
-    assert batch["is_event"].tolist() == [
-        [False, False, True, False],
-        [True, False, False, True],
-        [False, True, False, False],
-    ]
-    assert batch["is_event"].dtype == torch.bool
+    assert batch["label_point"].dtype == batch["label_task"].dtype == torch.long
+    assert batch["label_days"].dtype == torch.float32
 
 
-def test_collate_of_a_window_without_events_censors_every_task() -> None:
+def test_collate_of_a_window_without_occurrences_censors_every_task(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
     row = window(bag_sizes=[0, 1], entries=[3], age_days=[0.0, 2.0], points=[1],
-                 censor_days=[12.5], labels=[])
-    batch = collate_windows([row], num_tasks=3)
-    assert batch["bag_offsets"].tolist() == [0, 0]
-    assert batch["event_days"].tolist() == [[12.5, 12.5, 12.5]]
-    assert not batch["is_event"].any()
+                 censor_days=[12.5], occurrences=[])
+    alone = collate_windows([row], labels=True)
+    assert alone["bag_offsets"].tolist() == [0, 0]
+    assert alone["censor_days"].tolist() == [12.5] and label_triples(alone) == []
+    beside = collate_windows([row, *two_windows], labels=True)
+    assert [(p - 1, t, d) for p, t, d in label_triples(beside)] == label_triples(
+        collate_windows(two_windows, labels=True))
 
 
-def test_collate_without_num_tasks_carries_the_points_and_no_labels(
+@pytest.mark.parametrize("seed", range(5))
+def test_collated_labels_equal_a_brute_force_next_occurrence(seed: int) -> None:
+    """Random windows, each with every occurrence of its tasks (also before the points and at a
+    point's own time): each point's label of a task is its first occurrence strictly after the
+    point, in exact days."""
+    rng = np.random.default_rng(seed)
+    rows, expected, first_point = [], [], 0
+    for _ in range(rng.integers(1, 6)):
+        length = int(rng.integers(2, 30))
+        ages = np.sort(rng.choice(np.arange(1, 5000), length - 1, replace=False)) / 7
+        ages = [0.0, *ages.tolist()]
+        points = sorted(rng.choice(np.arange(1, length), rng.integers(1, length),
+                                   replace=False).tolist())
+        occurrences = sorted({(int(rng.integers(0, 4)), float(rng.choice(ages[1:]) + shift))
+                              for shift in (0.0, 0.5, -0.25) for _ in range(rng.integers(0, 8))})
+        censor = [900.0] * len(points)
+        rows.append(window([1] * length, list(range(length)), ages, points, censor, occurrences))
+        for i, position in enumerate(points):
+            at = round(ages[position] * US_PER_DAY)
+            for task in range(4):
+                later = [round(a * US_PER_DAY) for k, a in occurrences
+                         if k == task and round(a * US_PER_DAY) > at]
+                if later:
+                    days = np.float32((min(later) - at) / US_PER_DAY)
+                    expected.append((first_point + i, task, float(days)))
+        first_point += len(points)
+    assert label_triples(collate_windows(rows, labels=True)) == sorted(expected)
+
+
+def test_collate_without_labels_carries_the_points_and_no_labels(
         two_windows: list[dict[str, torch.Tensor]]) -> None:
-    with_labels = collate_windows(two_windows, num_tasks=4)
+    with_labels = collate_windows(two_windows, labels=True)
     embedding = collate_windows(two_windows)
-    assert set(with_labels) - set(embedding) == {"event_days", "is_event"}
+    assert set(with_labels) - set(embedding) == set(LABELS)
     for key, value in embedding.items():
         torch.testing.assert_close(value, with_labels[key])
 

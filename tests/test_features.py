@@ -236,7 +236,7 @@ def test_representation_at_a_training_point_equals_compute_features_there(
     model = MotorModel.from_pretrained(bundle).eval()
     # What the model computes at the sampled points of its training windows (one packed batch).
     with torch.no_grad():
-        trained = model(**collate_windows(rows, model.config.num_tasks)).representations
+        trained = model(**collate_windows(rows)).representations
     labels = pl.DataFrame([
         (int(row["subject_id"]), at(int(row["times"][point])))
         for row in rows for point in row["points"].tolist()],

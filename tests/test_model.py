@@ -10,17 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_reference import dense_labels, per_task_labels
+from model_reference import (
+    dense_labels,
+    dense_motor_loss,
+    per_task_labels,
+    piecewise_exponential_nll,
+)
 from safetensors.torch import load_file, save_file
 
 from ehrmotor.model import (
+    LABELS,
     PRESETS,
     MotorConfig,
     MotorEncoder,
     MotorModel,
     current_weight_name,
     motor_loss,
-    piecewise_exponential_nll,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ def sparse_labels(points: int, seed: int) -> dict[str, torch.Tensor]:
 
 def random_batch(lengths: list[int], seed: int, labels: bool = True) -> dict[str, torch.Tensor]:
     """A packed batch of subjects with the given numbers of positions; with labels, the training
-    collate's event_days and is_event (P, tasks)."""
+    collate's sparse labels (`LABELS`)."""
     generator = torch.Generator().manual_seed(seed)
     positions = sum(lengths)
     bag_sizes = torch.randint(1, 5, (positions,), generator=generator)
@@ -76,14 +81,12 @@ def random_batch(lengths: list[int], seed: int, labels: bool = True) -> dict[str
               "point_indices": point_indices}
     if not labels:
         return inputs
-    event_days, is_event = per_task_labels(**sparse_labels(point_indices.shape[0], seed),
-                                           num_tasks=NUM_TASKS)
-    return {**inputs, "event_days": event_days, "is_event": is_event}
+    return {**inputs, **sparse_labels(point_indices.shape[0], seed)}
 
 
 def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The packed positions alone: what `MotorEncoder` and `MotorModel.encode` take."""
-    return {k: v for k, v in batch.items() if k not in ("point_indices", "event_days", "is_event")}
+    return {k: v for k, v in batch.items() if k != "point_indices" and k not in LABELS}
 
 
 def perturbed(model: MotorModel) -> MotorModel:
@@ -132,26 +135,47 @@ def test_model_loss_equals_nll_of_the_binned_labels() -> None:
     model = tiny_model()
     batch = random_batch([30, 45], seed=10)
     output = model(**batch)
-    time_at_risk, event_in_bin = dense_labels(**sparse_labels(len(batch["point_indices"]), 10),
-                                              bin_edges_days=BIN_EDGES, num_tasks=NUM_TASKS)
+    labels = sparse_labels(len(batch["point_indices"]), 10)
+    time_at_risk, event_in_bin = dense_labels(**labels, bin_edges_days=BIN_EDGES,
+                                              num_tasks=NUM_TASKS)
     expected = piecewise_exponential_nll(output.log_hazards, time_at_risk, event_in_bin)
-    torch.testing.assert_close(output.loss, expected, atol=0, rtol=1e-6)
+    torch.testing.assert_close(output.loss, expected, atol=0, rtol=1e-5)
+    event_days, is_event = per_task_labels(**labels, num_tasks=NUM_TASKS)
     torch.testing.assert_close(
-        motor_loss(output.log_hazards, batch["event_days"], batch["is_event"], BIN_EDGES),
-        expected, atol=0, rtol=1e-6)
+        dense_motor_loss(output.log_hazards, event_days, is_event, BIN_EDGES), expected,
+        atol=0, rtol=1e-6)
 
 
-def test_forward_takes_labels_only_as_event_days_and_is_event() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_loss_and_its_gradient_equal_the_dense_loss(seed: int) -> None:
+    """`motor_loss` never builds (P, bins, tasks) labels; it equals the loss written out over
+    them, in value and in gradient, with events on bin edges, at 0 and at censoring."""
+    generator = torch.Generator().manual_seed(seed)
+    log_hazards = (torch.randn(40, len(BIN_EDGES), NUM_TASKS, generator=generator) - 4)
+    labels = sparse_labels(40, seed)
+    labels["label_days"][:4] = torch.tensor([0.0, 7.0, 60.0, 365.0])
+    labels["label_days"] = torch.minimum(labels["label_days"],
+                                         labels["censor_days"][labels["label_point"]])
+    sparse = log_hazards.clone().requires_grad_()
+    loss = motor_loss(sparse, **labels, bin_edges_days=BIN_EDGES)
+    loss.backward()
+    dense = log_hazards.clone().requires_grad_()
+    event_days, is_event = per_task_labels(**labels, num_tasks=NUM_TASKS)
+    expected = dense_motor_loss(dense, event_days, is_event, BIN_EDGES)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=0, rtol=1e-5)
+    torch.testing.assert_close(sparse.grad, dense.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_forward_takes_labels_only_as_the_four_sparse_tensors() -> None:
     model = tiny_model()
     batch = random_batch([30, 45], seed=10)
     assert model(**random_batch([30, 45], seed=10, labels=False)).loss is None
-    with pytest.raises(ValueError, match="both event_days and is_event"):
-        model(**{k: v for k, v in batch.items() if k != "is_event"})
-    time_at_risk, event_in_bin = dense_labels(**sparse_labels(len(batch["point_indices"]), 10),
-                                              bin_edges_days=BIN_EDGES, num_tasks=NUM_TASKS)
-    with pytest.raises(TypeError, match="time_at_risk"):
-        model(**random_batch([30, 45], seed=10, labels=False), time_at_risk=time_at_risk,
-              event_in_bin=event_in_bin)
+    with pytest.raises(ValueError, match="labels need all of censor_days"):
+        model(**{k: v for k, v in batch.items() if k != "label_days"})
+    with pytest.raises(TypeError, match="event_days"):
+        model(**random_batch([30, 45], seed=10, labels=False),
+              event_days=batch["censor_days"][:, None], is_event=batch["censor_days"][:, None] > 0)
 
 
 def brute_force_dense_labels(label_point: list[int], label_task: list[int],

@@ -29,11 +29,13 @@ import torch
 from meds_builders import rows_table, write_meds, write_table
 from synthetic_data import SUBJECTS
 
+from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.meds import data_files, scan_shard
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import encode_events
+from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import Tokenizer
 
@@ -42,8 +44,7 @@ ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpa
 STEPS = ["ontology", "split.csv", "tokenizer", "motor_task.json", "train_batches",
          "val_batches"]
 COLUMNS = ["subject_id", "window", "bag_sizes", "entries", "weights", "times", "age_days", "age",
-           "log_age", "log_delta", "points", "censor_days", "label_point", "label_task",
-           "label_days"]
+           "log_age", "log_delta", "points", "censor_days", "task_ids", "task_times"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -94,7 +95,9 @@ def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> Non
         assert (reference / name).exists(), name
     for step in STEPS:
         manifest = json.loads((reference / f"{step}.manifest.json").read_text())
-        assert manifest["format_version"] == 1 and "config" in manifest and "inputs" in manifest
+        version = DATASET_FORMAT_VERSION if step.endswith("_batches") else 1
+        assert manifest["format_version"] == version
+        assert "config" in manifest and "inputs" in manifest
     assert (reference / "ontology" / "ancestors.parquet").is_file()
     config = json.loads((reference / "config.json").read_text())
     assert (config["vocab_size"], config["num_tasks"]) == (2000, 300)
@@ -111,7 +114,7 @@ def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Pa
         assert dataset.column_names == COLUMNS
         assert dataset.features["entries"].feature.dtype == "uint32"
         assert dataset.features["times"].feature.dtype == "int64"
-        assert dataset.features["label_days"].feature.dtype == "float32"
+        assert dataset.features["task_times"].feature.dtype == "int64"
         assert dataset.num_rows > 0
         row = dataset[0]
         assert isinstance(row["entries"], torch.Tensor) and row["weights"].dtype == torch.float32
@@ -142,21 +145,27 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
     num_tasks = len(task["tasks"])
     assert 0 < num_tasks <= 300
     assert task["bin_edges_days"][0] == 0.0 and len(task["bin_edges_days"]) == task["num_bins"]
-    table = datasets.load_from_disk(str(reference / "train_batches")).with_format(None)
+    dataset = datasets.load_from_disk(str(reference / "train_batches"))
     pairs = 0
-    for row in table:
+    for row in dataset.with_format(None):
         points, censor = row["points"], np.array(row["censor_days"])
         assert len(points) == len(censor) > 0
         assert min(points) > 0 and max(points) < len(row["bag_sizes"])  # never position 0
         assert row["age_days"][0] == 0.0 and row["times"] == sorted(row["times"])
-        tasks, days = np.array(row["label_task"]), np.array(row["label_days"])
-        at = np.array(row["label_point"], dtype=np.int64)
-        assert len(tasks) == len(days) == len(at)
+        # The occurrences that label the points: sorted by task and time, each after a point.
+        occurrences = list(zip(row["task_ids"], row["task_times"], strict=True))
+        assert occurrences == sorted(occurrences)
+        assert all(t > row["times"][points[0]] for _, t in occurrences)
+    for start in range(0, len(dataset), 64):
+        batch = collate_windows([dataset[i] for i in range(start, min(start + 64,
+                                                                          len(dataset)))], True)
+        tasks, days, at = batch["label_task"], batch["label_days"], batch["label_point"]
         if len(tasks):
             assert tasks.min() >= 0 and tasks.max() < num_tasks
-            assert at.min() >= 0 and at.max() < len(points)
+            assert at.min() >= 0 and at.max() < len(batch["censor_days"])
             assert (days > 0).all()
-            assert (days <= censor[at] * (1 + 1e-6)).all()
+            assert (days <= batch["censor_days"][at] * (1 + 1e-6)).all()
+            assert len(set(zip(at.tolist(), tasks.tolist(), strict=True))) == len(tasks)
         pairs += len(tasks)
     assert pairs > 1000
 

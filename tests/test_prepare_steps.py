@@ -27,14 +27,17 @@ from prepare_builders import (
     tokenizer,
 )
 
+from ehrmotor.batching import collate_windows, frame_rows
 from ehrmotor.config import ConfigError, PrepareConfig, WindowSettings
 from ehrmotor.prepare import labels as label_cache
 from ehrmotor.prepare.labels import (
     ShardLabels,
+    censor_days,
     last_event_times,
+    occurrence_runs,
     prediction_points,
+    run_pairs,
     sample_points,
-    sparse_labels,
     task_events,
 )
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
@@ -341,9 +344,10 @@ def test_position_zero_is_the_birth_day_even_without_birth_day_entries() -> None
                               schema={"code": pl.String, "task": pl.Int32})
     labelled = label_shard(events_frame(rows), tokenizer(POSITION_VOCAB, POSITION_EDGES),
                            ontology(POSITION_TREE), task_codes, max_window=10, seed=0)
-    row = window_rows(labelled, max_window=10).rows.row(0, named=True)
+    rows = window_rows(labelled, max_window=10).rows
+    row = rows.row(0, named=True)
     assert (row["bag_sizes"], row["entries"], row["points"]) == ([0, 2], [1, 3], [1])
-    assert window_labels(row) == [(0, 0, 2.0)]
+    assert window_labels(rows, 0) == [(0, 0, 2.0)]
 
 
 def test_positions_of_several_subjects_are_numbered_per_subject() -> None:
@@ -433,6 +437,22 @@ def occurrences_frame(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
                                       "time": pl.Int64}, orient="row")
 
 
+def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame, last_time: pl.DataFrame
+                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(censoring, pairs) of the points: censoring has subject_id, position, censor_days (by
+    subject and position); pairs subject_id, position, task, days and `point` (its censoring
+    row), every pair of `occurrence_runs` expanded with `run_pairs`."""
+    points = points.sort("subject_id", "time")
+    censoring = points.select("subject_id", "position",
+                              censor_days=censor_days(points, last_time))
+    runs = occurrence_runs(points, occurrences)
+    total = int((runs["stop"] - runs["start"]).sum() or 0)
+    pairs = run_pairs(runs, points["time"].to_numpy(), np.arange(total))
+    return censoring, pairs.with_columns(
+        subject_id=points["subject_id"].gather(pairs["point"]),
+        position=points["position"].gather(pairs["point"]))
+
+
 def test_sparse_labels_hand_example() -> None:
     day = US_PER_DAY
     points = points_frame([(1, 1, 1 * day), (1, 2, 2 * day), (1, 3, 3 * day)])
@@ -509,7 +529,7 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     labelled = label_shard(events_frame(SUBJECT_1), tokenizer(POSITION_VOCAB, POSITION_EDGES),
                            ontology(POSITION_TREE), task_codes, max_window=100, seed=97)
     assert labelled.points["position"].to_list() == [1, 2, 3, 5, 6]
-    np.testing.assert_allclose(labelled.censoring["censor_days"].to_numpy(),
+    np.testing.assert_allclose(labelled.points["censor_days"].to_numpy(),
                                [12.0, 11.75, 11.0, 1.5, 1.0])
     result = window_rows(labelled, max_window=100)
     assert (result.windows_skipped, result.subjects_skipped) == (0, 0)
@@ -518,8 +538,9 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     assert row["bag_sizes"] == [3, 2, 2, 2, 2, 2, 1]
     # R occurs (as R/a, R/b) on Jan 1 20:00, Jan 11 00:00 and 06:00, Jan 12; R/b on Jan 11 06:00;
     # X on Jan 23. From Jan 11 00:00: R and R/b 0.25 days later; from 06:00: R 0.75 days later.
-    assert window_labels(row) == [(0, 0, 0.25), (0, 1, 0.25), (0, 2, 12.0), (1, 0, 0.75),
-                                  (1, 2, 11.75), (2, 2, 11.0), (3, 2, 1.5), (4, 2, 1.0)]
+    assert window_labels(result.rows, 0) == [
+        (0, 0, 0.25), (0, 1, 0.25), (0, 2, 12.0), (1, 0, 0.75), (1, 2, 11.75), (2, 2, 11.0),
+        (3, 2, 1.5), (4, 2, 1.0)]
 
 
 def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_tasks(
@@ -539,13 +560,13 @@ def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_ta
     label_cache.write_candidates(cache, candidates)
     label_cache.write_cached_shard(shard, label_shard(events, vocab, tree, candidates, 4, seed=97),
                             label_cache.EventCounts.of(events))
-    renumbered = label_cache.renumbering(cache, kept)
+    renumbered = label_cache.renumbering(cache, kept.tasks)
     assert renumbered.rows() == [(0, 0), (2, 1)]
     cached, counts = label_cache.read_cached_shard(shard, renumbered)
     direct = label_shard(events, vocab, tree, kept.task_codes(), 4, seed=97)
-    # Every frame, the pairs' order included, so the dataset rows are the same bytes.
-    assert set(direct.pairs["task"]) == {0, 1} and direct.pairs.height > 10
-    for name in ("positions", "points", "censoring", "pairs"):
+    # Every frame, the runs' order included, so the dataset rows are the same bytes.
+    assert set(direct.runs["task"]) == {0, 1} and direct.runs.height > 5
+    for name in ("positions", "points", "last_time", "runs"):
         assert_frame_equal(getattr(cached, name), getattr(direct, name))
     assert counts == label_cache.EventCounts(events.height, 0, 0)
     assert_frame_equal(window_rows(cached, 4).rows, window_rows(direct, 4).rows)
@@ -565,39 +586,39 @@ def test_with_windows_cuts_later_positions_into_spans_of_max_window_minus_one() 
     assert windows["window"].to_list() == [0, 0, 0, 0, 1, 1, 1, 2]
 
 
-def labels_for(positions: pl.DataFrame, points: list[tuple[int, int, float]],
-               pairs: list[tuple[int, int, int, float]], max_window: int) -> ShardLabels:
-    """ShardLabels as `label_shard` makes them, from points (subject, position, censor_days)
-    and pairs (subject, position, task, days); `point` is the pair's row in the censoring."""
-    span = max_window - 1
-    points = sorted(points)
-    times = dict(zip(zip(positions["subject_id"], positions["position"], strict=True),
-                     positions["time"], strict=True))
+def labels_for(positions: pl.DataFrame, points: list[tuple[int, int]],
+               occurrences: list[tuple[int, int, float]], max_window: int,
+               last_day: float) -> ShardLabels:
+    """ShardLabels as `label_shard` makes them, from points (subject, position), occurrences
+    (subject, task, day) and the last event's day (`positions_frame`: position p at day p)."""
+    day0 = positions["time"][0]
     point_frame = pl.DataFrame(
-        [(s, (p - 1) // span, p, times[(s, p)]) for s, p, _ in points],
+        [(s, (p - 1) // (max_window - 1), p, day0 + p * US_PER_DAY) for s, p in sorted(points)],
         schema={"subject_id": pl.Int64, "window": pl.Int32, "position": pl.Int32,
                 "time": pl.Int64}, orient="row")
-    censoring = pl.DataFrame(points, schema={"subject_id": pl.Int64, "position": pl.Int32,
-                                             "censor_days": pl.Float32}, orient="row")
-    row_of = {(s, p): i for i, (s, p, _) in enumerate(points)}
-    pair_frame = pl.DataFrame(
-        [(s, p, k, row_of[(s, p)], d) for s, p, k, d in pairs],
-        schema={"subject_id": pl.Int64, "position": pl.Int32, "task": pl.Int32,
-                "point": pl.UInt32, "days": pl.Float32}, orient="row")
-    return ShardLabels(positions, point_frame, censoring, pair_frame)
+    last_time = pl.DataFrame({"subject_id": positions["subject_id"].unique().sort()}).with_columns(
+        last_time=pl.lit(day0 + round(last_day * US_PER_DAY), pl.Int64))
+    occurrence_frame = pl.DataFrame(
+        [(s, k, day0 + round(d * US_PER_DAY)) for s, k, d in occurrences],
+        schema={"subject_id": pl.Int64, "task": pl.Int32, "time": pl.Int64}, orient="row")
+    point_frame = point_frame.with_columns(censor_days=censor_days(point_frame, last_time))
+    return ShardLabels(positions, point_frame, occurrence_runs(point_frame, occurrence_frame),
+                       last_time)
 
 
-def window_labels(row: dict) -> list[tuple[int, int, float]]:
-    """A window's (label_point, label_task, label_days) triples, sorted (their order is free)."""
-    return sorted(zip(row["label_point"], row["label_task"], row["label_days"], strict=True))
+def window_labels(rows: pl.DataFrame, index: int) -> list[tuple[int, int, float]]:
+    """Row `index`'s (point, task, days) labels as the training collate derives them, sorted."""
+    batch = collate_windows(frame_rows(rows[index:index + 1]), labels=True)
+    return sorted(zip(batch["label_point"].tolist(), batch["label_task"].tolist(),
+                      batch["label_days"].tolist(), strict=True))
 
 
 def test_window_rows_layout_local_indices_and_skipped_windows() -> None:
     positions = positions_frame({1: 8, 2: 3})
-    labelled = labels_for(
-        positions, points=[(1, 2, 10.0), (1, 5, 7.0), (1, 6, 6.0)],
-        pairs=[(1, 2, 0, 1.5), (1, 5, 3, 2.0), (1, 6, 0, 0.5), (1, 6, 1, 4.0), (1, 5, 1, 1.0)],
-        max_window=4)
+    # Points at days 2, 5 and 6; task 0 at days 3.5 and 6.5, task 1 at 6 and 10, task 3 at 7.
+    labelled = labels_for(positions, points=[(1, 2), (1, 5), (1, 6)], occurrences=[
+        (1, 0, 3.5), (1, 0, 6.5), (1, 1, 6.0), (1, 1, 10.0), (1, 3, 7.0)],
+        max_window=4, last_day=12.0)
     result = window_rows(labelled, max_window=4)
     rows = result.rows
     # Subject 1 window 2 (position 7) and subject 2's only window have no points: skipped.
@@ -609,17 +630,33 @@ def test_window_rows_layout_local_indices_and_skipped_windows() -> None:
     assert first["age_days"] == [0.0, 1.0, 2.0, 3.0] and second["age_days"] == [0.0, 4.0, 5.0, 6.0]
     assert first["bag_sizes"] == [1, 1, 1, 1] and first["weights"] == [1.0] * 4
     assert second["times"][0] == first["times"][0] == positions["time"][0]
-    # Points are window-local position indices; label_point indexes the window's points.
+    # Points are window-local position indices; a window keeps the occurrences that are the
+    # next one of their task after at least one of its points (3.5 is no later point's next).
     assert first["points"] == [2] and first["censor_days"] == [10.0]
-    assert window_labels(first) == [(0, 0, 1.5)]
+    assert first["task_ids"] == [0, 1, 3]
+    assert window_labels(rows, 0) == [(0, 0, 1.5), (0, 1, 4.0), (0, 3, 5.0)]
     assert second["points"] == [2, 3] and second["censor_days"] == [7.0, 6.0]
-    assert window_labels(second) == [(0, 1, 1.0), (0, 3, 2.0), (1, 0, 0.5), (1, 1, 4.0)]
+    assert second["task_ids"] == [0, 1, 1, 3]
+    day0 = positions["time"][0]
+    assert second["task_times"] == [day0 + round(d * US_PER_DAY) for d in (6.5, 6, 10, 7)]
+    assert window_labels(rows, 1) == [(0, 0, 1.5), (0, 1, 1.0), (0, 3, 2.0), (1, 0, 0.5),
+                                      (1, 1, 4.0), (1, 3, 1.0)]
+
+
+def test_an_occurrence_after_a_long_gap_labels_the_points_of_every_window_before_it() -> None:
+    positions = positions_frame({1: 8})
+    labelled = labels_for(positions, points=[(1, 1), (1, 4), (1, 7)],
+                          occurrences=[(1, 2, 7.5)], max_window=4, last_day=9.0)
+    rows = window_rows(labelled, max_window=4).rows
+    assert rows["task_ids"].to_list() == [[2], [2], [2]]
+    assert [window_labels(rows, i) for i in range(3)] == [[(0, 2, 6.5)], [(0, 2, 3.5)],
+                                                          [(0, 2, 0.5)]]
 
 
 def test_window_rows_keep_every_later_position_once() -> None:
     positions = positions_frame({1: 8})
-    labelled = labels_for(positions, points=[(1, 1, 9.0), (1, 4, 6.0), (1, 7, 3.0)], pairs=[],
-                          max_window=4)
+    labelled = labels_for(positions, points=[(1, 1), (1, 4), (1, 7)], occurrences=[],
+                          max_window=4, last_day=10.0)
     result = window_rows(labelled, max_window=4)
     rows = result.rows
     assert result.windows_skipped == 0 and result.subjects_skipped == 0
@@ -627,7 +664,8 @@ def test_window_rows_keep_every_later_position_once() -> None:
     assert rows["entries"].to_list() == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7]]
     assert [e[1:] for e in rows["entries"].to_list()] == [[1, 2, 3], [4, 5, 6], [7]]
     assert rows["points"].to_list() == [[1], [1], [1]]
-    assert rows["label_point"].to_list() == [[], [], []]
+    assert rows["censor_days"].to_list() == [[9.0], [6.0], [3.0]]
+    assert rows["task_ids"].to_list() == [[], [], []]
 
 
 def test_sample_points_takes_max_of_5_and_a_tenth_of_positions_per_window() -> None:
@@ -650,25 +688,25 @@ CANDIDATES = pl.DataFrame({"task": [0, 1, 2], "code": ["T0", "T1", "T2"], "entry
                           schema={"task": pl.Int32, "code": pl.String, "entry": pl.UInt32})
 
 
-def censoring_frame(rows: list[tuple[int, int, float]]) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "position": pl.Int32,
-                                      "censor_days": pl.Float32}, orient="row")
-
-
-def pairs_frame(rows: list[tuple[int, int, int, int, float]]) -> pl.DataFrame:
-    """Pairs (subject, position, task, point = row of the point in the censoring, days)."""
-    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "position": pl.Int32,
-                                      "task": pl.Int32, "point": pl.UInt32, "days": pl.Float32},
-                        orient="row")
+def shard_counts(points: list[tuple[int, int, float]], occurrences: list[tuple[int, int, float]],
+                 last_day: dict[int, float]) -> TaskCounts:
+    """`count_tasks` of points (subject, position, day) and occurrences (subject, task, day)."""
+    frame = points_frame([(s, p, round(d * US_PER_DAY)) for s, p, d in points])
+    last_time = pl.DataFrame({"subject_id": list(last_day),
+                              "last_time": [round(d * US_PER_DAY) for d in last_day.values()]})
+    frame = frame.with_columns(censor_days=censor_days(frame, last_time))
+    runs = occurrence_runs(frame, occurrences_frame(
+        [(s, k, round(d * US_PER_DAY)) for s, k, d in occurrences]))
+    return count_tasks(frame, runs, last_time, seed=0)
 
 
 def two_shard_counts() -> list[TaskCounts]:
-    # Points censored at 10, 20 (shard A) and 30 days (shard B): 60 days in all.
-    # Task 1 occurs 2 and 5 days after the first two points; task 2 30 days after the third.
-    shard_a = count_tasks(censoring_frame([(1, 1, 10.0), (1, 2, 20.0)]),
-                          pairs_frame([(1, 1, 1, 0, 2.0), (1, 2, 1, 1, 5.0)]), seed=0)
-    shard_b = count_tasks(censoring_frame([(2, 1, 30.0)]), pairs_frame([(2, 1, 2, 0, 30.0)]),
-                          seed=0)
+    # Points censored at 20, 10 (shard A: days 10 and 20, last event day 30) and 30 days (shard
+    # B): 60 days in all. Task 1 occurs 2 and 5 days after the first two points; task 2 30 days
+    # after the third.
+    shard_a = shard_counts([(1, 1, 10.0), (1, 2, 20.0)], [(1, 1, 12.0), (1, 1, 25.0)],
+                           {1: 30.0})
+    shard_b = shard_counts([(2, 1, 0.0)], [(2, 2, 30.0)], {2: 30.0})
     return [shard_a, shard_b]
 
 
@@ -719,8 +757,8 @@ def test_min_task_fraction_counts_points_with_a_later_occurrence_not_occurrences
     occurrences = occurrences_frame([(1, 0, 2 * US_PER_DAY), (1, 0, 3 * US_PER_DAY),
                                      (1, 0, 4 * US_PER_DAY), (1, 0, 6 * US_PER_DAY)])
     last_time = pl.DataFrame({"subject_id": [1], "last_time": [10 * US_PER_DAY]})
-    censoring, pairs = sparse_labels(points, occurrences, last_time)
-    counts = count_tasks(censoring, pairs, seed=0)
+    counts = count_tasks(points.with_columns(censor_days=censor_days(points, last_time)),
+                         occurrence_runs(points, occurrences), last_time, seed=0)
     assert counts.points == 4
     assert counts.per_task.select("task", "events").rows() == [(0, 2)]
     kept = MotorTask.fit(CANDIDATES, [counts], num_bins=2, final_layer_size=16,

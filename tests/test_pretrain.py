@@ -2,9 +2,9 @@
 
 The session's prepared work folder (conftest `tiny_bundle`'s, 300 subjects) is shared; each
 training run copies its `pretraining_files/` into a folder of its own. The runs: one in-process
-training long enough to learn (checked against two baselines, then reused for the bundle tests),
-one CLI run killed with SIGKILL and rerun with the same command (which resumes), and one
-two-process `torchrun` run on CPU.
+training long enough to learn (checked against two baselines, then reused for the bundle tests)
+and the same under bf16 autocast, one CLI run killed with SIGKILL and rerun with the same
+command (which resumes), and one two-node `torchrun` run on CPU (two agents, c10d rendezvous).
 Bad settings are refused before training, with nothing written.
 """
 
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_reference import dense_labels, piecewise_exponential_nll
 
 from ehrmotor import checkpoints, train, train_setup
 from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError
-from ehrmotor.model import MotorModel, bin_labels, piecewise_exponential_nll
+from ehrmotor.model import MotorModel
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.train import pretrain
@@ -87,36 +88,61 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Trained:
     work: Path
     model: MotorModel  # the model object Trainer trained, best checkpoint reloaded
+    matmul_dtypes: set[torch.dtype]  # of a feed-forward matmul's output in training
 
 
-@pytest.fixture(scope="module")
-def trained(prepared_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    work = new_work(prepared_files, tmp_path_factory.mktemp("trained"))
+def train_tiny(work: Path, precision: str) -> Trained:
+    """LEARN_STEPS steps of the tiny model on `work` in `precision` (PretrainConfig's)."""
     built: list[MotorModel] = []
+    matmul_dtypes: set[torch.dtype] = set()
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def recording(config: object) -> MotorModel:
         built.append(MotorModel(config))
+        hooks.append(built[-1].motor.layers[0].feed_forward.down.register_forward_hook(
+            lambda module, inputs, output: matmul_dtypes.add(output.dtype)))
         return built[-1]
 
     config = PretrainConfig(preset="tiny", learning_rate=1e-3, warmup_steps=20,
                             tokens_per_batch=TOKENS, gradient_accumulation_steps=1,
-                            max_steps=LEARN_STEPS, eval_steps=50, save_steps=50)
+                            max_steps=LEARN_STEPS, eval_steps=50, save_steps=50,
+                            precision=precision)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "MotorModel", recording)
         assert pretrain(work, config) == work / "model"
     assert len(built) == 1
-    return Trained(work, built[0].eval())
+    hooks[0].remove()
+    return Trained(work, built[0].eval(), matmul_dtypes)
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return train_tiny(new_work(prepared_files, tmp_path_factory.mktemp("trained")), "fp32")
+
+
+@pytest.fixture(scope="module")
+def trained_bf16(prepared_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """`trained` under bf16 autocast, forced: precision "auto" keeps a model this narrow in fp32
+    on CPUs (`ehrmotor.precision`)."""
+    return train_tiny(new_work(prepared_files, tmp_path_factory.mktemp("trained_bf16")), "bf16")
 
 
 def summary_of(work: Path) -> dict:
     return json.loads((work / "model" / "training_summary.json").read_text())
 
 
-def val_batches(work: Path, num_tasks: int) -> Iterator[dict[str, torch.Tensor]]:
+def val_batches(work: Path) -> Iterator[dict[str, torch.Tensor]]:
     """The val batches Trainer evaluates on (same sampler, no shuffling)."""
     val = load_prepared(work / "pretraining_files" / "val_batches")
     for indices in TokenBudgetBatchSampler(window_lengths(val), TOKENS, shuffle=False):
-        yield collate_windows([val[int(i)] for i in indices], num_tasks)
+        yield collate_windows([val[int(i)] for i in indices], labels=True)
+
+
+def binned(batch: dict[str, torch.Tensor], edges: list[float], num_tasks: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """time_at_risk, event_in_bin (P, bins, tasks) of a collated batch's labels."""
+    return dense_labels(batch["label_point"], batch["label_task"], batch["label_days"],
+                        batch["censor_days"], edges, num_tasks)
 
 
 def constant_hazard_val_loss(work: Path) -> float:
@@ -128,21 +154,28 @@ def constant_hazard_val_loss(work: Path) -> float:
     events = torch.zeros(len(edges), num_tasks)
     for start in range(0, len(train_rows), 64):
         rows = [train_rows[i] for i in range(start, min(start + 64, len(train_rows)))]
-        batch = collate_windows(rows, num_tasks)
-        time_at_risk, event_in_bin = bin_labels(batch["event_days"], batch["is_event"], edges)
+        time_at_risk, event_in_bin = binned(collate_windows(rows, labels=True), edges, num_tasks)
         at_risk = at_risk + time_at_risk.sum(0)
         events = events + event_in_bin.sum(0)
     log_hazards = ((events + 0.5) / (at_risk + 1.0)).log()  # smoothed maximum likelihood
     losses = []
-    for batch in val_batches(work, num_tasks):
-        labels = bin_labels(batch["event_days"], batch["is_event"], edges)
+    for batch in val_batches(work):
+        labels = binned(batch, edges, num_tasks)
         points = labels[0].shape[0]
         losses.append(float(piecewise_exponential_nll(log_hazards.expand(points, -1, -1),
                                                       *labels)))
     return sum(losses) / len(losses)
 
 
-def test_tiny_model_learns_beyond_the_base_rates(trained: Trained) -> None:
+@pytest.mark.parametrize(("run", "matmul_dtype"), [("trained", torch.float32),
+                                                   ("trained_bf16", torch.bfloat16)],
+                         ids=["fp32", "bf16"])
+def test_tiny_model_learns_beyond_the_base_rates(request: pytest.FixtureRequest, run: str,
+                                                 matmul_dtype: torch.dtype) -> None:
+    trained: Trained = request.getfixturevalue(run)
+    assert trained.matmul_dtypes == {matmul_dtype}
+    # Autocast casts on the fly: the weights, and so the optimizer's state, stay fp32.
+    assert {parameter.dtype for parameter in trained.model.parameters()} == {torch.float32}
     summary = summary_of(trained.work)
     assert summary["global_step"] == LEARN_STEPS
     val_loss, base_rate = summary["val_loss"], summary["base_rate_val_loss"]
@@ -170,7 +203,7 @@ def test_bundle_is_self_contained_strict_json_and_free_of_pickles(trained: Train
 
 def test_bundle_loads_with_outputs_identical_to_the_trained_model(trained: Trained) -> None:
     loaded = MotorModel.from_pretrained(trained.work / "model").eval()
-    batch = next(val_batches(trained.work, loaded.config.num_tasks))
+    batch = next(val_batches(trained.work))
     with torch.no_grad():
         expected, actual = trained.model(**batch), loaded(**batch)
     assert torch.equal(actual.log_hazards, expected.log_hazards)
@@ -254,7 +287,7 @@ def test_rerun_after_sigkill_resumes_from_the_checkpoint_to_max_steps(
     assert summary_of(work)["global_step"] == RESUME_STEPS
     model = MotorModel.from_pretrained(work / "model").eval()
     with torch.no_grad():
-        assert torch.isfinite(model(**next(val_batches(work, model.config.num_tasks))).loss)
+        assert torch.isfinite(model(**next(val_batches(work))).loss)
 
 
 def test_keep_output_keeps_checkpoints_and_tensorboard_logs(
@@ -336,24 +369,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_torchrun_with_two_cpu_processes_trains_and_writes_a_loadable_bundle(
+def test_torchrun_on_two_nodes_trains_and_writes_a_loadable_bundle(
         prepared_files: Path, config_file: Path, tmp_path: Path) -> None:
+    """Two torchrun agents (--nnodes=2, one process each) meet through a c10d rendezvous on
+    localhost, as two hosts would, and train over gloo on a shared work folder."""
     work = new_work(prepared_files, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "info"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "ehrmotor", "pretrain",
-         "--work", str(work), "--config", str(config_file), "--max-steps", "4"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    # One window batch per process and step, two processes: a total batch of 2.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc_per_node=1", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=ehrmotor-two-nodes",
+               "-m", "ehrmotor", "pretrain", "--work", str(work), "--config", str(config_file),
+               "--max-steps", "4"]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env) for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=600) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err[-4000:]
+    logs = "".join(err for _, err in outputs)
+    # One window batch per process and step, two ranks: a total batch of 2.
     assert re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = 2\b",
-                     result.stderr), result.stderr[-4000:]
+                     logs), logs[-4000:]
     assert summary_of(work)["global_step"] == 4
     model = MotorModel.from_pretrained(work / "model").eval()
     with torch.no_grad():
-        assert torch.isfinite(model(**next(val_batches(work, model.config.num_tasks))).loss)
+        assert torch.isfinite(model(**next(val_batches(work))).loss)
     assert not (work / "pretraining_output").exists()
 
 

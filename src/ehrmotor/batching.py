@@ -10,10 +10,13 @@
   Windows without prediction points never reach the sampler (prepare skips them).
 - `collate_windows`: the one collate of training and embedding. It concatenates the windows of a
   batch into one packed sequence (segment ids keep subjects apart) with the points to read
-  (`point_indices`). For training (`num_tasks` given) it builds the MOTOR labels densely per point
-  and task from the sparse form: `event_days` (P, tasks) is the days to the task's next
-  occurrence, or to censoring, and `is_event` (P, tasks) says which. The model turns these into
-  time at risk per bin. Embedding batches carry no labels.
+  (`point_indices`). For training (`labels=True`) it derives the sparse MOTOR labels from each
+  window's points and task occurrences (layout of `ehrmotor.prepare.shards`): `censor_days` (P,)
+  per point, and one (label_point, label_task, label_days) triple per point and task that occurs
+  after it, the days to that task's next occurrence. Occurrence j of a task (times sorted) is the
+  next one for the window's points at or after occurrence j - 1 and before j, a run found by two
+  binary searches over the points' times (batched over windows), so the work is proportional to
+  the labels, with no loop per point or occurrence. Embedding batches carry no labels.
 - `frame_rows` hands the rows of a polars window frame to it as a torch-format dataset does;
   `pad_batch` grows a batch to a fixed length (embedding on CUDA).
 """
@@ -32,6 +35,9 @@ from torch.utils.data import Sampler
 from ehrmotor.prepare.positions import TIME_FEATURES
 
 LENGTH_COLUMN = "bag_sizes"
+US_PER_DAY = 86_400_000_000
+INT64_MAX = torch.iinfo(torch.int64).max
+INT64_MIN = torch.iinfo(torch.int64).min
 
 
 def window_lengths(dataset: Any) -> np.ndarray:
@@ -102,13 +108,14 @@ def _cat(rows: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.cat([row[key] for row in rows])
 
 
-def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], num_tasks: int | None = None
+def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = False
                     ) -> dict[str, torch.Tensor]:
     """Pack windows (rows in torch format) into one model batch; the MOTOR labels ride along
-    when `num_tasks` is given.
+    when `labels` is True.
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
-    segment_ids (T,), point_indices (P,); with num_tasks also event_days, is_event (P, tasks).
+    segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
+    label_task, label_days (pairs,).
     """
     lengths = torch.tensor([len(row["bag_sizes"]) for row in rows])
     bag_sizes = _cat(rows, "bag_sizes").long()
@@ -124,26 +131,46 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], num_tasks: int |
         "point_indices": torch.cat([row["points"].long() + start
                                     for row, start in zip(rows, token_start, strict=True)]),
     }
-    if num_tasks is not None:
-        batch.update(_motor_labels(rows, num_tasks))
+    if labels:
+        batch["censor_days"] = _cat(rows, "censor_days").float()
+        batch.update(motor_labels(rows))
     return batch
 
 
-def _motor_labels(rows: Sequence[Mapping[str, torch.Tensor]], num_tasks: int
-                  ) -> dict[str, torch.Tensor]:
-    """event_days, is_event (P, tasks) from the windows' sparse labels."""
+def _padded(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """(len(tensors), longest) int64, row i = tensors[i] then `value` (exact, unlike
+    pad_sequence's float padding value)."""
+    lengths = torch.tensor([len(t) for t in tensors], dtype=torch.long)
+    out = torch.full((len(tensors), int(lengths.max()) if len(tensors) else 0), value,
+                     dtype=torch.long)
+    out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.cat([t.long() for t in tensors])
+    return out
+
+
+def motor_labels(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """label_point (index among the batch's points), label_task, label_days (float32 days from
+    the point to the task's next occurrence) of every (point, task) with a later occurrence."""
+    point_times = _padded([row["times"][row["points"].long()] for row in rows], INT64_MAX)
     num_points = torch.tensor([len(row["points"]) for row in rows])
-    point_start = torch.cumsum(num_points, 0) - num_points
-    label_point = torch.cat([row["label_point"].long() + start for row, start in
-                             zip(rows, point_start, strict=True)])
-    label_task = _cat(rows, "label_task").long()
-    censor_days = _cat(rows, "censor_days").float()
-    # Censored at the subject's last event unless the task occurs before that.
-    event_days = censor_days[:, None].repeat(1, num_tasks)
-    is_event = torch.zeros(len(censor_days), num_tasks, dtype=torch.bool)
-    event_days[label_point, label_task] = _cat(rows, "label_days").float()
-    is_event[label_point, label_task] = True
-    return {"event_days": event_days, "is_event": is_event}
+    tasks = _padded([row["task_ids"] for row in rows], -1)  # (windows, most occurrences)
+    times = _padded([row["task_times"] for row in rows], INT64_MIN)  # padding: empty runs
+    same_task = torch.zeros_like(tasks, dtype=torch.bool)
+    same_task[:, 1:] = tasks[:, 1:] == tasks[:, :-1]
+    previous = torch.full_like(times, INT64_MIN)
+    previous[:, 1:] = times[:, :-1]
+    previous = torch.where(same_task, previous, INT64_MIN)
+    # Points at or after the previous occurrence of the task and before this one.
+    start = torch.searchsorted(point_times, previous, side="left")
+    stop = torch.searchsorted(point_times, times, side="left")
+    counts = (stop - start).clamp(min=0).flatten()
+    occurrence = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    run_start = torch.cumsum(counts, 0) - counts
+    local = start.flatten()[occurrence] + torch.arange(len(occurrence)) - run_start[occurrence]
+    window = occurrence // tasks.shape[1]
+    days = times.flatten()[occurrence] - point_times[window, local]
+    return {"label_point": (torch.cumsum(num_points, 0) - num_points)[window] + local,
+            "label_task": tasks.flatten()[occurrence],
+            "label_days": (days.double() / US_PER_DAY).float()}
 
 
 def pad_batch(batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
@@ -180,8 +207,8 @@ def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
 class WindowCollator:
     """Picklable collate function for DataLoader workers."""
 
-    def __init__(self, num_tasks: int | None = None) -> None:
-        self.num_tasks = num_tasks
+    def __init__(self, labels: bool = False) -> None:
+        self.labels = labels
 
     def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return collate_windows(rows, self.num_tasks)
+        return collate_windows(rows, self.labels)

@@ -23,7 +23,8 @@ from ehrmotor.errors import PretrainError
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from
 # Settings a resumed run may change: they change neither the weights nor the batches.
-RESUMABLE_CHANGES = ("dataloader_num_workers", "logging_steps", "save_total_limit")
+RESUMABLE_CHANGES = ("dataloader_num_workers", "logging_steps", "save_total_limit",
+                     "gradient_checkpointing", "compile")
 
 
 def prepared_digests(files: Path) -> dict[str, str]:

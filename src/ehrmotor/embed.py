@@ -24,8 +24,10 @@ Policies:
   (`MotorConfig.max_window`; older bundles: training_summary.json's). At a training point whose
   history fits one training window, the representation equals the one training computed.
 - `tokens_per_batch` is only a packing budget (default and minimum: the context). `model.encode`
-  runs under `torch.no_grad()`, in fp32 on CPU and under bf16 autocast on CUDA (where batches are
-  padded to `tokens_per_batch` so the attention kernel keeps one shape).
+  runs under `torch.no_grad()`, under bf16 autocast where pretraining's precision "auto" picks it
+  (`precision.auto_uses_bf16`: CUDA, and CPUs with native bf16 matmul for models at least 256
+  wide), else in fp32; on CUDA batches are padded to `tokens_per_batch` so the attention kernel
+  keeps one shape.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from ehrmotor.meds import (
     scan_shard,
 )
 from ehrmotor.model import MotorModel
+from ehrmotor.precision import auto_uses_bf16
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import BIRTH_CODE, build_positions
 from ehrmotor.prepare.tokenizer import Tokenizer
@@ -301,8 +304,8 @@ def _encode(model: MotorModel, positions: pl.DataFrame, plan: pl.DataFrame,
     plan: `embedding_windows` with `first_row`, in packing order. On CUDA every batch is padded to
     `tokens_per_batch` positions.
     """
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if auto_uses_bf16(device.type, model.config.hidden_size) else nullcontext())
     lengths = positions_per_window(plan).to_numpy()
     for batch in tqdm(pack(lengths, np.arange(len(lengths)), tokens_per_batch),
                       desc="features", unit="batch", disable=None):

@@ -61,9 +61,9 @@ BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor
 class MotorTrainer(Trainer):
     """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches."""
 
-    def __init__(self, *args: Any, tokens_per_batch: int, num_tasks: int, **kwargs: Any):
+    def __init__(self, *args: Any, tokens_per_batch: int, **kwargs: Any):
         self.tokens_per_batch = tokens_per_batch
-        self.collator = WindowCollator(num_tasks)
+        self.collator = WindowCollator(labels=True)
         super().__init__(*args, **kwargs)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
@@ -144,20 +144,21 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     check_window_budget(config, prepared)
     output = work / "pretraining_output"
     has_val = len(prepared.val) > 0
-    args = training_arguments(config, output, has_val)
+    args = training_arguments(config, output, has_val, model_config.hidden_size)
     settings = training_settings(config, work / "pretraining_files")
     checkpoint = None if restart else resumable_checkpoint(output, settings)
     if args.process_index == 0:
         prepare_output(output, checkpoint, settings, restart)
 
     model = MotorModel(model_config)
-    log.info("pretrain: MOTOR %s model, %s parameters, %d tasks, %d bins, vocabulary %d",
+    log.info("pretrain: MOTOR %s model, %s parameters, %d tasks, %d bins, vocabulary %d; %s%s",
              config.preset, f"{model.count_parameters():,}", model_config.num_tasks,
-             model_config.num_bins, model_config.vocab_size)
+             model_config.num_bins, model_config.vocab_size,
+             "bf16 autocast" if args.bf16 else "fp32",
+             ", activation checkpointing" if config.gradient_checkpointing else "")
     trainer = MotorTrainer(
         model=model, args=args, train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None, tokens_per_batch=config.tokens_per_batch,
-        num_tasks=model_config.num_tasks,
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -192,8 +193,9 @@ def base_rate_loss(trainer: MotorTrainer, model_config: MotorConfig) -> float:
     edges = model_config.bin_edges_days
     total, batches = 0.0, 0
     for batch in trainer.get_eval_dataloader():
-        points = batch["event_days"].shape[0]
-        log_hazards = rates.to(batch["event_days"].device).expand(points, len(edges), -1)
-        total += float(motor_loss(log_hazards, batch["event_days"], batch["is_event"], edges))
+        points = batch["censor_days"].shape[0]
+        log_hazards = rates.to(batch["censor_days"].device).expand(points, len(edges), -1)
+        total += float(motor_loss(log_hazards, batch["censor_days"], batch["label_point"],
+                                  batch["label_task"], batch["label_days"], edges))
         batches += 1
     return total / max(batches, 1)

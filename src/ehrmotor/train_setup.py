@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from transformers import TrainingArguments
 from ehrmotor.batching import window_lengths
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError, first_line
-from ehrmotor.model import PRESETS, MotorConfig
+from ehrmotor.model import LABELS, PRESETS, MotorConfig
+from ehrmotor.precision import auto_uses_bf16
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.prepare.tokenizer import Tokenizer
@@ -123,22 +124,32 @@ def build_model_config(config: PretrainConfig, prepared: Prepared) -> MotorConfi
         raise PretrainError(f"pretrain: {first_line(error)}") from error
 
 
-def _use_bf16(config: PretrainConfig) -> bool:
+def _use_bf16(config: PretrainConfig, hidden_size: int) -> bool:
+    """Whether training runs under bf16 autocast: `precision`, where "auto" follows
+    `precision.auto_uses_bf16` on the device Trainer will use (CUDA when present, else CPU)."""
     if config.precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return auto_uses_bf16("cuda" if torch.cuda.is_available() else "cpu", hidden_size)
     return config.precision == "bf16"
 
 
-def training_arguments(config: PretrainConfig, output: Path, has_val: bool) -> TrainingArguments:
-    """The Trainer's arguments for `config`, writing to `output`; PretrainError for a setting
-    `TrainingArguments` rejects."""
+# transformers 5 renamed gradient_checkpointing (a deprecated alias until v6)
+_CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing",
+                                                 "gradient_checkpointing")
+                               if name in {f.name for f in fields(TrainingArguments)})
+
+
+def training_arguments(config: PretrainConfig, output: Path, has_val: bool,
+                       hidden_size: int) -> TrainingArguments:
+    """The Trainer's arguments for `config` and a model `hidden_size` wide, writing to `output`;
+    PretrainError for a setting `TrainingArguments` rejects."""
     try:
-        return TrainingArguments(**_training_kwargs(config, output, has_val))
+        return TrainingArguments(**_training_kwargs(config, output, has_val, hidden_size))
     except ValueError as error:
         raise PretrainError(f"pretrain: {first_line(error)}") from error
 
 
-def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool) -> dict[str, Any]:
+def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool,
+                     hidden_size: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         output_dir=str(output), report_to=["tensorboard"],  # logs in output/runs/
         per_device_train_batch_size=1, per_device_eval_batch_size=1,
@@ -150,12 +161,14 @@ def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool) -> dic
         save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=config.logging_steps, bf16=_use_bf16(config), seed=config.seed,
+        logging_steps=config.logging_steps, bf16=_use_bf16(config, hidden_size), seed=config.seed,
         remove_unused_columns=False, dataloader_num_workers=config.dataloader_num_workers,
         # Labels are named for Trainer so evaluation reports the loss; logits are never gathered.
-        label_names=["event_days", "is_event"], prediction_loss_only=True,
+        label_names=list(LABELS), prediction_loss_only=True,
         ddp_find_unused_parameters=False,
     )
+    kwargs[_CHECKPOINTING_ARGUMENT] = config.gradient_checkpointing
+    kwargs["torch_compile"] = config.compile
     if not torch.cuda.is_available():
         # Without use_cpu, accelerate does not set up multi-process CPU training under torchrun.
         kwargs["use_cpu"] = True

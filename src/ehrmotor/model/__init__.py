@@ -18,13 +18,12 @@ from ehrmotor.model.attention import (
 from ehrmotor.model.config import PRESETS, MotorConfig
 from ehrmotor.model.encoder import MotorEncoder, MotorPreTrainedModel
 from ehrmotor.model.head import (
+    LABELS,
     MotorHead,
     MotorModel,
     MotorOutput,
-    bin_labels,
     current_weight_name,
     motor_loss,
-    piecewise_exponential_nll,
 )
 
 __all__ = [
@@ -36,12 +35,11 @@ __all__ = [
     "MotorModel",
     "MotorOutput",
     "MotorPreTrainedModel",
-    "bin_labels",
     "blockwise_local_attention",
     "current_weight_name",
     "flex_local_attention",
     "local_attention",
     "motor_loss",
-    "piecewise_exponential_nll",
+    "LABELS",
     "resolve_backend",
 ]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ehrmotor.model.attention import local_attention
 from ehrmotor.model.config import MotorConfig
@@ -88,7 +89,10 @@ class MotorFeedForward(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class MotorBlock(nn.Module):
+class MotorBlock(GradientCheckpointingLayer):
+    """Pre-norm attention and feed-forward; recomputed in the backward pass when activation
+    checkpointing is on (`activation_checkpointing_enable()`), so x must come positionally."""
+
     def __init__(self, config: MotorConfig) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -113,6 +117,7 @@ class MotorPreTrainedModel(PreTrainedModel):
     config_class = MotorConfig
     base_model_prefix = "motor"
     main_input_name = "segment_ids"  # one per position: what Trainer counts as tokens
+    supports_gradient_checkpointing = True  # per MotorBlock
     _no_split_modules = ["MotorBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -3,9 +3,9 @@ the encoder.
 
 Time is in days. Bins are given by finite edges [e_0 = 0, e_1, ..., e_{B-1}] (config.bin_edges_days,
 from `motor_task.json`); bin b covers (e_b, e_{b+1}] and the last bin (e_{B-1}, +inf). At a
-prediction point, each task has a time t (`event_days`): days to the task's next occurrence
-(`is_event` True) or, without one, days to the subject's censoring. With a constant hazard
-λ_b = exp(log_hazard_b) inside bin b:
+prediction point, each task has a time t: days to the task's next occurrence (an observed event)
+or, without one, days to the subject's censoring. With a constant hazard λ_b = exp(log_hazard_b)
+inside bin b:
 
     time_at_risk_b = clamp(t - e_b, 0, e_{b+1} - e_b)     days spent in bin b before t
     event_in_bin_b = 1 if the event is observed and t falls in bin b, else 0
@@ -13,11 +13,11 @@ prediction point, each task has a time t (`event_days`): days to the task's next
     -log L = Σ_b λ_b · time_at_risk_b - Σ_b log λ_b · event_in_bin_b
 
 (the survival term plus, for an observed event, the log-density at t). An event at t = 0 counts in
-the first bin.
+the first bin. `motor_loss` takes the labels in their sparse form (most pairs are censored).
 
 Data flow of `MotorModel`: encoder hidden states (T, hidden) -> the P prediction points
-(`point_indices`) -> `MotorHead` -> log-hazard per (point, bin, task) -> with labels
-event_days, is_event (P, tasks): `bin_labels` -> `piecewise_exponential_nll`.
+(`point_indices`) -> `MotorHead` -> log-hazard per (point, bin, task) -> with the labels
+(`LABELS`, from `ehrmotor.batching.collate_windows`) -> `motor_loss`.
 """
 
 from __future__ import annotations
@@ -56,59 +56,50 @@ class MotorHead(nn.Module):
         return self.tasks(normed).float() + self.bias  # (P, bins, tasks)
 
 
-def bin_labels(event_days: torch.Tensor, is_event: torch.Tensor,
-               bin_edges_days: Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bin targets from per-task times.
-
-    event_days (P, tasks): days to the event, or to censoring where `is_event` (P, tasks) is
-    False. Returns time_at_risk (P, bins, tasks) float32 in days and event_in_bin (P, bins, tasks)
-    bool.
-    """
-    days = torch.as_tensor(event_days, dtype=torch.float32)
-    observed = torch.as_tensor(is_event, dtype=torch.bool, device=days.device)
-    edges = torch.as_tensor(bin_edges_days, dtype=torch.float32, device=days.device)
-    if edges.dim() != 1 or edges.numel() == 0 or edges[0] != 0:
-        raise ValueError(f"bin_edges_days must be a non-empty list starting at 0; got {edges}")
-    if days.dim() != 2 or days.shape != observed.shape:
-        raise ValueError(f"event_days {tuple(days.shape)} and is_event {tuple(observed.shape)} "
-                         "must share the shape (P, tasks)")
-
-    bin_width = torch.cat([edges[1:] - edges[:-1], edges.new_tensor([float("inf")])])  # (bins,)
-    since_start = days[:, None, :] - edges[None, :, None]  # (P, bins, tasks)
-    time_at_risk = torch.minimum(since_start.clamp(min=0), bin_width[None, :, None])
-
-    # bin b with e_b < t <= e_{b+1}; t = 0 lands in bin 0
-    event_bin = (torch.searchsorted(edges, days.contiguous(), right=False) - 1).clamp(min=0)
-    bins = torch.arange(edges.numel(), device=days.device)
-    event_in_bin = (bins[None, :, None] == event_bin[:, None, :]) & observed[:, None, :]
-    return time_at_risk, event_in_bin
+LABELS = ("censor_days", "label_point", "label_task", "label_days")
 
 
-def piecewise_exponential_nll(log_hazards: torch.Tensor, time_at_risk: torch.Tensor,
-                              event_in_bin: torch.Tensor) -> torch.Tensor:
+def time_at_risk(days: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(..., bins) days spent in each bin before `days` (...,): clamp(t - e_b, 0, width_b)."""
+    width = torch.cat([edges[1:] - edges[:-1], edges.new_tensor([float("inf")])])
+    return torch.minimum((days[..., None] - edges).clamp(min=0), width)
+
+
+def event_bin(days: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The bin b with e_b < t <= e_{b+1} of each time t (t = 0 lands in bin 0)."""
+    return (torch.searchsorted(edges, days.contiguous(), right=False) - 1).clamp(min=0)
+
+
+def motor_loss(log_hazards: torch.Tensor, censor_days: torch.Tensor, label_point: torch.Tensor,
+               label_task: torch.Tensor, label_days: torch.Tensor,
+               bin_edges_days: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per (point, task), in fp32 whatever the input dtype.
 
-    log_hazards, time_at_risk, event_in_bin: (P, bins, tasks); log-hazards per day, time in days.
-    Returns Σ exp(log_hazards)·time_at_risk − Σ log_hazards·event_in_bin over everything,
-    divided by P · tasks.
+    log_hazards (P, bins, tasks) per day; censor_days (P,) days from each point to censoring;
+    label_point, label_task, label_days (L,): the (point, task) pairs whose task occurs before
+    censoring, with the days to it (each pair at most once). The sum runs over every (point,
+    task); a censored pair's time at risk depends on its point alone, so the survival term is
+    Σ_{p,b} risk(c_p)_b · Σ_k λ_pbk over all pairs, corrected on the L observed ones by
+    (risk(t) - risk(c_p))_b · λ_pbk: no (P, bins, tasks) label tensor is ever built.
     """
-    if log_hazards.shape != time_at_risk.shape or log_hazards.shape != event_in_bin.shape:
-        raise ValueError(f"log_hazards {tuple(log_hazards.shape)}, time_at_risk "
-                         f"{tuple(time_at_risk.shape)} and event_in_bin "
-                         f"{tuple(event_in_bin.shape)} must share the shape (P, bins, tasks)")
-    pairs = log_hazards.shape[0] * log_hazards.shape[2]
+    edges = torch.as_tensor(bin_edges_days, dtype=torch.float32, device=log_hazards.device)
+    if edges.dim() != 1 or edges.numel() == 0 or edges[0] != 0:
+        raise ValueError(f"bin_edges_days must be a non-empty list starting at 0; got {edges}")
+    points, bins, tasks = log_hazards.shape
+    if censor_days.shape != (points,) or bins != edges.numel():
+        raise ValueError(f"log_hazards {tuple(log_hazards.shape)} needs censor_days of shape "
+                         f"({points},) and {bins} bin edges; got {tuple(censor_days.shape)} and "
+                         f"{edges.numel()}")
     with torch.autocast(log_hazards.device.type, enabled=False):
         log_hazards = log_hazards.float()  # exp in bf16 loses too much
-        survival = (torch.exp(log_hazards) * time_at_risk.float()).sum()
-        events = (log_hazards * event_in_bin.float()).sum()
-        return (survival - events) / max(pairs, 1)
-
-
-def motor_loss(log_hazards: torch.Tensor, event_days: torch.Tensor, is_event: torch.Tensor,
-               bin_edges_days: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """`piecewise_exponential_nll` from per-task times (P, tasks); see `bin_labels`."""
-    return piecewise_exponential_nll(log_hazards, *bin_labels(event_days, is_event,
-                                                              bin_edges_days))
+        censored = time_at_risk(censor_days.float(), edges)  # (P, bins)
+        survival = (torch.exp(log_hazards).sum(-1) * censored).sum()
+        observed = log_hazards[label_point.long(), :, label_task.long()]  # (L, bins)
+        days = label_days.float()
+        correction = time_at_risk(days, edges) - censored[label_point.long()]
+        survival = survival + (correction * torch.exp(observed)).sum()
+        events = observed.gather(1, event_bin(days, edges)[:, None]).sum()
+        return (survival - events) / max(points * tasks, 1)
 
 
 @dataclass
@@ -147,21 +138,25 @@ class MotorModel(MotorPreTrainedModel):
 
     def forward(self, entries: torch.Tensor, weights: torch.Tensor, bag_offsets: torch.Tensor,
                 time_features: torch.Tensor, age_days: torch.Tensor, segment_ids: torch.Tensor,
-                point_indices: torch.Tensor, event_days: torch.Tensor | None = None,
-                is_event: torch.Tensor | None = None,
+                point_indices: torch.Tensor, censor_days: torch.Tensor | None = None,
+                label_point: torch.Tensor | None = None, label_task: torch.Tensor | None = None,
+                label_days: torch.Tensor | None = None,
                 return_dict: bool | None = None) -> MotorOutput | tuple[torch.Tensor, ...]:
-        """Log-hazards at the points (P,) of the packed batch; the loss when event_days and
-        is_event (P, tasks) are given (days to event or censoring; see the module docstring)."""
+        """Log-hazards at the points (P,) of the packed batch; the loss when the sparse labels
+        (`LABELS`: censor_days (P,), label_point, label_task, label_days (L,); see `motor_loss`)
+        are given."""
         hidden = self.encode(entries, weights, bag_offsets, time_features, age_days, segment_ids)
         representations = hidden[point_indices.long()]  # (P, hidden)
         log_hazards = self.head(representations)  # (P, bins, tasks)
         loss = None
-        if event_days is not None or is_event is not None:
-            if event_days is None or is_event is None:
-                raise ValueError("labels need both event_days and is_event (P, tasks)")
+        labels = (censor_days, label_point, label_task, label_days)
+        if any(label is not None for label in labels):
+            if any(label is None for label in labels):
+                raise ValueError(f"labels need all of {', '.join(LABELS)}")
             if not self.config.bin_edges_days:
-                raise ValueError("event_days/is_event need config.bin_edges_days; it is empty")
-            loss = motor_loss(log_hazards, event_days, is_event, self.config.bin_edges_days)
+                raise ValueError("labels need config.bin_edges_days; it is empty")
+            loss = motor_loss(log_hazards, *labels,  # type: ignore[arg-type]
+                              self.config.bin_edges_days)
         output = MotorOutput(loss=loss, log_hazards=log_hazards, representations=representations)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

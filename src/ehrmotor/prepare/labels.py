@@ -10,22 +10,25 @@
 - Task events: events without a numeric or text value, expanded to their ontology ancestors, whose
   code is a task code. Static events never count.
 - Labels at a point at time t: per task, the days from t to its next occurrence strictly after t,
-  when there is one; otherwise the task is censored at the subject's last event time. In sparse
-  form: per point `censor_days`, and (task, days) pairs only for tasks that occur.
+  when there is one; otherwise the task is censored at the subject's last event time
+  (`censor_days` per point). They are not stored: each occurrence is the next one for a run of
+  consecutive points (`occurrence_runs`), so a window stores its points and the occurrences that
+  label them (`window_occurrences`), and the collate step derives the (point, task, days) pairs
+  (`ehrmotor.batching`); the MOTOR-task statistics come from the runs directly.
 
-The label cache, a temporary of the MOTOR-task step: the train shards' positions and labels,
-for the datasets.
+The label cache, a temporary of the MOTOR-task step: the train shards' positions, points and
+occurrence runs, for the datasets.
 
 The MOTOR task is fitted on the labels of train subjects for the candidate tasks; the train dataset
 needs the same positions, points and labels for the kept tasks. The task step's workers write
-what they computed here, and the train dataset step reads it instead of labelling the shards again.
+what they computed here, and the train dataset step reads it instead of encoding the shards again.
 
 Folder `WORK/pretraining_files/.train_labels/` (written through a temporary, like an artifact):
 
     candidates.arrow            task, code, entry of the candidate tasks (`candidate_tasks`)
     shard-XXXXX-of-NNNNN/       one per MEDS shard (Arrow IPC files, zstd):
-        positions.arrow, points.arrow, censoring.arrow, pairs.arrow
-                                the frames of `ShardLabels` (pairs of candidate tasks)
+        positions.arrow, points.arrow, last_time.arrow, runs.arrow
+                                the frames of `ShardLabels` (runs of candidate tasks)
         events.json             `EventCounts` of the shard's train events
 
 Its manifest `.train_labels.manifest.json` holds CACHE_FORMAT_VERSION, the digest of the manifest of
@@ -34,10 +37,10 @@ while that task is the current one and the dataset has those settings (else each
 labels itself, with the same result). The run removes the cache once both
 datasets are complete; a run that stops before keeps it for the next.
 
-Keeping the kept tasks' labels: a task's labels do not depend on the other tasks, and the kept
-tasks are numbered in candidate order, so filtering the candidates' pairs to the kept tasks and
-renumbering them (`keep_tasks`) gives the pairs `label_shard` computes for the kept tasks, in
-the same order.
+Keeping the kept tasks' runs: a task's runs do not depend on the other tasks, and the kept tasks
+are numbered in candidate order, so filtering the candidates' runs to the kept tasks and
+renumbering them (`keep_tasks`) gives the runs `label_shard` finds for the kept tasks, in the
+same order.
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ import polars as pl
 from ehrmotor.artifacts import manifest_path, record, remove
 from ehrmotor.config import WindowSettings
 from ehrmotor.errors import InputError
-from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import count_before_birth
 from ehrmotor.prepare.windows import training_window
@@ -97,104 +99,124 @@ def sample_points(points: pl.DataFrame, positions: pl.DataFrame, max_window: int
     )
 
 
+def task_codes_of(ontology: Ontology, task_codes: pl.DataFrame) -> pl.DataFrame:
+    """code, task: every code that counts as an occurrence of a task (the task's code and its
+    ontology descendants; a code the ontology does not know counts for itself only)."""
+    known = ontology.ancestors.select("code", "ancestor").join(
+        task_codes.rename({"code": "ancestor"}), on="ancestor", how="inner")
+    unknown = task_codes.join(ontology.ancestors.select("code").unique(), on="code", how="anti")
+    return pl.concat([known.select("code", "task"), unknown.select("code", "task")]).unique()
+
+
 def task_events(events: pl.DataFrame, ontology: Ontology, task_codes: pl.DataFrame
                 ) -> pl.DataFrame:
     """subject_id, task, time (µs) of every distinct task occurrence.
 
     `task_codes`: code, task (index). Valued events and static events never count.
     """
-    plain = events.filter(
+    plain = events.lazy().filter(
         pl.col("numeric_value").is_null() & pl.col("text_value").is_null()
         & pl.col("time").is_not_null()
     ).select("subject_id", "code", time=pl.col("time").dt.epoch("us"))
     return (
-        ontology.expand(plain.unique())
-        .join(task_codes.rename({"code": "ancestor"}), on="ancestor", how="inner")
+        plain.join(task_codes_of(ontology, task_codes).lazy(), on="code", how="inner")
         .select("subject_id", "task", "time")
         .unique()
         .sort("subject_id", "task", "time")
+        .collect()
     )
 
 
-def _first_point_at_or_after(frame: pl.DataFrame, column: str, points: pl.DataFrame) -> pl.Series:
-    """Global index of each row's first point (same subject) with time >= frame[column]."""
-    found = frame.with_row_index("row").sort("subject_id", column).join_asof(
-        points.select("subject_id", "pidx", point_time="time"), left_on=column,
-        right_on="point_time", by="subject_id", strategy="forward", check_sortedness=False,
-    )
-    return found.sort("row")["pidx"]
+def censor_days(points: pl.DataFrame, last_time: pl.DataFrame) -> pl.Series:
+    """Per point (subject_id, time µs), days to its subject's last event (Float32)."""
+    return points.join(last_time, on="subject_id", how="left", maintain_order="left").select(
+        censor_days=((pl.col("last_time") - pl.col("time")) / US_PER_DAY).cast(pl.Float32)
+    ).to_series()
 
 
-def sparse_labels(points: pl.DataFrame, occurrences: pl.DataFrame,
-                  last_time: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Labels of each point (points: subject_id, position, time µs; one per time per subject).
+def occurrence_runs(points: pl.DataFrame, occurrences: pl.DataFrame) -> pl.DataFrame:
+    """For each task occurrence, the run of points whose next occurrence of that task it is.
 
-    Returns (censoring, pairs): censoring has subject_id, position, censor_days, one row per
-    point sorted by (subject_id, position); pairs has subject_id, position, task, days (to the
-    task's next occurrence after the point) and `point`, the row of its point in `censoring`.
-    Pairs come in (subject_id, task, occurrence time) order, each occurrence's points in time
-    order, not sorted by point (sorting 10⁷ rows is avoided).
+    points: subject_id, time (µs), sorted by subject and time, one per time per subject; row i
+    is point i. occurrences: subject_id, task, time (`task_events`). Returns subject_id, task,
+    time, start, stop: points start..stop-1 (start < stop; occurrences that are no point's next
+    are left out) have this occurrence as their next one of the task, at `time`, in (subject_id,
+    task, time) order.
 
-    Each occurrence is the next one for exactly the points in [previous occurrence, occurrence),
-    a contiguous run of the time-sorted points found with two as-of joins; expanding the runs
-    gives the pairs directly, in time and memory proportional to the output.
+    Each occurrence is the next one for exactly the points in [previous occurrence, occurrence):
+    `stop` is the number of points before the occurrence (same subject, earlier time; subjects in
+    order), counted in one sort of points and occurrences together, and `start` is the previous
+    occurrence's `stop` (the subject's first point for a task's first occurrence). The work is
+    proportional to the occurrences, not to the (point, task) pairs they label.
     """
-    points = points.sort("subject_id", "time").with_row_index("pidx")
-    censoring = points.join(last_time, on="subject_id", how="left", maintain_order="left").select(
-        "subject_id", "position",
-        censor_days=((pl.col("last_time") - pl.col("time")) / US_PER_DAY).cast(pl.Float32),
-    )
-    bounds = points.group_by("subject_id").agg(first=pl.col("pidx").min(),
-                                               end=pl.col("pidx").max() + 1)
-    # Kept order: the pairs of a subset of the tasks are then those of all tasks, filtered, in the
-    # same order (the label cache relies on it).
-    spans = (
-        occurrences.sort("subject_id", "task", "time")  # `previous` needs time order
-        .with_columns(previous=pl.col("time").shift(1).over("subject_id", "task"))
-        .join(bounds, on="subject_id", how="inner", maintain_order="left")
-    )
-    spans = spans.with_columns(
-        stop=_first_point_at_or_after(spans, "time", points),
-        start=_first_point_at_or_after(spans.with_columns(pl.col("previous").fill_null(
-            pl.col("time").min() - 1)), "previous", points),
-    ).with_columns(
-        stop=pl.col("stop").fill_null(pl.col("end")),
-        start=pl.when(pl.col("previous").is_null()).then(pl.col("first"))
-        .otherwise(pl.col("start").fill_null(pl.col("end"))),
+    marks = pl.concat([
+        occurrences.select("subject_id", "time", pl.col("task").cast(pl.Int32),
+                           point=pl.lit(0, pl.UInt32)),
+        points.select("subject_id", "time", task=pl.lit(None, pl.Int32),
+                      point=pl.lit(1, pl.UInt32)),
+    ]).sort("subject_id", "time", "point")  # an occurrence before a point at the same time
+    marks = marks.with_columns(before=(pl.col("point").cum_sum() - pl.col("point")).cast(pl.Int64))
+    marks = marks.with_columns(first=pl.col("before").min().over("subject_id"))
+    runs = marks.filter(pl.col("point") == 0).sort("subject_id", "task", "time")
+    same = ((pl.col("subject_id") == pl.col("subject_id").shift(1))
+            & (pl.col("task") == pl.col("task").shift(1)))
+    return runs.select(
+        "subject_id", "task", "time",
+        start=pl.when(same).then(pl.col("before").shift(1)).otherwise(pl.col("first")),
+        stop="before",
     ).filter(pl.col("stop") > pl.col("start"))
-    runs = spans.select("task", event_time="time",
-                        pidx=pl.int_ranges("start", "stop", dtype=pl.UInt32)).explode("pidx")
-    pidx = runs["pidx"].to_numpy()
-    pairs = pl.DataFrame({
-        "subject_id": points["subject_id"].to_numpy()[pidx],
-        "position": points["position"].to_numpy()[pidx],
-        "task": runs["task"],
-        "point": pidx,
-        "days": ((runs["event_time"].to_numpy() - points["time"].to_numpy()[pidx])
-                 / US_PER_DAY).astype(np.float32),
-    })
-    return censoring, pairs
+
+
+def run_pairs(runs: pl.DataFrame, point_times: np.ndarray, pair_index: np.ndarray
+              ) -> pl.DataFrame:
+    """The (point, task, days) labels numbered `pair_index` among all pairs of `runs`
+    (`occurrence_runs`; pair i is the i-th point of the runs taken in order). point_times: µs
+    per point row. days: from the point to the occurrence (Float32)."""
+    counts = (runs["stop"] - runs["start"]).to_numpy()
+    ends = np.cumsum(counts)
+    run = np.searchsorted(ends, pair_index, side="right")
+    point = runs["start"].to_numpy()[run] + (pair_index - (ends - counts)[run])
+    days = (runs["time"].to_numpy()[run] - point_times[point]) / US_PER_DAY
+    return pl.DataFrame({"point": point, "task": runs["task"].to_numpy()[run],
+                         "days": days.astype(np.float32)})
+
+
+def window_occurrences(runs: pl.DataFrame, point_windows: pl.Series) -> pl.DataFrame:
+    """subject_id, window, task, time: the occurrences each training window needs to label its
+    points (those that are the next occurrence for at least one of its points), sorted by
+    subject, window, task and time. point_windows: the window of each point row of `runs`."""
+    window = point_windows.cast(pl.Int32)
+    return (
+        runs.with_columns(first=window.gather(runs["start"]),
+                          last=window.gather(runs["stop"] - 1))
+        .select("subject_id", "task", "time", window=pl.int_ranges(
+            "first", pl.col("last") + 1, dtype=pl.Int32))
+        .explode("window")
+        .sort("subject_id", "window", "task", "time")
+        .select("subject_id", "window", "task", "time")
+    )
 
 
 def last_event_times(events: pl.DataFrame) -> pl.DataFrame:
     """subject_id, last_time (µs) of each subject's last timed event."""
-    return events.group_by("subject_id").agg(last_time=pl.col("time").max().dt.epoch("us"))
+    return events.group_by("subject_id").agg(
+        last_time=pl.col("time").max().dt.epoch("us")).sort("subject_id")
 
 
 @dataclass(frozen=True)
 class ShardLabels:
-    """A shard's positions and the sampled points' sparse labels."""
+    """A shard's positions, sampled points and what their labels are derived from."""
 
     positions: pl.DataFrame
-    points: pl.DataFrame  # subject_id, window, position, time
-    censoring: pl.DataFrame  # subject_id, position, censor_days (rows in the order of points)
-    pairs: pl.DataFrame  # point (row in censoring), task, days
+    points: pl.DataFrame  # subject_id, window, position, time, censor_days (by subject, position)
+    runs: pl.DataFrame  # `occurrence_runs` of the points (rows of `points`)
+    last_time: pl.DataFrame  # subject_id, last_time (`last_event_times`)
 
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CACHE_NAME = ".train_labels"
 CANDIDATES = "candidates.arrow"
-FRAMES = ("positions", "points", "censoring", "pairs")
+FRAMES = ("positions", "points", "last_time", "runs")
 COUNTS = "events.json"
 
 
@@ -236,10 +258,10 @@ def write_cached_shard(shard: Path, labelled: ShardLabels, counts: EventCounts) 
 def read_cached_shard(shard: Path, renumbered: pl.DataFrame) -> tuple[ShardLabels, EventCounts]:
     """A shard's labels for the kept tasks (`renumbering`), and its event counts."""
     frames = {name: pl.read_ipc(shard / f"{name}.arrow") for name in FRAMES[:-1]}
-    # Filtered while read: the candidates' pairs are never all in memory beside the kept ones.
-    pairs = keep_tasks(pl.scan_ipc(shard / f"{FRAMES[-1]}.arrow"), renumbered).collect()
+    # Filtered while read: the candidates' runs are never all in memory.
+    runs = keep_tasks(pl.scan_ipc(shard / f"{FRAMES[-1]}.arrow"), renumbered).collect()
     counts = EventCounts(**json.loads((shard / COUNTS).read_text()))
-    return ShardLabels(**frames, pairs=pairs), counts
+    return ShardLabels(**frames, runs=runs), counts
 
 
 def _manifest(task_digest: str, windows: WindowSettings) -> dict[str, Any]:
@@ -271,10 +293,12 @@ def discard_cache(cache: Path) -> None:
     remove(cache)
 
 
-def renumbering(cache: Path, task: MotorTask) -> pl.DataFrame:
-    """candidate, task: the kept tasks' indices among the cache's candidates and in the model."""
+def renumbering(cache: Path, tasks: pl.DataFrame) -> pl.DataFrame:
+    """candidate, task: the kept tasks' indices among the cache's candidates and in the model.
+
+    tasks: code, entry, task of the kept tasks (`MotorTask.tasks`)."""
     candidates = pl.read_ipc(cache / CANDIDATES)
-    kept = task.tasks.select("code", "entry", "task").join(
+    kept = tasks.select("code", "entry", "task").join(
         candidates.select("code", "entry", candidate="task"), on=["code", "entry"], how="left",
         maintain_order="left")
     if kept["candidate"].null_count():
@@ -283,8 +307,9 @@ def renumbering(cache: Path, task: MotorTask) -> pl.DataFrame:
     return kept.select(pl.col("candidate").cast(pl.Int32), pl.col("task").cast(pl.Int32))
 
 
-def keep_tasks(pairs: pl.LazyFrame, renumbered: pl.DataFrame) -> pl.LazyFrame:
-    """The `pairs` of kept tasks, renumbered (`renumbering`), in the same order."""
-    return pairs.with_columns(task=pl.col("task").replace_strict(
+def keep_tasks(frame: pl.LazyFrame, renumbered: pl.DataFrame) -> pl.LazyFrame:
+    """The rows of `frame` (column task) of kept tasks, renumbered (`renumbering`), in the same
+    order."""
+    return frame.with_columns(task=pl.col("task").replace_strict(
         renumbered["candidate"], renumbered["task"], default=None, return_dtype=pl.Int32,
     )).filter(pl.col("task").is_not_null())

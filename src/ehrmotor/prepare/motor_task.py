@@ -1,14 +1,15 @@
 """Step 4 of `prepare`: the MOTOR pretraining task (which codes, time bins, initial rates).
 
 - Candidate tasks: the first `num_tasks` code entries of the vocabulary, in vocabulary order.
-- Fitted on the sampled prediction points of train subjects (see `ehrmotor.prepare.labels`):
-  per task k, events n_k (the number of points at which k occurs later: each point has at most
-  one event per task, its next occurrence) and exposure
-  E_k = Σ_points min(days to k, days to censoring). The initial rate is n_k / E_k per day, i.e.
-  the fraction of points with an event divided by the mean time to event or censoring; its log is
-  the initial log-hazard of every time bin. A task is kept when n_k ≥ `min_task_events` and
-  n_k ≥ `min_task_fraction` × points (events after at least that share of the prediction
-  points) and its rate is above zero; the others are dropped and counted.
+- Fitted on the sampled prediction points of train subjects (see `ehrmotor.prepare.labels`;
+  `count_tasks` per shard, from the occurrence runs): per task k, events n_k (the number of
+  points at which k occurs later: each point has at most one event per task, its next
+  occurrence) and exposure E_k = Σ_points min(days to k, days to censoring). The initial rate
+  is n_k / E_k per day, i.e. the fraction of points with an event divided by the mean time to
+  event or censoring; its log is the initial log-hazard of every time bin. A task is kept when
+  n_k ≥ `min_task_events` and n_k ≥ `min_task_fraction` × points (events after at least that
+  share of the prediction points) and its rate is above zero; the others are dropped and
+  counted.
 - Points with no later occurrence of any task stay: they are censored for every task (femr drops
   them), and count in the points and exposures above.
 - Time bins: quantiles of the observed times to event, pooled over tasks (from a bounded sample):
@@ -33,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
+from ehrmotor.prepare.labels import US_PER_DAY, run_pairs
 from ehrmotor.prepare.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -52,25 +54,38 @@ class TaskCounts:
 
     points: int
     total_censor_days: float
-    # task, events (points with a later occurrence of the task: one pair per such point),
-    # exposure_reduction (Σ censor_days - days over its pairs)
+    # task, events (points with a later occurrence of the task), exposure_reduction
+    # (Σ over those points of days to censoring - days to the event)
     per_task: pl.DataFrame
     days_sample: np.ndarray
 
 
-def count_tasks(censoring: pl.DataFrame, pairs: pl.DataFrame, seed: int) -> TaskCounts:
-    """Reduce one shard's sparse labels (from `labels.sparse_labels`) to task statistics."""
-    with_censor = pairs.with_columns(
-        censor_days=censoring["censor_days"].gather(pairs["point"]))
-    per_task = with_censor.group_by("task").agg(
-        events=pl.len(),
-        exposure_reduction=(pl.col("censor_days") - pl.col("days")).cast(pl.Float64).sum(),
+def count_tasks(points: pl.DataFrame, runs: pl.DataFrame, last_time: pl.DataFrame,
+                seed: int) -> TaskCounts:
+    """Reduce one shard's labels to task statistics, without listing its (point, task) pairs.
+
+    points: time, censor_days per point; runs: their `labels.occurrence_runs`; last_time:
+    `labels.last_event_times`. A run of n points labelled by an occurrence at time o adds n events
+    and n · (last_time - o) days of exposure reduction (each point's days to censoring minus its
+    days to the event). The days sample is `SAMPLE_PER_SHARD` pairs drawn with `seed` (all pairs
+    when there are fewer).
+    """
+    per_run = runs.join(last_time, on="subject_id", how="left", maintain_order="left").select(
+        "task", events=pl.col("stop") - pl.col("start"),
+        exposure_reduction=(pl.col("stop") - pl.col("start")).cast(pl.Float64)
+        * (pl.col("last_time") - pl.col("time")).cast(pl.Float64) / US_PER_DAY,
     )
-    days = pairs["days"]
-    if len(days) > SAMPLE_PER_SHARD:
-        days = days.sample(SAMPLE_PER_SHARD, seed=seed)
-    return TaskCounts(censoring.height, float(censoring["censor_days"].cast(pl.Float64).sum()),
-                      per_task, days.to_numpy().astype(np.float64))
+    per_task = per_run.group_by("task").agg(pl.col("events").sum().cast(pl.UInt32),
+                                            pl.col("exposure_reduction").sum())
+    pairs = int(per_run["events"].sum() or 0)
+    if pairs > SAMPLE_PER_SHARD:
+        index = np.sort(np.random.default_rng(seed).choice(pairs, SAMPLE_PER_SHARD,
+                                                           replace=False))
+    else:
+        index = np.arange(pairs)
+    days = run_pairs(runs, points["time"].to_numpy(), index)["days"].to_numpy()
+    return TaskCounts(points.height, float(points["censor_days"].cast(pl.Float64).sum()),
+                      per_task, days.astype(np.float64))
 
 
 @dataclass

@@ -19,9 +19,13 @@ are the rows of the train/val datasets:
     age, log_age, log_delta  list<f32>  normalised time features
     points          list<i32>  window-local indices of the sampled prediction points
     censor_days     list<f32>  per point: days to the subject's last event
-    label_point     list<i32>  per (point, task) pair: index into `points`
-    label_task      list<i32>  task index (model order of `motor_task.json`)
-    label_days      list<f32>  days from the point to the task's next occurrence
+    task_ids        list<i32>  the task occurrences that label the points (each the next one
+    task_times      list<i64>  of its task after at least one point): task index (model order
+                               of `motor_task.json`) and time (µs), sorted by task and time
+
+The (point, task, days) labels are derived from the last four columns when batches are collated
+(`ehrmotor.batching`): a point's label of task k is its first occurrence of k after the point's
+time, else censored.
 
 Windows without sampled prediction points are skipped and counted. DATASET_FORMAT_VERSION is the
 version of this layout, recorded in the datasets' manifests.
@@ -55,12 +59,14 @@ from ehrmotor.prepare.labels import (
     EventCounts,
     ShardLabels,
     cache_shard_folder,
+    censor_days,
     last_event_times,
+    occurrence_runs,
     prediction_points,
     read_cached_shard,
     sample_points,
-    sparse_labels,
     task_events,
+    window_occurrences,
     write_cached_shard,
 )
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
@@ -74,7 +80,7 @@ if TYPE_CHECKING:
     import datasets
 
 L = TypeVar("L")
-DATASET_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 2
 PARTS = "parts"
 ROW_SCHEMA = pa.schema([
     ("subject_id", pa.int64()), ("window", pa.int32()),
@@ -83,8 +89,7 @@ ROW_SCHEMA = pa.schema([
     ("age_days", pa.list_(pa.float32())), ("age", pa.list_(pa.float32())),
     ("log_age", pa.list_(pa.float32())), ("log_delta", pa.list_(pa.float32())),
     ("points", pa.list_(pa.int32())), ("censor_days", pa.list_(pa.float32())),
-    ("label_point", pa.list_(pa.int32())), ("label_task", pa.list_(pa.int32())),
-    ("label_days", pa.list_(pa.float32())),
+    ("task_ids", pa.list_(pa.int32())), ("task_times", pa.list_(pa.int64())),
 ])
 
 
@@ -146,10 +151,9 @@ def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
     positions = build_positions(events, tokenizer, ontology)
     last_time = last_event_times(events)
     points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
-    occurrences = task_events(events, ontology, task_codes)
-    censoring, pairs = sparse_labels(points.drop("window"), occurrences, last_time)
-    # A pair's subject and position are its point's: 10⁸ rows need not carry them twice.
-    return ShardLabels(positions, points, censoring, pairs.select("point", "task", "days"))
+    points = points.with_columns(censor_days=censor_days(points, last_time))
+    runs = occurrence_runs(points, task_events(events, ontology, task_codes))
+    return ShardLabels(positions, points, runs, last_time)
 
 
 def _label(events: pl.DataFrame, ontology: Path, tokenizer: Path, task_codes: pl.DataFrame,
@@ -168,7 +172,7 @@ def shard_task_labels(job: ShardJob, *, split: Path, ontology: Path, tokenizer: 
                       settings.max_window, settings.seed)
     write_cached_shard(cache_shard_folder(cache, job.index, job.shards), labelled,
                        EventCounts.of(events))
-    return count_tasks(labelled.censoring, labelled.pairs, settings.seed)
+    return count_tasks(labelled.points, labelled.runs, labelled.last_time, settings.seed)
 
 
 @dataclass(frozen=True)
@@ -181,33 +185,21 @@ class ShardWindows:
 def window_rows(labelled: ShardLabels, max_window: int) -> ShardWindows:
     """One row per (subject, window) with sampled points, in the layout of the module docstring."""
     windows = training_windows(labelled.positions, max_window)
-    # Points in the order of `censoring` (subject, position), which pairs index by `point`.
-    points = labelled.points.sort("subject_id", "position").with_columns(
-        censor_days=labelled.censoring["censor_days"],
-    ).join(windows.select("subject_id", "window", "start"), on=["subject_id", "window"],
-           how="left", maintain_order="left").with_columns(
-        local=local_index(),
-        point=pl.int_range(pl.len()).over("subject_id", "window").cast(pl.Int32))
+    points = labelled.points.join(
+        windows.select("subject_id", "window", "start"), on=["subject_id", "window"],
+        how="left", maintain_order="left").with_columns(local=local_index())
     point_lists = points.group_by("subject_id", "window", maintain_order=True).agg(
         points=pl.col("local"), censor_days=pl.col("censor_days"))
-    row = labelled.pairs["point"].to_numpy()
-    pair_lists = pl.DataFrame({
-        "subject_id": points["subject_id"].to_numpy()[row],
-        "window": points["window"].to_numpy()[row],
-        "label_point": points["point"].to_numpy()[row],
-        "label_task": labelled.pairs["task"].cast(pl.Int32),
-        "label_days": labelled.pairs["days"],
-    }).group_by("subject_id", "window", maintain_order=True).agg(
-        "label_point", "label_task", "label_days")
+    occurrence_lists = window_occurrences(labelled.runs, points["window"]).group_by(
+        "subject_id", "window", maintain_order=True).agg(task_ids="task", task_times="time")
     kept = windows.join(point_lists.select("subject_id", "window"), on=["subject_id", "window"],
                         how="semi", maintain_order="left")
     rows = (
         window_sequences(labelled.positions, kept)
         .join(point_lists, on=["subject_id", "window"], how="inner")
-        .join(pair_lists, on=["subject_id", "window"], how="left")
+        .join(occurrence_lists, on=["subject_id", "window"], how="left")
         .with_columns([pl.col(c).fill_null(pl.lit([], dtype=dtype)) for c, dtype in (
-            ("label_point", pl.List(pl.Int32)), ("label_task", pl.List(pl.Int32)),
-            ("label_days", pl.List(pl.Float32)))])
+            ("task_ids", pl.List(pl.Int32)), ("task_times", pl.List(pl.Int64)))])
         .sort("subject_id", "window")
     )
     subjects = labelled.positions["subject_id"].n_unique()

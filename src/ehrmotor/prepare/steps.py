@@ -104,7 +104,8 @@ class StepContext:
     seconds: dict[str, float] = field(default_factory=dict)  # per step, built or loaded
 
     def map(self, work: Callable[[ShardJob], T], desc: str) -> list[T]:
-        """`work(job)` for every shard job in the worker pool, results in job order."""
+        """`work(job)` for every shard job in the worker pool (local processes or Ray tasks:
+        `ehrmotor.prepare.executors`), results in job order whatever order they finish in."""
         futures = [self.pool.submit(work, job) for job in self.jobs]
         bar = tqdm(futures, desc=desc, unit="shard", leave=False,
                    disable=None if self.progress else True)  # None: only on a terminal
@@ -262,7 +263,7 @@ def dataset_step(ctx: StepContext, settings: WindowSettings, split_name: str, *,
         if split_name == "train" and labels.cache_is_current(cache, recorded_digest(task),
                                                             settings):
             spec = replace(spec, labels=cache,
-                           renumbered=labels.renumbering(cache, MotorTask.load(task)))
+                           renumbered=labels.renumbering(cache, MotorTask.load(task).tasks))
             log.info("%s: labels of the MOTOR-task step read from %s", artifact.name, cache)
         shards = ctx.map(partial(shard_dataset, spec=spec), f"datasets: {split_name}")
         finish_dataset(tmp, len(ctx.jobs))

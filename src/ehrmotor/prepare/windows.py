@@ -24,7 +24,10 @@ into the model's batch.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
+
+from ehrmotor.prepare.positions import concat_ranges, list_series
 
 
 def check_context(context: int) -> None:
@@ -57,7 +60,8 @@ def training_windows(positions: pl.DataFrame, max_window: int) -> pl.DataFrame:
     """subject_id, window, start, end of every training window of the subjects in `positions`."""
     span = max_window - 1
     return (
-        with_windows(positions.filter(pl.col("position") > 0), max_window)
+        with_windows(positions.select("subject_id", "position").filter(pl.col("position") > 0),
+                     max_window)
         .group_by("subject_id", "window").agg(end=pl.col("position").max().cast(pl.Int64))
         .with_columns(start=(1 + pl.col("window").cast(pl.Int64) * span))
         .select("subject_id", "window", "start", "end")
@@ -93,7 +97,8 @@ def positions_per_window(windows: pl.DataFrame) -> pl.Series:
 
 def first_rows(positions: pl.DataFrame) -> pl.DataFrame:
     """subject_id, first_row: the row of each subject's position 0 in `positions`."""
-    return positions.with_row_index("row").filter(pl.col("position") == 0).select(
+    return positions.select("subject_id", "position").with_row_index("row").filter(
+        pl.col("position") == 0).select(
         "subject_id", first_row=pl.col("row").cast(pl.Int64))
 
 
@@ -104,27 +109,36 @@ def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataF
     positions: the columns of `build_positions`, sorted by subject and position (as it returns
     them), for (at least) the windows' subjects. windows may carry `first_row` (`first_rows`),
     which saves a join with every subject when a few windows are taken at a time. Each window's
-    positions are gathered by row (position 0, then start..end), so the work is proportional to
-    the windows' total length, whatever the number of windows per subject.
+    positions are gathered by row (position 0, then start..end) and its lists cut from the
+    gathered columns by offsets, so the work is proportional to the windows' total length,
+    whatever the number of windows per subject. Raises ValueError when a window's subject has no
+    positions.
     """
     if "first_row" not in windows.columns:
         windows = windows.join(first_rows(positions), on="subject_id", how="left",
                                maintain_order="left")
-    rows = windows.select(
-        "subject_id", "window",
-        row=pl.concat_list(pl.col("first_row"), pl.int_ranges(
-            pl.col("first_row") + pl.col("start"), pl.col("first_row") + pl.col("end") + 1)),
-    ).explode("row")
-    columns = ["entries", "weights", "time", "age_days", "age", "log_age", "log_delta"]
-    gathered = pl.concat([rows.drop("row"), positions.select(columns)[rows["row"]]],
-                         how="horizontal")
-    return gathered.group_by("subject_id", "window", maintain_order=True).agg(
-        bag_sizes=pl.col("entries").list.len().cast(pl.Int32),
-        entries=pl.col("entries").list.explode(keep_nulls=False, empty_as_null=False)
-        .cast(pl.UInt32),
-        weights=pl.col("weights").list.explode(keep_nulls=False, empty_as_null=False)
-        .cast(pl.Float32),
-        times=pl.col("time"),
-        age_days=pl.col("age_days"), age=pl.col("age"), log_age=pl.col("log_age"),
-        log_delta=pl.col("log_delta"),
-    )
+    if windows["first_row"].null_count():
+        missing = windows.filter(pl.col("first_row").is_null())["subject_id"].unique().sort()
+        raise ValueError(f"window_sequences: no positions for subjects {missing.head(5).to_list()}"
+                         f" ({missing.len()} in all)")
+    lengths = positions_per_window(windows).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # of each window's positions
+    first_row = windows["first_row"].to_numpy()
+    # Rows first_row + start - 1 .. first_row + end, the first of which becomes position 0.
+    rows = concat_ranges(first_row + windows["start"].to_numpy() - 1, lengths)
+    rows[offsets[:-1]] = first_row
+    gathered = positions.select(
+        "entries", "weights", "time", "age_days", "age", "log_age", "log_delta")[rows]
+    bag_sizes = gathered["entries"].list.len().cast(pl.Int32)
+    # Entries and weights: every bag of the window's positions, one after another.
+    bag_offsets = np.concatenate([[0], np.cumsum(bag_sizes.to_numpy())])[offsets]
+    return pl.DataFrame([
+        windows["subject_id"], windows["window"],
+        list_series("bag_sizes", offsets, bag_sizes),
+        *(list_series(name, bag_offsets,
+                      gathered[name].explode(keep_nulls=False, empty_as_null=False))
+          for name in ("entries", "weights")),
+        list_series("times", offsets, gathered["time"]),
+        *(list_series(name, offsets, gathered[name])
+          for name in ("age_days", "age", "log_age", "log_delta")),
+    ])
