@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ehrmotor import __version__
-from ehrmotor.errors import EhrmotorError, OutputError, environment_message
+from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
 
 log = logging.getLogger("ehrmotor")
@@ -162,7 +162,16 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML file whose [prepare] table overrides the defaults")
     parser.add_argument("--workers", type=_positive, default=None,
-                        help="worker processes across shards (default: number of cores)")
+                        help="worker processes across shards (default: number of cores; "
+                             "local executor only)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where the per-shard work runs: local worker processes (default) "
+                             "or tasks on a running Ray cluster (pip install ehrmotor[ray]); "
+                             "the artifacts are the same")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="Ray cluster to run on with --executor ray (default: auto, the "
+                             "one `ray start` runs here or RAY_ADDRESS names); every node must "
+                             "see --meds, --athena and --out at the same paths")
     parser.add_argument("--force", action="store_true",
                         help="rebuild every step even when its artifact is current")
     parser.add_argument("--exclude-splits", nargs="*", default=None, metavar="SPLIT",
@@ -186,8 +195,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
         "exclude_splits": tuple(args.exclude_splits) if args.exclude_splits is not None else None,
     }
     config = load_config(PrepareConfig, args.config, "prepare", overrides)
+    if args.ray_address is not None and args.executor != "ray":
+        raise InputError("--ray-address needs --executor ray")
     summary = prepare(args.meds, args.out, athena_dir=args.athena, config=config,
-                      workers=args.workers, force=args.force)
+                      workers=args.workers, force=args.force, executor=args.executor,
+                      ray_address=args.ray_address)
     for line in summary.lines():
         log.info("prepare: %s", line)
     return 0

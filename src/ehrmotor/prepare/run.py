@@ -14,7 +14,9 @@ Artifacts in `WORK/pretraining_files/` (each written to a temporary path and ren
 The steps are the functions of `ehrmotor.prepare.steps`, each of its inputs and its settings (see
 there for the manifests). A step whose artifact exists with the same manifest is loaded, not
 rebuilt; a different manifest stops with a message naming what changed. Per-shard work runs in
-worker processes (spawned), so memory is bounded by the largest shard, not the dataset. The train
+worker processes (spawned), or as tasks on a Ray cluster (`executor="ray"`; see
+`ehrmotor.prepare.executors`), so memory is bounded by the largest shard, not the dataset. The
+artifacts do not depend on the executor or the number of workers. The train
 labels the MOTOR-task step computes are kept for the train dataset (the label cache of
 `ehrmotor.prepare.labels`) and removed once both datasets are complete.
 """
@@ -35,6 +37,13 @@ from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
 from ehrmotor.prepare import labels
 from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
+from ehrmotor.prepare.executors import (
+    EXECUTORS,
+    SHARDS_PER_CPU,
+    RayExecutor,
+    refuse_urls,
+    shard_executor,
+)
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import ShardJob
 from ehrmotor.prepare.split import read_split
@@ -49,7 +58,6 @@ from ehrmotor.prepare.steps import (
     tokenizer_step,
 )
 from ehrmotor.prepare.tokenizer import Tokenizer
-from ehrmotor.processes import process_pool
 
 __all__ = ["ATHENA_FILES", "PrepareError", "PrepareSummary", "prepare"]
 
@@ -72,7 +80,8 @@ class PrepareSummary:
     subjects_born_late: int = 0  # subjects with timed events before their MEDS_BIRTH event
     events_before_birth: int = 0  # those events, folded into the birth position
     seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_gib: float = 0.0  # largest single process (this one or a worker)
+    peak_rss_gib: float = 0.0  # largest single process (this one or a local worker)
+    executor: str = "local"
 
     def lines(self) -> list[str]:
         steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
@@ -88,7 +97,9 @@ class PrepareSummary:
             f"events before MEDS_BIRTH {self.events_before_birth:,} of "
             f"{self.subjects_born_late:,} subject(s), folded into the birth position",
             f"seconds per step: {steps}",
-            f"peak memory {self.peak_rss_gib:.2f} GiB (largest process)",
+            f"peak memory {self.peak_rss_gib:.2f} GiB "
+            + ("(largest process)" if self.executor == "local"
+               else "(this process; not the Ray workers)"),
         ]
 
     def add_dataset(self, split_name: str, stats: dict[str, Any]) -> None:
@@ -124,15 +135,22 @@ class Preparer:
     missing ones."""
 
     def __init__(self, meds_dir: Path, work_dir: Path, athena_dir: Path | None,
-                 config: PrepareConfig, workers: int | None, force: bool, progress: bool):
-        self.meds_dir = Path(meds_dir)
-        self.athena_dir = Path(athena_dir) if athena_dir else None
-        self.out = Path(work_dir) / "pretraining_files"
+                 config: PrepareConfig, workers: int | None, force: bool, progress: bool,
+                 executor: str = "local", ray_address: str | None = None):
+        if executor not in EXECUTORS:
+            raise PrepareError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        refuse_urls([meds_dir, work_dir, athena_dir])
+        # Ray workers on other hosts start in other folders: give them absolute paths.
+        where = Path.absolute if executor == "ray" else Path
+        self.meds_dir = where(Path(meds_dir))
+        self.athena_dir = where(Path(athena_dir)) if athena_dir else None
+        self.out = where(Path(work_dir)) / "pretraining_files"
         self.config = config
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.force = force
         self.progress = progress
-        self.summary = PrepareSummary()
+        self.executor, self.ray_address = executor, ray_address
+        self.summary = PrepareSummary(executor=executor)
 
     def run(self) -> PrepareSummary:
         artifacts.check_output(self.out.parent, "folder")
@@ -162,7 +180,11 @@ class Preparer:
     def _run(self) -> PrepareSummary:
         files = data_files(self.meds_dir)
         jobs = [ShardJob(path, index, len(files)) for index, path in enumerate(files)]
-        with process_pool(min(self.workers, len(files))) as pool:
+        with shard_executor(self.executor, min(self.workers, len(files)),
+                            self.ray_address) as pool:
+            if isinstance(pool, RayExecutor) and len(files) < SHARDS_PER_CPU * pool.cpus:
+                log.warning("ray: %d shards for %g CPUs leave CPUs idle; use at least %d shards "
+                            "per CPU (see README)", len(files), pool.cpus, SHARDS_PER_CPU)
             ctx = StepContext(self.meds_dir, self.athena_dir, self.out,
                               _fingerprint_inputs(self.meds_dir, self.athena_dir), jobs, pool,
                               self.force, self.progress, self.summary.seconds)
@@ -207,8 +229,14 @@ class Preparer:
 
 def prepare(meds_dir: Path, work_dir: Path, *, athena_dir: Path | None = None,
             config: PrepareConfig | None = None, workers: int | None = None,
-            force: bool = False, progress: bool = True) -> PrepareSummary:
-    """Run `ehrmotor prepare`; see the module docstring. Returns the run's summary."""
+            force: bool = False, progress: bool = True, executor: str = "local",
+            ray_address: str | None = None) -> PrepareSummary:
+    """Run `ehrmotor prepare`; see the module docstring. Returns the run's summary.
+
+    `executor` "local" runs the shards in `workers` local processes (default: one per core);
+    "ray" runs them as Ray tasks on the cluster at `ray_address` (default "auto": the running
+    one; `workers` does not apply), whose nodes must see these paths.
+    """
     preparer = Preparer(meds_dir, work_dir, athena_dir, config or PrepareConfig(), workers,
-                        force, progress)
+                        force, progress, executor, ray_address)
     return preparer.run()
