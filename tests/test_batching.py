@@ -211,6 +211,13 @@ def test_collate_of_a_window_without_occurrences_censors_every_task(
         collate_windows(two_windows, labels=True))
 
 
+def test_collate_maps_candidate_tasks_to_model_tasks_and_drops_the_others(
+        two_windows: list[dict[str, torch.Tensor]]) -> None:
+    # Candidates 0..3: 1 dropped, 2 -> 0, 3 -> 1 (0 never occurs).
+    batch = collate_windows(two_windows, labels=True, task_map=torch.tensor([-1, -1, 0, 1]))
+    assert label_triples(batch) == [(0, 0, 10.0), (0, 1, 5.0), (1, 1, 80.0)]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_collated_labels_equal_a_brute_force_next_occurrence(seed: int) -> None:
     """Random windows, each with every occurrence of its tasks (also before the points and at a

@@ -33,6 +33,8 @@ from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.meds import data_files, scan_shard
+from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
+from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import encode_events
 from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION
@@ -41,7 +43,7 @@ from ehrmotor.prepare.tokenizer import Tokenizer
 
 ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
              "motor_task.json", "train_batches", "val_batches"]
-STEPS = ["ontology", "split.csv", "tokenizer", "motor_task.json", "train_batches",
+STEPS = ["ontology", "split.csv", "tokenizer", "train_batches", "motor_task.json",
          "val_batches"]
 COLUMNS = ["subject_id", "window", "bag_sizes", "entries", "weights", "times", "age_days", "age",
            "log_age", "log_delta", "points", "censor_days", "task_ids", "task_times"]
@@ -95,7 +97,8 @@ def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> Non
         assert (reference / name).exists(), name
     for step in STEPS:
         manifest = json.loads((reference / f"{step}.manifest.json").read_text())
-        version = DATASET_FORMAT_VERSION if step.endswith("_batches") else 1
+        version = {"train_batches": DATASET_FORMAT_VERSION, "val_batches": DATASET_FORMAT_VERSION,
+                   "motor_task.json": TASK_FORMAT_VERSION}.get(step, 1)
         assert manifest["format_version"] == version
         assert "config" in manifest and "inputs" in manifest
     assert (reference / "ontology" / "ancestors.parquet").is_file()
@@ -143,7 +146,7 @@ def test_held_out_subjects_are_never_used_for_pretraining(meds: Path, reference:
 def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) -> None:
     task = json.loads((reference / "motor_task.json").read_text())
     num_tasks = len(task["tasks"])
-    assert 0 < num_tasks <= 300
+    assert 0 < num_tasks <= task["candidate_tasks"] <= 300
     assert task["bin_edges_days"][0] == 0.0 and len(task["bin_edges_days"]) == task["num_bins"]
     dataset = datasets.load_from_disk(str(reference / "train_batches"))
     pairs = 0
@@ -157,8 +160,9 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
         assert occurrences == sorted(occurrences)
         assert all(t > row["times"][points[0]] for _, t in occurrences)
     for start in range(0, len(dataset), 64):
-        batch = collate_windows([dataset[i] for i in range(start, min(start + 64,
-                                                                          len(dataset)))], True)
+        rows = [dataset[i] for i in range(start, min(start + 64, len(dataset)))]
+        batch = collate_windows(rows, True, torch.from_numpy(MotorTask.load(
+            reference / "motor_task.json").task_map()))
         tasks, days, at = batch["label_task"], batch["label_days"], batch["label_point"]
         if len(tasks):
             assert tasks.min() >= 0 and tasks.max() < num_tasks
@@ -259,22 +263,6 @@ def test_force_rebuilds_every_step(meds: Path, reference: Path, tmp_path: Path) 
     assert file_digests(work / "pretraining_files") == file_digests(reference)
 
 
-def test_train_dataset_built_without_the_label_cache_is_identical(
-        meds: Path, reference: Path, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    shutil.copytree(reference.parent, work)
-    out = work / "pretraining_files"
-    shutil.rmtree(out / "train_batches")
-    (out / "train_batches.manifest.json").unlink()
-    # A label cache written with another MOTOR task is never read (these are not even labels).
-    (out / ".train_labels").mkdir()
-    (out / ".train_labels" / "candidates.arrow").write_text("not Arrow\n")
-    (out / ".train_labels.manifest.json").write_text(
-        json.dumps({"format_version": 1, "motor_task": "0" * 16, "windows": {}}))
-    assert main(prepare_args(meds, work)) == 0
-    assert file_digests(out) == file_digests(reference)  # the stale cache removed too
-
-
 # =========================================================================== 9. determinism
 
 
@@ -330,10 +318,9 @@ def test_killed_runs_resume_to_identical_artifacts(
     run_until(args, lambda: any(out.glob(".train_batches.tmp-*")))
     assert any(out.glob(".train_batches.tmp-*"))
     assert not (out / "val_batches").exists()
-    # The MOTOR task's train labels are kept for the train dataset, which the next run reads.
     caplog.set_level("INFO", logger="ehrmotor")
     assert main(args) == 0
-    assert "train_batches: labels of the MOTOR-task step read from" in caplog.text
+    assert "tokenizer: loaded" in caplog.text  # the finished steps are not redone
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert file_digests(out) == file_digests(reference)
 

@@ -28,8 +28,7 @@ from prepare_builders import (
 )
 
 from ehrmotor.batching import collate_windows, frame_rows
-from ehrmotor.config import ConfigError, PrepareConfig, WindowSettings
-from ehrmotor.prepare import labels as label_cache
+from ehrmotor.config import ConfigError, PrepareConfig
 from ehrmotor.prepare.labels import (
     ShardLabels,
     censor_days,
@@ -38,6 +37,7 @@ from ehrmotor.prepare.labels import (
     prediction_points,
     run_pairs,
     sample_points,
+    task_codes_of,
     task_events,
 )
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
@@ -342,8 +342,9 @@ def test_position_zero_is_the_birth_day_even_without_birth_day_entries() -> None
     # The empty position 0 survives windowing; position 1 (before X on 06-05) is a point.
     task_codes = pl.DataFrame({"code": ["X"], "task": [0]},
                               schema={"code": pl.String, "task": pl.Int32})
-    labelled = label_shard(events_frame(rows), tokenizer(POSITION_VOCAB, POSITION_EDGES),
-                           ontology(POSITION_TREE), task_codes, max_window=10, seed=0)
+    tree = ontology(POSITION_TREE)
+    labelled = label_shard(events_frame(rows), tokenizer(POSITION_VOCAB, POSITION_EDGES), tree,
+                           task_codes_of(tree, task_codes), max_window=10, seed=0)
     rows = window_rows(labelled, max_window=10).rows
     row = rows.row(0, named=True)
     assert (row["bag_sizes"], row["entries"], row["points"]) == ([0, 2], [1, 3], [1])
@@ -420,8 +421,9 @@ def test_task_events_skip_valued_and_static_events_and_expand_ancestors() -> Non
     ]
     task_codes = pl.DataFrame({"code": ["R", "R/b", "L", "N"], "task": [0, 1, 2, 3]},
                               schema={"code": pl.String, "task": pl.Int32})
-    occurrences = task_events(events_frame(rows), ontology(POSITION_TREE), task_codes)
-    assert occurrences.rows() == [(1, 0, us(datetime(2000, 1, 5))),
+    occurrences = task_events(events_frame(rows), task_codes_of(ontology(POSITION_TREE),
+                                                                task_codes))
+    assert sorted(set(occurrences.rows())) == [(1, 0, us(datetime(2000, 1, 5))),
                                   (1, 0, us(datetime(2000, 1, 6))),
                                   (1, 1, us(datetime(2000, 1, 6))),
                                   (1, 2, us(datetime(2000, 1, 8)))]
@@ -526,8 +528,9 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     # so max(5, 6 // 10) = 5 points wanted: all of them); last event 2000-01-23 (X).
     task_codes = pl.DataFrame({"code": ["R", "R/b", "X"], "task": [0, 1, 2]},
                               schema={"code": pl.String, "task": pl.Int32})
+    tree = ontology(POSITION_TREE)
     labelled = label_shard(events_frame(SUBJECT_1), tokenizer(POSITION_VOCAB, POSITION_EDGES),
-                           ontology(POSITION_TREE), task_codes, max_window=100, seed=97)
+                           tree, task_codes_of(tree, task_codes), max_window=100, seed=97)
     assert labelled.points["position"].to_list() == [1, 2, 3, 5, 6]
     np.testing.assert_allclose(labelled.points["censor_days"].to_numpy(),
                                [12.0, 11.75, 11.0, 1.5, 1.0])
@@ -541,41 +544,6 @@ def test_label_shard_and_window_rows_on_a_hand_example() -> None:
     assert window_labels(result.rows, 0) == [
         (0, 0, 0.25), (0, 1, 0.25), (0, 2, 12.0), (1, 0, 0.75), (1, 2, 11.75), (2, 2, 11.0),
         (3, 2, 1.5), (4, 2, 1.0)]
-
-
-def test_cached_candidate_labels_kept_and_renumbered_equal_labelling_the_kept_tasks(
-        tmp_path: Path) -> None:
-    # Candidates R (0), R/b (1), X (2); the fitted task drops R/b, so X becomes task 1.
-    candidates = pl.DataFrame({"task": [0, 1, 2], "code": ["R", "R/b", "X"], "entry": [1, 3, 9]},
-                              schema={"task": pl.Int32, "code": pl.String, "entry": pl.UInt32})
-    kept = MotorTask(candidates.filter(pl.col("code") != "R/b").with_columns(
-        task=pl.Series([0, 1], dtype=pl.Int32)), [0.0], None, 1, 3, 0)
-    events = events_frame([
-        *SUBJECT_1, event(3, datetime(1980, 1, 1), "MEDS_BIRTH"),
-        *[event(3, datetime(1980, 2, day), code)
-          for day, code in enumerate(["X", "R/b", "R/a", "X", "R/b", "R/a", "X"], start=1)]])
-    vocab, tree = tokenizer(POSITION_VOCAB, POSITION_EDGES), ontology(POSITION_TREE)
-    cache = label_cache.cache_folder(tmp_path)
-    shard = label_cache.cache_shard_folder(cache, 0, 1)
-    label_cache.write_candidates(cache, candidates)
-    label_cache.write_cached_shard(shard, label_shard(events, vocab, tree, candidates, 4, seed=97),
-                            label_cache.EventCounts.of(events))
-    renumbered = label_cache.renumbering(cache, kept.tasks)
-    assert renumbered.rows() == [(0, 0), (2, 1)]
-    cached, counts = label_cache.read_cached_shard(shard, renumbered)
-    direct = label_shard(events, vocab, tree, kept.task_codes(), 4, seed=97)
-    # Every frame, the runs' order included, so the dataset rows are the same bytes.
-    assert set(direct.runs["task"]) == {0, 1} and direct.runs.height > 5
-    for name in ("positions", "points", "last_time", "runs"):
-        assert_frame_equal(getattr(cached, name), getattr(direct, name))
-    assert counts == label_cache.EventCounts(events.height, 0, 0)
-    assert_frame_equal(window_rows(cached, 4).rows, window_rows(direct, 4).rows)
-    # Read only as written: with that task (manifest digest) and those windows.
-    assert not label_cache.cache_is_current(cache, "task-digest", WindowSettings(4, 97))
-    label_cache.record_cache(cache, "task-digest", WindowSettings(4, 97))
-    assert label_cache.cache_is_current(cache, "task-digest", WindowSettings(4, 97))
-    assert not label_cache.cache_is_current(cache, "other-task", WindowSettings(4, 97))
-    assert not label_cache.cache_is_current(cache, "task-digest", WindowSettings(5, 97))
 
 
 # =========================================================================== 5. windows
@@ -700,7 +668,7 @@ def shard_counts(points: list[tuple[int, int, float]], occurrences: list[tuple[i
     return count_tasks(frame, runs, last_time, seed=0)
 
 
-def two_shard_counts() -> list[TaskCounts]:
+def two_shards() -> list[TaskCounts]:
     # Points censored at 20, 10 (shard A: days 10 and 20, last event day 30) and 30 days (shard
     # B): 60 days in all. Task 1 occurs 2 and 5 days after the first two points; task 2 30 days
     # after the third.
@@ -708,6 +676,10 @@ def two_shard_counts() -> list[TaskCounts]:
                            {1: 30.0})
     shard_b = shard_counts([(2, 1, 0.0)], [(2, 2, 30.0)], {2: 30.0})
     return [shard_a, shard_b]
+
+
+def two_shard_counts() -> TaskCounts:
+    return TaskCounts.combine(two_shards())
 
 
 def test_motor_task_initial_rates_are_events_over_exposure() -> None:
@@ -723,7 +695,7 @@ def test_motor_task_initial_rates_are_events_over_exposure() -> None:
     assert (task.dropped_tasks, task.candidate_tasks, task.points) == (1, 3, 3)
     # Event times 2, 5, 30: the median (5) is the one inner edge of 2 bins.
     assert task.bin_edges_days == [0.0, 5.0]
-    assert task.task_codes().rows() == [("T1", 0), ("T2", 1)]
+    assert task.task_map().tolist() == [-1, 0, 1]
 
 
 def test_motor_task_drops_tasks_below_min_task_events() -> None:
@@ -761,10 +733,10 @@ def test_min_task_fraction_counts_points_with_a_later_occurrence_not_occurrences
                          occurrence_runs(points, occurrences), last_time, seed=0)
     assert counts.points == 4
     assert counts.per_task.select("task", "events").rows() == [(0, 2)]
-    kept = MotorTask.fit(CANDIDATES, [counts], num_bins=2, final_layer_size=16,
+    kept = MotorTask.fit(CANDIDATES, counts, num_bins=2, final_layer_size=16,
                          min_task_events=1, min_task_fraction=0.5)
     assert kept.tasks["code"].to_list() == ["T0"]
-    dropped = MotorTask.fit(CANDIDATES, [counts], num_bins=2, final_layer_size=16,
+    dropped = MotorTask.fit(CANDIDATES, counts, num_bins=2, final_layer_size=16,
                             min_task_events=1, min_task_fraction=0.6)
     assert dropped.tasks.height == 0
 
@@ -784,7 +756,7 @@ def test_motor_task_bins_start_at_zero_with_num_bins_finite_edges() -> None:
                                               schema={"task": pl.Int32, "events": pl.UInt32,
                                                       "exposure_reduction": pl.Float64}),
                         days_sample=np.arange(1.0, 10.0))
-    task = MotorTask.fit(CANDIDATES, [counts], num_bins=4, final_layer_size=16, min_task_events=1,
+    task = MotorTask.fit(CANDIDATES, counts, num_bins=4, final_layer_size=16, min_task_events=1,
                          min_task_fraction=0.0)
     # Quartiles (linear) of 1..9 are 3, 5, 7.
     assert task.bin_edges_days == [0.0, 3.0, 5.0, 7.0]
@@ -795,6 +767,27 @@ def test_candidate_tasks_are_the_first_code_entries() -> None:
     vocab = tokenizer([("code", "A"), ("numeric", "L", 0), ("code", "B"), ("text", "N", "x"),
                        ("code", "C")])
     assert candidate_tasks(vocab, 2).rows() == [(0, "A", 0), (1, "B", 2)]
+
+
+def test_task_counts_combine_over_shards_and_round_trip_through_the_dataset_folder(
+        tmp_path: Path) -> None:
+    combined = TaskCounts.combine(two_shards())
+    assert (combined.points, combined.total_censor_days) == (3, 60.0)
+    assert combined.per_task.select("task", "events").rows() == [(1, 2), (2, 1)]
+    assert combined.days_sample.tolist() == [2.0, 5.0, 30.0]  # in shard order
+    combined.save(tmp_path)
+    loaded = TaskCounts.load(tmp_path)
+    assert (loaded.points, loaded.total_censor_days) == (3, 60.0)
+    assert_frame_equal(loaded.per_task, combined.per_task)
+    assert loaded.days_sample.tolist() == combined.days_sample.tolist()
+
+
+def test_task_map_gives_each_candidates_model_task_or_minus_one() -> None:
+    task = MotorTask.fit(CANDIDATES, two_shard_counts(), num_bins=2,
+                         final_layer_size=16, min_task_events=1, min_task_fraction=0.0)
+    # T0 never occurs (dropped); T1 and T2 are model tasks 0 and 1.
+    assert task.tasks.select("task", "candidate", "code").rows() == [(0, 1, "T1"), (1, 2, "T2")]
+    assert task.task_map().tolist() == [-1, 0, 1]
 
 
 def test_motor_task_json_is_strict_and_round_trips(tmp_path: Path) -> None:

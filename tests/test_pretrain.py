@@ -134,8 +134,13 @@ def summary_of(work: Path) -> dict:
 def val_batches(work: Path) -> Iterator[dict[str, torch.Tensor]]:
     """The val batches Trainer evaluates on (same sampler, no shuffling)."""
     val = load_prepared(work / "pretraining_files" / "val_batches")
+    task_map = torch.from_numpy(task_of(work).task_map())
     for indices in TokenBudgetBatchSampler(window_lengths(val), TOKENS, shuffle=False):
-        yield collate_windows([val[int(i)] for i in indices], labels=True)
+        yield collate_windows([val[int(i)] for i in indices], labels=True, task_map=task_map)
+
+
+def task_of(work: Path) -> MotorTask:
+    return MotorTask.load(work / "pretraining_files" / "motor_task.json")
 
 
 def binned(batch: dict[str, torch.Tensor], edges: list[float], num_tasks: int
@@ -154,7 +159,8 @@ def constant_hazard_val_loss(work: Path) -> float:
     events = torch.zeros(len(edges), num_tasks)
     for start in range(0, len(train_rows), 64):
         rows = [train_rows[i] for i in range(start, min(start + 64, len(train_rows)))]
-        time_at_risk, event_in_bin = binned(collate_windows(rows, labels=True), edges, num_tasks)
+        batch = collate_windows(rows, labels=True, task_map=torch.from_numpy(task.task_map()))
+        time_at_risk, event_in_bin = binned(batch, edges, num_tasks)
         at_risk = at_risk + time_at_risk.sum(0)
         events = events + event_in_bin.sum(0)
     log_hazards = ((events + 0.5) / (at_risk + 1.0)).log()  # smoothed maximum likelihood

@@ -119,8 +119,10 @@ def node_of_task(seconds: float) -> str:
 
 def test_ray_tasks_run_on_both_nodes_in_submission_order(ray_cluster: Any) -> None:
     with RayExecutor(ray_cluster.address) as pool:
-        futures = [pool.submit(partial(node_of_task, 1.0)) for _ in range(2)]
-        assert len({future.result(timeout=60) for future in futures}) == 2
+        # One CPU per node: second-long tasks spread over both nodes, even when a node's first
+        # worker is slow to start on a loaded machine.
+        futures = [pool.submit(partial(node_of_task, 1.0)) for _ in range(8)]
+        assert len({future.result(timeout=120) for future in futures}) == 2
         results = [pool.submit(abs, -index) for index in range(10)]
         assert [future.result(timeout=60) for future in results] == list(range(10))
 

@@ -108,10 +108,11 @@ def _cat(rows: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.cat([row[key] for row in rows])
 
 
-def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = False
-                    ) -> dict[str, torch.Tensor]:
+def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = False,
+                    task_map: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Pack windows (rows in torch format) into one model batch; the MOTOR labels ride along
-    when `labels` is True.
+    when `labels` is True, their tasks mapped through `task_map` (the datasets number the
+    candidate tasks; `MotorTask.task_map` gives each one's model task, -1 to drop it).
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
     segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
@@ -133,7 +134,7 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
     }
     if labels:
         batch["censor_days"] = _cat(rows, "censor_days").float()
-        batch.update(motor_labels(rows))
+        batch.update(motor_labels(rows, task_map))
     return batch
 
 
@@ -147,9 +148,11 @@ def _padded(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
     return out
 
 
-def motor_labels(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def motor_labels(rows: Sequence[Mapping[str, torch.Tensor]],
+                 task_map: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """label_point (index among the batch's points), label_task, label_days (float32 days from
-    the point to the task's next occurrence) of every (point, task) with a later occurrence."""
+    the point to the task's next occurrence) of every (point, task) with a later occurrence;
+    tasks mapped through `task_map` when given (see `collate_windows`)."""
     point_times = _padded([row["times"][row["points"].long()] for row in rows], INT64_MAX)
     num_points = torch.tensor([len(row["points"]) for row in rows])
     tasks = _padded([row["task_ids"] for row in rows], -1)  # (windows, most occurrences)
@@ -168,9 +171,15 @@ def motor_labels(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.
     local = start.flatten()[occurrence] + torch.arange(len(occurrence)) - run_start[occurrence]
     window = occurrence // tasks.shape[1]
     days = times.flatten()[occurrence] - point_times[window, local]
-    return {"label_point": (torch.cumsum(num_points, 0) - num_points)[window] + local,
-            "label_task": tasks.flatten()[occurrence],
-            "label_days": (days.double() / US_PER_DAY).float()}
+    labels = {"label_point": (torch.cumsum(num_points, 0) - num_points)[window] + local,
+              "label_task": tasks.flatten()[occurrence],
+              "label_days": (days.double() / US_PER_DAY).float()}
+    if task_map is None:
+        return labels
+    mapped = task_map[labels["label_task"]]
+    kept = mapped >= 0
+    return {"label_point": labels["label_point"][kept], "label_task": mapped[kept],
+            "label_days": labels["label_days"][kept]}
 
 
 def pad_batch(batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
@@ -207,8 +216,9 @@ def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
 class WindowCollator:
     """Picklable collate function for DataLoader workers."""
 
-    def __init__(self, labels: bool = False) -> None:
+    def __init__(self, labels: bool = False, task_map: torch.Tensor | None = None) -> None:
         self.labels = labels
+        self.task_map = task_map
 
     def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return collate_windows(rows, self.labels)
+        return collate_windows(rows, self.labels, self.task_map)

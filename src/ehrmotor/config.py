@@ -86,12 +86,11 @@ class PrepareConfig:
                                  self.numeric_sample_size, self.min_text_fraction, self.seed)
 
     def task_settings(self) -> TaskSettings:
-        return TaskSettings(self.num_tasks, self.num_bins, self.final_layer_size,
-                            self.min_task_events, self.min_task_fraction, self.max_window,
-                            self.seed)
+        return TaskSettings(self.num_bins, self.final_layer_size, self.min_task_events,
+                            self.min_task_fraction)
 
     def window_settings(self) -> WindowSettings:
-        return WindowSettings(self.max_window, self.seed)
+        return WindowSettings(self.max_window, self.seed, self.num_tasks)
 
 
 @dataclass(frozen=True)
@@ -125,19 +124,13 @@ class TokenizerSettings:
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """What `motor_task.json` is fitted with (`prepare.steps.motor_task_step`)."""
+    """What `motor_task.json` is fitted with (`prepare.steps.motor_task_step`, from the train
+    dataset's task statistics)."""
 
-    num_tasks: int
     num_bins: int
     final_layer_size: int | None
     min_task_events: int
     min_task_fraction: float
-    max_window: int  # windows and seed: the sampled prediction points the task is fitted on
-    seed: int
-
-    def window_settings(self) -> WindowSettings:
-        """The windows and point sampling of the labels the task is fitted on."""
-        return WindowSettings(self.max_window, self.seed)
 
 
 @dataclass(frozen=True)
@@ -146,6 +139,7 @@ class WindowSettings:
 
     max_window: int
     seed: int  # prediction-point sampling
+    num_tasks: int  # candidate tasks whose occurrences the windows keep
 
 
 def _check_type(value: Any, annotation: Any) -> Any:

@@ -61,9 +61,10 @@ BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor
 class MotorTrainer(Trainer):
     """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches."""
 
-    def __init__(self, *args: Any, tokens_per_batch: int, **kwargs: Any):
+    def __init__(self, *args: Any, tokens_per_batch: int, task_map: torch.Tensor,
+                 **kwargs: Any):
         self.tokens_per_batch = tokens_per_batch
-        self.collator = WindowCollator(labels=True)
+        self.collator = WindowCollator(labels=True, task_map=task_map)
         super().__init__(*args, **kwargs)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
@@ -159,6 +160,7 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     trainer = MotorTrainer(
         model=model, args=args, train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None, tokens_per_batch=config.tokens_per_batch,
+        task_map=torch.from_numpy(prepared.task.task_map()),
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -15,47 +15,15 @@
   consecutive points (`occurrence_runs`), so a window stores its points and the occurrences that
   label them (`window_occurrences`), and the collate step derives the (point, task, days) pairs
   (`ehrmotor.batching`); the MOTOR-task statistics come from the runs directly.
-
-The label cache, a temporary of the MOTOR-task step: the train shards' positions, points and
-occurrence runs, for the datasets.
-
-The MOTOR task is fitted on the labels of train subjects for the candidate tasks; the train dataset
-needs the same positions, points and labels for the kept tasks. The task step's workers write
-what they computed here, and the train dataset step reads it instead of encoding the shards again.
-
-Folder `WORK/pretraining_files/.train_labels/` (written through a temporary, like an artifact):
-
-    candidates.arrow            task, code, entry of the candidate tasks (`candidate_tasks`)
-    shard-XXXXX-of-NNNNN/       one per MEDS shard (Arrow IPC files, zstd):
-        positions.arrow, points.arrow, last_time.arrow, runs.arrow
-                                the frames of `ShardLabels` (runs of candidate tasks)
-        events.json             `EventCounts` of the shard's train events
-
-Its manifest `.train_labels.manifest.json` holds CACHE_FORMAT_VERSION, the digest of the manifest of
-the `motor_task.json` built with it and the window settings of its points: the cache is read only
-while that task is the current one and the dataset has those settings (else each dataset shard
-labels itself, with the same result). The run removes the cache once both
-datasets are complete; a run that stops before keeps it for the next.
-
-Keeping the kept tasks' runs: a task's runs do not depend on the other tasks, and the kept tasks
-are numbered in candidate order, so filtering the candidates' runs to the kept tasks and
-renumbering them (`keep_tasks`) gives the runs `label_shard` finds for the kept tasks, in the
-same order.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from ehrmotor.artifacts import manifest_path, record, remove
-from ehrmotor.config import WindowSettings
-from ehrmotor.errors import InputError
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import count_before_birth
 from ehrmotor.prepare.windows import training_window
@@ -108,23 +76,18 @@ def task_codes_of(ontology: Ontology, task_codes: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([known.select("code", "task"), unknown.select("code", "task")]).unique()
 
 
-def task_events(events: pl.DataFrame, ontology: Ontology, task_codes: pl.DataFrame
-                ) -> pl.DataFrame:
-    """subject_id, task, time (µs) of every distinct task occurrence.
+def task_events(events: pl.DataFrame, code_tasks: pl.DataFrame) -> pl.DataFrame:
+    """subject_id, task, time (µs) of every task occurrence, in no particular order; one
+    repeated (same task and time) may come more than once (`occurrence_runs` gives a repeat an
+    empty run, so they are not removed here).
 
-    `task_codes`: code, task (index). Valued events and static events never count.
+    `code_tasks`: `task_codes_of` the tasks. Valued events and static events never count.
     """
-    plain = events.lazy().filter(
+    return events.lazy().filter(
         pl.col("numeric_value").is_null() & pl.col("text_value").is_null()
         & pl.col("time").is_not_null()
-    ).select("subject_id", "code", time=pl.col("time").dt.epoch("us"))
-    return (
-        plain.join(task_codes_of(ontology, task_codes).lazy(), on="code", how="inner")
-        .select("subject_id", "task", "time")
-        .unique()
-        .sort("subject_id", "task", "time")
-        .collect()
-    )
+    ).select("subject_id", "code", time=pl.col("time").dt.epoch("us")).join(
+        code_tasks.lazy(), on="code", how="inner").select("subject_id", "task", "time").collect()
 
 
 def censor_days(points: pl.DataFrame, last_time: pl.DataFrame) -> pl.Series:
@@ -138,7 +101,8 @@ def occurrence_runs(points: pl.DataFrame, occurrences: pl.DataFrame) -> pl.DataF
     """For each task occurrence, the run of points whose next occurrence of that task it is.
 
     points: subject_id, time (µs), sorted by subject and time, one per time per subject; row i
-    is point i. occurrences: subject_id, task, time (`task_events`). Returns subject_id, task,
+    is point i. occurrences: subject_id, task, time (`task_events`; any order, repeats allowed:
+    a repeat's run is empty). Returns subject_id, task,
     time, start, stop: points start..stop-1 (start < stop; occurrences that are no point's next
     are left out) have this occurrence as their next one of the task, at `time`, in (subject_id,
     task, time) order.
@@ -213,13 +177,6 @@ class ShardLabels:
     last_time: pl.DataFrame  # subject_id, last_time (`last_event_times`)
 
 
-CACHE_FORMAT_VERSION = 2
-CACHE_NAME = ".train_labels"
-CANDIDATES = "candidates.arrow"
-FRAMES = ("positions", "points", "last_time", "runs")
-COUNTS = "events.json"
-
-
 @dataclass(frozen=True)
 class EventCounts:
     """What the dataset statistics need of a shard's events."""
@@ -231,85 +188,3 @@ class EventCounts:
     @classmethod
     def of(cls, events: pl.DataFrame) -> EventCounts:
         return cls(events.height, *count_before_birth(events))
-
-
-def cache_folder(out: Path) -> Path:
-    """The cache folder in `out` (WORK/pretraining_files)."""
-    return Path(out) / CACHE_NAME
-
-
-def cache_shard_folder(cache: Path, index: int, count: int) -> Path:
-    return cache / f"shard-{index:05d}-of-{count:05d}"
-
-
-def write_candidates(cache: Path, candidates: pl.DataFrame) -> None:
-    """Create `cache` and write the candidate tasks (task, code, entry) into it."""
-    cache.mkdir(parents=True, exist_ok=True)
-    candidates.select("task", "code", "entry").write_ipc(cache / CANDIDATES, compression="zstd")
-
-
-def write_cached_shard(shard: Path, labelled: ShardLabels, counts: EventCounts) -> None:
-    shard.mkdir(parents=True, exist_ok=True)
-    for name in FRAMES:
-        getattr(labelled, name).write_ipc(shard / f"{name}.arrow", compression="zstd")
-    (shard / COUNTS).write_text(json.dumps(asdict(counts)))
-
-
-def read_cached_shard(shard: Path, renumbered: pl.DataFrame) -> tuple[ShardLabels, EventCounts]:
-    """A shard's labels for the kept tasks (`renumbering`), and its event counts."""
-    frames = {name: pl.read_ipc(shard / f"{name}.arrow") for name in FRAMES[:-1]}
-    # Filtered while read: the candidates' runs are never all in memory.
-    runs = keep_tasks(pl.scan_ipc(shard / f"{FRAMES[-1]}.arrow"), renumbered).collect()
-    counts = EventCounts(**json.loads((shard / COUNTS).read_text()))
-    return ShardLabels(**frames, runs=runs), counts
-
-
-def _manifest(task_digest: str, windows: WindowSettings) -> dict[str, Any]:
-    return {"format_version": CACHE_FORMAT_VERSION, "motor_task": task_digest,
-            "windows": asdict(windows)}
-
-
-def record_cache(cache: Path, task_digest: str, windows: WindowSettings) -> None:
-    """Mark the complete `cache` as written with the task whose manifest digest is given, its
-    labels at the points sampled with `windows`."""
-    record(cache, _manifest(task_digest, windows))
-
-
-def cache_is_current(cache: Path, task_digest: str, windows: WindowSettings) -> bool:
-    """True when `cache` is complete and was written with that task and these windows."""
-    recorded = manifest_path(cache)
-    if not cache.is_dir() or not recorded.is_file():
-        return False
-    try:
-        manifest = json.loads(recorded.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(manifest == _manifest(task_digest, windows))
-
-
-def discard_cache(cache: Path) -> None:
-    """Remove the cache and its manifest (the manifest first: a half-removed cache is not read)."""
-    remove(manifest_path(cache))
-    remove(cache)
-
-
-def renumbering(cache: Path, tasks: pl.DataFrame) -> pl.DataFrame:
-    """candidate, task: the kept tasks' indices among the cache's candidates and in the model.
-
-    tasks: code, entry, task of the kept tasks (`MotorTask.tasks`)."""
-    candidates = pl.read_ipc(cache / CANDIDATES)
-    kept = tasks.select("code", "entry", "task").join(
-        candidates.select("code", "entry", candidate="task"), on=["code", "entry"], how="left",
-        maintain_order="left")
-    if kept["candidate"].null_count():
-        missing = kept.filter(pl.col("candidate").is_null())["code"][0]
-        raise InputError(f"{cache}: MOTOR task {missing!r} is not among the cached candidates")
-    return kept.select(pl.col("candidate").cast(pl.Int32), pl.col("task").cast(pl.Int32))
-
-
-def keep_tasks(frame: pl.LazyFrame, renumbered: pl.DataFrame) -> pl.LazyFrame:
-    """The rows of `frame` (column task) of kept tasks, renumbered (`renumbering`), in the same
-    order."""
-    return frame.with_columns(task=pl.col("task").replace_strict(
-        renumbered["candidate"], renumbered["task"], default=None, return_dtype=pl.Int32,
-    )).filter(pl.col("task").is_not_null())

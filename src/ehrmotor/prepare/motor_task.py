@@ -18,8 +18,13 @@
 Artifact `motor_task.json` (strict JSON; the open last edge is not written):
     format_version, num_bins, final_layer_size,
     bin_edges_days: [0, q1, ..., q_{B-1}]  (B finite edges; the last bin is unbounded)
-    tasks: [{code, entry, events, exposure_days, rate_per_day}]  (model task order)
+    tasks: [{code, entry, candidate, events, exposure_days, rate_per_day}]  (model task order;
+        candidate: the task's index among the candidates, as the datasets number tasks)
     dropped_tasks, candidate_tasks, points
+
+The statistics are computed while the train dataset is written (one pass over the shards) and
+kept in its folder (`TaskCounts.save`, `TaskCounts.load`), so changing a task setting refits the
+task without reading the shards again.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ehrmotor.errors import InputError
 from ehrmotor.prepare.labels import US_PER_DAY, run_pairs
 from ehrmotor.prepare.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SAMPLE_PER_SHARD = 200_000
 
 
@@ -58,6 +63,35 @@ class TaskCounts:
     # (Σ over those points of days to censoring - days to the event)
     per_task: pl.DataFrame
     days_sample: np.ndarray
+
+    STATISTICS = "task_statistics.arrow"
+    DAYS = "task_days.arrow"
+
+    @classmethod
+    def combine(cls, counts: list[TaskCounts]) -> TaskCounts:
+        """The counts of several shards as one (per-task sums; days samples in shard order)."""
+        per_task = pl.concat([c.per_task for c in counts]).group_by("task").agg(
+            pl.col("events").sum().cast(pl.UInt32), pl.col("exposure_reduction").sum()
+        ).sort("task")
+        days = np.concatenate([c.days_sample for c in counts]) if counts else np.array([])
+        return cls(sum(c.points for c in counts), sum(c.total_censor_days for c in counts),
+                   per_task, days)
+
+    def save(self, folder: Path) -> None:
+        """Write into `folder`: the per-task sums (with the points and total censoring days as
+        columns) and the days sample, as Arrow IPC files."""
+        self.per_task.with_columns(points=pl.lit(self.points, pl.Int64),
+                                   total_censor_days=pl.lit(self.total_censor_days, pl.Float64)
+                                   ).write_ipc(folder / self.STATISTICS)
+        pl.DataFrame({"days": self.days_sample}).write_ipc(folder / self.DAYS)
+
+    @classmethod
+    def load(cls, folder: Path) -> TaskCounts:
+        table = pl.read_ipc(folder / cls.STATISTICS)
+        points = int(table["points"][0]) if table.height else 0
+        total = float(table["total_censor_days"][0]) if table.height else 0.0
+        return cls(points, total, table.drop("points", "total_censor_days"),
+                   pl.read_ipc(folder / cls.DAYS)["days"].to_numpy())
 
 
 def count_tasks(points: pl.DataFrame, runs: pl.DataFrame, last_time: pl.DataFrame,
@@ -92,7 +126,8 @@ def count_tasks(points: pl.DataFrame, runs: pl.DataFrame, last_time: pl.DataFram
 class MotorTask:
     """The fitted task: task codes with initial rates, and time-bin edges in days."""
 
-    tasks: pl.DataFrame  # task (model order), code, entry, events, exposure_days, rate_per_day
+    # task (model order), code, entry, candidate, events, exposure_days, rate_per_day
+    tasks: pl.DataFrame
     bin_edges_days: list[float]  # finite edges, first 0; the last bin is unbounded
     final_layer_size: int | None  # None: the model preset decides
     dropped_tasks: int
@@ -104,38 +139,41 @@ class MotorTask:
         return len(self.bin_edges_days)
 
     @classmethod
-    def fit(cls, candidates: pl.DataFrame, counts: list[TaskCounts], *, num_bins: int,
+    def fit(cls, candidates: pl.DataFrame, counts: TaskCounts, *, num_bins: int,
             final_layer_size: int | None, min_task_events: int,
             min_task_fraction: float) -> MotorTask:
         """Keep the candidates with at least `min_task_events` events, events after at least
-        `min_task_fraction` of the points, and a rate above zero; fit the time bins."""
-        points = sum(c.points for c in counts)
-        if points == 0:
+        `min_task_fraction` of the points, and a rate above zero; fit the time bins.
+
+        counts: the train shards' `TaskCounts`, combined (`TaskCounts.combine`)."""
+        if counts.points == 0:
             raise InputError("no prediction points among train subjects; cannot fit MOTOR task")
-        total_censor = sum(c.total_censor_days for c in counts)
-        per_task = (
-            pl.concat([c.per_task for c in counts])
-            .group_by("task").agg(pl.col("events").sum(), pl.col("exposure_reduction").sum())
-        )
         tasks = (
-            candidates.join(per_task, on="task", how="left")
+            candidates.join(counts.per_task, on="task", how="left")
             .with_columns(pl.col("events").fill_null(0),
-                          exposure_days=total_censor - pl.col("exposure_reduction").fill_null(0.0))
+                          exposure_days=counts.total_censor_days
+                          - pl.col("exposure_reduction").fill_null(0.0))
             .with_columns(rate_per_day=pl.col("events") / pl.col("exposure_days"))
         )
         kept = tasks.filter((pl.col("events") >= min_task_events)
-                            & (pl.col("events") >= min_task_fraction * points)
+                            & (pl.col("events") >= min_task_fraction * counts.points)
                             & (pl.col("rate_per_day") > 0))
-        kept = kept.sort("task").drop("task", "exposure_reduction").with_row_index("task")
-        days = np.concatenate([c.days_sample for c in counts]) if counts else np.array([])
+        kept = kept.sort("task").drop("exposure_reduction").rename(
+            {"task": "candidate"}).with_row_index("task")
+        days = counts.days_sample
         inner = np.quantile(days, np.arange(1, num_bins) / num_bins) if len(days) else []
         edges = [0.0, *sorted({float(e) for e in inner if e > 0})]
-        return cls(kept.with_columns(pl.col("task").cast(pl.Int32)), edges, final_layer_size,
-                   candidates.height - kept.height, candidates.height, points)
+        return cls(kept.select(pl.col("task").cast(pl.Int32), "code", "entry",
+                               pl.col("candidate").cast(pl.Int32), "events", "exposure_days",
+                               "rate_per_day"),
+                   edges, final_layer_size, candidates.height - kept.height, candidates.height,
+                   counts.points)
 
-    def task_codes(self) -> pl.DataFrame:
-        """code, task: what `labels.task_events` needs."""
-        return self.tasks.select("code", "task")
+    def task_map(self) -> np.ndarray:
+        """(candidate_tasks,) the model task of each candidate task, -1 for a dropped one."""
+        mapping = np.full(self.candidate_tasks, -1, dtype=np.int64)
+        mapping[self.tasks["candidate"].to_numpy()] = self.tasks["task"].to_numpy()
+        return mapping
 
     def initial_log_rates(self) -> np.ndarray:
         """(num_tasks,) log of each task's rate per day: the initial log-hazard of every bin."""
@@ -145,7 +183,7 @@ class MotorTask:
         return {
             "format_version": FORMAT_VERSION, "num_bins": self.num_bins,
             "final_layer_size": self.final_layer_size, "bin_edges_days": self.bin_edges_days,
-            "tasks": self.tasks.select("code", "entry", "events", "exposure_days",
+            "tasks": self.tasks.select("code", "entry", "candidate", "events", "exposure_days",
                                        "rate_per_day").to_dicts(),
             "dropped_tasks": self.dropped_tasks, "candidate_tasks": self.candidate_tasks,
             "points": self.points,
@@ -161,7 +199,7 @@ class MotorTask:
             raise InputError(f"{path}: format_version {document.get('format_version')!r}; "
                              f"expected {FORMAT_VERSION}")
         tasks = pl.DataFrame(document["tasks"], schema={
-            "code": pl.String, "entry": pl.UInt32, "events": pl.UInt32,
+            "code": pl.String, "entry": pl.UInt32, "candidate": pl.Int32, "events": pl.UInt32,
             "exposure_days": pl.Float64, "rate_per_day": pl.Float64,
         }).with_row_index("task").with_columns(pl.col("task").cast(pl.Int32))
         if not all(math.isfinite(e) for e in document["bin_edges_days"]):

@@ -35,7 +35,6 @@ from ehrmotor import artifacts
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
-from ehrmotor.prepare import labels
 from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
 from ehrmotor.prepare.executors import (
     EXECUTORS,
@@ -204,12 +203,10 @@ class Preparer:
         split = split_step(ctx, config.split_settings(), after=ontology)
         tokenizer = tokenizer_step(ctx, config.tokenizer_settings(), ontology=ontology,
                                    split=split)
-        task = motor_task_step(ctx, config.task_settings(), ontology=ontology, split=split,
-                               tokenizer=tokenizer)
-        fitted = {"ontology": ontology, "split": split, "tokenizer": tokenizer, "task": task}
-        train = dataset_step(ctx, config.window_settings(), "train", **fitted, after=task)
+        fitted = {"ontology": ontology, "split": split, "tokenizer": tokenizer}
+        train = dataset_step(ctx, config.window_settings(), "train", **fitted, after=tokenizer)
+        task = motor_task_step(ctx, config.task_settings(), tokenizer=tokenizer, train=train)
         val = dataset_step(ctx, config.window_settings(), "val", **fitted, after=train)
-        labels.discard_cache(labels.cache_folder(self.out))  # both datasets are complete
         self._summarize(split, tokenizer, task, {"train": train, "val": val})
 
     def _summarize(self, split: Path, tokenizer: Path, task: Path,

@@ -20,8 +20,9 @@ are the rows of the train/val datasets:
     points          list<i32>  window-local indices of the sampled prediction points
     censor_days     list<f32>  per point: days to the subject's last event
     task_ids        list<i32>  the task occurrences that label the points (each the next one
-    task_times      list<i64>  of its task after at least one point): task index (model order
-                               of `motor_task.json`) and time (µs), sorted by task and time
+    task_times      list<i64>  of its task after at least one point): candidate task index
+                               (`candidate_tasks`; `MotorTask.task_map` gives the model's task)
+                               and time (µs), sorted by task and time
 
 The (point, task, days) labels are derived from the last four columns when batches are collated
 (`ehrmotor.batching`): a point's label of task k is its first occurrence of k after the point's
@@ -53,23 +54,21 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrmotor.config import TaskSettings, TokenizerSettings, WindowSettings
+from ehrmotor.config import TokenizerSettings, WindowSettings
 from ehrmotor.meds import scan_shard
 from ehrmotor.prepare.labels import (
     EventCounts,
     ShardLabels,
-    cache_shard_folder,
     censor_days,
     last_event_times,
     occurrence_runs,
     prediction_points,
-    read_cached_shard,
     sample_points,
+    task_codes_of,
     task_events,
     window_occurrences,
-    write_cached_shard,
 )
-from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
+from ehrmotor.prepare.motor_task import TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import build_positions, time_moments
 from ehrmotor.prepare.split import read_split
@@ -103,6 +102,7 @@ class ShardJob:
 
 
 _LOADED: dict[Path, Any] = {}
+_CODE_TASKS: dict[tuple[Path, Path, int], pl.DataFrame] = {}
 
 
 def _load(path: Path, load: Callable[[Path], L]) -> L:
@@ -146,33 +146,15 @@ def shard_tokenizer_bins(job: ShardJob, *, split: Path,
 
 
 def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
-                task_codes: pl.DataFrame, max_window: int, seed: int) -> ShardLabels:
-    """Positions, sampled prediction points and their labels for the subjects in `events`."""
+                code_tasks: pl.DataFrame, max_window: int, seed: int) -> ShardLabels:
+    """Positions, sampled prediction points and their labels for the subjects in `events`;
+    code_tasks: `labels.task_codes_of` the tasks."""
     positions = build_positions(events, tokenizer, ontology)
     last_time = last_event_times(events)
     points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
     points = points.with_columns(censor_days=censor_days(points, last_time))
-    runs = occurrence_runs(points, task_events(events, ontology, task_codes))
+    runs = occurrence_runs(points, task_events(events, code_tasks))
     return ShardLabels(positions, points, runs, last_time)
-
-
-def _label(events: pl.DataFrame, ontology: Path, tokenizer: Path, task_codes: pl.DataFrame,
-           max_window: int, seed: int) -> ShardLabels:
-    return label_shard(events, _load(tokenizer, Tokenizer.load), _load(ontology, Ontology.load),
-                       task_codes, max_window, seed)
-
-
-def shard_task_labels(job: ShardJob, *, split: Path, ontology: Path, tokenizer: Path,
-                      settings: TaskSettings, cache: Path) -> TaskCounts:
-    """Label the shard's train subjects for the candidate tasks; write the labels to the
-    label cache folder `cache` and return their task statistics."""
-    events = _events(job, split, "train")
-    candidates = candidate_tasks(_load(tokenizer, Tokenizer.load), settings.num_tasks)
-    labelled = _label(events, ontology, tokenizer, candidates.select("code", "task"),
-                      settings.max_window, settings.seed)
-    write_cached_shard(cache_shard_folder(cache, job.index, job.shards), labelled,
-                       EventCounts.of(events))
-    return count_tasks(labelled.points, labelled.runs, labelled.last_time, settings.seed)
 
 
 @dataclass(frozen=True)
@@ -217,9 +199,6 @@ class DatasetSpec:
     split: Path
     ontology: Path
     tokenizer: Path
-    task: Path
-    labels: Path | None = None  # a current label cache of this split's subjects
-    renumbered: pl.DataFrame | None = None  # its `labels.renumbering`
 
 
 @dataclass(frozen=True)
@@ -230,29 +209,29 @@ class ShardDataset:
     skipped_subjects: int
     entries_used: set[int]
     events: EventCounts
-
-
-def _labelled(job: ShardJob, spec: DatasetSpec) -> tuple[ShardLabels, EventCounts]:
-    """The shard's labels for the kept tasks: from the label cache when there is one."""
-    if spec.labels is not None and spec.renumbered is not None:
-        return read_cached_shard(cache_shard_folder(spec.labels, job.index, job.shards),
-                                 spec.renumbered)
-    events = _events(job, spec.split, spec.split_name)
-    task = _load(spec.task, MotorTask.load)
-    labelled = _label(events, spec.ontology, spec.tokenizer, task.task_codes(),
-                      spec.settings.max_window, spec.settings.seed)
-    return labelled, EventCounts.of(events)
+    tasks: TaskCounts  # the candidate tasks' statistics over the shard's points
 
 
 def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
-    """Write the shard's window rows of `spec.split_name` into `spec.output_dir`."""
-    labelled, counts = _labelled(job, spec)
+    """Write the shard's window rows of `spec.split_name` into `spec.output_dir` (task ids:
+    the candidate tasks, `candidate_tasks`) and return its statistics."""
+    events = _events(job, spec.split, spec.split_name)
+    tokenizer = _load(spec.tokenizer, Tokenizer.load)
+    ontology = _load(spec.ontology, Ontology.load)
+    key = (spec.ontology, spec.tokenizer, spec.settings.num_tasks)
+    if key not in _CODE_TASKS:  # once per process
+        candidates = candidate_tasks(tokenizer, spec.settings.num_tasks).select("code", "task")
+        _CODE_TASKS[key] = task_codes_of(ontology, candidates)
+    labelled = label_shard(events, tokenizer, ontology, _CODE_TASKS[key],
+                           spec.settings.max_window, spec.settings.seed)
     windows = window_rows(labelled, spec.settings.max_window)
     rows = windows.rows
     write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards))
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
+    tasks = count_tasks(labelled.points, labelled.runs, labelled.last_time, spec.settings.seed)
     return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0),
-                        windows.windows_skipped, windows.subjects_skipped, used, counts)
+                        windows.windows_skipped, windows.subjects_skipped, used,
+                        EventCounts.of(events), tasks)
 
 
 def shard_file_name(index: int, count: int) -> str:

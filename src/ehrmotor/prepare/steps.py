@@ -11,9 +11,10 @@ different manifest stops the run with an ArtifactMismatch naming the changed key
     ontology_step    ontology/                  `ehrmotor.prepare.ontology`
     split_step       split.csv                  `ehrmotor.prepare.split`
     tokenizer_step   tokenizer/                 `ehrmotor.prepare.tokenizer`
-    motor_task_step  motor_task.json            `ehrmotor.prepare.motor_task` (and the train
-                                                labels, kept in the label cache of `.labels`)
-    dataset_step     train_batches/, val_batches/   `ehrmotor.prepare.shards`
+    dataset_step     train_batches/             `ehrmotor.prepare.shards` (with the candidate
+                                                tasks' statistics)
+    motor_task_step  motor_task.json            `ehrmotor.prepare.motor_task`
+    dataset_step     val_batches/
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,9 +45,8 @@ from ehrmotor.config import (
 )
 from ehrmotor.errors import InputError
 from ehrmotor.meds import read_codes_metadata, read_subject_splits
-from ehrmotor.prepare import labels
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
-from ehrmotor.prepare.motor_task import MotorTask, candidate_tasks
+from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import time_stats_from_moments
 from ehrmotor.prepare.shards import (
@@ -58,7 +58,6 @@ from ehrmotor.prepare.shards import (
     shard_codes,
     shard_dataset,
     shard_subjects,
-    shard_task_labels,
     shard_tokenizer_bins,
     shard_tokenizer_counts,
 )
@@ -212,65 +211,49 @@ def tokenizer_step(ctx: StepContext, settings: TokenizerSettings, *, ontology: P
     return artifact
 
 
-def motor_task_step(ctx: StepContext, settings: TaskSettings, *, ontology: Path, split: Path,
-                    tokenizer: Path) -> Path:
-    """Step 4: `motor_task.json`, fitted on the train subjects' labels for the candidate tasks.
-
-    Those labels stay in the label cache (`labels.cache_folder`) for `dataset_step`, marked with
-    this step's manifest.
-    """
-    artifact = ctx.out / "motor_task.json"
-    manifest = ctx.manifest("motor_task", settings, TASK_FORMAT_VERSION, tokenizer)
-    cache = labels.cache_folder(ctx.out)
-
-    def build(tmp: Path) -> None:
-        labels.discard_cache(cache)
-        candidates = candidate_tasks(Tokenizer.load(tokenizer), settings.num_tasks)
-        with artifacts.atomic_path(cache, replace_folder=True) as cache_tmp:
-            labels.write_candidates(cache_tmp, candidates)
-            counts = ctx.map(partial(shard_task_labels, split=split, ontology=ontology,
-                                     tokenizer=tokenizer, settings=settings, cache=cache_tmp),
-                             "MOTOR task: labels")
-            task = MotorTask.fit(candidates, counts, num_bins=settings.num_bins,
-                                 final_layer_size=settings.final_layer_size,
-                                 min_task_events=settings.min_task_events,
-                                 min_task_fraction=settings.min_task_fraction)
-        labels.record_cache(cache, manifest_digest(manifest),
-                                   settings.window_settings())
-        task.save(tmp)
-
-    ctx.build(artifact, manifest, build)
-    if MotorTask.load(artifact).tasks.height == 0:
-        raise PrepareError(
-            f"{artifact}: no MOTOR task has at least {settings.min_task_events} train events; "
-            "lower min_task_events or add subjects")
-    return artifact
-
-
 def dataset_step(ctx: StepContext, settings: WindowSettings, split_name: str, *, ontology: Path,
-                 split: Path, tokenizer: Path, task: Path, after: Path) -> Path:
-    """Step 5: `<split_name>_batches/`, the windows of one split as a Hugging Face dataset.
+                 split: Path, tokenizer: Path, after: Path) -> Path:
+    """Step 4 (train) and 6 (val): `<split_name>_batches/`, the windows of one split as a
+    Hugging Face dataset, their task occurrences numbered as the candidate tasks.
 
-    Its `prepare_stats.json` holds the counts of `dataset_stats`. The train split reads its
-    labels from the label cache when the MOTOR-task step left a current one.
+    Its `prepare_stats.json` holds the counts of `dataset_stats`, and the candidate tasks'
+    statistics (`TaskCounts.save`) the MOTOR task is fitted on.
     """
     artifact = ctx.out / f"{split_name}_batches"
 
     def build(tmp: Path) -> None:
         tmp.mkdir()
-        spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer, task)
-        cache = labels.cache_folder(ctx.out)
-        if split_name == "train" and labels.cache_is_current(cache, recorded_digest(task),
-                                                            settings):
-            spec = replace(spec, labels=cache,
-                           renumbered=labels.renumbering(cache, MotorTask.load(task).tasks))
-            log.info("%s: labels of the MOTOR-task step read from %s", artifact.name, cache)
+        spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer)
         shards = ctx.map(partial(shard_dataset, spec=spec), f"datasets: {split_name}")
         finish_dataset(tmp, len(ctx.jobs))
         (tmp / DATASET_STATS).write_text(json.dumps(dataset_stats(shards)))
+        TaskCounts.combine([s.tasks for s in shards]).save(tmp)
 
     manifest = ctx.manifest(f"{split_name}_batches", settings, DATASET_FORMAT_VERSION, after)
     ctx.build(artifact, manifest, build)
+    return artifact
+
+
+def motor_task_step(ctx: StepContext, settings: TaskSettings, *, tokenizer: Path,
+                    train: Path) -> Path:
+    """Step 5: `motor_task.json`, fitted on the candidate tasks' statistics over the train
+    dataset's points (kept with the dataset: no pass over the shards)."""
+    artifact = ctx.out / "motor_task.json"
+
+    def build(tmp: Path) -> None:
+        num_tasks = json.loads(artifacts.manifest_path(train).read_text())["config"]["num_tasks"]
+        task = MotorTask.fit(candidate_tasks(Tokenizer.load(tokenizer), num_tasks),
+                             TaskCounts.load(train), num_bins=settings.num_bins,
+                             final_layer_size=settings.final_layer_size,
+                             min_task_events=settings.min_task_events,
+                             min_task_fraction=settings.min_task_fraction)
+        task.save(tmp)
+
+    ctx.build(artifact, ctx.manifest("motor_task", settings, TASK_FORMAT_VERSION, train), build)
+    if MotorTask.load(artifact).tasks.height == 0:
+        raise PrepareError(
+            f"{artifact}: no MOTOR task has at least {settings.min_task_events} train events; "
+            "lower min_task_events or add subjects")
     return artifact
 
 
