@@ -13,7 +13,8 @@ occurrences that label its points (about 150 distinct tasks of 8,192, Zipf-distr
 `collate_windows` derives a realistic number of labels; vocabulary 16,384, 8 bins, final layer
 512. Shapes: the presets `tiny` (2 layers × 64), `small` (6 × 768), `base` (12 × 768), and femr's
 `femr-6x256` (6 layers × 256, FFN 512; femr's 2 × 64 is `tiny`). `collate %` is the time of
-`collate_windows` (one batch, main process) over the time of one training step plus collate.
+`collate_windows` (one batch, main process) over the time of one training step plus collate;
+`1st s` the first step (with `--compile`: the compilation).
 On CUDA the script also reports model FLOPs utilisation (`flops_per_token`: 6 per encoder
 parameter, 6 per head parameter at the points only, plus attention) over the GPU's dense bf16
 peak (`--peak-tflops`, default 989 for an H100 SXM).
@@ -143,7 +144,7 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (and compilation)
+    first = seconds_per_call(step, 1, device)  # warm-up (and compilation)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -155,6 +156,7 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     real_tokens = len(batch["segment_ids"])
     return {"tokens_per_s": real_tokens / seconds, "seconds_per_step": seconds,
+            "first_step_s": first,
             "collate_fraction": collate / (collate + seconds), "peak_gib": peak,
             "labels_per_point": len(batch["label_days"]) / len(batch["censor_days"]),
             "parameters": model.count_parameters(),
@@ -184,7 +186,7 @@ def main() -> None:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{', compiled' if args.compile else ''}; {TASKS:,} tasks, {BINS} bins")
     print(f"{'shape':<11}{'tokens':>7}{'prec':>6}{'ckpt':>5}{'params':>13}{'tokens/s':>10}"
-          f"{'s/step':>8}{'collate':>8}{'labels/pt':>10}{'peak GiB':>9}"
+          f"{'s/step':>8}{'1st s':>7}{'collate':>8}{'labels/pt':>10}{'peak GiB':>9}"
           + ("{:>7}".format("MFU") if args.device == "cuda" else ""))
     for shape in args.shapes:
         for tokens in args.tokens:
@@ -197,7 +199,8 @@ def main() -> None:
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     line = (f"{shape:<11}{tokens:>7}{precision:>6}{checkpointing:>5}"
                             f"{r['parameters']:>13,}{r['tokens_per_s']:>10,.0f}"
-                            f"{r['seconds_per_step']:>8.2f}{r['collate_fraction']:>8.1%}"
+                            f"{r['seconds_per_step']:>8.2f}{r['first_step_s']:>7.1f}"
+                            f"{r['collate_fraction']:>8.1%}"
                             f"{r['labels_per_point']:>10.0f}{r['peak_gib']:>9.2f}")
                     if args.device == "cuda":
                         mfu = r["tokens_per_s"] * r["flops_per_token"] / (args.peak_tflops * 1e12)

@@ -21,7 +21,11 @@ from ehrmotor.bundle import load_bundle
 from ehrmotor.config import PretrainConfig
 from ehrmotor.embed import bundle_features
 from ehrmotor.model import MotorModel
-from ehrmotor.precision import BF16_MIN_HIDDEN_SIZE, auto_uses_bf16, cpu_has_native_bf16
+from ehrmotor.precision import (
+    BF16_MIN_EMBEDDING_HIDDEN_SIZE,
+    auto_uses_bf16,
+    cpu_has_native_bf16,
+)
 from ehrmotor.train_setup import training_arguments
 
 
@@ -58,19 +62,20 @@ def test_without_torchs_capabilities_native_bf16_is_read_from_proc_cpuinfo(
     assert cpu_has_native_bf16() is True
 
 
-def test_auto_picks_bf16_on_native_bf16_cpus_for_models_at_least_256_wide(
+def test_auto_trains_in_bf16_on_native_bf16_cpus_and_embeds_so_from_256_wide(
         native_bf16: Any) -> None:
     native_bf16(True)
-    assert BF16_MIN_HIDDEN_SIZE == 256
-    assert auto_uses_bf16("cpu", 256) and auto_uses_bf16("cpu", 768)
-    assert not auto_uses_bf16("cpu", 255)
-    assert not auto_uses_bf16("mps", 768)
+    assert BF16_MIN_EMBEDDING_HIDDEN_SIZE == 256
+    assert auto_uses_bf16("cpu", 64, training=True) and auto_uses_bf16("cpu", 768, training=True)
+    assert auto_uses_bf16("cpu", 256, training=False)
+    assert not auto_uses_bf16("cpu", 255, training=False)
+    assert not auto_uses_bf16("mps", 768, training=True)
     native_bf16(False)
-    assert not auto_uses_bf16("cpu", 768)
+    assert not auto_uses_bf16("cpu", 768, training=True)
 
 
 @pytest.mark.parametrize(("setting", "native", "hidden", "bf16"), [
-    ("auto", True, 256, True), ("auto", True, 64, False), ("auto", False, 768, False),
+    ("auto", True, 256, True), ("auto", True, 64, True), ("auto", False, 768, False),
     ("fp32", True, 768, False), ("bf16", False, 64, True),
 ])
 def test_training_runs_in_bf16_where_precision_says(

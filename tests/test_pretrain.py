@@ -122,8 +122,7 @@ def trained(prepared_files: Path, tmp_path_factory: pytest.TempPathFactory) -> T
 
 @pytest.fixture(scope="module")
 def trained_bf16(prepared_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """`trained` under bf16 autocast, forced: precision "auto" keeps a model this narrow in fp32
-    on CPUs (`ehrmotor.precision`)."""
+    """`trained` under bf16 autocast, forced (so on CPUs without native bf16 too)."""
     return train_tiny(new_work(prepared_files, tmp_path_factory.mktemp("trained_bf16")), "bf16")
 
 

@@ -268,9 +268,9 @@ class PretrainConfig:
     save_total_limit: int = 2
     seed: int = 42
     dataloader_num_workers: int = 0
-    # auto: bf16 autocast on CUDA, and on CPUs with native bf16 matmul (AMX or AVX512-BF16) for
-    # models with hidden_size >= 256 (where it was measured faster); fp32 elsewhere
-    # (`ehrmotor.precision`). Also bf16, fp32. Weights, optimizer state and loss stay fp32.
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 matmul (AMX or AVX512-BF16),
+    # where it was measured faster at every size; fp32 elsewhere (`ehrmotor.precision`). Also
+    # bf16, fp32. Weights, optimizer state and loss stay fp32.
     precision: str = "auto"
     # Recompute each layer's activations in the backward pass: less memory, up to a third more
     # compute; the same loss and gradients.
@@ -278,6 +278,9 @@ class PretrainConfig:
     # torch.compile the model (Trainer's torch_compile): fused kernels, faster steps after a
     # compilation of about a minute on CPU (two: the second for varying batch shapes).
     compile: bool = False
+    # Shard parameters, gradients and optimizer state over the ranks with FSDP (Trainer's `fsdp`,
+    # FSDP2, each transformer block a unit): for a model that does not fit one device.
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -305,7 +305,8 @@ def _encode(model: MotorModel, positions: pl.DataFrame, plan: pl.DataFrame,
     `tokens_per_batch` positions.
     """
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if auto_uses_bf16(device.type, model.config.hidden_size) else nullcontext())
+                if auto_uses_bf16(device.type, model.config.hidden_size, training=False)
+                else nullcontext())
     lengths = positions_per_window(plan).to_numpy()
     for batch in tqdm(pack(lengths, np.arange(len(lengths)), tokens_per_batch),
                       desc="features", unit="batch", disable=None):

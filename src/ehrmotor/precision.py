@@ -1,15 +1,17 @@
 """What `precision = "auto"` picks: bf16 autocast where it is measured to help, else fp32.
 
-`auto_uses_bf16(device_type, hidden_size)` is the one rule, used by pretraining
+`auto_uses_bf16(device_type, hidden_size, training=...)` is the one rule, used by pretraining
 (`train_setup.training_arguments`) and embedding (`embed.compute_features`):
 
 - CUDA: bf16 autocast where the GPU supports bf16.
 - CPU: bf16 autocast where the CPU multiplies bf16 matrices natively (`cpu_has_native_bf16`:
-  AMX-BF16 or AVX512-BF16) and the model is at least `BF16_MIN_HIDDEN_SIZE` wide; else fp32.
+  AMX-BF16 or AVX512-BF16): always for training, whose MOTOR head (final layer × tasks) is
+  the largest matmul even of a narrow model; for embedding (the encoder alone) when the model
+  is at least `BF16_MIN_EMBEDDING_HIDDEN_SIZE` wide. Else fp32.
 - Any other device: fp32.
 
 Autocast runs the matmuls in bf16 only: the weights, and so the optimizer state, stay fp32, and
-the MOTOR loss is computed in fp32 (`model.head.piecewise_exponential_nll`).
+the MOTOR loss is computed in fp32 (`model.head.motor_loss`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-# Measured on a 2-core CPU with AMX (tokens/s of bf16 autocast over fp32 training, 2,048 tokens
-# per batch, 8,192 tasks): 2 layers × 64 hidden 0.79× (slower), 6 × 256 (FFN 512) 1.43×,
-# 6 × 768 2.05×.
-BF16_MIN_HIDDEN_SIZE = 256
+# Measured on a 2-core CPU with AMX (benchmarks/bench_train.py: tokens/s of bf16 autocast over
+# fp32 training, 8,192 tasks, final layer 512): 2 layers × 64 hidden 1.24× at 2,048 tokens per
+# batch and 1.31× at 16,384; 6 × 256 (FFN 512) 1.50× and 1.90×; 6 × 768 (`small`) see README.
+# Embedding (no head): bf16 pays from this width on (see README, "Speed").
+BF16_MIN_EMBEDDING_HIDDEN_SIZE = 256
 
 # Read when torch cannot report the CPU's capabilities itself (torch.cpu.get_capabilities is
 # recent); only Linux has it.
@@ -43,11 +46,13 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def auto_uses_bf16(device_type: str, hidden_size: int) -> bool:
+def auto_uses_bf16(device_type: str, hidden_size: int, *, training: bool) -> bool:
     """Whether precision "auto" runs a model `hidden_size` wide under bf16 autocast on a device
-    of `device_type` ("cuda", "cpu", ...); see the module docstring for the rule."""
+    of `device_type` ("cuda", "cpu", ...), to train it or to embed with it; see the module
+    docstring for the rule."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
-        return hidden_size >= BF16_MIN_HIDDEN_SIZE and cpu_has_native_bf16()
+        wide = training or hidden_size >= BF16_MIN_EMBEDDING_HIDDEN_SIZE
+        return wide and cpu_has_native_bf16()
     return False

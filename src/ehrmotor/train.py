@@ -164,6 +164,9 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_fsdp_enabled:
+        log.info("pretrain: FSDP over %d ranks (model %s)", args.world_size,
+                 type(trainer.model_wrapped).__name__)
     summary: dict[str, Any] = {"global_step": result.global_step,
                                # compute_features cuts windows as prepare did
                                "max_window": prepared.max_window,

@@ -128,7 +128,8 @@ def _use_bf16(config: PretrainConfig, hidden_size: int) -> bool:
     """Whether training runs under bf16 autocast: `precision`, where "auto" follows
     `precision.auto_uses_bf16` on the device Trainer will use (CUDA when present, else CPU)."""
     if config.precision == "auto":
-        return auto_uses_bf16("cuda" if torch.cuda.is_available() else "cpu", hidden_size)
+        return auto_uses_bf16("cuda" if torch.cuda.is_available() else "cpu", hidden_size,
+                              training=True)
     return config.precision == "bf16"
 
 
@@ -136,6 +137,11 @@ def _use_bf16(config: PretrainConfig, hidden_size: int) -> bool:
 _CHECKPOINTING_ARGUMENT = next(name for name in ("activation_checkpointing",
                                                  "gradient_checkpointing")
                                if name in {f.name for f in fields(TrainingArguments)})
+
+
+def fsdp_devices_available() -> bool:
+    """Whether this machine has the GPUs accelerate's FSDP needs."""
+    return torch.cuda.is_available()
 
 
 def training_arguments(config: PretrainConfig, output: Path, has_val: bool,
@@ -169,6 +175,15 @@ def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool,
     )
     kwargs[_CHECKPOINTING_ARGUMENT] = config.gradient_checkpointing
     kwargs["torch_compile"] = config.compile
+    if config.fsdp:
+        if not fsdp_devices_available():
+            # accelerate enables its FSDP plugin for multi-GPU (and XPU, NPU, ...) ranks only and
+            # would silently train CPU processes with plain data parallelism.
+            raise PretrainError("pretrain: fsdp needs GPUs: accelerate shards models over GPU "
+                                "ranks only (CPU processes train data-parallel without it)")
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["MotorBlock"],
+                                 "state_dict_type": "FULL_STATE_DICT"}
     if not torch.cuda.is_available():
         # Without use_cpu, accelerate does not set up multi-process CPU training under torchrun.
         kwargs["use_cpu"] = True
