@@ -223,8 +223,7 @@ def training_section(sizes: Sizes, device: torch.device, peak_tflops: float) -> 
     else:
         peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
     tokens = int(batch["segment_ids"].shape[0])
-    flops = bench_train.flops_per_token(model, config,
-                                         len(batch["censor_days"]) / tokens)
+    flops = bench_train.flops_per_token(model, config, len(batch["censor_days"]) / tokens)
     return {"preset": sizes.preset, "tokens_per_batch": tokens, "precision": "bf16 autocast",
             "parameters": model.count_parameters(), "warmup_steps": sizes.warmup_steps,
             "timed_steps": sizes.timed_steps, "seconds_per_step": seconds,
