@@ -12,9 +12,9 @@ head and a second node of one CPU each on this machine (`pip install ehrmotor[ra
 executors use the same two cores, so the comparison shows Ray's overhead, not a speed-up.
 
 The projection (printed after the runs, or from a saved `--json` with `--project`) scales the
-measured CPU seconds per event of the per-shard steps to a cluster, and adds the driver's serial
-work (the dataset reduce: hashing the parts and writing the saved dataset, proportional to the
-prepared bytes), with the arithmetic shown.
+measured CPU seconds per event of the whole run (workers and driver) to a cluster's cores, with
+the arithmetic shown. The driver's own work does not grow with the rows (the datasets' reduce
+only lists the shard files), so it is counted as if it were spread like the rest.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from ehrmotor.prepare import prepare  # noqa: E402
 # The projected deployment.
 TARGET_SUBJECTS, TARGET_EVENTS = 10_000_000, 1_500_000_000
 NODES, CORES_PER_NODE = 32, 16
-DRIVER_BYTES_PER_S = 500e6  # hashing + rewriting the datasets on the driver, shared filesystem
+SHARED_FS_BYTES_PER_S = 1e9  # aggregate shared-filesystem bandwidth (assumed)
+MEDS_PASSES = 6  # ontology, split, tokenizer (2 maps), train and val datasets each read the MEDS
+DRIVER_SECONDS = 60.0  # Athena read (bench_athena: ~40 s at 5M concepts) and the fits (assumed)
+SHARD_TAIL_STEPS = 6  # each map waits for its last shard
 
 
 def run(meds: Path, executor: str, address: str | None) -> dict[str, Any]:
@@ -91,27 +94,36 @@ def report(result: dict[str, Any]) -> None:
 
 
 def project(result: dict[str, Any]) -> None:
-    """Wall time and memory of TARGET_EVENTS on NODES × CORES_PER_NODE from one local run."""
+    """Wall time and memory of TARGET_EVENTS on NODES × CORES_PER_NODE from one run."""
     events = result["events"]
     cores = NODES * CORES_PER_NODE
-    shard_cpu = sum(result["cpu"].values())  # CPU seconds of this run, workers included
-    per_event = shard_cpu / events
-    parallel = per_event * TARGET_EVENTS / cores
+    per_event = sum(result["cpu"].values()) / events  # CPU seconds, workers and driver
+    compute = per_event * TARGET_EVENTS / cores
     prepared = result["prepared_bytes"] / events * TARGET_EVENTS
-    serial = 2 * prepared / DRIVER_BYTES_PER_S  # read the parts to hash, write the dataset
-    print(f"\nprojection from {result['meds']} ({events:,} events, {result['executor']}):")
-    print(f"  CPU per event        {shard_cpu:.1f} CPU s / {events:,} = {per_event * 1e6:.2f} µs")
-    print(f"  per-shard steps      {per_event * 1e6:.2f} µs × {TARGET_EVENTS:,} events / "
-          f"({NODES} nodes × {CORES_PER_NODE} cores) = {parallel / 60:.1f} min")
-    print(f"  prepared data        {result['prepared_bytes'] / events:.1f} B/event × "
-          f"{TARGET_EVENTS:,} = {prepared / 1e9:,.0f} GB")
-    print(f"  driver reduce        2 × {prepared / 1e9:,.0f} GB / {DRIVER_BYTES_PER_S / 1e6:.0f} "
-          f"MB/s = {serial / 60:.1f} min (serial)")
-    print(f"  wall                 ≈ {(parallel + serial) / 60:.1f} min, with every shard "
-          f"job's memory as measured here per worker (peak {result['peak_gib']:.2f} GiB for "
-          f"2 workers and the driver: about {result['peak_gib'] / 2:.1f} GiB per core, i.e. "
-          f"{result['peak_gib'] / 2 * CORES_PER_NODE:.0f} GiB per {CORES_PER_NODE}-core node "
-          "with shards of the same size)")
+    meds = result["meds_bytes"] / events * TARGET_EVENTS
+    io = (MEDS_PASSES * meds + prepared) / SHARED_FS_BYTES_PER_S
+    shard_events = TARGET_EVENTS / (4 * cores)  # 4 shards per core
+    tail = SHARD_TAIL_STEPS * per_event * shard_events
+    print(f"\nprojection from {result['meds']} ({events:,} events, {result['executor']}) to "
+          f"{TARGET_SUBJECTS:,} subjects / {TARGET_EVENTS:,} events on {NODES} × "
+          f"{CORES_PER_NODE} cores:")
+    print(f"  compute   {per_event * 1e6:.2f} CPU µs/event × {TARGET_EVENTS:,} / {cores} cores "
+          f"= {compute:,.0f} s")
+    print(f"  I/O       ({MEDS_PASSES} × {meds / 1e9:.1f} GB MEDS read + {prepared / 1e9:,.0f} GB "
+          f"written) / {SHARED_FS_BYTES_PER_S / 1e9:.0f} GB/s shared filesystem = {io:,.0f} s")
+    print(f"  tails     {SHARD_TAIL_STEPS} maps × one shard of {shard_events:,.0f} events "
+          f"({4 * cores} shards) = {tail:,.0f} s")
+    print(f"  driver    Athena read and fits ≈ {DRIVER_SECONDS:.0f} s")
+    total = compute + io + tail + DRIVER_SECONDS
+    print(f"  wall      ≈ {total:,.0f} s = {total / 60:.1f} min (compute and I/O not overlapped)")
+    per_core = result["peak_gib"] / 2
+    here = events / len(list(Path(result["meds"]).glob("data/**/*.parquet")))
+    scaled = per_core * shard_events / here
+    print(f"  memory    {result['peak_gib']:.2f} GiB for 2 workers and the driver here: ≈ "
+          f"{per_core:.1f} GiB per core for shards of {here:,.0f} events; shards of "
+          f"{shard_events:,.0f} events ≈ {scaled:.1f} GiB per core, "
+          f"{CORES_PER_NODE * scaled:.0f} GiB per {CORES_PER_NODE}-core node (upper bound: the "
+          "driver's share is counted per core)")
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
-import datasets
 import numpy as np
 import polars as pl
 import pytest
@@ -37,7 +36,7 @@ from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import encode_events
-from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION
+from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION, load_prepared
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import Tokenizer
 
@@ -112,7 +111,7 @@ def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Pa
     vocabulary = len(Tokenizer.load(reference / "tokenizer"))
     assert vocabulary == 2000
     for split in ("train", "val"):
-        dataset = datasets.load_from_disk(str(reference / f"{split}_batches"))
+        dataset = load_prepared(reference / f"{split}_batches")
         assert dataset.format["type"] == "torch"
         assert dataset.column_names == COLUMNS
         assert dataset.features["entries"].feature.dtype == "uint32"
@@ -137,7 +136,7 @@ def test_held_out_subjects_are_never_used_for_pretraining(meds: Path, reference:
     assert split.height == SUBJECTS - len(held_out)
     names = dict(split.iter_rows())
     for name in ("train", "val"):
-        table = datasets.load_from_disk(str(reference / f"{name}_batches")).with_format(None)
+        table = load_prepared(reference / f"{name}_batches").with_format(None)
         subjects = set(table["subject_id"])
         assert not held_out & subjects
         assert {names[s] for s in subjects} == {name}
@@ -148,7 +147,7 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
     num_tasks = len(task["tasks"])
     assert 0 < num_tasks <= task["candidate_tasks"] <= 300
     assert task["bin_edges_days"][0] == 0.0 and len(task["bin_edges_days"]) == task["num_bins"]
-    dataset = datasets.load_from_disk(str(reference / "train_batches"))
+    dataset = load_prepared(reference / "train_batches")
     pairs = 0
     for row in dataset.with_format(None):
         points, censor = row["points"], np.array(row["censor_days"])

@@ -19,6 +19,7 @@ from typing import Any
 from ehrmotor import artifacts
 from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
+from ehrmotor.prepare.shards import INDEX
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from
@@ -41,9 +42,8 @@ def prepared_digests(files: Path) -> dict[str, str]:
             recorded.pop("ehrmotor_version", None)
         parts.setdefault(manifest.name.removesuffix(".manifest.json"), []).append(
             json.dumps(recorded, sort_keys=True))
-    for name in ("train_batches", "val_batches"):
-        state = json.loads((files / name / "state.json").read_text())
-        parts.setdefault(name, []).append(str(state.get("_fingerprint")))
+    for name in ("train_batches", "val_batches"):  # the manifests decide their content
+        parts.setdefault(name, []).append((files / name / INDEX).read_text())
     return {name: hashlib.sha256("\0".join(values).encode()).hexdigest()[:16]
             for name, values in sorted(parts.items())}
 

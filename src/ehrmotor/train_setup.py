@@ -24,7 +24,7 @@ from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import LABELS, PRESETS, MotorConfig
 from ehrmotor.precision import auto_uses_bf16
 from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.prepare.shards import INDEX, load_prepared
 from ehrmotor.prepare.tokenizer import Tokenizer
 
 
@@ -41,7 +41,7 @@ class Prepared:
 def load_prepared_files(work: Path) -> Prepared:
     files = work / "pretraining_files"
     needed = [files / p for p in ("tokenizer/dictionary.msgpack", "motor_task.json",
-                                  "train_batches/state.json", "val_batches/state.json")]
+                                  f"train_batches/{INDEX}", f"val_batches/{INDEX}")]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise PretrainError(f"{files}: missing {', '.join(missing)}; run `ehrmotor prepare` "

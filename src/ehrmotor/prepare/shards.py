@@ -31,20 +31,17 @@ time, else censored.
 Windows without sampled prediction points are skipped and counted. DATASET_FORMAT_VERSION is the
 version of this layout, recorded in the datasets' manifests.
 
-Workers write their shard's rows as an Arrow IPC stream, `parts/rows-XXXXX-of-NNNNN.arrow` in the
-dataset folder (`write_shard_table`). The reduce (`finish_dataset`) opens the parts with
-`datasets.Dataset.from_file` (memory-mapped), concatenates them in shard order and writes the
-folder with `Dataset.save_to_disk` (`data-XXXXX-of-NNNNN.arrow`, `state.json`,
-`dataset_info.json`; torch format), then removes `parts/`. The dataset's fingerprint is a hash of
-the parts' bytes, so the same input gives the same folder whatever the number of workers. Memory
-stays bounded by one shard; the disk holds the rows twice while the reduce runs.
-`load_prepared` (`datasets.load_from_disk`) reads the folder back in torch format.
+Each worker writes its shard's rows as an Arrow IPC stream, `data-XXXXX-of-NNNNN.arrow` in the
+dataset folder (`write_shard_table`); the reduce (`finish_dataset`) only writes `dataset.json`,
+the shard files in order, so the rows are written once and never read back by the driver: its
+memory and time do not grow with the data. `load_prepared` memory-maps the files with
+`datasets.Dataset.from_file` and concatenates them (torch format). The same input gives the same
+files whatever the number of workers or the executor.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +76,8 @@ if TYPE_CHECKING:
     import datasets
 
 L = TypeVar("L")
-DATASET_FORMAT_VERSION = 2
-PARTS = "parts"
+DATASET_FORMAT_VERSION = 3
+INDEX = "dataset.json"
 ROW_SCHEMA = pa.schema([
     ("subject_id", pa.int64()), ("window", pa.int32()),
     ("bag_sizes", pa.list_(pa.int32())), ("entries", pa.list_(pa.uint32())),
@@ -235,9 +232,8 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
 
 
 def shard_file_name(index: int, count: int) -> str:
-    """Where the worker of shard `index` (of `count`) writes its rows, relative to the dataset
-    folder."""
-    return f"{PARTS}/rows-{index:05d}-of-{count:05d}.arrow"
+    """The data file the worker of shard `index` (of `count`) writes, in the dataset folder."""
+    return f"data-{index:05d}-of-{count:05d}.arrow"
 
 
 def write_shard_table(table: pa.Table, path: Path) -> None:
@@ -249,31 +245,22 @@ def write_shard_table(table: pa.Table, path: Path) -> None:
 
 
 def finish_dataset(directory: Path, count: int) -> None:
-    """Turn the `count` shard files in `directory` into one saved dataset (torch format)."""
-    import datasets  # not in the workers, which only write Arrow files
-
-    paths = [directory / shard_file_name(i, count) for i in range(count)]
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(ROW_SCHEMA))
-    parts = [datasets.Dataset.from_file(str(path), info=info) for path in paths]
-    dataset = datasets.concatenate_datasets(parts, info=info).with_format("torch")
-    # A fingerprint from the content (the default would hash the parts' paths).
-    dataset = dataset.select_columns(ROW_SCHEMA.names, new_fingerprint=digest.hexdigest()[:16])
-    quiet = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # prepare reports its own progress
-    try:
-        dataset.save_to_disk(str(directory), num_shards=count)
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
-    del dataset, parts
-    shutil.rmtree(directory / PARTS)
+    """Complete the dataset in `directory` from its `count` shard files: an index naming them in
+    order (the rows are not read or copied again)."""
+    files = [shard_file_name(i, count) for i in range(count)]
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: shard files missing: {', '.join(missing[:3])}")
+    (directory / INDEX).write_text(json.dumps({"format_version": DATASET_FORMAT_VERSION,
+                                               "files": files}, indent=1) + "\n")
 
 
 def load_prepared(path: Path) -> datasets.Dataset:
-    """A prepared train/val dataset, in torch format."""
+    """A prepared train/val dataset in torch format: its shard files memory-mapped
+    (`datasets.Dataset.from_file`) and concatenated in shard order."""
     import datasets
 
-    return datasets.load_from_disk(str(path))
+    index = json.loads((path / INDEX).read_text())
+    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(ROW_SCHEMA))
+    parts = [datasets.Dataset.from_file(str(path / name), info=info) for name in index["files"]]
+    return datasets.concatenate_datasets(parts, info=info).with_format("torch")
