@@ -86,8 +86,8 @@ class PrepareConfig:
                                  self.numeric_sample_size, self.min_text_fraction, self.seed)
 
     def task_settings(self) -> TaskSettings:
-        return TaskSettings(self.num_bins, self.final_layer_size, self.min_task_events,
-                            self.min_task_fraction)
+        return TaskSettings(self.num_tasks, self.num_bins, self.final_layer_size,
+                            self.min_task_events, self.min_task_fraction)
 
     def window_settings(self) -> WindowSettings:
         return WindowSettings(self.max_window, self.seed, self.num_tasks)
@@ -127,6 +127,7 @@ class TaskSettings:
     """What `motor_task.json` is fitted with (`prepare.steps.motor_task_step`, from the train
     dataset's task statistics)."""
 
+    num_tasks: int  # the candidates, as the train dataset counted them
     num_bins: int
     final_layer_size: int | None
     min_task_events: int

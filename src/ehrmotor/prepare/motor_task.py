@@ -66,6 +66,7 @@ class TaskCounts:
 
     STATISTICS = "task_statistics.arrow"
     DAYS = "task_days.arrow"
+    TOTALS = "task_totals.json"
 
     @classmethod
     def combine(cls, counts: list[TaskCounts]) -> TaskCounts:
@@ -78,19 +79,18 @@ class TaskCounts:
                    per_task, days)
 
     def save(self, folder: Path) -> None:
-        """Write into `folder`: the per-task sums (with the points and total censoring days as
-        columns) and the days sample, as Arrow IPC files."""
-        self.per_task.with_columns(points=pl.lit(self.points, pl.Int64),
-                                   total_censor_days=pl.lit(self.total_censor_days, pl.Float64)
-                                   ).write_ipc(folder / self.STATISTICS)
+        """Write into `folder`: the per-task sums and the days sample (Arrow IPC), the points and
+        total censoring days (JSON)."""
+        self.per_task.write_ipc(folder / self.STATISTICS)
         pl.DataFrame({"days": self.days_sample}).write_ipc(folder / self.DAYS)
+        (folder / self.TOTALS).write_text(json.dumps(
+            {"points": self.points, "total_censor_days": self.total_censor_days}) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> TaskCounts:
-        table = pl.read_ipc(folder / cls.STATISTICS)
-        points = int(table["points"][0]) if table.height else 0
-        total = float(table["total_censor_days"][0]) if table.height else 0.0
-        return cls(points, total, table.drop("points", "total_censor_days"),
+        totals = json.loads((folder / cls.TOTALS).read_text())
+        return cls(int(totals["points"]), float(totals["total_censor_days"]),
+                   pl.read_ipc(folder / cls.STATISTICS),
                    pl.read_ipc(folder / cls.DAYS)["days"].to_numpy())
 
 

@@ -42,8 +42,9 @@ files whatever the number of workers or the executor.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -98,16 +99,20 @@ class ShardJob:
     shards: int = 1
 
 
-_LOADED: dict[Path, Any] = {}
-_CODE_TASKS: dict[tuple[Path, Path, int], pl.DataFrame] = {}
+_MADE: dict[Hashable, Any] = {}
+
+
+def _once(key: Hashable, make: Callable[[], L]) -> L:
+    """`make()`, once per process for each `key`."""
+    if key not in _MADE:
+        _MADE[key] = make()
+    made: L = _MADE[key]
+    return made
 
 
 def _load(path: Path, load: Callable[[Path], L]) -> L:
     """`load(path)`, once per process."""
-    if path not in _LOADED:
-        _LOADED[path] = load(path)
-    loaded: L = _LOADED[path]
-    return loaded
+    return _once(path, partial(load, path))
 
 
 def _events(job: ShardJob, split: Path, split_name: str) -> pl.DataFrame:
@@ -196,6 +201,7 @@ class DatasetSpec:
     split: Path
     ontology: Path
     tokenizer: Path
+    task_statistics: bool = False  # also count the candidate tasks (the train split's)
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,7 @@ class ShardDataset:
     skipped_subjects: int
     entries_used: set[int]
     events: EventCounts
-    tasks: TaskCounts  # the candidate tasks' statistics over the shard's points
+    tasks: TaskCounts | None  # the candidate tasks' statistics, when the spec asks for them
 
 
 def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
@@ -215,17 +221,17 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
     events = _events(job, spec.split, spec.split_name)
     tokenizer = _load(spec.tokenizer, Tokenizer.load)
     ontology = _load(spec.ontology, Ontology.load)
-    key = (spec.ontology, spec.tokenizer, spec.settings.num_tasks)
-    if key not in _CODE_TASKS:  # once per process
-        candidates = candidate_tasks(tokenizer, spec.settings.num_tasks).select("code", "task")
-        _CODE_TASKS[key] = task_codes_of(ontology, candidates)
-    labelled = label_shard(events, tokenizer, ontology, _CODE_TASKS[key],
-                           spec.settings.max_window, spec.settings.seed)
+    candidates = candidate_tasks(tokenizer, spec.settings.num_tasks).select("code", "task")
+    code_tasks = _once(("code_tasks", spec.ontology, spec.tokenizer, spec.settings.num_tasks),
+                       partial(task_codes_of, ontology, candidates))
+    labelled = label_shard(events, tokenizer, ontology, code_tasks, spec.settings.max_window,
+                           spec.settings.seed)
     windows = window_rows(labelled, spec.settings.max_window)
     rows = windows.rows
     write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards))
     used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
-    tasks = count_tasks(labelled.points, labelled.runs, labelled.last_time, spec.settings.seed)
+    tasks = (count_tasks(labelled.points, labelled.runs, labelled.last_time, spec.settings.seed)
+             if spec.task_statistics else None)
     return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0),
                         windows.windows_skipped, windows.subjects_skipped, used,
                         EventCounts.of(events), tasks)

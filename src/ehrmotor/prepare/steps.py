@@ -216,18 +216,21 @@ def dataset_step(ctx: StepContext, settings: WindowSettings, split_name: str, *,
     """Step 4 (train) and 6 (val): `<split_name>_batches/`, the windows of one split as a
     Hugging Face dataset, their task occurrences numbered as the candidate tasks.
 
-    Its `prepare_stats.json` holds the counts of `dataset_stats`, and the candidate tasks'
-    statistics (`TaskCounts.save`) the MOTOR task is fitted on.
+    Its `prepare_stats.json` holds the counts of `dataset_stats`; the train dataset also holds
+    the candidate tasks' statistics (`TaskCounts.save`) the MOTOR task is fitted on.
     """
     artifact = ctx.out / f"{split_name}_batches"
 
     def build(tmp: Path) -> None:
         tmp.mkdir()
-        spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer)
+        spec = DatasetSpec(split_name, tmp, settings, split, ontology, tokenizer,
+                           task_statistics=split_name == "train")
         shards = ctx.map(partial(shard_dataset, spec=spec), f"datasets: {split_name}")
         finish_dataset(tmp, len(ctx.jobs))
         (tmp / DATASET_STATS).write_text(json.dumps(dataset_stats(shards)))
-        TaskCounts.combine([s.tasks for s in shards]).save(tmp)
+        counts = [s.tasks for s in shards if s.tasks is not None]
+        if counts:
+            TaskCounts.combine(counts).save(tmp)
 
     manifest = ctx.manifest(f"{split_name}_batches", settings, DATASET_FORMAT_VERSION, after)
     ctx.build(artifact, manifest, build)
@@ -241,8 +244,7 @@ def motor_task_step(ctx: StepContext, settings: TaskSettings, *, tokenizer: Path
     artifact = ctx.out / "motor_task.json"
 
     def build(tmp: Path) -> None:
-        num_tasks = json.loads(artifacts.manifest_path(train).read_text())["config"]["num_tasks"]
-        task = MotorTask.fit(candidate_tasks(Tokenizer.load(tokenizer), num_tasks),
+        task = MotorTask.fit(candidate_tasks(Tokenizer.load(tokenizer), settings.num_tasks),
                              TaskCounts.load(train), num_bins=settings.num_bins,
                              final_layer_size=settings.final_layer_size,
                              min_task_events=settings.min_task_events,
