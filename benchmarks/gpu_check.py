@@ -285,8 +285,10 @@ def embedding_section(sizes: Sizes, device: torch.device, root: Path,
     meds, bundle = fresh_bundle(sizes, root, workers)
     labels = sample_labels(meds, sizes.labels)
     setup = time.perf_counter() - started
+    started = time.perf_counter()
     compute_features(meds, bundle, labels.head(50), device=device)  # warm-up (compiles on CUDA)
     _synchronize(device)
+    warmup = time.perf_counter() - started
     started = time.perf_counter()
     features = compute_features(meds, bundle, labels, device=device)["features"]
     _synchronize(device)
@@ -294,6 +296,7 @@ def embedding_section(sizes: Sizes, device: torch.device, root: Path,
     return {"preset": sizes.preset, "subjects": sizes.subjects, "labels": labels.height,
             "context": sizes.max_window, "hidden_size": int(features.shape[1]),
             "seconds": seconds, "labels_per_s": labels.height / seconds, "setup_seconds": setup,
+            "warmup_seconds": warmup,
             "features_finite": bool(np.isfinite(features).all())}
 
 
@@ -329,7 +332,8 @@ def _report_lines(name: str, result: dict[str, Any]) -> list[str]:
     return [f"embedding: {result['preset']}, {result['labels']:,} labels of "
             f"{result['subjects']:,} subjects in {result['seconds']:.1f} s: "
             f"{result['labels_per_s']:,.0f} labels/s (synth, prepare and bundle "
-            f"{result['setup_seconds']:.1f} s)"]
+            f"{result['setup_seconds']:.1f} s; first call on 50 labels, warm-up "
+            f"{result['warmup_seconds']:.1f} s)"]
 
 
 def _one_line(error: BaseException) -> str:
