@@ -340,6 +340,8 @@ def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_pr
     """
     if context is not None:  # a bad setting fails before the bundle is read
         _check_sizes(context, tokens_per_batch)
+    if isinstance(labels, str | Path):  # so does a bad label file
+        labels = read_labels(labels)
     bundle = load_bundle(model_path, ontology=ontology)
     return bundle_features(db, bundle, labels, num_proc=num_proc,
                            tokens_per_batch=tokens_per_batch, device=device, context=context)
