@@ -260,7 +260,8 @@ def check_label_set(labels: LabelSet) -> None:
     """InputError (one line: the set's file or name, column, row, subject) when `labels`
     breaks a rule of the module docstring: the checks every label file passes, for labels
     built in memory."""
-    where = ", ".join(str(file) for file in labels.files) or f"labels {labels.name}"
+    # rows count within the frame, which is one file's rows only when it came from one file
+    where = str(labels.files[0]) if len(labels.files) == 1 else f"labels {labels.name}"
     violation = _violation(labels.frame.with_row_index(_ROW), labels.kind)
     if violation is not None:
         _raise(violation, lambda row: where)
