@@ -257,14 +257,12 @@ def _raise(violation: tuple[str, dict[str, Any], str], where: Callable[[dict[str
 
 
 def check_label_set(labels: LabelSet) -> None:
-    """InputError (one line: the set's file or name, column, row, subject) when `labels`
+    """InputError (one line: the set's name, column, row of its frame, subject) when `labels`
     breaks a rule of the module docstring: the checks every label file passes, for labels
     built in memory."""
-    # rows count within the frame, which is one file's rows only when it came from one file
-    where = str(labels.files[0]) if len(labels.files) == 1 else f"labels {labels.name}"
     violation = _violation(labels.frame.with_row_index(_ROW), labels.kind)
-    if violation is not None:
-        _raise(violation, lambda row: where)
+    if violation is not None:  # rows count in the frame (sorted), not in a file
+        _raise(violation, lambda row: f"labels {labels.name}")
 
 
 def _read_task(files: list[Path], path: Path, label_required: bool
