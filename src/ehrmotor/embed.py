@@ -84,12 +84,10 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
     """Labels as `subject_id` Int64, `prediction_time` Datetime("us"), in input order.
 
     Accepts a sequence of dicts, a polars DataFrame/LazyFrame, a pandas DataFrame, or the path of
-    a MEDS label file or folder of one task (read by `ehrmotor.meds.read_prediction_times` with
-    the checks of every label file: time-to-event rules, no repeated (subject_id,
-    prediction_time), a folder of several tasks refused; a label column is not needed). Labels
-    given in memory keep femr's contract: repeated keys give repeated rows. Other columns are
-    dropped. Zoned times become naive UTC. Raises InputError naming the column (and
-    file) when a column is missing, has the wrong type or holds nulls.
+    a label file or folder of one task (`ehrmotor.meds.read_prediction_times`: every label file's
+    checks, repeated keys refused, no label column needed). Labels given in memory keep femr's
+    contract: repeated keys give repeated rows. Other columns are dropped; zoned times become
+    naive UTC. InputError naming the column (and file) for a missing, mistyped or null column.
     """
     if isinstance(labels, str | Path):
         return read_prediction_times(labels)
