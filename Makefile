@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ehrmotor validate $(DEMO)/meds
 	$(VENV)/bin/ehrmotor prepare --meds $(DEMO)/meds --athena $(DEMO)/meds/athena --out $(DEMO)/work --config configs/demo.toml
 	$(VENV)/bin/ehrmotor pretrain --work $(DEMO)/work --config configs/demo.toml
-	$(VENV)/bin/ehrmotor evaluate --model $(DEMO)/work/model --meds $(DEMO)/meds --out $(DEMO)/evaluation --outcomes $(DEMO_OUTCOMES) $(DEMO_PROTOCOL) > /dev/null
+	$(VENV)/bin/ehrmotor evaluate --model $(DEMO)/work/model --meds $(DEMO)/meds --out $(DEMO)/evaluation --outcomes $(DEMO_OUTCOMES) --landmark-codes Visit/ $(DEMO_PROTOCOL) > /dev/null
 	$(VENV)/bin/ehrmotor embed --model $(DEMO)/work/model --meds $(DEMO)/meds --labels $(DEMO)/evaluation/labels/death.parquet --out $(DEMO)/embeddings.parquet
 	@cat $(DEMO)/evaluation/results.md
 

@@ -107,7 +107,8 @@ def main() -> None:
                                     max_count_features=args.max_count_features)
         _timed("evaluate", times, evaluate, meds, bundle, evaluation,
                outcomes=outcome_codes(DEFAULT_OUTCOMES), oracle=synthetic_oracle(meds),
-               settings=settings, landmarks=LandmarkSettings(landmarks=args.landmarks))
+               settings=settings,
+               landmarks=LandmarkSettings(landmarks=args.landmarks, landmark_codes=("Visit/",)))
         summary = json.loads((bundle / "training_summary.json").read_text())
         print(f"\nsubjects {args.subjects:,}; model {summary['parameters']:,} parameters, "
               f"{summary['global_step']:,} steps of {args.tokens_per_batch:,} tokens")

@@ -22,7 +22,8 @@ ACES_LABELS = Path(__file__).parent / "data" / "aces" / "heart_failure_1y"
 OUTCOMES = "hypertension,death,stroke"  # stroke: 3 events in all, too few to score
 # Seed 8 puts 14 hypertension and 20 death events, and 35 of ACES's 52 positive labels (of 3
 # subjects in all), in the test set, and leaves positives in the pool.
-SETTINGS = ["--k", "16,all", "--replicates", "2", "--bootstrap", "30", "--seed", "8"]
+SETTINGS = ["--k", "16,all", "--replicates", "2", "--bootstrap", "30", "--seed", "8",
+            "--landmark-codes", "Visit/"]  # the visits the counts above were taken at
 TIME_TO_EVENT_METHODS = {"motor_cox", "motor_head", "counts_cox", "counts_lightgbm"}
 BINARY_METHODS = {"motor_logistic", "counts_logistic", "counts_lightgbm"}
 

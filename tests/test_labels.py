@@ -116,7 +116,8 @@ def test_file_stem_names_task(tmp_path: Path) -> None:
                  {"subject_id": [1], "prediction_time": [T0], "integer_value": [3]})
     labels = read_label_set(path)
     assert (labels.name, labels.kind, labels.files) == ("long_los", "integer", (path,))
-    assert read_label_set(tmp_path / "cohorts").name == "cohorts"
+    # a folder's one named file is its task (a folder of several files is several tasks)
+    assert read_label_set(tmp_path / "cohorts").name == "long_los"
 
 
 # --------------------------------------------------------------------------- reading
@@ -139,14 +140,14 @@ def test_times_in_any_unit_or_zone_become_naive_microseconds(tmp_path: Path) -> 
         "float_value": [1.5, 0.5]}
 
 
-def test_sort_is_stable_across_files(tmp_path: Path) -> None:
-    write(tmp_path / "t" / "a.parquet", {"subject_id": [2, 1], "prediction_time": [T0, T0],
+def test_shards_of_a_folder_are_one_task_sorted(tmp_path: Path) -> None:
+    write(tmp_path / "t" / "0.parquet", {"subject_id": [2, 1], "prediction_time": [T0, LATER],
                                          "categorical_value": ["a1", "a2"]})
-    write(tmp_path / "t" / "b.parquet", {"subject_id": [1, 1], "prediction_time": [T0, T0],
+    write(tmp_path / "t" / "1.parquet", {"subject_id": [1, 1], "prediction_time": [T0, EARLIER],
                                          "categorical_value": ["b1", "b2"]})
     frame = read_label_set(tmp_path / "t").frame
-    assert frame["categorical_value"].to_list() == ["a2", "b1", "b2", "a1"]
-    assert read_prediction_times(tmp_path / "t")["subject_id"].to_list() == [2, 1, 1, 1]
+    assert frame["categorical_value"].to_list() == ["b2", "b1", "a2", "a1"]
+    assert read_prediction_times(tmp_path / "t")["subject_id"].to_list() == [1, 1, 1, 2]
 
 
 # --------------------------------------------------------------------------- checks

@@ -84,10 +84,10 @@ def read_labels(labels: LabelsLike) -> pl.DataFrame:
     """Labels as `subject_id` Int64, `prediction_time` Datetime("us"), in input order.
 
     Accepts a sequence of dicts, a polars DataFrame/LazyFrame, a pandas DataFrame, or the path of
-    a MEDS label file or folder (read by `ehrmotor.meds.read_prediction_times`, as
-    `read_label_set` reads it: ACES's `.logs/` skipped; a label column is not needed). Other
-    columns are dropped. Zoned times become naive UTC. Raises InputError naming the column (and
-    file) when a column is missing, has the wrong type or holds nulls.
+    a label file or folder of one task (`ehrmotor.meds.read_prediction_times`: every label file's
+    checks, repeated keys refused, no label column needed). Labels given in memory keep femr's
+    contract: repeated keys give repeated rows. Other columns are dropped; zoned times become
+    naive UTC. InputError naming the column (and file) for a missing, mistyped or null column.
     """
     if isinstance(labels, str | Path):
         return read_prediction_times(labels)
@@ -338,6 +338,8 @@ def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_pr
     """
     if context is not None:  # a bad setting fails before the bundle is read
         _check_sizes(context, tokens_per_batch)
+    if isinstance(labels, str | Path):  # so does a bad label file
+        labels = read_labels(labels)
     bundle = load_bundle(model_path, ontology=ontology)
     return bundle_features(db, bundle, labels, num_proc=num_proc,
                            tokens_per_batch=tokens_per_batch, device=device, context=context)

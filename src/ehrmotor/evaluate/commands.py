@@ -77,11 +77,17 @@ def _flatten(groups: Sequence[Sequence[T]] | None) -> list[T] | None:
 def _add_landmark_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--outcomes", nargs="+", type=_names, default=None, metavar="OUTCOME",
                         help=f"{what}: planted outcomes of `ehrmotor synth` (default: "
-                             "heart_failure,ckd,diabetes,copd,death) or codes such as "
-                             "ICD10CM/I50 (that code and the codes under it); comma- or "
-                             "space-separated")
+                             "heart_failure,ckd,diabetes,copd,death) or any code of the data, "
+                             "such as ICD10CM/I50 (that code and the codes under it), "
+                             "MEDS_DEATH or HOSPITAL_ADMISSION//ICU; comma- or space-separated")
     parser.add_argument("--landmarks", type=_positive, default=4,
-                        help="prediction times drawn per subject among its visits (default 4)")
+                        help="prediction times drawn per subject among its landmark days "
+                             "(default 4)")
+    parser.add_argument("--landmark-codes", type=_names, default=None, metavar="PREFIXES",
+                        help="landmark days are days with an event whose code starts with one "
+                             "of these, comma-separated, e.g. HOSPITAL_ADMISSION// or Visit/ "
+                             "(default: every day with an event); the prediction time is that "
+                             "day's last such event")
     parser.add_argument("--min-gap-days", type=_days, default=180.0,
                         help="least days between two prediction times of a subject "
                              "(default 180)")
@@ -96,7 +102,8 @@ def _landmark_settings(args: argparse.Namespace) -> tuple[LandmarkSettings, tupl
     from ehrmotor.evaluate.tasks import DEFAULT_SPLITS
 
     settings = LandmarkSettings(landmarks=args.landmarks, min_gap_days=args.min_gap_days,
-                                seed=args.seed)
+                                seed=args.seed,
+                                landmark_codes=tuple(args.landmark_codes or ()))
     return settings, tuple(args.subjects or DEFAULT_SPLITS)
 
 
@@ -110,11 +117,13 @@ def add_label(commands: argparse._SubParsersAction) -> None:
         help="write time-to-event labels of outcomes at landmark times (MEDS label files)",
         description=(
             "For each evaluation subject, draw up to --landmarks prediction times among its "
-            "visits (at least --min-gap-days apart, after its birth day, before its last "
-            "event); for each outcome, drop those where the outcome already happened and label "
-            "the others with the outcome's next occurrence (event_time) or the subject's last "
-            "event (censor_time). Writes OUT/<outcome>.parquet and OUT/labels.json; OUT is "
-            "replaced only when `ehrmotor label` wrote it."
+            "landmark days (days with an event of --landmark-codes, default any event; at the "
+            "day's last such event; at least --min-gap-days apart, after its birth day, before "
+            "its last event); for each outcome, drop those where the outcome already happened "
+            "and label the others with the outcome's next occurrence (event_time) or the "
+            "subject's last event (censor_time). Writes OUT/<outcome>.parquet and "
+            "OUT/labels.json; OUT is replaced only when `ehrmotor label` wrote it. An outcome "
+            "without labels stops the command (exit 2) with the reason."
         ),
     )
     parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
@@ -154,11 +163,13 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
     parser.add_argument("--labels", type=Path, action="append", default=None, metavar="PATH",
-                        help="a MEDS label file or folder (e.g. ACES output), one task each; "
-                             "repeatable. Without --outcomes only these are evaluated")
+                        help="a MEDS label file or folder: a folder of shards (ACES output) "
+                             "is one task, a folder of several label files (what `ehrmotor "
+                             "label` writes) is one task per file; repeatable. Without "
+                             "--outcomes only these are evaluated")
     parser.add_argument("--task-name", default=None,
-                        help="name of the task of the one --labels path (default: the file's "
-                             "stem or the folder's name)")
+                        help="name of the one task of the one --labels path (default: the "
+                             "file's stem or the folder's name)")
     _add_landmark_options(parser, "outcomes to evaluate with landmark labels")
     parser.add_argument("--horizon-days", type=_positive_days, default=365.0,
                         help="horizon of Uno's C and of the Brier grid in days (default 365)")

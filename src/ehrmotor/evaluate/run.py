@@ -1,9 +1,10 @@
 """`evaluate`: the few-shot protocol on MOTOR embeddings against count features.
 
 Labels: landmark time-to-event labels of outcomes (`ehrmotor.evaluate.landmarks`; a name and its
-codes, given by the caller) and/or MEDS label files (`ehrmotor.meds.labels.read_label_set`:
-boolean labels are binary tasks, time-to-event labels are used as they are). Only subjects of the
-evaluation splits count (`tasks.evaluation_subjects`). The protocol (`ehrmotor.evaluate.protocol`):
+codes, given by the caller) and/or MEDS label files (`ehrmotor.meds.labels.read_label_sets`: a
+folder of several outcome files is several tasks; boolean labels are binary tasks, time-to-event
+labels are used as they are). Only subjects of the evaluation splits count
+(`tasks.evaluation_subjects`). The protocol (`ehrmotor.evaluate.protocol`):
 a fixed test set of subjects, k-shot training sets drawn from the pool, the heads of each task
 kind on the feature sets (`ehrmotor.evaluate.features`), scored on the test set with
 subject-bootstrap intervals (`ehrmotor.evaluate.scoring`). When the caller knows the true hazards
@@ -59,7 +60,7 @@ from ehrmotor.evaluate.tasks import (
     evaluation_subjects,
     tasks_from_label_sets,
 )
-from ehrmotor.meds.labels import LabelSet, read_label_set
+from ehrmotor.meds.labels import LabelSet, read_label_sets
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,9 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (read by `load_bundle`,
     which raises BundleError for a missing, incomplete or corrupt one); outcomes: outcome name →
     its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure": ["ICD10CM/I50"]} (landmark
-    labels, see `ehrmotor.evaluate.landmarks`); labels: MEDS label files or folders, one task
-    each, named `task_name` when there is one path; oracle: see `Oracle`; landmarks: how
+    labels, see `ehrmotor.evaluate.landmarks`); labels: MEDS label files or folders (a folder
+    may hold several tasks: `ehrmotor.meds.label_paths.label_tasks`), `task_name` naming the one
+    task of the one path; oracle: see `Oracle`; landmarks: how
     landmark labels are drawn (default `LandmarkSettings()`). Deterministic given
     the settings (and a deterministic oracle). InputError for bad settings, outcomes or label
     files, all before the model is read.
@@ -188,7 +190,8 @@ def unseen_splits(splits: Sequence[str], unseen: Sequence[str] | None,
 def _read_label_files(paths: Sequence[Path], task_name: str | None) -> list[LabelSet]:
     if task_name is not None and len(paths) != 1:
         raise InputError(f"--task-name names the task of one label path; got {len(paths)} paths")
-    label_sets = [read_label_set(Path(path), task_name=task_name) for path in paths]
+    label_sets = [label_set for path in paths
+                  for label_set in read_label_sets(Path(path), task_name=task_name)]
     check_label_kinds(label_sets)
     names = [label_set.name for label_set in label_sets]
     if len(set(names)) < len(names):

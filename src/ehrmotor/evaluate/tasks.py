@@ -8,7 +8,8 @@ one shard at a time (`subject_events`); `read_timelines` gathers what landmark l
 
 A `Task` is one label set made ready for the protocol (`tasks_from_label_sets`): labels of
 evaluation subjects only, on or after the day after the subject's birth day (the embeddings
-refuse earlier ones), one per (subject_id, prediction_time). Its `labels` frame:
+refuse earlier ones); each label set is checked first (`ehrmotor.meds.labels.check_label_set`:
+time-to-event rules, one row per (subject_id, prediction_time)). Its `labels` frame:
 
     subject_id       Int64
     prediction_time  Datetime(us)
@@ -29,13 +30,12 @@ import polars as pl
 
 from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_subject_splits, scan_shard
-from ehrmotor.meds.labels import LabelSet, time_to_event_days
+from ehrmotor.meds.labels import LabelSet, check_label_set, time_to_event_days
 
 log = logging.getLogger(__name__)
 
 US_PER_DAY = 86_400_000_000
 BIRTH_CODE = "MEDS_BIRTH"
-VISIT_PREFIX = "Visit/"
 DEFAULT_SPLITS = ("held_out", "tuning")
 PRETRAINING_SPLIT = "train"
 TIME_TO_EVENT, BINARY = "time_to_event", "binary"
@@ -52,11 +52,21 @@ def outcome_matcher(codes: Sequence[str]) -> pl.Expr:
     """Boolean expression on `code` marking the events of an outcome given by its `codes`.
 
     An event matches a code when its code is that code or lies under it in the code's own
-    notation: `ICD10CM/I50` matches `ICD10CM/I50` and `ICD10CM/I50.9` (not `ICD10CM/I509`);
-    `MEDS_DEATH` matches itself.
+    notation: `ICD10CM/I50` matches `ICD10CM/I50`, `ICD10CM/I50.9` and `ICD10CM/I50/x` (not
+    `ICD10CM/I509`); `MEDS_DEATH` matches itself; `HOSPITAL_ADMISSION` matches
+    `HOSPITAL_ADMISSION//ICU`; a code ending in "/" (`HOSPITAL_ADMISSION//`) is a prefix.
     """
-    return pl.any_horizontal(pl.col("code").is_in(list(codes)),
-                             *[pl.col("code").str.starts_with(f"{code}.") for code in codes])
+    under = [pl.col("code").str.starts_with(code if code.endswith("/") else f"{code}{sep}")
+             for code in codes for sep in (".", "/")]
+    return pl.any_horizontal(pl.col("code").is_in(list(codes)), *under)
+
+
+def landmark_matcher(prefixes: Sequence[str]) -> pl.Expr:
+    """Boolean expression on `code`: events whose code starts with one of `prefixes`; every
+    event when there is none."""
+    if not prefixes:
+        return pl.lit(True)
+    return pl.any_horizontal(*[pl.col("code").str.starts_with(prefix) for prefix in prefixes])
 
 
 def check_outcomes(outcomes: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
@@ -94,24 +104,28 @@ def birth_days(events: pl.LazyFrame) -> pl.LazyFrame:
 
 @dataclass(frozen=True)
 class Timelines:
-    """What task building needs from the data: per subject, its visits and outcome events."""
+    """What task building needs from the data: per subject, its landmark days and outcome
+    events."""
 
     subjects: pl.DataFrame  # subject_id, birth_day, last_time
-    visits: pl.DataFrame  # subject_id, time: distinct Visit/* event times
+    landmark_times: pl.DataFrame  # subject_id, time: per day, its last landmark-code event
     outcome_events: pl.DataFrame  # outcome, subject_id, time
 
 
 def read_timelines(meds_dir: Path, subject_ids: pl.Series,
-                   outcomes: Mapping[str, Sequence[str]]) -> Timelines:
-    """Birth days, last event times, visit times and outcome event times (`outcomes`: name →
-    codes) of `subject_ids`."""
+                   outcomes: Mapping[str, Sequence[str]],
+                   landmark_codes: Sequence[str] = ()) -> Timelines:
+    """Birth days, last event times, landmark times and outcome event times (`outcomes`: name →
+    codes) of `subject_ids`. Landmark times: on each day with an event whose code starts with
+    one of `landmark_codes` (any event when empty), the last such event's time."""
     subjects, visits, outcome_events = [], [], []
     for events in subject_events(meds_dir, subject_ids):
         timed = events.filter(pl.col("time").is_not_null())
         parts = [
             birth_days(events),
-            timed.filter(pl.col("code").str.starts_with(VISIT_PREFIX))
-            .select("subject_id", "time").unique(),
+            timed.filter(landmark_matcher(landmark_codes))
+            .group_by("subject_id", pl.col("time").dt.truncate("1d").alias("day"))
+            .agg(pl.col("time").max()).select("subject_id", "time"),
             pl.concat([
                 timed.filter(outcome_matcher(codes))
                 .select(pl.lit(outcome).alias("outcome"), "subject_id", "time")
@@ -178,9 +192,13 @@ def tasks_from_label_sets(meds_dir: Path, label_sets: Sequence[LabelSet], subjec
                           from_outcomes: bool) -> list[Task]:
     """The `Task` of each label set, restricted to `subjects` (see the module docstring).
 
-    Labels left out (other subjects, too early, duplicates) are counted in a log line.
+    InputError for a label set that breaks a label rule (`check_label_set`: a repeated
+    (subject_id, prediction_time) included). Labels left out (other subjects, too early) are
+    counted in a log line.
     """
     check_label_kinds(label_sets)
+    for label_set in label_sets:
+        check_label_set(label_set)
     if not label_sets:
         return []
     labelled = pl.concat([ls.frame.select("subject_id") for ls in label_sets])["subject_id"]
@@ -203,12 +221,11 @@ def tasks_from_label_sets(meds_dir: Path, label_sets: Sequence[LabelSet], subjec
             .join(birth.select("subject_id", "birth_day"), on="subject_id")
             .filter(pl.col("prediction_time") >= pl.col("birth_day") + pl.duration(days=1))
             .drop("birth_day")
-            .unique(["subject_id", "prediction_time"], keep="first", maintain_order=True)
             .sort("subject_id", "prediction_time")
         )
         if usable.height < frame.height:
-            log.info("evaluate: %s: %d of %d labels left out (null, duplicate, a subject "
-                     "outside the evaluation splits, or on or before the birth day)",
+            log.info("evaluate: %s: %d of %d labels left out (a subject outside the "
+                     "evaluation splits, or on or before the birth day)",
                      label_set.name, frame.height - usable.height, frame.height)
         kind = TIME_TO_EVENT if label_set.kind == TIME_TO_EVENT else BINARY
         tasks.append(Task(label_set.name, kind, usable, from_outcomes))

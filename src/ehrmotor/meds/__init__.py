@@ -1,11 +1,14 @@
 """MEDS datasets: reading (`read`) and validation (`validate`, each data file checked by
 `shard_checks`); every pipeline step uses these. MEDS label files: `labels`."""
 
+from ehrmotor.meds.label_paths import label_tasks
 from ehrmotor.meds.labels import (
     LABEL_KINDS,
     VALUE_COLUMNS,
     LabelSet,
+    check_label_set,
     read_label_set,
+    read_label_sets,
     read_prediction_times,
     time_to_event_days,
     write_label_set,
@@ -30,12 +33,15 @@ __all__ = [
     "VALUE_COLUMNS",
     "Finding",
     "LabelSet",
+    "check_label_set",
     "MedsError",
     "ValidationReport",
     "data_files",
     "read_codes_metadata",
     "read_dataset_metadata",
+    "label_tasks",
     "read_label_set",
+    "read_label_sets",
     "read_prediction_times",
     "read_subject_splits",
     "require_valid",

@@ -9,11 +9,18 @@ all four value columns, three of them null, and may shard the labels like the da
     COHORT.parquet                      one file (`data=single_file`)
     COHORT/<split>/<shard>.parquet      one per data shard (`data=sharded`), beside COHORT/.logs/
 
+A folder holds one task per name (`label_tasks`): its shard files (`0.parquet`, ...) and split
+folders belong to the folder's task, any other file is a task named by its stem, so the folder
+`ehrmotor label` writes (`death.parquet`, `heart_failure.parquet`) holds two tasks, never merged.
+
 MEDS has no time-to-event label yet; ours keeps the two key columns and adds `event_time`
 timestamp[us] (null when censored) and `censor_time` timestamp[us] (end of follow-up; may be null
 when the event is set). A row is valid when at least one of them is set, event_time is strictly
 after prediction_time, censor_time is at or after it, and event_time <= censor_time when both are
-set. `time_to_event_days` turns such a frame into days and an event flag.
+set. `time_to_event_days` turns such a frame into days and an event flag. Every kind: one row
+per (subject_id, prediction_time) and, for time-to-event labels, no MEDS value column filled.
+`embed`, `evaluate` and the label writer all check through `check_label_set` (in-memory labels)
+or the readers here (files).
 
 Errors are `InputError`s of one line naming the file, the column and, where there is one, the row
 (0-based within its file) and subject.
@@ -21,9 +28,7 @@ Errors are `InputError`s of one line naming the file, the column and, where ther
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ import pyarrow.parquet as pq
 
 from ehrmotor.artifacts import atomic_path, check_output
 from ehrmotor.errors import InputError, first_line, one_line
+from ehrmotor.meds.label_paths import label_tasks, one_task
 from ehrmotor.meds.read import Finding
 
 LABEL_KINDS = ("boolean", "integer", "float", "categorical", "time_to_event")
@@ -41,10 +47,6 @@ VALUE_COLUMNS = {"boolean": "boolean_value", "integer": "integer_value", "float"
                  "categorical": "categorical_value"}
 KEY_COLUMNS = ("subject_id", "prediction_time")
 TIME_TO_EVENT_COLUMNS = ("event_time", "censor_time")
-# MEDS split folders that ACES's sharded output nests the shards in (COHORT/train/0.parquet).
-SPLIT_FOLDERS = ("train", "tuning", "held_out")
-# File stems that name a shard rather than a task: 0, shard_0, part-00000-..., data-00000-of-00001.
-SHARD_STEM = re.compile(r"shard[-_]?\d+|part[-_]\d+.*|(?:data[-_])?\d+(?:-of-\d+)?", re.IGNORECASE)
 MICROSECONDS_PER_DAY = 86_400_000_000
 
 _FILE, _ROW = "_file", "_row"  # where each row came from, for error messages
@@ -110,40 +112,6 @@ class LabelSet:
                              f"expected {', '.join(label_columns(self.kind))}")
 
 
-def label_files(path: Path) -> list[Path]:
-    """The parquet file `path`, or every *.parquet under the folder `path`, sorted.
-
-    In a folder, files and folders whose names start with "." or "_" are skipped (ACES writes
-    its logs to COHORT/.logs/). Raises InputError when there is nothing to read.
-    """
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise InputError(f"labels file {path}: not found; expected a parquet file or a folder "
-                         "of parquet files")
-    files = sorted(file for file in path.rglob("*.parquet") if file.is_file() and not any(
-        part.startswith((".", "_")) for part in file.relative_to(path).parts))
-    if not files:
-        raise InputError(f"labels folder {path}: holds no parquet files (names starting with "
-                         "'.' or '_' are skipped); expected MEDS label files *.parquet")
-    return files
-
-
-def task_name_of(path: str | Path) -> str:
-    """A task's name from its label path: a file's stem, or the folder's name.
-
-    A stem that names a shard (`0`, `shard_0`, `data-00000-of-00001`) gives way to the folder it is
-    in, and a MEDS split folder (train, tuning, held_out) to the folder above it.
-    """
-    path = Path(os.path.abspath(path))
-    if path.is_file() and not SHARD_STEM.fullmatch(path.stem):
-        return path.stem
-    folder = path if path.is_dir() else path.parent
-    while folder.name in SPLIT_FOLDERS and folder.parent.name:
-        folder = folder.parent
-    return folder.name or path.stem
-
-
 def _cast(series: pl.Series, file: str | Path) -> pl.Series:
     """A known label column as its `_TYPES` dtype; zoned times become naive UTC."""
     target, expected, accepts = _TYPES[series.name]
@@ -192,18 +160,12 @@ def _read_files(files: list[Path]) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal")
 
 
-def read_prediction_times(path: str | Path) -> pl.DataFrame:
-    """`subject_id` Int64, `prediction_time` Datetime("us") of a label file or folder.
-
-    The files are found and checked as by `read_label_set`, but no label column is needed (a
-    file of prediction times alone is enough to embed). Rows keep file order, then row order.
-    """
-    return _read_files(label_files(Path(path))).select(KEY_COLUMNS)
-
-
-def _kind(frame: pl.DataFrame, path: Path) -> str:
-    """The label kind the columns of `frame` hold; InputError when it is not one."""
+def _kind(frame: pl.DataFrame, path: Path, label_required: bool = True) -> str | None:
+    """The label kind the columns of `frame` hold; InputError when it is not one. None when
+    there is no label column at all and `label_required` is False (prediction times only)."""
     times = [column for column in TIME_TO_EVENT_COLUMNS if column in frame.columns]
+    if not label_required and not times and not set(VALUE_COLUMNS.values()) & set(frame.columns):
+        return None
     if len(times) == 2:
         return "time_to_event"
     kinds = {column: kind for kind, column in VALUE_COLUMNS.items()}
@@ -243,44 +205,116 @@ _TIME_TO_EVENT_CHECKS = (
 )
 
 
-def _violation(frame: pl.DataFrame, kind: str) -> tuple[str, dict[str, Any], str] | None:
+def _violation(frame: pl.DataFrame, kind: str | None, files: Sequence[Path] = ()
+               ) -> tuple[str, dict[str, Any], str] | None:
     """(column, first offending row, message) of the first broken rule, or None.
 
-    Label values must be set; time-to-event rows must pass `_TIME_TO_EVENT_CHECKS`.
+    Label values must be set; time-to-event rows must pass `_TIME_TO_EVENT_CHECKS` and hold no
+    MEDS value; (subject_id, prediction_time) must not repeat. `frame` has `_ROW` (and `_FILE`).
     """
-    if kind != "time_to_event":
+    if kind is None:
+        checks = []
+    elif kind != "time_to_event":
         column = VALUE_COLUMNS[kind]
         checks = [(column, pl.col(column).is_null(), "null label; expected a value in every row")]
     else:
-        checks = list(_TIME_TO_EVENT_CHECKS)
+        checks = [*_TIME_TO_EVENT_CHECKS, *[
+            (column, pl.col(column).is_not_null(), f"{column} holds a label beside event_time "
+             "and censor_time; expected one kind of label per task")
+            for column in VALUE_COLUMNS.values() if column in frame.columns]]
     for column, failing, message in checks:
         bad = frame.filter(failing.fill_null(False))
         if bad.height:
             row = bad.row(0, named=True)
             more = f" ({bad.height} rows in all)" if bad.height > 1 else ""
             return column, row, message.format(**row) + more
-    return None
+    return _duplicate(frame, files)
+
+
+def _duplicate(frame: pl.DataFrame, files: Sequence[Path]
+               ) -> tuple[str, dict[str, Any], str] | None:
+    """The first row repeating an earlier row's (subject_id, prediction_time), or None."""
+    repeats = frame.filter(~pl.struct(*KEY_COLUMNS).is_first_distinct())
+    if repeats.is_empty():
+        return None
+    row = repeats.row(0, named=True)
+    first = frame.filter((pl.col("subject_id") == row["subject_id"])
+                         & (pl.col("prediction_time") == row["prediction_time"])).row(0, named=True)
+    where = f"row {first[_ROW]}"
+    if _FILE in first and first[_FILE] != row[_FILE]:
+        where += f" of {files[first[_FILE]]}"
+    more = f" ({repeats.height} repeated rows in all)" if repeats.height > 1 else ""
+    return "prediction_time", row, (
+        f"prediction_time {row['prediction_time']} repeats {where} for this subject{more}; "
+        "expected one label per subject and prediction time (drop or merge the repeats)")
+
+
+def _raise(violation: tuple[str, dict[str, Any], str], where: Callable[[dict[str, Any]], str]
+           ) -> None:
+    column, row, message = violation
+    raise InputError(str(Finding(where(row), message, column=column, row=row[_ROW],
+                                 subject_id=row["subject_id"])))
+
+
+def check_label_set(labels: LabelSet) -> None:
+    """InputError (one line: the set's name, column, row of its frame, subject) when `labels`
+    breaks a rule of the module docstring: the checks every label file passes, for labels
+    built in memory."""
+    violation = _violation(labels.frame.with_row_index(_ROW), labels.kind)
+    if violation is not None:  # rows count in the frame (sorted), not in a file
+        _raise(violation, lambda row: f"labels {labels.name}")
+
+
+def _read_task(files: list[Path], path: Path, label_required: bool
+               ) -> tuple[str | None, pl.DataFrame]:
+    """(kind, checked frame sorted by the keys, stable) of one task's `files`."""
+    frame = _read_files(files)
+    kind = _kind(frame, path, label_required)
+    violation = _violation(frame, kind, files)
+    if violation is not None:
+        _raise(violation, lambda row: str(files[row[_FILE]]))
+    columns = label_columns(kind) if kind is not None else KEY_COLUMNS
+    return kind, frame.sort(*KEY_COLUMNS, maintain_order=True).select(columns)
+
+
+def read_label_sets(path: str | Path, *, task_name: str | None = None) -> list[LabelSet]:
+    """The labels of every task in a MEDS label file or folder (`label_tasks`), by name.
+
+    The kind is "time_to_event" when event_time and censor_time are columns, else the one MEDS
+    value column that holds labels. `task_name` renames the one task (InputError when the
+    folder holds several). Raises InputError (one line: file, column, row, subject) for a
+    missing or mistyped column, null keys or labels, several label columns, time-to-event rows
+    that break the rules above and repeated (subject_id, prediction_time) rows.
+    """
+    path = Path(path)
+    tasks = label_tasks(path)
+    if task_name is not None:
+        tasks = [(task_name, one_task(path, tasks)[1])]
+    return [_label_set(name, files, path) for name, files in tasks]
 
 
 def read_label_set(path: str | Path, *, task_name: str | None = None) -> LabelSet:
-    """The labels in a MEDS label file, or in every label file of a folder (see `label_files`).
-
-    The kind is "time_to_event" when event_time and censor_time are columns, else the one MEDS
-    value column that holds labels. The name is `task_name`, else `task_name_of(path)`. Raises
-    InputError (one line: file, column, row, subject) for a missing or mistyped column, null keys
-    or labels, several label columns, and time-to-event rows that break the rules above.
-    """
+    """The labels of the one task in a MEDS label file or folder; see `read_label_sets`.
+    InputError when the folder holds several tasks."""
     path = Path(path)
-    files = label_files(path)
-    frame = _read_files(files)
-    kind = _kind(frame, path)
-    violation = _violation(frame, kind)
-    if violation is not None:
-        column, row, message = violation
-        raise InputError(str(Finding(str(files[row[_FILE]]), message, column=column,
-                                     row=row[_ROW], subject_id=row["subject_id"])))
-    frame = frame.sort(*KEY_COLUMNS, maintain_order=True).select(label_columns(kind))
-    return LabelSet(task_name or task_name_of(path), kind, frame, tuple(files))
+    name, files = one_task(path, label_tasks(path))
+    return _label_set(task_name or name, files, path)
+
+
+def _label_set(name: str, files: list[Path], path: Path) -> LabelSet:
+    kind, frame = _read_task(files, path, label_required=True)
+    if kind is None:  # unreachable: _kind raises when a label is required
+        raise InputError(f"{path}: no label column")
+    return LabelSet(name, kind, frame, tuple(files))
+
+
+def read_prediction_times(path: str | Path) -> pl.DataFrame:
+    """`subject_id` Int64, `prediction_time` Datetime("us") of the one task in a label file or
+    folder, sorted (stable). Read and checked as `read_label_set` does, but a file of
+    prediction times alone (no label column) is enough: what `embed` needs."""
+    path = Path(path)
+    _, frame = _read_task(one_task(path, label_tasks(path))[1], path, label_required=False)
+    return frame.select(KEY_COLUMNS)
 
 
 def write_label_set(labels: LabelSet, path: str | Path) -> Path:
@@ -295,11 +329,7 @@ def write_label_set(labels: LabelSet, path: str | Path) -> Path:
     kind = labels.kind
     frame = pl.DataFrame([_cast(labels.frame[c], f"labels {labels.name}")
                           for c in label_columns(kind)])
-    violation = _violation(frame.with_row_index(_ROW), kind)
-    if violation is not None:
-        column, row, message = violation
-        raise InputError(str(Finding(f"labels {labels.name}", message, column=column,
-                                     row=row[_ROW], subject_id=row["subject_id"])))
+    check_label_set(LabelSet(labels.name, kind, frame))
     schema = pa.schema([(column, _ARROW_TYPES[column]) for column in frame.columns])
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

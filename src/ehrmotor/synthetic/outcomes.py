@@ -20,21 +20,23 @@ DEFAULT_OUTCOMES = ("heart_failure", "ckd", "diabetes", "copd", "death")
 
 
 def outcome_codes(names: Sequence[str]) -> dict[str, list[str]]:
-    """name → codes: a planted outcome's code, or a name containing "/" taken as a code itself.
+    """name → codes: a planted outcome's code (`death`, `heart_failure`, ...), else the name
+    taken as a code itself (`ICD10CM/I50`, `MEDS_DEATH`, `HOSPITAL_ADMISSION//ICU`).
 
-    Raises InputError for any other name.
+    Raises InputError for an empty name; a code absent from the data is refused where the data
+    is read (`ehrmotor.evaluate.landmarks`).
     """
     codes: dict[str, list[str]] = {}
     for name in names:
-        if "/" in name:
-            codes[name] = [name]
-        elif name == "death":
+        if not name.strip():
+            raise InputError(f"outcome {name!r}: expected one of {', '.join(sorted(OUTCOMES))}, "
+                             "or a code such as ICD10CM/I50 or MEDS_DEATH")
+        if name == "death":
             codes[name] = ["MEDS_DEATH"]
         elif name in OUTCOMES:
             codes[name] = [f"ICD10CM/{DISEASE_CATEGORIES[name]}"]
         else:
-            raise InputError(f"unknown outcome {name!r}; expected one of "
-                             f"{', '.join(sorted(OUTCOMES))}, or a code such as ICD10CM/I50")
+            codes[name] = [name]
     return codes
 
 
