@@ -132,15 +132,17 @@ def outcome_label_set(landmarks: pl.DataFrame, outcome_events: pl.DataFrame,
 
 def landmark_label_sets(meds_dir: Path, outcomes: Mapping[str, Sequence[str]],
                         settings: LandmarkSettings = LandmarkSettings(), *,
-                        splits: Sequence[str] = DEFAULT_SPLITS) -> list[LabelSet]:
-    """One time-to-event `LabelSet` per outcome (name → codes) of the subjects of `splits`.
+                        splits: Sequence[str] = DEFAULT_SPLITS,
+                        splits_file: Path | None = None) -> list[LabelSet]:
+    """One time-to-event `LabelSet` per outcome (name → codes) of the subjects of `splits` (of
+    `splits_file`, default the MEDS one: `tasks.evaluation_subjects`).
 
     InputError for a malformed outcome or setting (before the data is read) and for a dataset
     without the chosen splits.
     """
     settings.check()
     checked = check_outcomes(outcomes)
-    subjects = evaluation_subjects(Path(meds_dir), splits)
+    subjects = evaluation_subjects(Path(meds_dir), splits, splits_file)
     timelines = read_timelines(Path(meds_dir), subjects, checked)
     landmarks = draw_landmarks(timelines, settings)
     log.info("landmarks: %d prediction times of %d subjects (at most %d each, %g days apart)",
@@ -153,7 +155,8 @@ def landmark_label_sets(meds_dir: Path, outcomes: Mapping[str, Sequence[str]],
 
 def write_landmark_labels(meds_dir: Path, out: Path, outcomes: Mapping[str, Sequence[str]],
                           settings: LandmarkSettings = LandmarkSettings(), *,
-                          splits: Sequence[str] = DEFAULT_SPLITS) -> list[Path]:
+                          splits: Sequence[str] = DEFAULT_SPLITS,
+                          splits_file: Path | None = None) -> list[Path]:
     """Write `out/<outcome>.parquet` (`write_label_set`) for each outcome, and `out/labels.json`
     (the outcomes' codes and the settings); return the label files.
 
@@ -168,9 +171,11 @@ def write_landmark_labels(meds_dir: Path, out: Path, outcomes: Mapping[str, Sequ
     names = [f"{file_stem(name)}.parquet" for name in outcomes]
     if len(set(names)) < len(names):
         raise InputError(f"outcomes {', '.join(outcomes)}: two of them share a file name")
-    label_sets = landmark_label_sets(meds_dir, outcomes, settings, splits=splits)
+    label_sets = landmark_label_sets(meds_dir, outcomes, settings, splits=splits,
+                                     splits_file=splits_file)
     record = {"written_by": "ehrmotor label", "ehrmotor_version": __version__,
               "meds": str(Path(meds_dir).absolute()), "splits": list(splits),
+              "splits_file": str(Path(splits_file).absolute()) if splits_file else None,
               "outcomes": {name: list(codes) for name, codes in outcomes.items()},
               "files": dict(zip(outcomes, names, strict=True)), **asdict(settings)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from ehrmotor.meds.read import (
     data_files,
     read_codes_metadata,
     read_dataset_metadata,
+    read_splits_file,
     read_subject_splits,
     scan_shard,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "read_dataset_metadata",
     "read_label_set",
     "read_prediction_times",
+    "read_splits_file",
     "read_subject_splits",
     "require_valid",
     "scan_shard",
