@@ -94,10 +94,7 @@ class PrepareConfig:
         excluded = () if self.no_held_out else self.exclude_splits
         return SplitSettings(self.split_seed, self.val_fraction, excluded)
 
-    def held_out_settings(self) -> HeldOutSettings | None:
-        """None unless prepare is to write its own held-out split."""
-        if self.held_out_fraction is None:
-            return None
+    def held_out_settings(self) -> HeldOutSettings:
         return HeldOutSettings(self.held_out_fraction, self.held_out_seed)
 
     def tokenizer_settings(self) -> TokenizerSettings:
@@ -124,7 +121,7 @@ class OntologySettings:
 class HeldOutSettings:
     """What WORK/subject_splits.parquet is built with (`prepare.steps.held_out_step`)."""
 
-    fraction: float
+    fraction: float | None  # None: prepare writes no split of its own (the step is skipped)
     seed: int
 
 

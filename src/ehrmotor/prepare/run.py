@@ -226,7 +226,7 @@ class Preparer:
         """The steps in order, each after the one it chains its manifest to."""
         config = self.config
         held_out = config.held_out_settings()
-        splits_file = held_out_step(ctx, held_out) if held_out is not None else None
+        splits_file = held_out_step(ctx, held_out) if held_out.fraction is not None else None
         ontology = ontology_step(ctx, config.ontology_settings(athena=self.athena_dir is not None))
         split = split_step(ctx, config.split_settings(), after=ontology, splits_file=splits_file)
         tokenizer = tokenizer_step(ctx, config.tokenizer_settings(), ontology=ontology,

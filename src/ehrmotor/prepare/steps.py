@@ -179,12 +179,15 @@ def held_out_step(ctx: StepContext, settings: HeldOutSettings) -> Path:
     """Step 0, for a MEDS dataset without a split file: `WORK/subject_splits.parquet`, every
     subject train or held_out by its hash (`ehrmotor.prepare.split.held_out_splits`)."""
     artifact = ctx.out.parent / HELD_OUT_FILE
+    fraction = settings.fraction
+    if fraction is None:
+        raise ValueError("held_out_step needs a held-out fraction")
 
     def build(tmp: Path) -> None:
         subjects = pl.concat(ctx.map(partial(shard_subjects, excluded=np.array([], np.int64)),
                                      "held out: subjects"))
         write_held_out_splits(held_out_splits(subjects["subject_id"].to_numpy(), settings.seed,
-                                              settings.fraction), tmp)
+                                              fraction), tmp)
 
     ctx.build(artifact, ctx.manifest("held_out", settings, HELD_OUT_FORMAT_VERSION, None), build)
     return artifact
