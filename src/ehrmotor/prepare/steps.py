@@ -190,6 +190,9 @@ def held_out_step(ctx: StepContext, settings: HeldOutSettings) -> Path:
                                               fraction), tmp)
 
     ctx.build(artifact, ctx.manifest("held_out", settings, HELD_OUT_FORMAT_VERSION, None), build)
+    splits = read_splits_file(artifact)
+    log.info("held_out: %d of %d subjects held out from pretraining (%s)",
+             splits.filter(pl.col("split") == "held_out").height, splits.height, artifact)
     return artifact
 
 
