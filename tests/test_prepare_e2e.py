@@ -217,9 +217,13 @@ def test_every_prepare_setting_reaches_a_step() -> None:
     config = PrepareConfig()
     for name in (field.name for field in fields(PrepareConfig)):
         value = getattr(config, name)  # a tuple, None (final_layer_size), an int or a float
-        other = (*value, "X") if isinstance(value, tuple) else 8 if value is None else (
+        other = (*value, "X") if isinstance(value, tuple) else (
+            0.5 if name == "held_out_fraction" else 8) if value is None else (
+            not value if isinstance(value, bool) else
             value + 3 if isinstance(value, int) else value / 2)
-        assert step_settings(replace(config, **{name: other})) != step_settings(config), name
+        changed = replace(config, **{name: other})
+        assert ((step_settings(changed), changed.held_out_settings())
+                != (step_settings(config), config.held_out_settings())), name
 
 
 # =========================================================================== 8. idempotence

@@ -58,6 +58,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value!r}") from None
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value}")
+    return number
+
+
 def _check_parquet_output(path: Path) -> None:
     """Refuse an --out that exists and is not a parquet file (we replace only those), or that
     cannot be written (checked before the work, not after)."""
@@ -176,6 +186,14 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
                         help="rebuild every step even when its artifact is current")
     parser.add_argument("--exclude-splits", nargs="*", default=None, metavar="SPLIT",
                         help="MEDS splits never used for pretraining (default: held_out)")
+    held_out = parser.add_mutually_exclusive_group()
+    held_out.add_argument("--held-out-fraction", type=_fraction, default=None, metavar="F",
+                          help="for data without metadata/subject_splits.parquet: hold out a "
+                               "hashed share F of the subjects (written to "
+                               "WORK/subject_splits.parquet, which evaluation then uses)")
+    held_out.add_argument("--no-held-out", action="store_true", default=None,
+                          help="for data without metadata/subject_splits.parquet: pretrain on "
+                               "every subject (evaluate then has none to evaluate on)")
     parser.add_argument("--vocab-size", type=_positive, default=None,
                         help="vocabulary entries to keep (default 16384)")
     parser.add_argument("--num-tasks", type=_positive, default=None,
@@ -189,10 +207,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from ehrmotor.config import PrepareConfig, load_config
     from ehrmotor.prepare import prepare
 
+    if args.exclude_splits == []:  # argparse takes a bare --exclude-splits as "exclude none"
+        raise InputError("--exclude-splits needs split names (e.g. held_out); to pretrain on "
+                         "every subject give --no-held-out")
+    if args.exclude_splits and args.no_held_out:
+        raise InputError("--exclude-splits and --no-held-out exclude each other")
     overrides = {
         "vocab_size": args.vocab_size, "num_tasks": args.num_tasks,
         "max_window": args.max_window,
         "exclude_splits": tuple(args.exclude_splits) if args.exclude_splits is not None else None,
+        "held_out_fraction": args.held_out_fraction, "no_held_out": args.no_held_out,
     }
     config = load_config(PrepareConfig, args.config, "prepare", overrides)
     if args.ray_address is not None and args.executor != "ray":

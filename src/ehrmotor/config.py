@@ -47,6 +47,12 @@ class PrepareConfig:
 
     remove_vocabularies: tuple[str, ...] = ("SPL", "HemOnc")
     exclude_splits: tuple[str, ...] = ("held_out",)
+    # Without metadata/subject_splits.parquet one of these two must be set: hold out this share
+    # of subjects (hashed with held_out_seed; written to WORK/subject_splits.parquet), or
+    # pretrain on every subject knowingly (nothing is left for evaluation).
+    held_out_fraction: float | None = None
+    held_out_seed: int = 53
+    no_held_out: bool = False
     split_seed: int = 97
     val_fraction: float = 0.10
     vocab_size: int = 16_384
@@ -72,6 +78,12 @@ class PrepareConfig:
         for name in ("val_fraction", "min_fraction", "min_text_fraction", "min_task_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"prepare: {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.held_out_fraction is not None and not 0.0 < self.held_out_fraction < 1.0:
+            raise ConfigError(f"prepare: held_out_fraction must be in (0, 1), "
+                              f"got {self.held_out_fraction}")
+        if self.held_out_fraction is not None and self.no_held_out:
+            raise ConfigError("prepare: held_out_fraction and no_held_out exclude each other; "
+                              "set one")
 
     # The settings each prepare step depends on: its manifest records exactly these, so that a
     # change reaches the step that uses it and no other.
@@ -79,7 +91,11 @@ class PrepareConfig:
         return OntologySettings(self.remove_vocabularies, athena)
 
     def split_settings(self) -> SplitSettings:
-        return SplitSettings(self.split_seed, self.val_fraction, self.exclude_splits)
+        excluded = () if self.no_held_out else self.exclude_splits
+        return SplitSettings(self.split_seed, self.val_fraction, excluded)
+
+    def held_out_settings(self) -> HeldOutSettings:
+        return HeldOutSettings(self.held_out_fraction, self.held_out_seed)
 
     def tokenizer_settings(self) -> TokenizerSettings:
         return TokenizerSettings(self.vocab_size, self.min_fraction, self.numeric_bins,
@@ -99,6 +115,14 @@ class OntologySettings:
 
     remove_vocabularies: tuple[str, ...]
     athena: bool  # built with an Athena vocabulary (else from codes.parquet alone)
+
+
+@dataclass(frozen=True)
+class HeldOutSettings:
+    """What WORK/subject_splits.parquet is built with (`prepare.steps.held_out_step`)."""
+
+    fraction: float | None  # None: prepare writes no split of its own (the step is skipped)
+    seed: int
 
 
 @dataclass(frozen=True)

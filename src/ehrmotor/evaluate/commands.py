@@ -94,6 +94,10 @@ def _add_landmark_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--subjects", type=_names, default=None, metavar="SPLITS",
                         help="evaluation splits of metadata/subject_splits.parquet, "
                              "comma-separated (default held_out,tuning; never train)")
+    parser.add_argument("--splits-file", type=Path, default=None, metavar="PATH",
+                        help="MEDS subject_splits.parquet naming the evaluation subjects "
+                             "(default: MEDS/metadata/subject_splits.parquet; for evaluate, "
+                             "first the model bundle's, when prepare wrote one)")
     parser.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
 
 
@@ -138,7 +142,8 @@ def _run_label(args: argparse.Namespace) -> int:
 
     outcomes = outcome_codes(_outcome_names(args, DEFAULT_OUTCOMES))
     settings, splits = _landmark_settings(args)
-    files = write_landmark_labels(args.meds, args.out, outcomes, settings, splits=splits)
+    files = write_landmark_labels(args.meds, args.out, outcomes, settings, splits=splits,
+                                  splits_file=args.splits_file)
     log.info("label: %d label files written to %s", len(files), args.out)
     return 0
 
@@ -208,7 +213,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(args.meds, args.model, args.out, outcomes=outcomes,
                           labels=args.labels or (), task_name=args.task_name,
                           oracle=synthetic_oracle(args.meds), settings=settings,
-                          landmarks=landmarks)
+                          landmarks=landmarks, splits_file=args.splits_file)
     print(result.table_markdown)
     log.info("evaluate: results in %s", args.out)
     return 0

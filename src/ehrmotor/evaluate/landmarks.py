@@ -145,8 +145,10 @@ def outcome_label_set(landmarks: pl.DataFrame, outcome_events: pl.DataFrame,
 
 def landmark_label_sets(meds_dir: Path, outcomes: Mapping[str, Sequence[str]],
                         settings: LandmarkSettings = LandmarkSettings(), *,
-                        splits: Sequence[str] = DEFAULT_SPLITS) -> list[LabelSet]:
-    """One time-to-event `LabelSet` per outcome (name → codes) of the subjects of `splits`.
+                        splits: Sequence[str] = DEFAULT_SPLITS,
+                        splits_file: Path | None = None) -> list[LabelSet]:
+    """One time-to-event `LabelSet` per outcome (name → codes) of the subjects of `splits` (of
+    `splits_file`, default the MEDS one: `tasks.evaluation_subjects`).
 
     InputError for a malformed outcome or setting (before the data is read), for a dataset
     without the chosen splits, and when an outcome would get no label or has no event (one line
@@ -155,7 +157,7 @@ def landmark_label_sets(meds_dir: Path, outcomes: Mapping[str, Sequence[str]],
     settings.check()
     checked = check_outcomes(outcomes)
     meds_dir = Path(meds_dir)
-    subjects = evaluation_subjects(meds_dir, splits)
+    subjects = evaluation_subjects(meds_dir, splits, splits_file)
     timelines = read_timelines(meds_dir, subjects, checked, settings.landmark_codes)
     landmarks = draw_landmarks(timelines, settings)
     who = f"the {subjects.len()} evaluation subjects ({', '.join(splits)})"
@@ -215,7 +217,8 @@ def _code_prefixes(meds_dir: Path, subjects: pl.Series, shown: int = 8) -> str:
 
 def write_landmark_labels(meds_dir: Path, out: Path, outcomes: Mapping[str, Sequence[str]],
                           settings: LandmarkSettings = LandmarkSettings(), *,
-                          splits: Sequence[str] = DEFAULT_SPLITS) -> list[Path]:
+                          splits: Sequence[str] = DEFAULT_SPLITS,
+                          splits_file: Path | None = None) -> list[Path]:
     """Write `out/<outcome>.parquet` (`write_label_set`) for each outcome, and `out/labels.json`
     (the outcomes' codes and the settings); return the label files.
 
@@ -230,9 +233,11 @@ def write_landmark_labels(meds_dir: Path, out: Path, outcomes: Mapping[str, Sequ
     names = [f"{file_stem(name)}.parquet" for name in outcomes]
     if len(set(names)) < len(names):
         raise InputError(f"outcomes {', '.join(outcomes)}: two of them share a file name")
-    label_sets = landmark_label_sets(meds_dir, outcomes, settings, splits=splits)
+    label_sets = landmark_label_sets(meds_dir, outcomes, settings, splits=splits,
+                                     splits_file=splits_file)
     record = {"written_by": "ehrmotor label", "ehrmotor_version": __version__,
               "meds": str(Path(meds_dir).absolute()), "splits": list(splits),
+              "splits_file": str(Path(splits_file).absolute()) if splits_file else None,
               "outcomes": {name: list(codes) for name, codes in outcomes.items()},
               "files": dict(zip(outcomes, names, strict=True)), **asdict(settings)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ from ehrmotor.evaluate.tasks import (
     tasks_from_label_sets,
 )
 from ehrmotor.meds.labels import LabelSet, read_label_sets
+from ehrmotor.prepare.split import HELD_OUT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
              outcomes: Mapping[str, Sequence[str]] | None = None,
              labels: Sequence[Path] = (), task_name: str | None = None,
              oracle: Oracle | None = None, settings: ProtocolSettings = ProtocolSettings(),
-             landmarks: LandmarkSettings | None = None) -> EvaluationResult:
+             landmarks: LandmarkSettings | None = None,
+             splits_file: Path | None = None) -> EvaluationResult:
     """Run the protocol on the tasks of `outcomes` and `labels`; write and return the results.
 
     meds_dir: the MEDS dataset; model_path: a bundle from `pretrain` (read by `load_bundle`,
@@ -123,8 +125,10 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     its codes, e.g. {"death": ["MEDS_DEATH"], "heart_failure": ["ICD10CM/I50"]} (landmark
     labels, see `ehrmotor.evaluate.landmarks`); labels: MEDS label files or folders (a folder
     may hold several tasks: `ehrmotor.meds.label_paths.label_tasks`), `task_name` naming the one
-    task of the one path; oracle: see `Oracle`; landmarks: how
-    landmark labels are drawn (default `LandmarkSettings()`). Deterministic given
+    task of the one path; oracle: see `Oracle`; landmarks: how landmark labels are drawn (default
+    `LandmarkSettings()`); splits_file: the MEDS split file naming the evaluation subjects
+    (default: the bundle's subject_splits.parquet, which prepare wrote for data without one, else
+    meds_dir's). Deterministic given
     the settings (and a deterministic oracle). InputError for bad settings, outcomes or label
     files, all before the model is read.
     """
@@ -140,9 +144,11 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
 
     bundle = load_bundle(Path(model_path))  # a bad bundle fails before any work
     splits = unseen_splits(settings.splits, bundle.unseen_splits, bundle.path)
-    subjects = evaluation_subjects(meds_dir, splits)
-    outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=splits)
-                    if checked else [])
+    if splits_file is None and (bundle.path / HELD_OUT_FILE).is_file():
+        splits_file = bundle.path / HELD_OUT_FILE  # the split pretraining was held out by
+    subjects = evaluation_subjects(meds_dir, splits, splits_file)
+    outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=splits,
+                                        splits_file=splits_file) if checked else [])
     tasks = [*tasks_from_label_sets(meds_dir, outcome_sets, subjects, from_outcomes=True),
              *tasks_from_label_sets(meds_dir, label_sets, subjects, from_outcomes=False)]
     tasks = _usable_tasks(tasks)

@@ -1,7 +1,8 @@
 """Downstream tasks for `ehrmotor.evaluate`: who is evaluated, and on which labels.
 
-Evaluation subjects are those of the chosen splits of `metadata/subject_splits.parquet`
-(`held_out` and `tuning` by default; never `train`, which pretraining saw). Their events are read
+Evaluation subjects are those of the chosen splits of `metadata/subject_splits.parquet`, or of
+another MEDS split file (the one `prepare --held-out-fraction` wrote) (`held_out` and `tuning` by
+default; never `train`, which pretraining saw). Their events are read
 one shard at a time (`subject_events`); `read_timelines` gathers what landmark labels need
 (`ehrmotor.evaluate.landmarks`), and the count features (`ehrmotor.evaluate.counts`) share
 `birth_days`.
@@ -29,8 +30,9 @@ from pathlib import Path
 import polars as pl
 
 from ehrmotor.errors import InputError
-from ehrmotor.meds import data_files, read_subject_splits, scan_shard
+from ehrmotor.meds import data_files, read_splits_file, scan_shard
 from ehrmotor.meds.labels import LabelSet, check_label_set, time_to_event_days
+from ehrmotor.meds.read import SPLITS_FILE, subjects_in_several_splits
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +145,34 @@ def read_timelines(meds_dir: Path, subject_ids: pl.Series,
                      pl.concat(outcome_events).sort("outcome", "subject_id", "time"))
 
 
-def evaluation_subjects(meds_dir: Path, splits: Sequence[str] = DEFAULT_SPLITS) -> pl.Series:
-    """Subject ids of the `splits` of metadata/subject_splits.parquet, sorted.
+def evaluation_subjects(meds_dir: Path, splits: Sequence[str] = DEFAULT_SPLITS,
+                        splits_file: Path | None = None) -> pl.Series:
+    """Subject ids of the `splits` of `splits_file` (default metadata/subject_splits.parquet of
+    `meds_dir`), sorted.
 
-    InputError when `splits` is empty or names `train`, when the file is missing, or when the
-    splits hold no subject.
+    InputError when `splits` is empty or names `train`, when the file is missing, lists a
+    subject under two splits, or holds no subject in `splits`.
     """
     if not splits or PRETRAINING_SPLIT in splits:
         raise InputError(f"evaluation splits {list(splits)}: choose among held_out and tuning "
                          "(the train split is what pretraining saw)")
-    table = read_subject_splits(meds_dir)
-    if table is None:
-        raise InputError(f"{meds_dir}: metadata/subject_splits.parquet is missing; evaluation "
-                         f"needs its {' and '.join(splits)} subjects")
+    path = Path(splits_file) if splits_file is not None else Path(meds_dir) / SPLITS_FILE
+    if not path.is_file():
+        hint = ("" if splits_file is not None else "; give --splits-file (e.g. "
+                "WORK/subject_splits.parquet of `ehrmotor prepare --held-out-fraction`)")
+        raise InputError(f"{path}: not found; evaluation needs its {' and '.join(splits)} "
+                         f"subjects{hint}")
+    table = read_splits_file(path)
+    several = subjects_in_several_splits(table)
+    if several.height:  # a held-out subject may also have been pretrained on
+        raise InputError(f"{path}: subject {several['subject_id'][0]} is listed under "
+                         f"{', '.join(several['splits'][0])} ({several.height} subject(s) under "
+                         "more than one split); expected each subject in exactly one split")
     ids = table.filter(pl.col("split").is_in(list(splits)))["subject_id"].unique().sort()
     if ids.is_empty():
-        found = ", ".join(sorted(table["split"].unique().to_list())) or "none"
-        raise InputError(f"{meds_dir}: metadata/subject_splits.parquet has no subject in "
-                         f"{', '.join(splits)} (splits found: {found})")
+        found = ", ".join(sorted(table["split"].drop_nulls().unique().to_list())) or "none"
+        raise InputError(f"{path}: has no subject in {', '.join(splits)} (splits found: "
+                         f"{found})")
     return ids
 
 

@@ -21,6 +21,7 @@ from ehrmotor.meds.read import (
     data_files,
     read_codes_metadata,
     read_dataset_metadata,
+    read_splits_file,
     read_subject_splits,
     scan_shard,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "read_label_set",
     "read_label_sets",
     "read_prediction_times",
+    "read_splits_file",
     "read_subject_splits",
     "require_valid",
     "scan_shard",

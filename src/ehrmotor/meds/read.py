@@ -41,6 +41,8 @@ DATA_DIR = "data"
 CODES_FILE = "metadata/codes.parquet"
 DATASET_FILE = "metadata/dataset.json"
 SPLITS_FILE = "metadata/subject_splits.parquet"
+# The split names MEDS defines; pretraining leaves out held_out (and whatever prepare is told).
+KNOWN_SPLITS = ("train", "tuning", "held_out")
 
 # MEDS minor versions whose data layout this module understands.
 SUPPORTED_VERSIONS = ("0.3", "0.4")
@@ -216,8 +218,17 @@ def read_subject_splits(meds_dir: Path) -> pl.DataFrame | None:
     None when the file is absent; raises MedsError when unreadable or lacking a column.
     """
     path = Path(meds_dir) / SPLITS_FILE
+    return read_splits_file(path) if path.is_file() else None
+
+
+def read_splits_file(path: Path) -> pl.DataFrame:
+    """A MEDS subject_splits.parquet at any path (e.g. the one `prepare --held-out-fraction`
+    writes) as `subject_id` (Int64), `split` (String); MedsError naming the file when it is
+    missing, unreadable or lacks a column."""
+    path = Path(path)
     if not path.is_file():
-        return None
+        raise MedsError(f"{path}: not found; expected a MEDS subject_splits.parquet "
+                        "(subject_id, split)")
     df = _read_parquet_table(path)
     _require_columns(path, df, ["subject_id", "split"])
     try:
@@ -226,6 +237,19 @@ def read_subject_splits(meds_dir: Path) -> pl.DataFrame | None:
         raise MedsError(
             f"{path}: cannot convert columns ({exc}); expected subject_id int64, split string"
         ) from exc
+
+
+def subjects_in_several_splits(table: pl.DataFrame) -> pl.DataFrame:
+    """The subjects of a splits table listed under more than one split name: `subject_id`,
+    `splits` (their sorted names), sorted by subject_id."""
+    return (table.group_by("subject_id").agg(pl.col("split").unique().sort().alias("splits"))
+            .filter(pl.col("splits").list.len() > 1).sort("subject_id"))
+
+
+def unknown_split_rows(table: pl.DataFrame) -> pl.DataFrame:
+    """The rows of a splits table whose split is not one of KNOWN_SPLITS, sorted by subject."""
+    return table.filter(~pl.col("split").is_in(list(KNOWN_SPLITS))
+                        | pl.col("split").is_null()).sort("subject_id")
 
 
 def _normalise_column(name: str, schema: pl.Schema) -> pl.Expr:

@@ -21,6 +21,7 @@ from ehrmotor.meds.read import (
     CODES_FILE,
     DATA_DIR,
     DATASET_FILE,
+    KNOWN_SPLITS,
     SPLITS_FILE,
     SUPPORTED_VERSIONS,
     Finding,
@@ -29,6 +30,8 @@ from ehrmotor.meds.read import (
     is_string_type,
     read_dataset_metadata,
     relative_path,
+    subjects_in_several_splits,
+    unknown_split_rows,
 )
 from ehrmotor.meds.shard_checks import Findings, check_shard
 
@@ -186,6 +189,25 @@ def _check_metadata_parquet(
         return None
 
 
+def check_split_names(rel: str, splits: pl.DataFrame, found: Findings) -> None:
+    """Error for subjects listed under two splits (a held-out subject could be pretrained on);
+    warning for split names MEDS does not define (prepare pretrains on them)."""
+    table = splits.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+    several = subjects_in_several_splits(table)
+    if several.height:
+        found.error(rel, f"{several.height} subject(s) are listed under more than one split "
+                    f"(e.g. under {', '.join(several['splits'][0])})",
+                    "each subject in exactly one split", column="subject_id",
+                    subject_id=several["subject_id"][0])
+    unknown = unknown_split_rows(table)
+    if unknown.height:
+        found.warn(rel, f"{unknown['subject_id'].n_unique()} subject(s) are in a split other "
+                   f"than {', '.join(KNOWN_SPLITS)} (e.g. {unknown['split'][0]!r}); prepare "
+                   "pretrains on them unless --exclude-splits names it",
+                   f"split names among {', '.join(KNOWN_SPLITS)}", column="split",
+                   subject_id=unknown["subject_id"][0])
+
+
 # --------------------------------------------------------------------------- public entry points
 
 
@@ -211,12 +233,14 @@ def validate_dataset(meds_dir: Path, *, check_codes: bool = True) -> ValidationR
     )
     if check_codes and codes is not None:
         _check_code_coverage(used_codes, codes, found)
-    _check_metadata_parquet(
+    splits = _check_metadata_parquet(
         meds_dir,
         SPLITS_FILE,
         {"subject_id": (pa.types.is_integer, "int64"), "split": (is_string_type, "string")},
         found,
     )
+    if splits is not None:
+        check_split_names(SPLITS_FILE, splits, found)
     return report
 
 

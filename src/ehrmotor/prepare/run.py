@@ -4,6 +4,8 @@ Artifacts in `WORK/pretraining_files/` (each written to a temporary path and ren
 `<name>.manifest.json` recording config, input fingerprint and format version):
 
     config.json                resolved PrepareConfig
+    ../subject_splits.parquet  only with held_out_fraction (MEDS data without
+                               metadata/subject_splits.parquet): see `ehrmotor.prepare.split`
     ontology/                  see `ehrmotor.prepare.ontology`
     split.csv                  see `ehrmotor.prepare.split`
     tokenizer/dictionary.msgpack   see `ehrmotor.prepare.tokenizer`
@@ -19,6 +21,10 @@ worker processes (spawned), or as tasks on a Ray cluster (`executor="ray"`; see
 artifacts do not depend on the executor or the number of workers. The train
 labels the MOTOR-task step computes are kept for the train dataset (the label cache of
 `ehrmotor.prepare.labels`) and removed once both datasets are complete.
+
+Which subjects pretraining may see comes from metadata/subject_splits.parquet (its
+exclude_splits are left out). A dataset without one needs held_out_fraction (prepare writes its
+own split) or no_held_out (every subject pretrained on, recorded as nothing left out).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import logging
 import os
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ from ehrmotor import artifacts
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
+from ehrmotor.meds.read import SPLITS_FILE
 from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
 from ehrmotor.prepare.executors import (
     EXECUTORS,
@@ -50,6 +57,7 @@ from ehrmotor.prepare.steps import (
     PrepareError,
     StepContext,
     dataset_step,
+    held_out_step,
     motor_task_step,
     ontology_step,
     read_dataset_stats,
@@ -144,7 +152,8 @@ class Preparer:
         self.meds_dir = where(Path(meds_dir))
         self.athena_dir = where(Path(athena_dir)) if athena_dir else None
         self.out = where(Path(work_dir)) / "pretraining_files"
-        self.config = config
+        # Nothing left out: config.json records it so, and evaluate refuses every split.
+        self.config = replace(config, exclude_splits=()) if config.no_held_out else config
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.force = force
         self.progress = progress
@@ -159,7 +168,8 @@ class Preparer:
             with work_lock(self.out.parent, "prepare"):
                 artifacts.check_output(self.out, "folder")
                 self.out.mkdir(exist_ok=True)
-                for stale in artifacts.clean_stale_temporaries(self.out):
+                for stale in [*artifacts.clean_stale_temporaries(self.out.parent),
+                              *artifacts.clean_stale_temporaries(self.out)]:
                     log.info("removed %s, left by an interrupted run", stale)
                 return self._run()
         except BaseException:
@@ -171,10 +181,26 @@ class Preparer:
             require_valid(self.meds_dir)
         except MedsError as error:
             raise PrepareError(str(error).splitlines()[0]) from error
+        self._check_split_source()
         if self.athena_dir is not None:
             missing = [n for n in ATHENA_FILES if not (self.athena_dir / n).is_file()]
             if missing:
                 raise PrepareError(f"{self.athena_dir}: Athena folder lacks {', '.join(missing)}")
+
+    def _check_split_source(self) -> None:
+        """Who is held out must be known: the MEDS split file, or held_out_fraction, or
+        no_held_out (PrepareError otherwise, and for a fraction given beside a split file)."""
+        splits_file = self.meds_dir / SPLITS_FILE
+        if splits_file.is_file():
+            if self.config.held_out_fraction is not None:
+                raise PrepareError(f"{splits_file}: exists, and its splits decide who is held "
+                                   "out; drop --held-out-fraction (held_out_fraction)")
+        elif self.config.held_out_fraction is None and not self.config.no_held_out:
+            raise PrepareError(
+                f"{splits_file}: not found, so no subject would be held out for evaluation; "
+                "give --held-out-fraction F (prepare writes WORK/subject_splits.parquet, a "
+                "hashed share F of the subjects held out) or --no-held-out (pretrain on every "
+                "subject)")
 
     def _run(self) -> PrepareSummary:
         files = data_files(self.meds_dir)
@@ -199,8 +225,10 @@ class Preparer:
     def _run_steps(self, ctx: StepContext) -> None:
         """The steps in order, each after the one it chains its manifest to."""
         config = self.config
+        held_out = config.held_out_settings()
+        splits_file = held_out_step(ctx, held_out) if held_out.fraction is not None else None
         ontology = ontology_step(ctx, config.ontology_settings(athena=self.athena_dir is not None))
-        split = split_step(ctx, config.split_settings(), after=ontology)
+        split = split_step(ctx, config.split_settings(), after=ontology, splits_file=splits_file)
         tokenizer = tokenizer_step(ctx, config.tokenizer_settings(), ontology=ontology,
                                    split=split)
         fitted = {"ontology": ontology, "split": split, "tokenizer": tokenizer}

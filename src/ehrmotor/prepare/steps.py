@@ -8,6 +8,8 @@ module, the fingerprints of the MEDS and Athena files, and the digest of the man
 artifact built before it (`after`), so that a change upstream reaches every later step. A
 different manifest stops the run with an ArtifactMismatch naming the changed key.
 
+    held_out_step    ../subject_splits.parquet  `ehrmotor.prepare.split` (only with a
+                                                held-out fraction: no MEDS split file)
     ontology_step    ontology/                  `ehrmotor.prepare.ontology`
     split_step       split.csv                  `ehrmotor.prepare.split`
     tokenizer_step   tokenizer/                 `ehrmotor.prepare.tokenizer`
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from ehrmotor import artifacts
 from ehrmotor.config import (
+    HeldOutSettings,
     OntologySettings,
     SplitSettings,
     TaskSettings,
@@ -44,7 +47,7 @@ from ehrmotor.config import (
     config_dict,
 )
 from ehrmotor.errors import InputError
-from ehrmotor.meds import read_codes_metadata, read_subject_splits
+from ehrmotor.meds import read_codes_metadata, read_splits_file, read_subject_splits
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
 from ehrmotor.prepare.ontology import Ontology
@@ -61,7 +64,14 @@ from ehrmotor.prepare.shards import (
     shard_tokenizer_bins,
     shard_tokenizer_counts,
 )
-from ehrmotor.prepare.split import read_split, split_subjects, write_split
+from ehrmotor.prepare.split import (
+    HELD_OUT_FILE,
+    held_out_splits,
+    read_split,
+    split_subjects,
+    write_held_out_splits,
+    write_split,
+)
 from ehrmotor.prepare.tokenizer import FORMAT_VERSION as TOKENIZER_FORMAT_VERSION
 from ehrmotor.prepare.tokenizer import Tokenizer, fit_numeric_edges
 
@@ -70,6 +80,7 @@ T = TypeVar("T")
 # ontology.py and split.py define no format version of their own yet.
 ONTOLOGY_FORMAT_VERSION = 1
 SPLIT_FORMAT_VERSION = 1
+HELD_OUT_FORMAT_VERSION = 1
 DATASET_STATS = "prepare_stats.json"
 
 
@@ -164,12 +175,36 @@ def ontology_step(ctx: StepContext, settings: OntologySettings) -> Path:
     return artifact
 
 
-def split_step(ctx: StepContext, settings: SplitSettings, *, after: Path) -> Path:
-    """Step 2: `split.csv`, train/val of the subjects outside `settings.exclude_splits`."""
+def held_out_step(ctx: StepContext, settings: HeldOutSettings) -> Path:
+    """Step 0, for a MEDS dataset without a split file: `WORK/subject_splits.parquet`, every
+    subject train or held_out by its hash (`ehrmotor.prepare.split.held_out_splits`)."""
+    artifact = ctx.out.parent / HELD_OUT_FILE
+    fraction = settings.fraction
+    if fraction is None:
+        raise ValueError("held_out_step needs a held-out fraction")
+
+    def build(tmp: Path) -> None:
+        subjects = pl.concat(ctx.map(partial(shard_subjects, excluded=np.array([], np.int64)),
+                                     "held out: subjects"))
+        write_held_out_splits(held_out_splits(subjects["subject_id"].to_numpy(), settings.seed,
+                                              fraction), tmp)
+
+    ctx.build(artifact, ctx.manifest("held_out", settings, HELD_OUT_FORMAT_VERSION, None), build)
+    splits = read_splits_file(artifact)
+    log.info("held_out: %d of %d subjects held out from pretraining (%s)",
+             splits.filter(pl.col("split") == "held_out").height, splits.height, artifact)
+    return artifact
+
+
+def split_step(ctx: StepContext, settings: SplitSettings, *, after: Path,
+               splits_file: Path | None = None) -> Path:
+    """Step 2: `split.csv`, train/val of the subjects outside `settings.exclude_splits` of the
+    MEDS split file, or of `splits_file` (the held-out step's) when given."""
     artifact = ctx.out / "split.csv"
 
     def build(tmp: Path) -> None:
-        splits = read_subject_splits(ctx.meds_dir)
+        splits = (read_splits_file(splits_file) if splits_file is not None
+                  else read_subject_splits(ctx.meds_dir))
         excluded = np.array([], dtype=np.int64)
         if splits is not None and settings.exclude_splits:
             excluded = splits.filter(pl.col("split").is_in(list(settings.exclude_splits)))[
@@ -182,7 +217,10 @@ def split_step(ctx: StepContext, settings: SplitSettings, *, after: Path) -> Pat
         write_split(split_subjects(subjects["subject_id"].to_numpy(), settings.seed,
                                    settings.val_fraction), tmp)
 
-    ctx.build(artifact, ctx.manifest("split", settings, SPLIT_FORMAT_VERSION, after), build)
+    manifest = ctx.manifest("split", settings, SPLIT_FORMAT_VERSION, after)
+    if splits_file is not None:  # its fraction and seed reach the split, and what follows it
+        manifest["inputs"]["held_out"] = recorded_digest(splits_file)
+    ctx.build(artifact, manifest, build)
     if read_split(artifact).filter(pl.col("split_name") == "train").height == 0:
         raise PrepareError(f"{artifact}: the train split is empty")
     return artifact
