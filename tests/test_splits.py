@@ -182,10 +182,10 @@ def test_label_reads_the_held_out_subjects_of_splits_file(
         "and tuning subjects; give --splits-file")
     splits_file = held_out_work / "subject_splits.parquet"
     out = tmp_path / "labels"
-    assert main(["label", "--meds", str(export), "--out", str(out), "--outcomes", "death",
+    assert main(["label", "--meds", str(export), "--out", str(out), "--outcomes", "hypertension",
                  "--splits-file", str(splits_file)]) == 0
     held_out = pl.read_parquet(splits_file).filter(pl.col("split") == "held_out")["subject_id"]
-    labelled = pl.read_parquet(out / "death.parquet")["subject_id"].unique()
+    labelled = pl.read_parquet(out / "hypertension.parquet")["subject_id"].unique()
     assert not labelled.is_empty() and labelled.is_in(held_out.implode()).all()
 
 
