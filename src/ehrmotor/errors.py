@@ -53,6 +53,20 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+# Longest value (code, path, cell) quoted whole in a message; longer ones are cut by `cut`.
+MAX_QUOTED = 80
+
+
+def cut(value: object, limit: int = MAX_QUOTED) -> str:
+    """`str(value)`, or its first `limit` characters and "… (N chars)" when longer.
+
+    Used wherever data values (codes, text values, paths) are put into an error or warning, so a
+    runaway value (a 10 MB code) keeps the message one readable line.
+    """
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} chars)"
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's text (polars and transformers add multi-line hints)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

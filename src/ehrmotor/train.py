@@ -149,6 +149,9 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     check_window_budget(config, prepared)
     output = work / "pretraining_output"
     has_val = len(prepared.val) > 0
+    if not has_val:
+        log.warning("pretrain: no validation data (val_batches is empty): training without "
+                    "evaluation or early stopping; the bundle holds the last step's weights")
     args = training_arguments(config, output, has_val, model_config.hidden_size)
     settings = training_settings(config, work / "pretraining_files")
     checkpoint = None if restart else resumable_checkpoint(output, settings)

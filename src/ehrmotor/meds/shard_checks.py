@@ -16,19 +16,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ehrmotor.errors import cut
+from ehrmotor.meds.oddities import Oddities, births_query, oddities_query
 from ehrmotor.meds.read import Finding, is_string_type, relative_path
 
 # Name of the row-index column added while checking rows; the dunder keeps it from
 # colliding with user columns (we only ever select known columns next to it anyway).
 _ROW = "__row"
 
-# The MEDS birth code; `ehrmotor.prepare.positions` counts ages from it (not imported: meds
-# stays light).
-BIRTH_CODE = "MEDS_BIRTH"
 # Control characters (C0 and DEL): a code holding one would become a garbled vocabulary entry.
 _CONTROL_CHARS = r"[\x00-\x1f\x7f]"
-# Longest code text quoted in a finding, so a runaway value keeps the message to one short line.
-_MAX_QUOTED = 60
 
 
 def _finding(
@@ -46,10 +43,12 @@ def _finding(
 
 @dataclass
 class Findings:
-    """Accumulates errors and warnings while validating."""
+    """Accumulates errors and warnings while validating, and the data oddities over files
+    (reported as warnings by `oddities.warn(found)` once every file is checked)."""
 
     errors: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    oddities: Oddities = field(default_factory=Oddities)
 
     def error(self, *args: Any, **kwargs: Any) -> None:
         """Record an error; arguments as for `_finding`."""
@@ -71,6 +70,7 @@ class _ShardSchema:
     time_ok: bool
     code_present: bool
     code_string: bool
+    float16: bool  # numeric_value is float16 (MEDS: float32)
 
 
 def _check_optional_column(
@@ -131,12 +131,14 @@ def _check_schema(rel: str, schema: pa.Schema, found: Findings) -> _ShardSchema:
         rel, schema, "numeric_value", "float32 (or float64)", pa.types.is_floating, found
     )
     _check_optional_column(rel, schema, "text_value", "string", is_string_type, found)
+    float16 = "numeric_value" in names and pa.types.is_float16(schema.field("numeric_value").type)
     return _ShardSchema(
         subject_id_present="subject_id" in names,
         subject_id_int=sid_int,
         time_ok=time_ok,
         code_present="code" in names,
         code_string=code_string,
+        float16=float16,
     )
 
 
@@ -181,26 +183,6 @@ def _code_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
     return exprs
 
 
-def _birth_check_exprs() -> list[pl.Expr]:
-    """Aggregations counting timed events earlier than their subject's MEDS_BIRTH event.
-
-    Evaluated over the shard's rows with a non-null subject_id and the original `_ROW`
-    index; requires an integer subject_id, a timestamp time and a string code. Subjects
-    without MEDS_BIRTH count nothing. The example is the first such event in the file.
-    """
-    row = pl.col(_ROW)
-    sid = pl.col("subject_id")
-    time = pl.col("time")
-    birth = time.filter(pl.col("code").cast(pl.String) == BIRTH_CODE).min().over(sid)
-    early = (time < birth).fill_null(False)
-    return [
-        early.sum().alias("early_events"),
-        sid.filter(early).n_unique().alias("early_subjects"),
-        row.filter(early).first().alias("early_row"),
-        sid.filter(early).first().alias("early_sid"),
-    ]
-
-
 def _order_check_exprs(shape: _ShardSchema) -> list[pl.Expr]:
     """Aggregations locating the first row (and its subject) that breaks row order.
 
@@ -239,8 +221,7 @@ _CODE_EXPECTED = "a non-empty code without control characters (newline, tab, < 0
 def _row_problems(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(result key prefix, problem, expectation, column) of each single-row check, in report
     order; a check found something when `result` has its `<prefix>_row`."""
-    value = result.get("control_code_value") or ""
-    clipped = value if len(value) <= _MAX_QUOTED else value[:_MAX_QUOTED] + "..."
+    clipped = cut(result.get("control_code_value") or "")
 
     def counted(what: str, prefix: str) -> str:
         return f"{what} ({result.get(f'{prefix}_count')} row(s) of this file)"
@@ -259,22 +240,11 @@ def _row_problems(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def _report_row_checks(rel: str, result: dict[str, Any], found: Findings) -> None:
-    """Turn the merged single-row results of the row, order and birth checks into findings."""
+    """Turn the merged single-row results of the row and order checks into findings."""
     for prefix, problem, expected, column in _row_problems(result):
         if result.get(f"{prefix}_row") is not None:
             found.error(rel, problem, expected, column=column, row=result[f"{prefix}_row"],
                         subject_id=result.get(f"{prefix}_sid"))
-    if result.get("early_events"):
-        found.warn(
-            rel,
-            f"{result['early_subjects']} subject(s) have {result['early_events']} timed "
-            f"event(s) before their {BIRTH_CODE} event (prepare folds them into the birth "
-            "position)",
-            f"{BIRTH_CODE} no later than a subject's first timed event",
-            column="time",
-            row=result["early_row"],
-            subject_id=result["early_sid"],
-        )
 
 
 @dataclass
@@ -298,7 +268,8 @@ def check_shard(meds_dir: Path, path: Path, found: Findings) -> ShardResult | No
         return None
 
     shape = _check_schema(rel, schema, found)
-    needed = [c for c in ("subject_id", "time", "code") if c in schema.names]
+    needed = [c for c in ("subject_id", "time", "code", "numeric_value", "text_value")
+              if c in schema.names]
 
     base = pl.scan_parquet(path, hive_partitioning=False).select(needed)
     indexed = base.with_row_index(_ROW)
@@ -310,7 +281,8 @@ def check_shard(meds_dir: Path, path: Path, found: Findings) -> ShardResult | No
         non_null = indexed.filter(pl.col("subject_id").is_not_null())
         queries["order"] = non_null.select(_order_check_exprs(shape))
         if shape.time_ok and shape.code_string:
-            queries["birth"] = non_null.select(_birth_check_exprs())
+            queries["oddities"] = oddities_query(non_null, needed, shape.float16)
+            queries["births"] = births_query(non_null)
         queries["subjects"] = base.select(pl.col("subject_id").cast(pl.Int64).drop_nulls().unique())
     if shape.code_string:
         queries["codes"] = base.select(pl.col("code").cast(pl.String).drop_nulls().unique())
@@ -323,8 +295,11 @@ def check_shard(meds_dir: Path, path: Path, found: Findings) -> ShardResult | No
         return ShardResult(num_rows, None, None)
 
     checks: dict[str, Any] = {}
-    for name in ("rows", "order", "birth"):
+    for name in ("rows", "order"):
         if name in frames:
             checks |= frames[name].row(0, named=True)
     _report_row_checks(rel, checks, found)
+    if "oddities" in frames:
+        found.oddities.add_file(rel, frames["oddities"].row(0, named=True)
+                                | frames["births"].row(0, named=True))
     return ShardResult(num_rows, frames.get("subjects"), frames.get("codes"))

@@ -17,6 +17,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ehrmotor.errors import cut
+from ehrmotor.meds.oddities import describe_cycles, parent_cycles
 from ehrmotor.meds.read import (
     CODES_FILE,
     DATA_DIR,
@@ -123,10 +125,33 @@ def _check_code_coverage(codes: list[pl.DataFrame], known: pl.DataFrame, found: 
         found.warn(
             CODES_FILE,
             f"{missing.height} code(s) used in the data are not listed, e.g. "
-            f"'{missing['code'][0]}'",
+            f"{cut(missing['code'][0])!r}",
             "every data code to have a row in codes.parquet",
             column="code",
         )
+
+
+def _check_parent_cycles(meds_dir: Path, found: Findings) -> None:
+    """Warn when codes.parquet's parent_codes form a cycle (a code its own ancestor).
+
+    A parent_codes column that is absent or not a list of strings is left alone here (prepare
+    reports one it cannot read).
+    """
+    path = meds_dir / CODES_FILE
+    if "parent_codes" not in pq.read_schema(path).names:
+        return
+    try:
+        edges = (pl.read_parquet(path, columns=["code", "parent_codes"], hive_partitioning=False)
+                 .select(pl.col("code").cast(pl.String),
+                         parent=pl.col("parent_codes").cast(pl.List(pl.String)))
+                 .explode("parent"))
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError):
+        return
+    cycles = parent_cycles(edges)
+    if cycles.height:
+        found.warn(CODES_FILE, f"{describe_cycles(cycles)}; the ontology keeps the cycle, so "
+                   "each code on it counts the others as ancestors",
+                   "parent_codes without cycles", column="parent_codes")
 
 
 def _check_dataset_json(meds_dir: Path, found: Findings) -> str | None:
@@ -150,7 +175,7 @@ def _check_dataset_json(meds_dir: Path, found: Findings) -> str | None:
     if not any(re.fullmatch(rf"{re.escape(v)}(\..*)?", version) for v in SUPPORTED_VERSIONS):
         found.warn(
             DATASET_FILE,
-            f"meds_version {version!r} is not a version this tool was built for",
+            f"meds_version {cut(version)!r} is not a version this tool was built for",
             "0.3.x or 0.4.x",
         )
     return version
@@ -233,6 +258,8 @@ def validate_dataset(meds_dir: Path, *, check_codes: bool = True) -> ValidationR
     )
     if check_codes and codes is not None:
         _check_code_coverage(used_codes, codes, found)
+    if codes is not None:
+        _check_parent_cycles(meds_dir, found)
     splits = _check_metadata_parquet(
         meds_dir,
         SPLITS_FILE,
@@ -278,6 +305,7 @@ def _check_data(meds_dir: Path, report: ValidationReport, found: Findings) -> li
         if result.codes is not None:
             codes.append(result.codes)
     report.num_subjects = _check_subjects_across_files(rels, subjects, found)
+    found.oddities.warn(found)  # one warning per oddity, summed over the files
     return codes
 
 

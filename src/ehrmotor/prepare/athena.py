@@ -14,13 +14,15 @@ from pathlib import Path
 
 import polars as pl
 
-from ehrmotor.errors import OntologyError, first_line
+from ehrmotor.errors import OntologyError, cut, first_line
 
 logger = logging.getLogger(__name__)
 
 CONCEPT_FILE = "CONCEPT.csv"
 RELATIONSHIP_FILE = "CONCEPT_RELATIONSHIP.csv"
 ANCESTOR_FILE = "CONCEPT_ANCESTOR.csv"
+# What the lossy UTF-8 reader puts in place of bytes that are not UTF-8.
+REPLACEMENT = "\ufffd"
 # Concepts whose parents come from the Athena hierarchy rather than from `Maps to`.
 HIERARCHICAL_CONCEPTS = ("S", "C")
 
@@ -161,6 +163,8 @@ def _scan_concepts(path: Path) -> tuple[pl.LazyFrame, int]:
         id_text=pl.when(concept_id.is_null()).then(field("concept_id")),
         vocabulary_id=field("vocabulary_id"), standard_concept=field("standard_concept"),
         concept_code=field("concept_code"), fields=split.list.len(),
+        # The lossy reader puts U+FFFD where bytes are not UTF-8 (a Latin-1 export, say).
+        not_utf8=pl.col("line").str.contains(REPLACEMENT, literal=True),
     ), len(names)
 
 
@@ -183,7 +187,7 @@ def _check_concepts(path: Path, concepts: pl.DataFrame, header_fields: int) -> N
     if bad.height:
         row = bad.row(0, named=True)
         raise OntologyError(
-            f"{path}: line {row['line']}, column 'concept_id': {row['id_text']!r} is not an "
+            f"{path}: line {row['line']}, column 'concept_id': {cut(row['id_text'])!r} is not an "
             f"integer ({bad.height} such line(s)); expected integer concept ids"
         )
     repeated = (
@@ -198,10 +202,28 @@ def _check_concepts(path: Path, concepts: pl.DataFrame, header_fields: int) -> N
             f"is also on line {row['first']} ({repeated.height} repeated line(s)); expected "
             "each concept_id once"
         )
+    _warn_not_utf8(path, concepts)
     more = int((concepts["fields"] > header_fields).sum())
     if more:
         logger.warning("%s: %d lines have more fields than the header (tabs in concept_name?); "
                        "read from both ends of the line", path, more)
+
+
+def _warn_not_utf8(path: Path, concepts: pl.DataFrame) -> None:
+    """Warn, naming the first line, when lines of CONCEPT.csv are not valid UTF-8.
+
+    They are read with U+FFFD in place of each bad byte: harmless in concept_name (not used),
+    but a concept_code or vocabulary_id so read matches no data code.
+    """
+    bad = concepts.filter("not_utf8")
+    if not bad.height:
+        return
+    in_code = bad.filter(pl.col("code").str.contains(REPLACEMENT, literal=True)).height
+    logger.warning("%s: line %d: %d line(s) are not valid UTF-8 (Latin-1?); they are read with "
+                   "U+FFFD in place of each bad byte, %d of them in the code (vocabulary_id/"
+                   "concept_code), which then matches no data code; re-encode the file as "
+                   "UTF-8 (iconv -f latin1 -t utf-8)", path, bad["line"].min(), bad.height,
+                   in_code)
 
 
 def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
@@ -241,8 +263,8 @@ def _locate_non_integer(path: Path) -> str | None:
         return None
     row = found.row(0, named=True)
     column = next(c for c in columns if row[f"{c}_bad"])
-    return (f"{path}: line {row['line']}, column {column!r}: {row[column]!r} is not an integer; "
-            "expected integer concept ids and levels")
+    return (f"{path}: line {row['line']}, column {column!r}: {cut(row[column])!r} is not an "
+            "integer; expected integer concept ids and levels")
 
 
 def _check_ids_present(path: Path, frame: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
@@ -294,7 +316,8 @@ def read_athena(athena_dir: Path) -> tuple[pl.Series, pl.DataFrame, int]:
     concept_scan, header_fields = _scan_concepts(concept_path)
     concepts = _collect(
         concept_scan.select(
-            "line", "concept_id", "id_text", "fields", code=code, hierarchical=hierarchical
+            "line", "concept_id", "id_text", "fields", "not_utf8", code=code,
+            hierarchical=hierarchical
         ),
         concept_path,
     )

@@ -31,6 +31,7 @@ from typing import TypeVar
 import polars as pl
 
 from ehrmotor.errors import OntologyError
+from ehrmotor.meds.oddities import describe_cycles, parent_cycles
 from ehrmotor.prepare.athena import CONCEPT_FILE, read_athena
 
 __all__ = ["Ontology", "OntologyError", "OntologyStats"]
@@ -135,6 +136,26 @@ def _vocabulary(column: str) -> pl.Expr:
     return pl.col(column).str.splitn("/", 2).struct.field("field_0")
 
 
+def _warn_odd_hierarchy(parents: pl.DataFrame, metadata_edges: pl.DataFrame,
+                       athena: bool) -> None:
+    """Warn when the pruned graph has no edge (flat codes) or has cycles (naming a code)."""
+    if not parents.height:
+        source = ("the Athena folder and codes.parquet give" if athena else
+                  "no Athena folder was given and codes.parquet gives")
+        logger.warning("no code hierarchy: %s no parent of any data code; MOTOR's hierarchical "
+                       "tokenizer and tasks fall back to flat codes (give --athena, or "
+                       "parent_codes in metadata/codes.parquet)", source)
+        return
+    cycles = parent_cycles(parents)
+    if cycles.height:
+        first = cycles.head(1)
+        source = ("metadata/codes.parquet parent_codes" if first.join(
+            metadata_edges, on=["code", "parent"], how="semi").height else "Athena")
+        logger.warning("ontology: %s (from %s); the ancestor closure stops at codes already "
+                       "reached, so each code on a cycle counts the others as ancestors",
+                       describe_cycles(cycles), source)
+
+
 # --------------------------------------------------------------------------- the ontology
 
 
@@ -173,9 +194,8 @@ class Ontology:
         known_parts = []
         edges = pl.DataFrame(schema=EDGE_SCHEMA)
         missing = 0
-        if athena_dir is None:
-            logger.warning("no Athena vocabulary given; code parents come from codes.parquet alone")
-        else:
+        metadata_edges = pl.DataFrame(schema=EDGE_SCHEMA)
+        if athena_dir is not None:
             athena_codes, edges, missing = read_athena(Path(athena_dir))
             known_parts.append(athena_codes)
         if codes_metadata is not None:
@@ -184,6 +204,8 @@ class Ontology:
             # Non-empty parent_codes in codes.parquet replace that code's Athena parents.
             overridden = metadata_edges["code"].unique().implode()
             edges = pl.concat([edges.filter(~pl.col("code").is_in(overridden)), metadata_edges])
+        if athena_dir is None and metadata_edges.height:  # else: "no code hierarchy" below
+            logger.warning("no Athena vocabulary given; code parents come from codes.parquet alone")
         edges = edges.filter(pl.col("code") != pl.col("parent")).unique()
         known = pl.concat([*known_parts, edges["code"], edges["parent"]]).unique()
         unknown = data.filter(~data.is_in(known.implode()))
@@ -199,6 +221,7 @@ class Ontology:
         kept = _reachable(usable, data)
         parents = usable.filter(pl.col("code").is_in(kept.implode())).sort("code", "parent")
         ancestors = _closure(parents, kept)
+        _warn_odd_hierarchy(parents, metadata_edges, athena_dir is not None)
         stats = OntologyStats(
             concepts_read=known.len(), edges_read=edges.height, missing_references=missing,
             codes_kept=kept.len(), edges_kept=parents.height, data_codes=data.len(),

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from ehrmotor import artifacts
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
@@ -121,8 +123,8 @@ class PrepareSummary:
                                    stats.get("events_before_birth", 0))
         self.subjects_born_late += born_late
         self.events_before_birth += before_birth
-        if born_late:
-            log.warning("%s: %d subject(s) have %d timed event(s) before their MEDS_BIRTH "
+        if born_late:  # `ehrmotor validate`'s warning says it once at the start; this is the count
+            log.info("%s: %d subject(s) have %d timed event(s) before their MEDS_BIRTH "
                         "event; they were folded into the birth position (run ehrmotor "
                         "validate for an example)", split_name, born_late, before_birth)
 
@@ -239,7 +241,8 @@ class Preparer:
 
     def _summarize(self, split: Path, tokenizer: Path, task: Path,
                    datasets: dict[str, Path]) -> None:
-        self.summary.subjects = read_split(split).height
+        subjects = read_split(split)
+        self.summary.subjects = subjects.height
         self.summary.vocab_entries = len(Tokenizer.load(tokenizer))
         fitted = MotorTask.load(task)
         self.summary.tasks_kept = fitted.tasks.height
@@ -250,6 +253,12 @@ class Preparer:
             self.summary.add_dataset(split_name, stats)
             used.update(stats["entries_used"])
         self.summary.vocab_entries_used = len(used)  # train and val together
+        if not self.summary.windows.get("val"):
+            val = subjects.filter(pl.col("split_name") == "val").height
+            log.warning("no validation data: the val split has %d of the %d subject(s) and no "
+                        "training window; pretrain will train without evaluation or early "
+                        "stopping and keep the last step's weights (add subjects or raise "
+                        "val_fraction)", val, subjects.height)
 
 
 def prepare(meds_dir: Path, work_dir: Path, *, athena_dir: Path | None = None,
