@@ -10,6 +10,7 @@ end writes the self-contained bundle `WORK/model/` atomically:
     motor_task.json        task codes, time bins and initial rates
     ontology/              the ontology the tokenizer was built with
     training_summary.json  steps, val loss, base-rate val loss, parameter count
+    README.md              the model card (`ehrmotor.model_card`)
 
 `pretraining_output/` is then removed unless `--keep-output`. With a finished bundle present,
 pretraining is a no-op unless `--force` (which implies `--restart`). Runs unchanged under
@@ -46,6 +47,7 @@ from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
+from ehrmotor.model_card import write_model_card
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
@@ -99,6 +101,7 @@ def _write_bundle(trainer: Trainer, work: Path, summary: dict[str, Any]) -> Path
         shutil.copy(files / "motor_task.json", tmp / "motor_task.json")
         shutil.copytree(files / "ontology", tmp / "ontology")
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(tmp, files, summary=summary)
         for stray in ("training_args.bin",):  # pickled by Trainer.save_model; never shipped
             (tmp / stray).unlink(missing_ok=True)
     return bundle
