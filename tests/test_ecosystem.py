@@ -6,11 +6,31 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
+from flexible_schema import Optional
+from meds import LabelSchema
 
+from ehrmotor.evaluate.metrics import interval_with_reason, subject_resamples
+from ehrmotor.evaluate.protocol import METHODS, Draw, Fit, Method, Targets, TaskData, fit_task
+from ehrmotor.evaluate.report import (
+    TIME_TO_EVENT_PREDICTION_SCHEMA,
+    Report,
+    TaskPredictions,
+    cell,
+    write_predictions,
+    write_report,
+)
+from ehrmotor.evaluate.run import _predictions
+from ehrmotor.evaluate.scoring import RESULT_SCHEMA, metrics_for, score_method, task_scoring
 from ehrmotor.model import MotorEncoder
 from ehrmotor.model_card import write_model_card
 
@@ -28,6 +48,132 @@ def packed_batch(vocab_size: int, positions: int = 12, seed: int = 0) -> dict[st
         "age_days": torch.arange(positions, dtype=torch.float32) * 30.0,
         "segment_ids": torch.tensor([0] * (positions // 2) + [1] * (positions - positions // 2)),
     }
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+# meds-evaluation's `PredictionSchema` (kamilest/meds-evaluation, src/meds_evaluation/schema.py):
+# the MEDS label schema, no extra columns, plus these two optional columns; `validate` compares
+# types exactly. Annotations built as objects: this module's annotations are strings.
+StrictPredictionSchema = type("StrictPredictionSchema", (LabelSchema,), {"__annotations__": {
+    "predicted_boolean_value": Optional(pa.bool_()),
+    "predicted_boolean_probability": Optional(pa.float32())}})
+
+
+def prediction_keys(rows: int) -> pl.DataFrame:
+    start = datetime(2020, 1, 1)
+    return pl.DataFrame({
+        "subject_id": np.arange(rows, dtype=np.int64) + 1000,
+        "prediction_time": [start + timedelta(days=int(day)) for day in range(rows)],
+    }).cast({"prediction_time": pl.Datetime("us")})
+
+
+def test_binary_prediction_file_passes_the_strict_meds_evaluation_schema(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    predictions = TaskPredictions("readmission", "motor_logistic", prediction_keys(20),
+                                  rng.random(20) < 0.3, rng.random(20))  # float64 from a head
+    table = pq.read_table(write_predictions(predictions, tmp_path / "motor_logistic.parquet"))
+    StrictPredictionSchema.validate(table)
+    assert {field.name: field.type for field in table.schema} == {
+        "subject_id": pa.int64(), "prediction_time": pa.timestamp("us"),
+        "boolean_value": pa.bool_(), "predicted_boolean_value": pa.bool_(),
+        "predicted_boolean_probability": pa.float32()}
+
+
+def test_time_to_event_predictions_at_the_horizon(tmp_path: Path) -> None:
+    """A time-to-event task writes, per head, the MEDS file (labels known at the horizon) and
+    the full file with risk and survival; censored-before-horizon rows: null boolean_value."""
+    # days to event or censoring: event before 365, event after, censored after, censored before
+    time = np.array([100.0, 500.0, 400.0, 200.0, 365.0, 30.0])
+    event = np.array([True, True, False, False, True, False])
+    data = TaskData(np.arange(6), np.arange(6), Targets(time, event), np.arange(6),
+                    np.zeros(0, dtype=np.int64))
+    fit = Fit(Draw(None, 0, np.zeros(0, dtype=np.int64)), risk=np.linspace(2, -1, 6),
+              horizon_survival=np.array([0.2, 0.9, 0.7, 0.6, 0.5, 0.95]))
+    skipped = Fit(Draw(None, 0, np.zeros(0, dtype=np.int64)), skipped="no event")
+    task = SimpleNamespace(name="death", kind="time_to_event")
+    made = _predictions(task, prediction_keys(6), data,  # type: ignore[arg-type]
+                        {"motor_head": [fit], "counts_cox": [skipped]}, 365.0)
+    assert [p.method for p in made] == ["motor_head"]
+    report = Report(pl.DataFrame(schema=RESULT_SCHEMA), [], made, [], 365.0)
+    _, files = write_report(report, tmp_path)
+    meds_file = tmp_path / "predictions" / "death" / "motor_head.parquet"
+    full_file = tmp_path / "predictions" / "death" / "time_to_event" / "motor_head.parquet"
+    assert files["predictions/death/motor_head"] == meds_file
+    assert files["predictions/death/motor_head/time_to_event"] == full_file
+
+    full = pl.read_parquet(full_file)
+    assert full.schema == TIME_TO_EVENT_PREDICTION_SCHEMA
+    assert full["boolean_value"].to_list() == [True, False, False, None, True, None]
+    probability = full["predicted_boolean_probability"].to_numpy()
+    assert ((probability >= 0) & (probability <= 1)).all()
+    np.testing.assert_allclose(probability, 1 - fit.horizon_survival, rtol=1e-6)
+    np.testing.assert_allclose(full["survival_probability"].to_numpy(), fit.horizon_survival,
+                               rtol=1e-6)
+    assert full["risk"].to_list() == fit.risk.tolist() and (full["horizon_days"] == 365).all()
+    assert full["time_days"].to_list() == time.tolist() and full["event"].to_list() == \
+        event.tolist()
+
+    table = pq.read_table(meds_file)
+    StrictPredictionSchema.validate(table)
+    assert table.column("subject_id").to_pylist() == [1000, 1001, 1002, 1004]
+    assert table.column("boolean_value").to_pylist() == [True, False, False, True]
+
+
+def test_fits_carry_survival_at_the_horizon() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(80, 4))
+    time = rng.exponential(300, 80) * np.exp(-0.5 * x[:, 0])
+    event = rng.random(80) < 0.7
+    data = TaskData(np.arange(80), np.arange(80), Targets(time, event), np.arange(60, 80),
+                    np.arange(60), days=np.array([50.0, 100.0]))
+    cox = next(m for m in METHODS if m.name == "motor_cox")
+    fits = fit_task(data, [cox], {"motor": x}, [Draw(None, 0, np.arange(60))], seed=0,
+                    bin_edges_days=[0.0, 100.0], horizon_days=365.0)
+    fit = fits["motor_cox"][0]
+    assert fit.skipped is None and fit.horizon_survival is not None
+    assert fit.horizon_survival.shape == (20,)
+    assert ((fit.horizon_survival >= 0) & (fit.horizon_survival <= 1)).all()
+    assert (fit.horizon_survival <= fit.survival[:, -1] + 1e-12).all()  # 365 after 100 days
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def test_metric_cells_without_a_number_say_why() -> None:
+    """Every event after the horizon: Uno's C has no number and says so; draws that could not
+    be fitted say how the fit failed; an interval over too-thin resamples says why it is
+    missing."""
+    rng = np.random.default_rng(2)
+    time = rng.uniform(100, 900, 60)
+    event = np.r_[np.ones(12, dtype=bool), np.zeros(48, dtype=bool)]
+    data = TaskData(np.arange(60), np.arange(60), Targets(time, event), np.arange(40),
+                    np.arange(40, 60), days=np.array([150.0, 300.0]))
+    scoring = task_scoring("t", "time_to_event", data, subject_resamples(np.arange(40), 20, 0))
+    method = Method("motor_cox", "MOTOR Cox", "motor", "time_to_event", "motor", METHODS[0].fit)
+    fitted = [Fit(Draw(None, 0, np.arange(40, 60)), risk=rng.normal(size=40),
+                  survival=np.full((40, 2), 0.5))]
+    harrell, uno, _ = metrics_for("time_to_event", 50.0)
+    row = score_method(scoring, method, uno, None, fitted)
+    assert row is not None and np.isnan(row["mean"])
+    assert row["note"] == "no events before the horizon (50 days) in the test set"
+    assert cell(row) == row["note"]
+
+    skipped = [Fit(Draw(16, r, np.arange(40, 56)), skipped="no event among 16 training labels")
+               for r in range(2)]
+    row = score_method(scoring, method, harrell, 16, skipped)
+    assert row is not None
+    assert row["note"] == ("no draw could be fitted (2 skipped); fit failed: no event among 16 "
+                           "training labels")
+
+    low, high, why = interval_with_reason(lambda rows: np.nan if rows[0] % 2 else 0.5,
+                                          subject_resamples(np.arange(40), 20, 1))
+    assert np.isnan(low) and np.isnan(high)
+    assert why is not None and why.startswith("no interval: undefined in ")
+    shown = cell({"mean": 0.08, "ci_low": low, "ci_high": high, "note": why,
+                  "replicates_fitted": 1, "replicates_skipped": 0})
+    assert shown == f"0.080 [{why}]"
 
 
 # --------------------------------------------------------------------------- Hugging Face
