@@ -30,7 +30,13 @@ from ehrmotor.evaluate.report import (
     write_report,
 )
 from ehrmotor.evaluate.run import _predictions
-from ehrmotor.evaluate.scoring import RESULT_SCHEMA, metrics_for, score_method, task_scoring
+from ehrmotor.evaluate.scoring import (
+    RESULT_SCHEMA,
+    metrics_for,
+    score_difference,
+    score_method,
+    task_scoring,
+)
 from ehrmotor.model import MotorEncoder
 from ehrmotor.model_card import write_model_card
 
@@ -166,6 +172,15 @@ def test_metric_cells_without_a_number_say_why() -> None:
     assert row is not None
     assert row["note"] == ("no draw could be fitted (2 skipped); fit failed: no event among 16 "
                            "training labels")
+
+    counts = Method("counts_cox", "counts Cox", "counts", "time_to_event", "counts",
+                    METHODS[0].fit)
+    fitted_16 = [Fit(Draw(16, r, np.arange(40, 56)), risk=rng.normal(size=40)) for r in range(2)]
+    cells = {"motor_cox": row, "counts_cox": score_method(scoring, counts, harrell, 16, fitted_16)}
+    difference = score_difference(scoring, harrell, 16, cells, [method, counts],
+                                  {"motor_cox": skipped, "counts_cox": fitted_16})
+    assert difference is not None and np.isnan(difference["mean"])
+    assert difference["note"] == f"no MOTOR head has a number ({row['note']})"
 
     low, high, why = interval_with_reason(lambda rows: np.nan if rows[0] % 2 else 0.5,
                                           subject_resamples(np.arange(40), 20, 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -46,8 +47,8 @@ class _AfterTransformers(importlib.abc.MetaPathFinder):
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)  # once; and not while the real finders search
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        sys.meta_path.remove(self)  # once; and not while the other finders search
+        spec = importlib.util.find_spec(fullname)
         loader = spec.loader if spec is not None else None
         if loader is None or not hasattr(loader, "exec_module"):
             return spec

@@ -216,10 +216,12 @@ def score_difference(scoring: TaskScoring, metric: Metric, k: int | None,
             m.family == "counts" for m in methods if m.name in cells):
         return None  # a metric one family does not have (no survival curve): no column cell
     if motor is None or counts is None:
-        unscored = [row["note"] for row in cells.values() if row["note"]]
+        side = "motor" if motor is None else "counts"
+        why = [cells[m.name]["note"] for m in methods
+               if m.family == side and m.name in cells and cells[m.name]["note"]]
         return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=(
-            f"no {'MOTOR' if motor is None else 'count'} head has a number"
-            + (f" ({unscored[0]})" if unscored else "")))
+            f"no {'MOTOR' if side == 'motor' else 'count'} head has a number"
+            + (f" ({why[0]})" if why else "")))
     # Paired by draw as well as by test subject: only draws both heads could fit.
     both = [(a, b) for a, b in zip(fits[motor.name], fits[counts.name], strict=True)
             if a.draw.k == k and a.skipped is None and b.skipped is None]
