@@ -68,7 +68,7 @@ def test_evaluate_writes_every_output(evaluated: Path) -> None:
     assert scored["mean"].is_finite().all(), scored.filter(~pl.col("mean").is_finite())
     few = results.filter((pl.col("k") == "16") & ~pl.col("mean").is_finite()
                          & (pl.col("task") != "stroke"))  # draws of 16 without events or a class
-    assert few["note"].str.starts_with("no draw could be fitted").all()
+    assert few["note"].str.contains("no draw could be fitted").all()  # difference rows too
     unit = scored.filter(pl.col("method") != "motor_minus_best_count")
     assert unit["mean"].is_between(0, 1).all()
     # tiny test sets: where over 10% of resamples lack an event subject there is no interval
@@ -93,7 +93,8 @@ def test_evaluate_writes_every_output(evaluated: Path) -> None:
         assert predictions.schema == PREDICTION_SCHEMA
         assert predictions["predicted_boolean_probability"].is_between(0, 1).all()
         assert predictions.height == binary["test_rows"][0]
-    assert not (evaluated / "predictions" / "death").exists()
+    death = pl.read_parquet(evaluated / "predictions" / "death" / "motor_head.parquet")
+    assert death.schema == PREDICTION_SCHEMA  # time to event: event within the horizon
     death = read_label_set(evaluated / "labels" / "death.parquet")
     assert death.kind == "time_to_event"
     assert death.frame.group_by("subject_id").len()["len"].max() <= 4

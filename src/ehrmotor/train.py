@@ -11,6 +11,7 @@ end writes the self-contained bundle `WORK/model/` atomically:
     ontology/              the ontology the tokenizer was built with
     training_summary.json  steps, val loss, base-rate val loss, parameter count
     subject_splits.parquet prepare's own held-out split, when it wrote one (evaluate's default)
+    README.md              the model card (`ehrmotor.model_card`)
 
 `pretraining_output/` is then removed unless `--keep-output`. With a finished bundle present,
 pretraining is a no-op unless `--force` (which implies `--restart`). Runs unchanged under
@@ -48,6 +49,7 @@ from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.prepare.split import HELD_OUT_FILE
+from ehrmotor.model_card import write_model_card
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
@@ -103,6 +105,7 @@ def _write_bundle(trainer: Trainer, work: Path, summary: dict[str, Any]) -> Path
         if (work / HELD_OUT_FILE).is_file():  # prepare --held-out-fraction's split
             shutil.copy(work / HELD_OUT_FILE, tmp / HELD_OUT_FILE)
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(tmp, files, summary=summary)
         for stray in ("training_args.bin",):  # pickled by Trainer.save_model; never shipped
             (tmp / stray).unlink(missing_ok=True)
     return bundle

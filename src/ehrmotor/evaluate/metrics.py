@@ -12,7 +12,7 @@ The IPCW metrics weigh test subjects by the censoring distribution G (a reverse 
 there is (the whole training pool, or the test set itself), not a k-shot training set of 16.
 
 Binary: `auroc`, `auprc` (average precision, as scikit-learn's). Every metric is nan where it is
-undefined (no comparable pair, one class, G unknown).
+undefined (no comparable pair, one class, G unknown); `ehrmotor.evaluate.reasons` says why.
 
 Intervals: `subject_resamples` draws test subjects (all rows of a drawn subject come together; ACES
 labels have many rows per subject); `interval` and `paired_difference` take percentiles of a metric
@@ -20,7 +20,7 @@ over those resamples, all metrics of a table over the same ones. A resample wher
 (e.g. no positive subject drawn) is skipped. Skipping the resamples that miss a rare class would
 narrow an interval, so two guards hold: `too_few` keeps test sets under MIN_TEST_EVENTS events or
 MIN_TEST_POSITIVES positives (or negatives) out of the table, and an interval is nan when more than
-MAX_SKIPPED_SHARE of the resamples were skipped.
+MAX_SKIPPED_SHARE of the resamples were skipped (`interval_with_reason` says so).
 """
 
 from __future__ import annotations
@@ -317,18 +317,29 @@ def subject_resamples(subject_ids: np.ndarray, resamples: int,
     return Resamples(draws, len(subject_ids))
 
 
-def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+def _percentile_interval(values: np.ndarray) -> tuple[float, float, str | None]:
+    """(low, high, None), or (nan, nan, why) when too many resamples were undefined."""
     kept = values[~np.isnan(values)]
-    if len(kept) == 0 or len(values) - len(kept) > MAX_SKIPPED_SHARE * len(values):
-        return float("nan"), float("nan")
+    skipped = len(values) - len(kept)
+    if len(kept) == 0 or skipped > MAX_SKIPPED_SHARE * len(values):
+        return float("nan"), float("nan"), (
+            f"no interval: undefined in {skipped} of {len(values)} bootstrap resamples "
+            f"(more than {MAX_SKIPPED_SHARE:.0%}; too few events or positives to resample)")
     low, high = np.percentile(kept, INTERVAL_PERCENTILES)
-    return float(low), float(high)
+    return float(low), float(high), None
 
 
 def interval(metric: Callable[[np.ndarray], float],
              resamples: Sequence[np.ndarray]) -> tuple[float, float]:
     """2.5 and 97.5 percentiles of `metric(rows)` over the resamples (see the module docstring
     for the nan draws it skips)."""
+    low, high, _ = interval_with_reason(metric, resamples)
+    return low, high
+
+
+def interval_with_reason(metric: Callable[[np.ndarray], float],
+                         resamples: Sequence[np.ndarray]) -> tuple[float, float, str | None]:
+    """`interval` and, when it is nan, why ("no interval: undefined in 40 of 200 ...")."""
     return _percentile_interval(np.array([metric(rows) for rows in resamples], dtype=np.float64))
 
 
@@ -337,6 +348,14 @@ def paired_difference(metric_a: Callable[[np.ndarray], float],
                       resamples: Resamples) -> tuple[float, float, float]:
     """metric_a - metric_b on the full test set and its percentile interval over the same
     resamples (draws where either metric is nan are skipped; see the module docstring)."""
+    full, low, high, _ = paired_difference_with_reason(metric_a, metric_b, resamples)
+    return full, low, high
+
+
+def paired_difference_with_reason(
+        metric_a: Callable[[np.ndarray], float], metric_b: Callable[[np.ndarray], float],
+        resamples: Resamples) -> tuple[float, float, float, str | None]:
+    """`paired_difference` and, when its interval is nan, why."""
     full = float(metric_a(resamples.full) - metric_b(resamples.full))
     differences = np.array([metric_a(rows) - metric_b(rows) for rows in resamples],
                            dtype=np.float64)

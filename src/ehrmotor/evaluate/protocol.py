@@ -13,7 +13,8 @@ which heads are fitted on which features.
   from the head) is skipped and counted, never dropped silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
-for time to event the survival curve at the days the integrated Brier score is read at.
+for time to event the survival curve at the days the integrated Brier score is read at and at
+the horizon (for the prediction files).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ class Fit:
     risk: np.ndarray | None = None  # (test rows,)
     survival: np.ndarray | None = None  # (test rows, len(days)) for time to event, if any
     skipped: str | None = None
+    horizon_survival: np.ndarray | None = None  # (test rows,) S(horizon | x), time to event
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,12 @@ def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.nda
         return Fit(draw, skipped=str(error))
     x_test = features[data.rows[data.test]]
     survival = head.survival(x_test, data.days) if targets.time is not None else None
+    at_horizon = (head.survival(x_test, np.array([context.horizon_days]))
+                  if survival is not None else None)  # for the prediction files
     return Fit(draw, np.asarray(head.risk(x_test), dtype=np.float64),
-               None if survival is None else np.asarray(survival, dtype=np.float64))
+               None if survival is None else np.asarray(survival, dtype=np.float64),
+               horizon_survival=(None if at_horizon is None
+                                 else np.asarray(at_horizon, dtype=np.float64)[:, 0]))
 
 
 def fit_task(data: TaskData, methods: Sequence[Method], features: dict[str, np.ndarray],

@@ -1,15 +1,35 @@
-"""The evaluation's files: results.csv, results.md, a k-shot plot per task, binary predictions
-in the meds-evaluation schema and the landmark labels. Every file is written atomically.
+"""The evaluation's files: results.csv, results.md, a k-shot plot per task, predictions in the
+meds-evaluation schema and the landmark labels. Every file is written atomically.
 
 results.md has, per task, one table per metric: a row per k (training subjects; "all" is the
 whole pool), a column per method, cells "0.712 [0.650, 0.770]" (mean over replicates [95%
 subject-bootstrap interval]; "(3/5)" when draws were skipped), the "MOTOR − best count" column
-and, where the generator's true hazards are known, an "oracle" row. A test set with too few events
-or positives shows that text in every cell instead of a number.
+and, where the generator's true hazards are known, an "oracle" row. A cell without a number
+shows why instead (its note in results.csv: "too few events (4 < 10)", "no comparable pairs in
+the test set", "horizon beyond follow-up: ...", "no draw could be fitted (5 skipped); fit failed:
+..."), a cell without an interval "0.080 [no interval: undefined in 40 of 200 bootstrap
+resamples ...]".
 
-Predictions (`predictions/<task>/<method>.parquet`, the k = "all" fit on the test labels):
-subject_id int64, prediction_time timestamp[us], boolean_value bool,
-predicted_boolean_value bool (probability >= 0.5), predicted_boolean_probability float64.
+Predictions of the k = "all" fit on the test labels, one file per task and method, in the
+meds-evaluation `PredictionSchema` (the MEDS label schema plus two prediction columns, exactly
+these types: strict validators reject float64 probabilities):
+
+    predictions/<task>/<method>.parquet
+        subject_id int64, prediction_time timestamp[us], boolean_value bool,
+        predicted_boolean_value bool (probability >= 0.5),
+        predicted_boolean_probability float (float32)
+
+Binary tasks: every test label; the probability is the head's. Time-to-event tasks (heads with a
+survival curve): boolean_value is "the event happened within the horizon" (`horizon_days` of
+the evaluation, days after prediction_time) and the probability is 1 - S(horizon); a label
+censored before the horizon has no such answer and is left out of this file. All test labels,
+those censored before the horizon included, are in
+
+    predictions/<task>/time_to_event/<method>.parquet
+        the five columns above (boolean_value null where censored before the horizon), and
+        horizon_days float64, survival_probability float (S(horizon), float32),
+        risk float64 (the head's risk score: higher = sooner), time_days float64 (days to the
+        event or to censoring), event bool (True: time_days is the event's).
 """
 
 from __future__ import annotations
@@ -32,19 +52,31 @@ KIND_TITLES = {TIME_TO_EVENT: "time to event", "binary": "binary"}
 PREDICTION_SCHEMA = pl.Schema({
     "subject_id": pl.Int64(), "prediction_time": pl.Datetime("us"),
     "boolean_value": pl.Boolean(), "predicted_boolean_value": pl.Boolean(),
-    "predicted_boolean_probability": pl.Float64(),
+    "predicted_boolean_probability": pl.Float32(),
+})
+TIME_TO_EVENT_PREDICTION_SCHEMA = pl.Schema({
+    **PREDICTION_SCHEMA, "horizon_days": pl.Float64(), "survival_probability": pl.Float32(),
+    "risk": pl.Float64(), "time_days": pl.Float64(), "event": pl.Boolean(),
 })
 
 
 @dataclass(frozen=True)
 class TaskPredictions:
-    """One binary head's k = "all" predictions on a task's test labels."""
+    """One head's k = "all" predictions on a task's test labels.
+
+    Binary: `label` the label, `probability` the head's. Time to event: `label` whether the
+    label is an event, `time_days` its days to the event or censoring, `probability` 1 -
+    S(horizon_days) and `risk` the head's risk score.
+    """
 
     task: str
     method: str
     keys: pl.DataFrame  # subject_id, prediction_time
     label: np.ndarray
     probability: np.ndarray
+    time_days: np.ndarray | None = None
+    risk: np.ndarray | None = None
+    horizon_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,15 +92,17 @@ class Report:
 
 
 def cell(row: dict[str, Any], signed: bool = False, digits: int = 3) -> str:
-    """"0.712 [0.650, 0.770]", the row's note when it has no number, and "(fitted/draws)" when
-    draws were skipped."""
+    """"0.712 [0.650, 0.770]", the row's note (why) when it has no number, "0.080 [no interval:
+    why]" without an interval, and "(fitted/draws)" when draws were skipped."""
     mean = float(row["mean"])
+    note = str(row["note"] or "")
     if not np.isfinite(mean):
-        return str(row["note"] or "no value")
+        return note or "no value (no reason recorded)"
     number = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     low, high = float(row["ci_low"]), float(row["ci_high"])
+    why = note[note.find("no interval"):] if "no interval" in note else "no interval"
     text = (f"{number} [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low)
-            else f"{number} [no interval]")
+            else f"{number} [{why}]")
     fitted, skipped = int(row["replicates_fitted"]), int(row["replicates_skipped"])
     return f"{text} ({fitted}/{fitted + skipped})" if skipped else text
 
@@ -184,17 +218,66 @@ def plot_kshot(report: Report, task: Task, path: Path) -> Path:
 # --------------------------------------------------------------------------- files
 
 
-def write_predictions(predictions: TaskPredictions, path: Path) -> Path:
-    """One head's test predictions in the meds-evaluation schema (see the module docstring)."""
-    frame = predictions.keys.select("subject_id", "prediction_time").with_columns(
-        boolean_value=pl.Series(predictions.label.astype(bool)),
-        predicted_boolean_value=pl.Series(predictions.probability >= 0.5),
-        predicted_boolean_probability=pl.Series(predictions.probability.astype(np.float64)),
-    ).cast(PREDICTION_SCHEMA)
+def _write(frame: pl.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
     return path
+
+
+def write_predictions(predictions: TaskPredictions, path: Path) -> Path:
+    """A binary head's test predictions in the meds-evaluation schema (module docstring)."""
+    probability = np.asarray(predictions.probability, dtype=np.float32)
+    frame = predictions.keys.select("subject_id", "prediction_time").with_columns(
+        boolean_value=pl.Series(predictions.label.astype(bool)),
+        predicted_boolean_value=pl.Series(probability >= 0.5),
+        predicted_boolean_probability=pl.Series(probability),
+    ).cast(PREDICTION_SCHEMA)
+    return _write(frame, path)
+
+
+def horizon_outcome(time_days: np.ndarray, event: np.ndarray,
+                    horizon_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """(known, happened): whether a label answers "event within horizon_days?" (an event by
+    then, or follow-up reaching it) and, where known, the answer."""
+    within = np.asarray(event, dtype=bool) & (time_days <= horizon_days)
+    return within | (time_days >= horizon_days), within
+
+
+def write_time_to_event_predictions(predictions: TaskPredictions, meds_path: Path,
+                                    full_path: Path) -> tuple[Path, Path]:
+    """A time-to-event head's test predictions at the horizon: the meds-evaluation file (labels
+    known at the horizon) and the full file (module docstring)."""
+    if predictions.time_days is None or predictions.horizon_days is None:
+        raise ValueError(f"{predictions.task}/{predictions.method}: time-to-event predictions "
+                         "need time_days and horizon_days")
+    time_days = np.asarray(predictions.time_days, dtype=np.float64)
+    known, within = horizon_outcome(time_days, predictions.label, predictions.horizon_days)
+    probability = np.clip(np.asarray(predictions.probability, dtype=np.float64), 0.0, 1.0)
+    risk = predictions.risk if predictions.risk is not None else probability
+    frame = predictions.keys.select("subject_id", "prediction_time").with_columns(
+        boolean_value=pl.Series(within).set(pl.Series(~known), None),
+        predicted_boolean_value=pl.Series(probability >= 0.5),
+        predicted_boolean_probability=pl.Series(probability.astype(np.float32)),
+        horizon_days=pl.lit(float(predictions.horizon_days)),
+        survival_probability=pl.Series((1.0 - probability).astype(np.float32)),
+        risk=pl.Series(np.asarray(risk, dtype=np.float64)),
+        time_days=pl.Series(time_days),
+        event=pl.Series(np.asarray(predictions.label, dtype=bool)),
+    ).cast(TIME_TO_EVENT_PREDICTION_SCHEMA)
+    meds = frame.filter(pl.Series(known)).select(list(PREDICTION_SCHEMA))
+    return _write(meds, meds_path), _write(frame, full_path)
+
+
+def _write_prediction_files(predictions: TaskPredictions, out_dir: Path) -> dict[str, Path]:
+    folder = out_dir / "predictions" / file_stem(predictions.task)
+    name, key = f"{file_stem(predictions.method)}.parquet", (
+        f"predictions/{predictions.task}/{predictions.method}")
+    if predictions.time_days is None:
+        return {key: write_predictions(predictions, folder / name)}
+    meds, full = write_time_to_event_predictions(predictions, folder / name,
+                                                 folder / "time_to_event" / name)
+    return {key: meds, f"{key}/time_to_event": full}
 
 
 def write_report(report: Report, out_dir: Path) -> tuple[str, dict[str, Path]]:
@@ -210,10 +293,7 @@ def write_report(report: Report, out_dir: Path) -> tuple[str, dict[str, Path]]:
         path = out_dir / f"kshot_{file_stem(task.name)}.png"
         files[f"kshot/{task.name}"] = plot_kshot(report, task, path)
     for predictions in report.predictions:
-        path = (out_dir / "predictions" / file_stem(predictions.task)
-                / f"{file_stem(predictions.method)}.parquet")
-        files[f"predictions/{predictions.task}/{predictions.method}"] = write_predictions(
-            predictions, path)
+        files.update(_write_prediction_files(predictions, out_dir))
     for label_set in report.landmark_labels:
         path = out_dir / "labels" / f"{file_stem(label_set.name)}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,10 @@ of an outcome (a simulated dataset), its `oracle` gives them at the test labels 
 scored as a reference row.
 
 Written to out_dir (`ehrmotor.evaluate.report`): results.csv (`scoring.RESULT_SCHEMA`),
-results.md, kshot_<task>.png, predictions/<task>/<method>.parquet (binary tasks, the k = "all"
-fit, the meds-evaluation schema) and labels/<outcome>.parquet (the landmark labels, readable by
+results.md, kshot_<task>.png, predictions/<task>/<method>.parquet (the k = "all" fit, the
+meds-evaluation schema; for time to event, the event within the horizon and 1 - S(horizon), with
+predictions/<task>/time_to_event/<method>.parquet adding risk and survival; see
+`ehrmotor.evaluate.report`) and labels/<outcome>.parquet (the landmark labels, readable by
 `read_label_set` and `ehrmotor embed --labels`).
 """
 
@@ -241,7 +243,7 @@ def task_data(task: Task, points: pl.DataFrame, test_subjects: np.ndarray,
 def evaluate_task(task: Task, index: int, features: FeatureSets, test_subjects: np.ndarray,
                   settings: ProtocolSettings,
                   oracle: Oracle | None) -> tuple[list[dict[str, object]], list[TaskPredictions]]:
-    """The result rows of one task and, for a binary task, its k = "all" test predictions."""
+    """The result rows of one task and its k = "all" test predictions."""
     data = task_data(task, features.points, test_subjects, settings.horizon_days)
     draws = kshot_draws(data.pool_subjects, settings.k_values, settings.replicates,
                         settings.seed)
@@ -268,7 +270,7 @@ def evaluate_task(task: Task, index: int, features: FeatureSets, test_subjects: 
             rows.append(oracle_row)
     log.info("evaluate: %s: %d test labels (%d events or positives), pool of %d subjects",
              task.name, len(data.test), scoring.base["test_events"], len(data.pool_subjects))
-    return rows, _predictions(task, features.points, data, fits)
+    return rows, _predictions(task, features.points, data, fits, settings.horizon_days)
 
 
 def _oracle_hazard(oracle: Oracle | None, task: Task, points: pl.DataFrame,
@@ -288,13 +290,18 @@ def _oracle_hazard(oracle: Oracle | None, task: Task, points: pl.DataFrame,
     return hazard
 
 
-def _predictions(task: Task, points: pl.DataFrame, data: TaskData,
-                 fits: dict[str, list[Fit]]) -> list[TaskPredictions]:
-    """The k = "all" fit's test predictions of each method of a binary task."""
-    if task.kind == TIME_TO_EVENT:
-        return []
+def _predictions(task: Task, points: pl.DataFrame, data: TaskData, fits: dict[str, list[Fit]],
+                 horizon_days: float) -> list[TaskPredictions]:
+    """The k = "all" fit's test predictions of each method: binary probabilities, or for time
+    to event 1 - S(horizon) (heads with a survival curve)."""
     keys = points[data.rows[data.test]]
     label = data.targets.event[data.test]
-    return [TaskPredictions(task.name, method, keys, label, fit.risk)
-            for method, method_fits in fits.items() for fit in method_fits
-            if fit.draw.k is None and fit.risk is not None]
+    final = [(method, fit) for method, method_fits in fits.items() for fit in method_fits
+             if fit.draw.k is None and fit.risk is not None]
+    if task.kind != TIME_TO_EVENT:
+        return [TaskPredictions(task.name, method, keys, label, fit.risk) for method, fit in final
+                if fit.risk is not None]
+    time = data.targets.time[data.test] if data.targets.time is not None else None
+    return [TaskPredictions(task.name, method, keys, label, 1.0 - fit.horizon_survival,
+                            time_days=time, risk=fit.risk, horizon_days=horizon_days)
+            for method, fit in final if fit.horizon_survival is not None and time is not None]

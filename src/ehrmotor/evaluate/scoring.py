@@ -8,7 +8,10 @@ resamples of test subjects for every cell of a task). "MOTOR − best count" row
 MOTOR method with the best count method (each chosen by its mean on the whole test set at that
 task, k and metric) over the draws both could fit, with a paired bootstrap interval. When the
 test set has too few events or positives (`metrics.too_few`) every cell of the task carries that
-note and no number.
+note and no number. Every other cell without a number, or without an interval, says why in its
+note (`ehrmotor.evaluate.reasons`: no events in the test set, no comparable pairs, horizon
+beyond follow-up; "fit failed: <the head's reason>"; "no interval: undefined in 40 of 200
+bootstrap resamples ..."); a "MOTOR − best count" note names the two heads compared first.
 
 Result table (RESULT_SCHEMA, written as results.csv):
 
@@ -33,12 +36,13 @@ from ehrmotor.evaluate.metrics import (
     auroc,
     harrell_c,
     integrated_brier,
-    interval,
-    paired_difference,
+    interval_with_reason,
+    paired_difference_with_reason,
     too_few,
     uno_c,
 )
 from ehrmotor.evaluate.protocol import Draw, Fit, Method, TaskData, k_label
+from ehrmotor.evaluate.reasons import binary_reason, brier_reason, harrell_reason, uno_reason
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
 DIFFERENCE = "motor_minus_best_count"
@@ -70,6 +74,7 @@ class TaskScoring:
 
 
 Score = Callable[[TaskScoring, Fit, np.ndarray], float]  # (task, fit, test positions) -> metric
+Reason = Callable[[TaskScoring], str]  # why the metric is nan on the whole test set
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Metric:
     title: str
     higher_is_better: bool
     score: Score
+    reason: Reason
     needs_survival: bool = False
     digits: int = 3  # shown in results.md
 
@@ -115,11 +121,23 @@ def _binary(metric: Callable[[np.ndarray, np.ndarray], float]) -> Score:
 def metrics_for(kind: str, horizon_days: float) -> tuple[Metric, ...]:
     """The metrics of a task kind, in report order."""
     if kind == BINARY:
-        return (Metric("auroc", "AUROC", True, _binary(auroc)),
-                Metric("auprc", "AUPRC", True, _binary(auprc)))
-    return (Metric("harrell_c", "Harrell's C", True, _harrell),
-            Metric("uno_c", f"Uno's C at {horizon_days:g} days", True, uno_at(horizon_days)),
-            Metric("integrated_brier", "integrated Brier score", False, _brier,
+        def one_class(s: TaskScoring) -> str:
+            return binary_reason(s.test_event)
+        return (Metric("auroc", "AUROC", True, _binary(auroc), one_class),
+                Metric("auprc", "AUPRC", True, _binary(auprc), one_class))
+
+    def harrell_why(s: TaskScoring) -> str:
+        return harrell_reason(s.test_time, s.test_event)
+
+    def uno_why(s: TaskScoring) -> str:
+        return uno_reason(s.pool_time, s.pool_event, s.test_time, s.test_event, horizon_days)
+
+    def brier_why(s: TaskScoring) -> str:
+        return brier_reason(s.pool_time, s.pool_event, s.test_time, s.test_event, s.data.days)
+    return (Metric("harrell_c", "Harrell's C", True, _harrell, harrell_why),
+            Metric("uno_c", f"Uno's C at {horizon_days:g} days", True, uno_at(horizon_days),
+                   uno_why),
+            Metric("integrated_brier", "integrated Brier score", False, _brier, brier_why,
                    needs_survival=True, digits=4))
 
 
@@ -167,12 +185,17 @@ def score_method(scoring: TaskScoring, method: Method, metric: Metric, k: int | 
         return _row(scoring, k_label(k), method.name, metric.name, fitted=done, skipped=skipped,
                     note=scoring.too_few)
     if not fitted:
+        failed = next((fit.skipped for fit in fits if fit.skipped), "no draw")
         return _row(scoring, k_label(k), method.name, metric.name, fitted=0, skipped=skipped,
-                    note=f"no draw could be fitted ({skipped} skipped)")
+                    note=f"no draw could be fitted ({skipped} skipped); fit failed: {failed}")
     value = _mean_metric(metric, scoring, fitted)
-    low, high = interval(value, scoring.resamples)
-    return _row(scoring, k_label(k), method.name, metric.name, value(scoring.resamples.full),
-                low, high, done, skipped)
+    mean = value(scoring.resamples.full)
+    if not np.isfinite(mean):
+        return _row(scoring, k_label(k), method.name, metric.name, fitted=done, skipped=skipped,
+                    note=metric.reason(scoring))
+    low, high, no_interval = interval_with_reason(value, scoring.resamples)
+    return _row(scoring, k_label(k), method.name, metric.name, mean, low, high, done, skipped,
+                no_interval)
 
 
 def score_difference(scoring: TaskScoring, metric: Metric, k: int | None,
@@ -189,19 +212,29 @@ def score_difference(scoring: TaskScoring, metric: Metric, k: int | None,
     motor, counts = best("motor"), best("counts")
     if scoring.too_few is not None:
         return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=scoring.too_few)
+    if not any(m.family == "motor" for m in methods if m.name in cells) or not any(
+            m.family == "counts" for m in methods if m.name in cells):
+        return None  # a metric one family does not have (no survival curve): no column cell
     if motor is None or counts is None:
-        return None
+        side = "motor" if motor is None else "counts"
+        why = [cells[m.name]["note"] for m in methods
+               if m.family == side and m.name in cells and cells[m.name]["note"]]
+        return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=(
+            f"no {'MOTOR' if side == 'motor' else 'count'} head has a number"
+            + (f" ({why[0]})" if why else "")))
     # Paired by draw as well as by test subject: only draws both heads could fit.
     both = [(a, b) for a, b in zip(fits[motor.name], fits[counts.name], strict=True)
             if a.draw.k == k and a.skipped is None and b.skipped is None]
+    pair = f"{motor.name} - {counts.name}"
     if not both:
-        return None
-    diff, low, high = paired_difference(_mean_metric(metric, scoring, [a for a, _ in both]),
-                                        _mean_metric(metric, scoring, [b for _, b in both]),
-                                        scoring.resamples)
+        return _row(scoring, k_label(k), DIFFERENCE, metric.name,
+                    note=f"{pair}: no draw that both heads could fit")
+    diff, low, high, no_interval = paired_difference_with_reason(
+        _mean_metric(metric, scoring, [a for a, _ in both]),
+        _mean_metric(metric, scoring, [b for _, b in both]), scoring.resamples)
     draws = sum(1 for f in fits[motor.name] if f.draw.k == k)
     return _row(scoring, k_label(k), DIFFERENCE, metric.name, diff, low, high, len(both),
-                draws - len(both), f"{motor.name} - {counts.name}")
+                draws - len(both), pair + (f"; {no_interval}" if no_interval else ""))
 
 
 def score_oracle(scoring: TaskScoring, metric: Metric,
@@ -217,6 +250,11 @@ def score_oracle(scoring: TaskScoring, metric: Metric,
     where = np.flatnonzero(known)
     value = _mean_metric(metric, scoring, [fit])
     kept = [r[known[r]] for r in scoring.resamples]
-    low, high = interval(value, kept)
-    note = None if known.all() else f"{int((~known).sum())} test labels without a true hazard"
-    return _row(scoring, None, ORACLE, metric.name, value(where), low, high, 1, 0, note)
+    notes = [] if known.all() else [f"{int((~known).sum())} test labels without a true hazard"]
+    mean = value(where)
+    if not np.isfinite(mean):
+        return _row(scoring, None, ORACLE, metric.name, note="; ".join(
+            [metric.reason(scoring), *notes]))
+    low, high, no_interval = interval_with_reason(value, kept)
+    note = "; ".join([*notes, *([no_interval] if no_interval else [])]) or None
+    return _row(scoring, None, ORACLE, metric.name, mean, low, high, 1, 0, note)

@@ -6,6 +6,9 @@
 - `head`: `MotorModel` = encoder + MOTOR head + piecewise-exponential loss; what pretraining trains.
 
 `MotorEncoder.from_pretrained(bundle)` loads the encoder alone from a `MotorModel` bundle.
+Importing this package registers the classes with transformers' Auto classes (model_type
+"ehrmotor"): `AutoConfig` -> `MotorConfig`, `AutoModel` -> `MotorEncoder` (the hidden states),
+`AutoModelForPreTraining` -> `MotorModel` (encoder, head and loss).
 """
 
 from ehrmotor.model.attention import (
@@ -26,6 +29,18 @@ from ehrmotor.model.head import (
     motor_loss,
 )
 
+
+def register_auto_classes() -> None:
+    """Register the config and models with transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+    AutoConfig.register(MotorConfig.model_type, MotorConfig, exist_ok=True)
+    AutoModel.register(MotorConfig, MotorEncoder, exist_ok=True)
+    AutoModelForPreTraining.register(MotorConfig, MotorModel, exist_ok=True)
+
+
+register_auto_classes()
+
 __all__ = [
     "BACKENDS",
     "PRESETS",
@@ -40,6 +55,7 @@ __all__ = [
     "flex_local_attention",
     "local_attention",
     "motor_loss",
+    "register_auto_classes",
     "LABELS",
     "resolve_backend",
 ]

@@ -111,7 +111,7 @@ class MotorPreTrainedModel(PreTrainedModel):
 
     The pretraining model keeps the encoder under `base_model_prefix` (`motor.`), so
     `MotorEncoder.from_pretrained` loads the encoder alone from a pretraining bundle: transformers
-    strips the prefix and reports the head's tensors as unexpected.
+    strips the prefix, and `MotorEncoder` leaves the head's tensors (`head.`) out quietly.
     """
 
     config_class = MotorConfig
@@ -133,6 +133,10 @@ class MotorPreTrainedModel(PreTrainedModel):
 
 class MotorEncoder(MotorPreTrainedModel):
     """Embedding bag, rotary-encoded pre-norm blocks and the final RMSNorm."""
+
+    # A pretraining bundle also holds the MOTOR head; loading the encoder alone skips it, and
+    # transformers' report would otherwise list it as UNEXPECTED, which reads like an error.
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
 
     def __init__(self, config: MotorConfig) -> None:
         super().__init__(config)
