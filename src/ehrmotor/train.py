@@ -48,8 +48,8 @@ from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
-from ehrmotor.prepare.split import HELD_OUT_FILE
 from ehrmotor.model_card import write_model_card
+from ehrmotor.prepare.split import HELD_OUT_FILE
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
