@@ -112,7 +112,19 @@ def _landmark_settings(args: argparse.Namespace) -> tuple[LandmarkSettings, tupl
 
 
 def _outcome_names(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
-    return _flatten(args.outcomes) or list(default)
+    """--outcomes, else `default` (the planted outcomes), which only data `ehrmotor synth` wrote
+    has: other data without --outcomes is an InputError saying what to give."""
+    names: list[str] = _flatten(args.outcomes) or []
+    if names or not default:
+        return names
+    if not (Path(args.meds) / "metadata" / "synthetic.json").is_file():
+        from ehrmotor.errors import InputError
+
+        also = " or --labels FILE" if args.command == "evaluate" else ""
+        raise InputError(f"{args.meds}: not written by `ehrmotor synth`, so it has no planted "
+                         "outcomes to default to; give --outcomes with codes of the data (e.g. "
+                         f"MEDS_DEATH, HOSPITAL_ADMISSION//){also}")
+    return list(default)
 
 
 def add_label(commands: argparse._SubParsersAction) -> None:

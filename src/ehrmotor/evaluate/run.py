@@ -62,6 +62,7 @@ from ehrmotor.evaluate.tasks import (
     evaluation_subjects,
     tasks_from_label_sets,
 )
+from ehrmotor.meds import read_splits_file
 from ehrmotor.meds.labels import LabelSet, read_label_sets
 from ehrmotor.prepare.split import HELD_OUT_FILE
 
@@ -145,9 +146,10 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     from ehrmotor.bundle import load_bundle  # imports torch and the model
 
     bundle = load_bundle(Path(model_path))  # a bad bundle fails before any work
-    splits = unseen_splits(settings.splits, bundle.unseen_splits, bundle.path)
     if splits_file is None and (bundle.path / HELD_OUT_FILE).is_file():
         splits_file = bundle.path / HELD_OUT_FILE  # the split pretraining was held out by
+    splits = unseen_splits(_listed_splits(settings.splits, splits_file), bundle.unseen_splits,
+                           bundle.path)
     subjects = evaluation_subjects(meds_dir, splits, splits_file)
     outcome_sets = (landmark_label_sets(meds_dir, checked, landmarks, splits=splits,
                                         splits_file=splits_file) if checked else [])
@@ -175,6 +177,16 @@ def evaluate(meds_dir: Path, model_path: Path, out_dir: Path, *,
     report = Report(results, tasks, predictions, outcome_sets, settings.horizon_days)
     table, files = write_report(report, out_dir)
     return EvaluationResult(results, table, out_dir, files)
+
+
+def _listed_splits(splits: Sequence[str], splits_file: Path | None) -> tuple[str, ...]:
+    """The `splits` that `splits_file` lists subjects under (all of them when it lists none, or is
+    missing: `evaluation_subjects` then says so), so that a split prepare's own held-out file never
+    had is not reported as one pretraining saw."""
+    if splits_file is None or not Path(splits_file).is_file():
+        return tuple(splits)
+    listed = set(read_splits_file(Path(splits_file))["split"].drop_nulls().to_list())
+    return tuple(name for name in splits if name in listed) or tuple(splits)
 
 
 def unseen_splits(splits: Sequence[str], unseen: Sequence[str] | None,
