@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ehrmotor.artifacts import remove_empty_folders
+from ehrmotor.artifacts import followed, remove_empty_folders
 from ehrmotor.errors import WorkFolderBusy
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def work_lock(folder: Path, command: str) -> Iterator[None]:
     if not _is_main_rank():
         yield
         return
-    folder = Path(folder)
+    folder = followed(Path(folder))  # a link to a folder: lock the folder itself
     created = [parent for parent in (*reversed(folder.parents), folder) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE

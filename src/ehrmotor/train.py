@@ -10,6 +10,8 @@ end writes the self-contained bundle `WORK/model/` atomically:
     motor_task.json        task codes, time bins and initial rates
     ontology/              the ontology the tokenizer was built with
     training_summary.json  steps, val loss, base-rate val loss, parameter count
+    fingerprint.json       a digest of each part above and one fingerprint over them, written
+                           last (`ehrmotor.bundle.record_fingerprint`); loading checks it
 
 `pretraining_output/` is then removed unless `--keep-output`. With a finished bundle present,
 pretraining is a no-op unless `--force` (which implies `--restart`). Runs unchanged under
@@ -41,10 +43,17 @@ from transformers import EarlyStoppingCallback, Trainer
 
 from ehrmotor import artifacts
 from ehrmotor.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
-from ehrmotor.checkpoints import prepare_output, resumable_checkpoint, training_settings
+from ehrmotor.bundle import FINGERPRINT_FILE, record_fingerprint
+from ehrmotor.checkpoints import (
+    prepare_output,
+    resumable_checkpoint,
+    training_settings,
+    whole_checkpoint,
+)
 from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
+from ehrmotor.memory import allocation_errors, check_model_fits
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.train_setup import (
     build_model_config,
@@ -55,7 +64,8 @@ from ehrmotor.train_setup import (
 )
 
 log = logging.getLogger(__name__)
-BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json")
+BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json",
+                FINGERPRINT_FILE)
 
 
 class MotorTrainer(Trainer):
@@ -82,6 +92,12 @@ class MotorTrainer(Trainer):
                                    process_index=0, put_on_device=True,
                                    non_blocking=self.accelerator.non_blocking)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # A failed or interrupted save leaves no partial checkpoint-N/ behind.
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        with whole_checkpoint(folder, owner=self.args.should_save):
+            super()._save_checkpoint(model, trial)
+
     def get_train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
@@ -101,6 +117,7 @@ def _write_bundle(trainer: Trainer, work: Path, summary: dict[str, Any]) -> Path
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for stray in ("training_args.bin",):  # pickled by Trainer.save_model; never shipped
             (tmp / stray).unlink(missing_ok=True)
+        record_fingerprint(tmp)  # last: it ties together the parts written above
     return bundle
 
 
@@ -146,12 +163,15 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     output = work / "pretraining_output"
     has_val = len(prepared.val) > 0
     args = training_arguments(config, output, has_val, model_config.hidden_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parameters = check_model_fits(model_config, device, args.world_size if config.fsdp else 1)
     settings = training_settings(config, work / "pretraining_files")
     checkpoint = None if restart else resumable_checkpoint(output, settings)
     if args.process_index == 0:
         prepare_output(output, checkpoint, settings, restart)
 
-    model = MotorModel(model_config)
+    with allocation_errors(model_config, parameters, device):
+        model = MotorModel(model_config)
     log.info("pretrain: MOTOR %s model, %s parameters, %d tasks, %d bins, vocabulary %d; %s%s",
              config.preset, f"{model.count_parameters():,}", model_config.num_tasks,
              model_config.num_bins, model_config.vocab_size,
@@ -163,7 +183,8 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         task_map=torch.from_numpy(prepared.task.task_map()),
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with allocation_errors(model_config, parameters, device):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_fsdp_enabled:
         log.info("pretrain: FSDP over %d ranks (model %s)", args.world_size,
                  type(trainer.model_wrapped).__name__)
@@ -182,7 +203,7 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         _write_bundle(trainer, work, {k: v for k, v in summary.items()
                                       if not (isinstance(v, float) and not math.isfinite(v))})
         if not keep_output:
-            shutil.rmtree(output, ignore_errors=True)
+            artifacts.remove_atomically(output)
     trainer.accelerator.wait_for_everyone()
     return bundle
 
