@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ehrmotor import __version__
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
+from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
 
 log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
@@ -358,38 +356,6 @@ def _check_outside_inputs(args: argparse.Namespace) -> None:
                                   "command replaces whole (choose an --out outside it)")
 
 
-def _interrupt_handler(main_pid: int) -> Callable[[int, object], None]:
-    """The SIGINT/SIGTERM handler of a command: the first signal stops the worker processes
-    and raises KeyboardInterrupt (SIGINT) or Terminated (SIGTERM), so that the lock, the
-    temporaries and partial checkpoints are cleaned up; later ones are ignored while that
-    runs."""
-    from ehrmotor.processes import Terminated, stop_workers
-
-    def handle(number: int, frame: object) -> None:
-        if os.getpid() != main_pid:  # a forked child (a DataLoader worker): the parent decides
-            if number == signal.SIGTERM:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_workers()
-        raise Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
-    return handle
-
-
-def _install_interrupt_handlers() -> dict[int, Any]:
-    """Install `_interrupt_handler` for SIGINT and SIGTERM; the previous handlers (none when
-    not on the main thread, where Python cannot set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    handler = _interrupt_handler(os.getpid())
-    previous: dict[int, Any] = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
-        previous[number] = signal.signal(number, handler)
-    return previous
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -398,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # accelerate's per-evaluation notes (e.g. "The used dataset had no length") are noise here
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     debug = args.debug or os.environ.get("EHRMOTOR_DEBUG", "") not in ("", "0")
-    previous = _install_interrupt_handlers()
+    previous = install_interrupt_handlers()
     try:
         _check_outside_inputs(args)
         return int(args.run(args))
@@ -407,8 +373,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(args.command, str(error))
     except KeyboardInterrupt as interrupt:
-        from ehrmotor.processes import Terminated
-
         then = "resumes" if args.command in RESUMING else "starts it again"
         print(f"ehrmotor {args.command}: interrupted; rerunning the same command {then}",
               file=sys.stderr)
@@ -419,9 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(args.command, message)
     finally:
-        for number, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be restored
-                signal.signal(number, handler)
+        restore_handlers(previous)
 
 
 def _fail(command: str, message: str) -> int:

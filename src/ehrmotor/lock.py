@@ -3,7 +3,8 @@
 The lock is `FOLDER/.ehrmotor.lock`, locked with `flock` (released by the kernel when its holder
 dies, so a killed run never blocks the next) and holding the holder's pid, host, command and start
 time (JSON) for the message a second run stops with. A lock file left by a dead holder is taken
-over, and the takeover is logged.
+over, and the takeover is logged. A folder given as a symbolic link is locked as the folder it
+points to.
 """
 
 from __future__ import annotations

@@ -91,3 +91,40 @@ def stop_workers() -> None:
         for process in list(processes.values()):
             if process.is_alive():
                 process.terminate()
+
+
+def _interrupt_handler(main_pid: int) -> Callable[[int, object], None]:
+    """The SIGINT/SIGTERM handler of a command: the first signal stops the worker processes
+    and raises KeyboardInterrupt (SIGINT) or Terminated (SIGTERM), so that the lock, the
+    temporaries and partial checkpoints are cleaned up; later ones are ignored while that
+    runs."""
+
+    def handle(number: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked child (a DataLoader worker): the parent decides
+            if number == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_workers()
+        raise Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+    return handle
+
+
+def install_interrupt_handlers() -> dict[int, Any]:
+    """Handle SIGINT and SIGTERM as `_interrupt_handler` says; return the previous handlers
+    for `restore_handlers` (none off the main thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handler = _interrupt_handler(os.getpid())
+    previous: dict[int, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    for number, handler in previous.items():
+        if handler is not None:  # None: set outside Python, cannot be restored
+            signal.signal(number, handler)
