@@ -68,15 +68,15 @@ def group_alive(group: int) -> bool:
     return True
 
 
-def interrupted(argv: list[str], number: int, ready: Callable[[], bool],
+def interrupted(argv: list[str], number: int, ready: Callable[[int], bool],
                 log: Path) -> tuple[int, str]:
     """Run `ehrmotor ARGV` in a session of its own, send `number` to its process group once
-    `ready()`, and return (exit status, stderr) once every process of the group is gone."""
+    `ready(pid)`, and return (exit status, stderr) once every process of the group is gone."""
     with log.open("w") as err:
         process = subprocess.Popen([sys.executable, "-m", "ehrmotor", *argv], stderr=err,
                                    stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not ready():
+    while not ready(process.pid):
         assert process.poll() is None, f"ended before the signal: {log.read_text()[-2000:]}"
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.02)
@@ -100,7 +100,7 @@ def test_prepare_interrupted_in_its_workers_is_one_line_and_resumes(
     work, log = tmp_path / "work", tmp_path / "stderr.txt"
     argv = ["prepare", "--meds", str(meds), "--out", str(work), *PREPARE_FLAGS]
 
-    def in_workers() -> bool:  # the tokenizer step, after split, counts in the workers
+    def in_workers(pid: int) -> bool:  # the tokenizer step, after split, counts in the workers
         return log.exists() and "split: built" in log.read_text()
     status, err = interrupted(argv, number, in_workers, log)
     assert status == expected, err[-3000:]
@@ -135,7 +135,7 @@ def test_pretrain_interrupted_mid_training_is_one_line_and_leaves_no_partial_che
     work, log = pretrain_work(tiny_bundle, tmp_path, 200, 1), tmp_path / "stderr.txt"
     argv = ["pretrain", "--work", str(work), "--config", str(tmp_path / "pretrain.toml")]
 
-    def training() -> bool:  # a checkpoint is written at every step: signals land in saves too
+    def training(pid: int) -> bool:  # a checkpoint at every step: signals land in saves too
         return (work / "pretraining_output" / "checkpoint-1" / "trainer_state.json").exists()
     status, err = interrupted(argv, number, training, log)
     assert status == expected, err[-3000:]
@@ -176,3 +176,31 @@ def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_leaves_no_partial_chec
     assert not checkpoint.exists()
     assert not (work / "model").exists() and temporaries(work) == []
     assert not (work / LOCK_FILE).exists()
+
+
+def children(pid: int) -> int:
+    """Live child processes of `pid`."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        count += int(fields[1]) == pid and fields[0] != "Z"
+    return count
+
+
+def test_synth_interrupted_while_its_workers_start_is_one_line(tmp_path: Path) -> None:
+    """The workers are still importing (no initializer has run yet): they must not print the
+    KeyboardInterrupt tracebacks of their imports."""
+    log, out = tmp_path / "stderr.txt", tmp_path / "synthetic"
+    argv = ["synth", "--subjects", "20000", "--shards", "8", "--workers", "2", "--out", str(out)]
+
+    def workers_started(pid: int) -> bool:
+        return children(pid) >= 2
+    status, err = interrupted(argv, signal.SIGINT, workers_started, log)
+    assert status == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert error_lines(err) == [
+        "ehrmotor synth: interrupted; rerunning the same command starts it again"], err[-3000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]

@@ -4,10 +4,11 @@ interrupts to it.
 A `ProcessPoolExecutor` worker outlives a parent killed with SIGKILL (as the OOM killer does) and
 goes on computing for nobody; these workers watch their parent and exit when it is gone.
 
-Ctrl-C reaches every process of the terminal's process group. The workers ignore SIGINT (their
-tracebacks would bury the one line the command ends with); the parent handles it and stops them
-with `stop_workers` (SIGTERM, which they do not handle: they end at once, printing nothing).
-`Terminated` is what the command line raises on SIGTERM so that the same cleanup runs.
+Ctrl-C reaches every process of the terminal's process group. The workers start with SIGINT
+blocked and then ignore it (their tracebacks would bury the one line the command ends with);
+the parent handles it and stops them with `stop_workers` (SIGTERM, which they do not handle:
+they end at once, printing nothing). `install_interrupt_handlers` sets up the command line's
+handling: SIGTERM raises `Terminated`, so that the same cleanup runs as for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ class WorkerPool(ProcessPoolExecutor):
     """The pool of `process_pool` (its futures are `_CancellableFuture`s)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future = super().submit(fn, *args, **kwargs)
+        # submit starts the workers: they inherit SIGINT blocked, so Ctrl-C never reaches them,
+        # not even while they import their modules (before any initializer runs). A SIGINT
+        # meanwhile stays pending here and is handled on return.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         future.__class__ = _CancellableFuture  # adds a method only: same layout
         return future
 
