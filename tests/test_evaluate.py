@@ -202,7 +202,7 @@ def test_label_command_writes_label_files_and_replaces_only_its_own_folder(
 
 def test_cli_refuses_an_unknown_outcome_name_before_any_work(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--model", str(tmp_path / "model"), "--meds", str(tmp_path),
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--meds", str(tmp_path / "meds"),
                  "--out", str(tmp_path / "out"), "--outcomes", "death", "flu"]) == 2
     assert "unknown outcome 'flu'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
