@@ -47,6 +47,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ehrmotor.bundle import record_fingerprint
 from ehrmotor.config import PretrainConfig
 from ehrmotor.embed import compute_features
 from ehrmotor.meds import data_files
@@ -275,6 +276,7 @@ def fresh_bundle(sizes: Sizes, root: Path, workers: int | None) -> tuple[Path, P
     shutil.copy(files / "tokenizer" / "dictionary.msgpack", bundle / "dictionary.msgpack")
     shutil.copy(files / "motor_task.json", bundle / "motor_task.json")
     shutil.copytree(files / "ontology", bundle / "ontology")
+    record_fingerprint(bundle)  # last, as `pretrain` does: load_bundle checks it
     return meds, bundle
 
 

@@ -23,6 +23,7 @@ import torch
 from features_fixtures import Subjects, at, read_events, write_meds_copy
 
 from ehrmotor.batching import collate_windows, pad_batch
+from ehrmotor.bundle import record_fingerprint
 from ehrmotor.cli import main
 from ehrmotor.embed import compute_features, read_labels, write_embeddings
 from ehrmotor.errors import InputError
@@ -272,6 +273,7 @@ def test_context_is_the_models_from_its_config_else_its_training_summary(
             document = {**json.loads((copy / file).read_text()), **change}
             (copy / file).write_text(json.dumps({k: v for k, v in document.items()
                                                  if v is not None}))
+        record_fingerprint(copy)  # edited on purpose: tie the parts together again
         return copy
 
     recorded = edited("recorded", {"max_window": 16}, {})

@@ -359,11 +359,40 @@ CASES: dict[str, Case] = {
         "--tokens-per-batch"),
     "synth --seed -1": Case("synth", lambda w, r: ["synth", "--subjects", "5", "--seed", "-1",
                                                    "--out", str(r / "s")], "--seed"),
+    # an --out inside an input
+    "prepare --out inside --meds": Case("prepare", lambda w, r: [
+        "prepare", "--meds", str(copy_meds(w, r)), "--out", str(r / "meds/data/work")],
+        "is inside --meds"),
+    "label --out inside --meds": Case("label", lambda w, r: [
+        "label", "--meds", str(copy_meds(w, r)), "--out", str(r / "meds/labels")],
+        "is inside --meds"),
+    "evaluate --out inside --meds": Case("evaluate", lambda w, r: [
+        "evaluate", "--model", str(w.bundle), "--meds", str(copy_meds(w, r)), "--out",
+        str(r / "meds/evaluation")], "is inside --meds"),
+    "embed --out inside --meds": Case("embed", lambda w, r: embed_inside_meds(w, r),
+                                      "is inside --meds"),
+    "embed --out is --labels": Case("embed", lambda w, r: embed_over_labels(w, r), "is --labels"),
+    # a model too large for the memory
+    "pretrain hidden_size 1000000": Case(
+        "pretrain", pretrain_with(PRETRAIN_TOML + "hidden_size = 1000000\n"),
+        "parameters and training needs about"),
     # one writer per work folder
     "prepare while another holds the work folder": Case("prepare", locked("prepare"), "in use by"),
     "pretrain while another holds the work folder": Case("pretrain", locked("pretrain"),
                                                          "in use by"),
 }
+
+
+def embed_inside_meds(world: World, root: Path) -> list[str]:
+    meds = copy_meds(world, root)
+    return ["embed", "--model", str(world.bundle), "--meds", str(meds), "--labels",
+            str(world.labels), "--out", str(meds / "data" / "embeddings.parquet")]
+
+
+def embed_over_labels(world: World, root: Path) -> list[str]:
+    labels = Path(shutil.copy(world.labels, root / "labels.parquet"))
+    return ["embed", "--model", str(world.bundle), "--meds", str(world.meds), "--labels",
+            str(labels), "--out", str(labels)]
 
 
 def _changed_tiny(world: World, root: Path, change: Callable[[Path], None]) -> Path:
@@ -437,7 +466,7 @@ def run_main(argv: list[str]) -> int:
 
 def test_the_table_covers_every_command() -> None:
     commands = {case.command for case in CASES.values()}
-    assert commands == {"validate", "prepare", "pretrain", "embed", "evaluate", "synth"}
+    assert commands == {"validate", "prepare", "pretrain", "embed", "evaluate", "synth", "label"}
     assert len(CASES) >= 60
 
 
@@ -719,3 +748,43 @@ def test_fingerprint_sees_a_same_size_edit_early_in_a_file(tmp_path: Path) -> No
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert fingerprint_files([shard], tmp_path) != before
+
+
+# --------------------------------------------------------------------------- links, memory
+
+
+def test_prepare_and_label_write_through_a_link_to_a_folder(world: World, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    # prepare goes on (and stops at the MOTOR task: three subjects are too few)
+    assert run_main(["prepare", "--meds", str(world.tiny_meds), "--out", str(link)]) == 2
+    assert "is a file" not in capsys.readouterr().err
+    assert (target / "pretraining_files" / "ontology").is_dir()
+    assert not (target / LOCK_FILE).exists()
+    labels = tmp_path / "labels-link"
+    (tmp_path / "labels-real").mkdir()
+    labels.symlink_to(tmp_path / "labels-real", target_is_directory=True)
+    assert run_main(["label", "--meds", str(world.meds), "--out", str(labels)]) == 0
+    assert labels.is_symlink() and (tmp_path / "labels-real" / "labels.json").is_file()
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_an_allocation_failure_building_the_model_is_one_line(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from ehrmotor import train
+
+    def no_memory(config: object) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 1099511627776 bytes.")
+    monkeypatch.setattr(train, "MotorModel", no_memory)
+    argv = pretrain_with(PRETRAIN_TOML)(world, tmp_path)
+    capsys.readouterr()
+    assert run_main(argv) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("ehrmotor pretrain: error: pretrain: "), lines
+    assert "parameters" in lines[0] and "smaller preset" in lines[0], lines

@@ -56,6 +56,18 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def remove_atomically(path: Path) -> None:
+    """Remove a folder this package created, renaming it first to a temporary (`.NAME.old-PID`)
+    so that an interrupted removal leaves a stale temporary, not half a folder."""
+    old = _temporary(path, "old")
+    remove(old)
+    try:
+        os.replace(path, old)
+    except FileNotFoundError:
+        return
+    remove(old)
+
+
 def clean_stale_temporaries(folder: Path) -> list[Path]:
     """Remove `.NAME.tmp-PID` / `.NAME.old-PID` entries in `folder` whose process is dead.
 
@@ -100,9 +112,24 @@ def _kind(path: Path) -> str:
     return "folder" if path.is_dir() and not path.is_symlink() else "file"
 
 
-def check_output(path: Path, kind: str) -> None:
-    """Raise OutputError unless `path` is absent or a `kind` ("file" or "folder") to replace."""
+def followed(path: Path) -> Path:
+    """`path`, or the folder it links to when it is a symbolic link to a folder (an output
+    folder given as a link is written through it: the lock and temporaries go beside the real
+    folder)."""
     path = Path(path)
+    return path.resolve() if path.is_symlink() and path.is_dir() else path
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it, links and `..` resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output(path: Path, kind: str) -> None:
+    """Raise OutputError unless `path` is absent or a `kind` ("file" or "folder") to replace;
+    a link to a folder counts as that folder."""
+    path = followed(path)
     if path.parent.exists() and not path.parent.is_dir():
         raise OutputError(f"{path.parent}: is a file; expected a folder to write {path.name} in")
     if (path.exists() or path.is_symlink()) and _kind(path) != kind:
@@ -119,7 +146,7 @@ def atomic_path(path: Path, *, replace_folder: bool = False) -> Iterator[Path]:
     replaces a folder nor a folder a file (OutputError). On an exception the temporary path is
     removed and `path` is left as it was.
     """
-    path = Path(path)
+    path = followed(path)  # a link to a folder: its folder is replaced, the link kept
     tmp = _temporary(path)
     remove(tmp)  # our own pid's leftover
     try:

@@ -15,11 +15,22 @@ anything it cannot use:
   is checked again after loading, so nothing is ever silently re-initialised;
 - dictionary.msgpack that is missing or corrupt (see `Tokenizer.load`), or whose number of entries
   differs from config.json's vocab_size;
-- an unreadable training_summary.json or a bad max_window in it; a missing or corrupt ontology.
+- an unreadable training_summary.json or a bad max_window in it; a missing or corrupt ontology;
+- parts that were not written together: fingerprint.json (FINGERPRINT_FILE) records, when
+  `pretrain` writes the bundle, a SHA-256 digest of each part (FINGERPRINTED_PARTS: config.json,
+  model.safetensors, dictionary.msgpack, motor_task.json, ontology/, training_summary.json and,
+  when prepare held subjects out itself, subject_splits.parquet) and one
+  fingerprint over them (`Bundle.fingerprint`). A part whose content differs (say the dictionary
+  of another vocabulary of the same size) is named; a bundle without the file (written before
+  ehrmotor recorded it) is refused with the advice to rerun `ehrmotor pretrain`. Checked last,
+  after the structural checks above, so a damaged part keeps its own message. The weights are
+  hashed whole (a base-size model.safetensors, 508 MiB, hashes in about 0.3 s): a header
+  digest would not tell apart two trainings of the same shape.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,7 +41,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as hf_logging
 
+from ehrmotor.artifacts import fingerprint_files, write_json
 from ehrmotor.errors import BundleError, InputError, one_line
+from ehrmotor.meds.read import HELD_OUT_FILE
 from ehrmotor.model import MotorConfig, MotorModel, current_weight_name
 from ehrmotor.prepare.ontology import Ontology, OntologyError
 from ehrmotor.prepare.tokenizer import Tokenizer
@@ -43,6 +56,13 @@ PICKLED_WEIGHTS_FILE = "pytorch_model.bin"
 DICTIONARY_FILE = "dictionary.msgpack"
 SUMMARY_FILE = "training_summary.json"
 ONTOLOGY_DIR = "ontology"
+MOTOR_TASK_FILE = "motor_task.json"
+FINGERPRINT_FILE = "fingerprint.json"
+FINGERPRINT_VERSION = 1
+# The parts one fingerprint ties together; all but the summary must be present.
+FINGERPRINTED_PARTS = (CONFIG_FILE, WEIGHTS_FILE, DICTIONARY_FILE, MOTOR_TASK_FILE, ONTOLOGY_DIR,
+                       SUMMARY_FILE, HELD_OUT_FILE)
+OPTIONAL_PARTS = (SUMMARY_FILE, HELD_OUT_FILE)
 MODEL_TYPE = "ehrmotor"
 # config.json fields that shape the weights (positive integers) or change what the model computes.
 SIZE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -64,6 +84,7 @@ class Bundle:
     ontology: Ontology
     max_window: int | None  # training context: config.json's, else training_summary.json's
     unseen_splits: tuple[str, ...] | None = None  # MEDS splits left out of pretraining, if known
+    fingerprint: str = ""  # SHA-256 (hex) over the digests of the parts (fingerprint.json)
 
 
 def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None) -> Bundle:
@@ -88,7 +109,84 @@ def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None)
     weights = _checked_weights(bundle, config)
     loaded_ontology = _load_ontology(bundle, ontology)
     model = _load_model(bundle, weights, config)  # the costly step last
-    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window, unseen_splits)
+    # After the structural checks, which name what is wrong with a damaged part.
+    fingerprint = check_fingerprint(bundle)
+    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window, unseen_splits,
+                  fingerprint)
+
+
+def _part_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's content, or of a folder's files (relative paths and contents)."""
+    if path.is_dir():
+        return fingerprint_files([p for p in path.rglob("*") if p.is_file()], path)
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _combined(parts: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        digest.update(f"{name}\0{parts[name]}\0".encode())
+    return digest.hexdigest()
+
+
+def record_fingerprint(bundle: str | Path) -> str:
+    """Write `bundle/fingerprint.json` for the parts there now; return the fingerprint.
+
+    Called by `pretrain` once every part is in place (a part written afterwards would not
+    match); tools that assemble a bundle themselves call it last too.
+    """
+    bundle = Path(bundle)
+    parts = {name: _part_digest(bundle / name) for name in FINGERPRINTED_PARTS
+             if name not in OPTIONAL_PARTS or (bundle / name).exists()}
+    fingerprint = _combined(parts)
+    write_json(bundle / FINGERPRINT_FILE, {"format_version": FINGERPRINT_VERSION,
+                                           "fingerprint": fingerprint, "parts": parts})
+    return fingerprint
+
+
+def _recorded_fingerprint(path: Path) -> dict[str, str]:
+    """The parts' digests recorded in fingerprint.json; BundleError when it cannot be used."""
+    if not path.is_file():
+        raise BundleError(f"{path}: not found; this bundle was written by an older ehrmotor, "
+                          "whose bundles do not tie their parts together; rerun `ehrmotor "
+                          "pretrain --work WORK` to write a current bundle")
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not readable JSON ({one_line(exc)}); expected the "
+                          f"fingerprint {BY_PRETRAIN}") from exc
+    if not isinstance(recorded, dict):
+        recorded = {}
+    parts = recorded.get("parts")
+    if (recorded.get("format_version") != FINGERPRINT_VERSION or not isinstance(parts, dict)
+            or not all(isinstance(v, str) for v in parts.values())
+            or recorded.get("fingerprint") != _combined(parts)):
+        raise BundleError(f"{path}: not a fingerprint record of format {FINGERPRINT_VERSION} "
+                          f"(or edited); expected the fingerprint {BY_PRETRAIN}")
+    return parts
+
+
+def check_fingerprint(bundle: str | Path) -> str:
+    """The fingerprint of `bundle`, after checking each part against fingerprint.json;
+    BundleError naming the first part that was not written with the others."""
+    bundle = Path(bundle)
+    recorded = _recorded_fingerprint(bundle / FINGERPRINT_FILE)
+    for name in sorted(set(recorded) | {n for n in FINGERPRINTED_PARTS
+                                        if n not in OPTIONAL_PARTS or (bundle / n).exists()}):
+        path = bundle / name
+        if name not in recorded:
+            raise BundleError(f"{path}: not part of this bundle when it was written (not in "
+                              f"{FINGERPRINT_FILE}); remove it or rerun `ehrmotor pretrain`")
+        if not path.exists():
+            raise BundleError(f"{path}: not found; expected the {name} written with this "
+                              f"bundle ({FINGERPRINT_FILE} records it)")
+        if _part_digest(path) != recorded[name]:
+            raise BundleError(f"{path}: not the {name} this bundle was written with (its digest "
+                              f"differs from the one in {FINGERPRINT_FILE}: a part of another "
+                              "bundle or an edited file); restore the bundle's own or rerun "
+                              "`ehrmotor pretrain`")
+    return _combined(recorded)
 
 
 

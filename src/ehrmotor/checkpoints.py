@@ -5,25 +5,41 @@
 rerun resumes the last complete checkpoint when its settings match (RESUMABLE_CHANGES aside) and
 stops with a PretrainError naming what changed when they do not. The decision reads files only,
 so every rank of a distributed run takes the same one.
+
+A checkpoint is whole or absent: `whole_checkpoint` removes the `checkpoint-N/` that a failed or
+interrupted save leaves (a full disk, Ctrl-C) and turns a full disk into one OutputError line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ehrmotor import artifacts
 from ehrmotor.config import PretrainConfig, config_dict
-from ehrmotor.errors import PretrainError
+from ehrmotor.errors import (
+    EhrmotorError,
+    OutputError,
+    PretrainError,
+    environment_message,
+    first_line,
+)
 from ehrmotor.prepare.shards import INDEX
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from
 # Settings a resumed run may change: they change neither the weights nor the batches.
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint
+# torch.save reports a failed write (full disk, size limit) as a RuntimeError without an errno.
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos")
+LOW_SPACE_BYTES = 64 * 2**20  # below this, a failed write is put down to a full disk
 RESUMABLE_CHANGES = ("dataloader_num_workers", "logging_steps", "save_total_limit",
                      "gradient_checkpointing", "compile")
 
@@ -126,3 +142,46 @@ def last_complete_checkpoint(output: Path) -> str | None:
     except FileNotFoundError:  # the main process is discarding `output`: nothing to resume
         return None
     return str(output / f"checkpoint-{max(steps)}") if steps else None
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged process may still write on `folder`'s filesystem (None: unknown)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _save_failure(error: BaseException, folder: Path) -> str | None:
+    """One line for a checkpoint that could not be written for want of space (or another
+    environment reason), else None."""
+    message = environment_message(error, folder)
+    if message is not None:
+        return message
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(mark in text for mark in TORCH_WRITE_FAILURES):
+        space = free_bytes(folder.parent)
+        reason = (os.strerror(28) if space is not None and space < LOW_SPACE_BYTES
+                  else f"write failed: {first_line(error)}")
+        return f"{folder}: {reason}"
+    return None
+
+
+@contextlib.contextmanager
+def whole_checkpoint(folder: Path, owner: bool = True) -> Iterator[None]:
+    """Run a checkpoint save into `folder`; when it fails or is interrupted before Trainer wrote
+    its state (TRAINER_STATE, written last), remove the partial folder (`owner`: the process
+    that saves it, global rank 0). A full disk becomes an OutputError naming the folder and the
+    reason."""
+    folder = Path(folder)
+    try:
+        yield
+    except BaseException as error:
+        if owner and folder.is_dir() and not (folder / TRAINER_STATE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        message = None if isinstance(error, EhrmotorError) else _save_failure(error, folder)
+        if message is None:
+            raise
+        raise OutputError(f"{message} (while saving a checkpoint; the partial checkpoint was "
+                          "removed, the earlier ones are kept)") from error

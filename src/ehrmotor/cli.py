@@ -4,6 +4,11 @@ Errors in the user's input or environment (an `EhrmotorError`, a full disk, a fi
 read-only or forbidden path) end the command with a one-line message on stderr and exit status 2;
 `--debug` (or EHRMOTOR_DEBUG=1) shows their traceback. Any other exception is a bug in ehrmotor and
 keeps its traceback.
+
+SIGINT (Ctrl-C) and SIGTERM end every command with one line, "ehrmotor CMD: interrupted; ...",
+and exit status 130 or 143, after the cleanup an error gets (workers stopped, lock released,
+temporaries and partial checkpoints removed). An --out inside an input of the command is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from pathlib import Path
 from ehrmotor import __version__
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
+from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
 
 log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -344,6 +351,35 @@ ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+RESUMING = ("prepare", "pretrain")  # commands that continue from their finished steps
+# (input options, the output option): an --out inside an input is refused.
+INPUTS = {"prepare": ("meds", "athena"), "label": ("meds",), "evaluate": ("meds", "labels"),
+          "embed": ("meds", "labels")}
+REPLACES_OUT = ("label",)  # writes OUT whole: an input inside it is refused too
+
+
+def _check_outside_inputs(args: argparse.Namespace) -> None:
+    """OutputError when --out is (inside) an input of the command: the rerun would read what the
+    first run wrote, or the command would replace its own input."""
+    from ehrmotor.artifacts import inside
+
+    out = getattr(args, "out", None)
+    if out is None or args.command not in INPUTS:
+        return
+    for option in INPUTS[args.command]:
+        value = getattr(args, option, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path is None:
+                continue
+            where = "is" if Path(out).resolve() == Path(path).resolve() else "is inside"
+            if inside(out, path):
+                raise OutputError(f"--out {out}: {where} --{option} {path}; ehrmotor never "
+                                  "writes into its input (choose an --out outside it)")
+            if args.command in REPLACES_OUT and inside(path, out):
+                raise OutputError(f"--{option} {path}: is inside --out {out}, which this "
+                                  "command replaces whole (choose an --out outside it)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -352,20 +388,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # accelerate's per-evaluation notes (e.g. "The used dataset had no length") are noise here
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     debug = args.debug or os.environ.get("EHRMOTOR_DEBUG", "") not in ("", "0")
+    previous = install_interrupt_handlers()
     try:
+        _check_outside_inputs(args)
         return int(args.run(args))
     except EhrmotorError as error:
         if debug:
             raise
         return _fail(args.command, str(error))
-    except KeyboardInterrupt:
-        print(f"ehrmotor {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        then = "resumes" if args.command in RESUMING else "starts it again"
+        print(f"ehrmotor {args.command}: interrupted; rerunning the same command {then}",
+              file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except Exception as error:
         message = environment_message(error)  # full disk, size limit, read-only path
         if message is None or debug:
             raise
         return _fail(args.command, message)
+    finally:
+        restore_handlers(previous)
 
 
 def _fail(command: str, message: str) -> int:

@@ -3,7 +3,8 @@
 The lock is `FOLDER/.ehrmotor.lock`, locked with `flock` (released by the kernel when its holder
 dies, so a killed run never blocks the next) and holding the holder's pid, host, command and start
 time (JSON) for the message a second run stops with. A lock file left by a dead holder is taken
-over, and the takeover is logged.
+over, and the takeover is logged. A folder given as a symbolic link is locked as the folder it
+points to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ehrmotor.artifacts import remove_empty_folders
+from ehrmotor.artifacts import followed, remove_empty_folders
 from ehrmotor.errors import WorkFolderBusy
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def work_lock(folder: Path, command: str) -> Iterator[None]:
     if not _is_main_rank():
         yield
         return
-    folder = Path(folder)
+    folder = followed(Path(folder))  # a link to a folder: lock the folder itself
     created = [parent for parent in (*reversed(folder.parents), folder) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE

@@ -12,6 +12,8 @@ end writes the self-contained bundle `WORK/model/` atomically:
     training_summary.json  steps, val loss, base-rate val loss, parameter count
     subject_splits.parquet prepare's own held-out split, when it wrote one (evaluate's default)
     README.md              the model card (`ehrmotor.model_card`)
+    fingerprint.json       a digest of each part above and one fingerprint over them, written
+                           last (`ehrmotor.bundle.record_fingerprint`); loading checks it
 
 `pretraining_output/` is then removed unless `--keep-output`. With a finished bundle present,
 pretraining is a no-op unless `--force` (which implies `--restart`). Runs unchanged under
@@ -43,13 +45,20 @@ from transformers import EarlyStoppingCallback, Trainer
 
 from ehrmotor import artifacts
 from ehrmotor.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
-from ehrmotor.checkpoints import prepare_output, resumable_checkpoint, training_settings
+from ehrmotor.bundle import FINGERPRINT_FILE, record_fingerprint
+from ehrmotor.checkpoints import (
+    prepare_output,
+    resumable_checkpoint,
+    training_settings,
+    whole_checkpoint,
+)
 from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
+from ehrmotor.meds.read import HELD_OUT_FILE
+from ehrmotor.memory import allocation_errors, check_model_fits
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.model_card import write_model_card
-from ehrmotor.prepare.split import HELD_OUT_FILE
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
@@ -59,7 +68,8 @@ from ehrmotor.train_setup import (
 )
 
 log = logging.getLogger(__name__)
-BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json")
+BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json",
+                FINGERPRINT_FILE)
 
 
 class MotorTrainer(Trainer):
@@ -86,6 +96,12 @@ class MotorTrainer(Trainer):
                                    process_index=0, put_on_device=True,
                                    non_blocking=self.accelerator.non_blocking)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # A failed or interrupted save leaves no partial checkpoint-N/ behind.
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        with whole_checkpoint(folder, owner=self.args.should_save):
+            super()._save_checkpoint(model, trial)
+
     def get_train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
@@ -105,9 +121,10 @@ def _write_bundle(trainer: Trainer, work: Path, summary: dict[str, Any]) -> Path
         if (work / HELD_OUT_FILE).is_file():  # prepare --held-out-fraction's split
             shutil.copy(work / HELD_OUT_FILE, tmp / HELD_OUT_FILE)
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_model_card(tmp, files, summary=summary)
         for stray in ("training_args.bin",):  # pickled by Trainer.save_model; never shipped
             (tmp / stray).unlink(missing_ok=True)
+        fingerprint = record_fingerprint(tmp)  # it ties together the parts written above
+        write_model_card(tmp, files, summary=summary, fingerprint=fingerprint)  # not a part
     return bundle
 
 
@@ -156,12 +173,15 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         log.warning("pretrain: no validation data (val_batches is empty): training without "
                     "evaluation or early stopping; the bundle holds the last step's weights")
     args = training_arguments(config, output, has_val, model_config.hidden_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parameters = check_model_fits(model_config, device, args.world_size if config.fsdp else 1)
     settings = training_settings(config, work / "pretraining_files")
     checkpoint = None if restart else resumable_checkpoint(output, settings)
     if args.process_index == 0:
         prepare_output(output, checkpoint, settings, restart)
 
-    model = MotorModel(model_config)
+    with allocation_errors(model_config, parameters, device):
+        model = MotorModel(model_config)
     log.info("pretrain: MOTOR %s model, %s parameters, %d tasks, %d bins, vocabulary %d; %s%s",
              config.preset, f"{model.count_parameters():,}", model_config.num_tasks,
              model_config.num_bins, model_config.vocab_size,
@@ -173,7 +193,8 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         task_map=torch.from_numpy(prepared.task.task_map()),
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with allocation_errors(model_config, parameters, device):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_fsdp_enabled:
         log.info("pretrain: FSDP over %d ranks (model %s)", args.world_size,
                  type(trainer.model_wrapped).__name__)
@@ -192,7 +213,7 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
         _write_bundle(trainer, work, {k: v for k, v in summary.items()
                                       if not (isinstance(v, float) and not math.isfinite(v))})
         if not keep_output:
-            shutil.rmtree(output, ignore_errors=True)
+            artifacts.remove_atomically(output)
     trainer.accelerator.wait_for_everyone()
     return bundle
 

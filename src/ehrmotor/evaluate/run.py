@@ -64,7 +64,7 @@ from ehrmotor.evaluate.tasks import (
 )
 from ehrmotor.meds import read_splits_file
 from ehrmotor.meds.labels import LabelSet, read_label_sets
-from ehrmotor.prepare.split import HELD_OUT_FILE
+from ehrmotor.meds.read import HELD_OUT_FILE
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,9 @@ DATA_DIR = "data"
 CODES_FILE = "metadata/codes.parquet"
 DATASET_FILE = "metadata/dataset.json"
 SPLITS_FILE = "metadata/subject_splits.parquet"
+# A MEDS split file outside the dataset: `prepare --held-out-fraction` writes it to WORK, and
+# `pretrain` copies it into the model bundle (evaluate's default split file there).
+HELD_OUT_FILE = "subject_splits.parquet"
 # The split names MEDS defines; pretraining leaves out held_out (and whatever prepare is told).
 KNOWN_SPLITS = ("train", "tuning", "held_out")
 

@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HASH_BUCKETS = 1 << 16
-HELD_OUT_FILE = "subject_splits.parquet"  # in WORK and in the model bundle
 SPLITS_SCHEMA = pa.schema([("subject_id", pa.int64()), ("split", pa.string())])
 
 

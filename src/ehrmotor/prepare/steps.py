@@ -48,6 +48,7 @@ from ehrmotor.config import (
 )
 from ehrmotor.errors import InputError
 from ehrmotor.meds import read_codes_metadata, read_splits_file, read_subject_splits
+from ehrmotor.meds.read import HELD_OUT_FILE
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
 from ehrmotor.prepare.ontology import Ontology
@@ -65,7 +66,6 @@ from ehrmotor.prepare.shards import (
     shard_tokenizer_counts,
 )
 from ehrmotor.prepare.split import (
-    HELD_OUT_FILE,
     held_out_splits,
     read_split,
     split_subjects,
