@@ -152,3 +152,12 @@ def test_the_commands_end_with_one_line_and_status_2(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"ehrmotor {command}: error: {bundle / 'dictionary.msgpack'}: "
                                "not the dictionary.msgpack"), lines
+
+
+def test_a_split_file_added_to_a_bundle_is_refused(bundle: Path) -> None:
+    """The bundle's subject_splits.parquet decides whom evaluate evaluates: one slipped in later
+    (a pretraining subject relabelled held_out) must not pass."""
+    pl.DataFrame({"subject_id": [1], "split": ["held_out"]}).write_parquet(
+        bundle / "subject_splits.parquet")
+    with pytest.raises(BundleError, match="subject_splits.parquet: not part of this bundle"):
+        load_bundle(bundle)

@@ -242,7 +242,9 @@ def test_bundle_has_a_model_card_with_front_matter_and_numbers(
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     meta = yaml.safe_load(front)
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "ehrmotor"
-    assert "time-to-event" in meta["tags"] and "fingerprint" not in meta
+    assert "time-to-event" in meta["tags"]
+    recorded = json.loads((bundle / "fingerprint.json").read_text())["fingerprint"]
+    assert meta["fingerprint"] == recorded  # the card names the bundle it describes
     summary = json.loads((bundle / "training_summary.json").read_text())
     config = json.loads((bundle / "config.json").read_text())
     assert meta["parameters"] == summary["parameters"]
