@@ -194,7 +194,8 @@ def test_label_command_writes_label_files_and_replaces_only_its_own_folder(
     mine.mkdir()
     (mine / "notes.txt").write_text("keep\n")
     capsys.readouterr()
-    assert main(["label", "--meds", str(landmark_meds), "--out", str(mine)]) == 2
+    assert main(["label", "--meds", str(landmark_meds), "--out", str(mine), "--outcomes",
+                 "death"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("ehrmotor label: error: ") and "not a folder written by" in error
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -170,14 +170,14 @@ def test_one_task_readers_refuse_a_folder_of_several(
     with pytest.raises(InputError, match=r"holds 2 tasks \(ICU_ADMISSION, death\), one per "):
         read_label_set(two_outcomes)
     status, error = run(capsys, "embed", "--model", str(tmp_path / "no_model"), "--meds",
-                        str(tmp_path), "--labels", str(two_outcomes), "--out",
+                        str(tmp_path / "meds"), "--labels", str(two_outcomes), "--out",
                         str(tmp_path / "embeddings.parquet"))
     assert status == 2
     assert error.startswith(f"ehrmotor embed: error: labels folder {two_outcomes}: holds 2 "
                             "tasks (ICU_ADMISSION, death)")
     assert f"give one task's file, e.g. {two_outcomes / 'ICU_ADMISSION.parquet'}" in error
     status, error = run(capsys, "evaluate", "--model", str(tmp_path / "no_model"), "--meds",
-                        str(tmp_path), "--out", str(tmp_path / "evaluation"), "--labels",
+                        str(tmp_path / "meds"), "--out", str(tmp_path / "evaluation"), "--labels",
                         str(two_outcomes), "--task-name", "x")
     assert status == 2 and "holds 2 tasks" in error
 
@@ -236,7 +236,7 @@ def test_embed_refuses_bad_label_rows_in_one_line(
     path = tmp_path / "task.parquet"
     pl.DataFrame(columns).write_parquet(path)
     status, error = run(capsys, "embed", "--model", str(tmp_path / "no_model"), "--meds",
-                        str(tmp_path), "--labels", str(path), "--out",
+                        str(tmp_path / "meds"), "--labels", str(path), "--out",
                         str(tmp_path / "embeddings.parquet"))
     assert status == 2
     assert error.startswith(f"ehrmotor embed: error: {path}: ")

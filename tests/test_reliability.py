@@ -768,7 +768,8 @@ def test_prepare_and_label_write_through_a_link_to_a_folder(world: World, tmp_pa
     labels = tmp_path / "labels-link"
     (tmp_path / "labels-real").mkdir()
     labels.symlink_to(tmp_path / "labels-real", target_is_directory=True)
-    assert run_main(["label", "--meds", str(world.meds), "--out", str(labels)]) == 0
+    assert run_main(["label", "--meds", str(world.meds), "--out", str(labels), "--outcomes",
+                     "hypertension"]) == 0
     assert labels.is_symlink() and (tmp_path / "labels-real" / "labels.json").is_file()
     assert not list(tmp_path.glob(".*tmp-*"))
 

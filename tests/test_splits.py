@@ -229,8 +229,10 @@ def test_evaluate_defaults_to_the_bundles_split_file(
     from ehrmotor.train import _write_bundle
 
     class Trainer:
-        def save_model(self, path: str) -> None:
+        def save_model(self, path: str) -> None:  # stand-ins for the weights' files
             Path(path).mkdir()
+            (Path(path) / "config.json").write_text("{}")
+            (Path(path) / "model.safetensors").write_bytes(b"")
 
     bundle = _write_bundle(Trainer(), held_out_work, {})  # type: ignore[arg-type]
     copied = bundle / "subject_splits.parquet"
