@@ -336,7 +336,7 @@ def scored_task(events: int, name: str = "rare") -> tuple[Task, list[dict[str, A
 
 def test_too_few_test_events_print_the_reason_instead_of_a_number() -> None:
     rare, rare_rows = scored_task(3, "rare")
-    common, common_rows = scored_task(12, "common")
+    common, common_rows = scored_task(20, "common")  # 10 or more events before tau
     results = pl.DataFrame([*rare_rows, *common_rows], schema=RESULT_SCHEMA)
     assert results.filter(pl.col("task") == "rare")["mean"].is_nan().all()
     assert results.filter(pl.col("task") == "common")["mean"].is_finite().all()

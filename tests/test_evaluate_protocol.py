@@ -24,8 +24,9 @@ OUTCOMES = "hypertension,death,stroke"  # stroke: 3 events in all, too few to sc
 # subjects in all), in the test set, and leaves positives in the pool.
 SETTINGS = ["--k", "16,all", "--replicates", "2", "--bootstrap", "30", "--seed", "8",
             "--landmark-codes", "Visit/"]  # the visits the counts above were taken at
-TIME_TO_EVENT_METHODS = {"motor_cox", "motor_head", "counts_cox", "counts_lightgbm"}
-BINARY_METHODS = {"motor_logistic", "counts_logistic", "counts_lightgbm"}
+TIME_TO_EVENT_METHODS = {"motor_cox", "motor_head", "counts_cox", "counts_lightgbm",
+                         "age_sex_cox"}
+BINARY_METHODS = {"motor_logistic", "counts_logistic", "counts_lightgbm", "age_sex_logistic"}
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +55,27 @@ def test_evaluate_writes_every_output(evaluated: Path) -> None:
     binary = results.filter(pl.col("kind") == "binary")
     assert set(binary["task"]) == {"heart_failure_1y"}
     assert set(binary["metric"]) == {"auroc", "auprc"}
-    assert set(binary["method"]) == BINARY_METHODS | {"motor_minus_best_count"}
+    assert set(binary["method"]) == BINARY_METHODS | {"motor_minus_best_baseline"}
     survival = results.filter(pl.col("task") == "hypertension")
     assert set(survival["metric"]) == {"harrell_c", "uno_c", "integrated_brier"}
-    assert set(survival["method"]) == TIME_TO_EVENT_METHODS | {"motor_minus_best_count",
+    assert set(survival["method"]) == TIME_TO_EVENT_METHODS | {"motor_minus_best_baseline",
                                                                "oracle"}
     assert set(survival["k"].drop_nulls()) == {"16", "all"}
     fitted = survival.filter(pl.col("method").is_in(TIME_TO_EVENT_METHODS))
     assert set(fitted.filter(pl.col("k") == "16")["replicates_fitted"]
                + fitted.filter(pl.col("k") == "16")["replicates_skipped"]) == {2}
     assert (fitted.filter(pl.col("k") == "all")["replicates_fitted"] == 1).all()
+    # landmarks a year apart: most test events come after the 365-day horizon, too few before tau
+    before_tau = results["note"].str.starts_with("too few events before tau").fill_null(False)
+    assert set(results.filter(before_tau)["metric"]) == {"uno_c", "integrated_brier"}
+    assert (results.filter(before_tau)["events_before_tau"] < 10).all()
+    results = results.filter(~before_tau)
     scored = results.filter((pl.col("task") != "stroke") & (pl.col("k") != "16"))
     assert scored["mean"].is_finite().all(), scored.filter(~pl.col("mean").is_finite())
     few = results.filter((pl.col("k") == "16") & ~pl.col("mean").is_finite()
                          & (pl.col("task") != "stroke"))  # draws of 16 without events or a class
     assert few["note"].str.contains("no draw could be fitted").all()  # difference rows too
-    unit = scored.filter(pl.col("method") != "motor_minus_best_count")
+    unit = scored.filter(pl.col("method") != "motor_minus_best_baseline")
     assert unit["mean"].is_between(0, 1).all()
     # tiny test sets: where over 10% of resamples lack an event subject there is no interval
     bounded = results.filter(pl.col("ci_low").is_finite())
@@ -83,8 +89,8 @@ def test_evaluate_writes_every_output(evaluated: Path) -> None:
     for task in tasks:
         assert f"## {task} (" in text
         assert (evaluated / f"kshot_{task}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| k | MOTOR Cox | MOTOR head | counts Cox | counts LightGBM | MOTOR − best count |" \
-        in text
+    assert ("| k | MOTOR Cox | MOTOR head | counts Cox | counts LightGBM | age (+sex) Cox "
+            "| MOTOR − best baseline |") in text
     assert "| oracle (true hazard) |" in text and "n/a" not in text
 
     for method in BINARY_METHODS:

@@ -170,8 +170,10 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
             "MEDS label files (--labels; boolean or time-to-event). A fixed test set of "
             "subjects; training sets of k subjects (replicates each); Cox, piecewise-exponential "
             "MOTOR-head and logistic heads on the embeddings, Cox, logistic and LightGBM on "
-            "count features; Harrell's and Uno's C, integrated Brier score, AUROC, AUPRC with "
-            "subject-bootstrap intervals, and MOTOR minus the best count head with a paired "
+            "count features, Cox or logistic on age (+sex); Harrell's and Uno's C, integrated "
+            "Brier score (these two up to tau: the last day with 10% and 10 test labels at "
+            "risk), AUROC, AUPRC with subject-bootstrap intervals, and MOTOR minus the best "
+            "baseline (counts or age (+sex)) with a paired "
             "interval (and, on data `ehrmotor synth` wrote, the generator's oracle). Writes "
             "results.csv, results.md, kshot_<task>.png, predictions/ and labels/ in OUT."
         ),
@@ -189,7 +191,7 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
                              "file's stem or the folder's name)")
     _add_landmark_options(parser, "outcomes to evaluate with landmark labels")
     parser.add_argument("--horizon-days", type=_positive_days, default=365.0,
-                        help="horizon of Uno's C and of the Brier grid in days (default 365)")
+                        help="the latest tau of Uno's C and the Brier grid in days (default 365)")
     parser.add_argument("--k", "--train-sizes", dest="k", nargs="+", type=_k_values,
                         default=None, metavar="K",
                         help="training-set sizes in subjects, comma- or space-separated; 'all' "

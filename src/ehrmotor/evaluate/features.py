@@ -8,7 +8,9 @@ each representation is computed once whatever the number of tasks:
   (`piecewise.motor_bin_features`), for the piecewise-exponential head on the MOTOR time bins;
 - `counts` (n, features): ontology-expanded counts over all time and the last year, last lab
   values and age (`ehrmotor.evaluate.counts`), the `max_features` most frequent in the training
-  pool.
+  pool;
+- `demographics` (n, 1 + sexes): age at the prediction time and a one-hot sex where the data
+  has a sex or gender code family (`ehrmotor.evaluate.demographics`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.evaluate.counts import count_features, feature_matrix, select_features
+from ehrmotor.evaluate.demographics import demographic_features
 from ehrmotor.evaluate.piecewise import motor_bin_features
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ class FeatureSets:
     """The feature matrices (rows in `points` order) and the MOTOR time bins."""
 
     points: pl.DataFrame  # subject_id, prediction_time
-    matrices: dict[str, np.ndarray]  # "motor", "motor_bins", "counts"
+    matrices: dict[str, np.ndarray]  # "motor", "motor_bins", "counts", "demographics"
     bin_edges_days: list[float]
 
 
@@ -63,7 +66,9 @@ def build_features(meds_dir: Path, bundle: Bundle, points: pl.DataFrame,
     long = count_features(meds_dir, points, bundle.ontology)
     names = select_features(long, pool_rows, max_features)
     counts = feature_matrix(long, names, points.height)
+    demographics, _ = demographic_features(meds_dir, points)
     log.info("evaluate: %d points; MOTOR %d features (head bins %s), counts %d features",
              points.height, motor.shape[1], "×".join(map(str, bins.shape[1:])), counts.shape[1])
-    return FeatureSets(points, {"motor": motor, "motor_bins": bins, "counts": counts},
+    return FeatureSets(points, {"motor": motor, "motor_bins": bins, "counts": counts,
+                                "demographics": demographics},
                        list(bundle.config.bin_edges_days))

@@ -5,6 +5,10 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
 
 - `fit_cox`: Cox model, elastic net that is mostly ridge (`CoxnetSurvivalAnalysis`, l1_ratio
   COX_L1_RATIO), alpha on the path by inner CV on Harrell's C; survival by a Breslow baseline.
+  A path that diverges (scikit-survival's "weights are too large") is refitted with a stronger
+  penalty: its smallest alpha ×COX_FALLBACK_FACTOR (as a share of the largest, up to
+  COX_MAX_ALPHA_MIN_RATIO); the head records this in `fallback`, and only when every penalty
+  fails is it a `HeadError`.
 - `fit_piecewise_exponential`, `fit_lightgbm_survival`: piecewise-exponential heads, in
   `ehrmotor.evaluate.piecewise`.
 - `fit_logistic`: L2 logistic regression, C by inner CV on AUROC.
@@ -41,7 +45,9 @@ from ehrmotor.evaluate.metrics import auroc, comparable_pairs, concordance
 
 COX_L1_RATIO = 0.1
 COX_N_ALPHAS = 8
-COX_ALPHA_MIN_RATIO = 0.01
+COX_ALPHA_MIN_RATIO = 0.01  # the path's smallest alpha, as a share of its largest
+COX_FALLBACK_FACTOR = 10.0  # a diverging path is refitted with its smallest alpha this much larger
+COX_MAX_ALPHA_MIN_RATIO = 0.5  # ... up to this share (1 would leave only all-zero coefficients)
 LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)
 INNER_FOLDS = 3
 MIN_TIME_DAYS = 0.5
@@ -133,6 +139,7 @@ class CoxHead:
     alpha: float
     baseline_days: np.ndarray  # (m,) distinct training times
     baseline_cumulative_hazard: np.ndarray  # (m,) H0 at those days
+    fallback: str | None = None  # how the penalty was raised after a diverging fit, if it was
 
     def risk(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(x, alpha=self.alpha), dtype=np.float64)
@@ -154,17 +161,40 @@ def _breslow(risk: np.ndarray, time: np.ndarray,
     return days, np.cumsum(events / at_risk)
 
 
+def cox_ratios() -> list[float]:
+    """The path's smallest-alpha shares tried in turn: COX_ALPHA_MIN_RATIO, ×COX_FALLBACK_FACTOR
+    each retry, the last capped at COX_MAX_ALPHA_MIN_RATIO."""
+    ratios = [COX_ALPHA_MIN_RATIO]
+    while ratios[-1] < COX_MAX_ALPHA_MIN_RATIO:
+        ratios.append(min(ratios[-1] * COX_FALLBACK_FACTOR, COX_MAX_ALPHA_MIN_RATIO))
+    return ratios
+
+
+def _cox_path(x: np.ndarray, target: np.ndarray) -> tuple[Pipeline, str | None]:
+    """The fitted Cox path with the first penalty that does not diverge, and how the penalty was
+    raised (None at the default); HeadError naming the last error when every one diverges."""
+    errors: list[str] = []
+    for ratio in cox_ratios():
+        path = _pipeline(CoxnetSurvivalAnalysis(
+            l1_ratio=COX_L1_RATIO, n_alphas=COX_N_ALPHAS, alpha_min_ratio=ratio))
+        try:
+            path.fit(x, target)
+        except ArithmeticError as error:  # coxnet's "weights too large"
+            errors.append(str(error))
+            continue
+        return path, None if not errors else (
+            f"Cox fit diverged at alpha_min_ratio {COX_ALPHA_MIN_RATIO:g} ({errors[0]}); "
+            f"refitted at {ratio:g}")
+    raise HeadError(f"Cox fit failed at every alpha_min_ratio up to {COX_MAX_ALPHA_MIN_RATIO:g}: "
+                    f"{errors[-1]}")
+
+
 def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
             groups: np.ndarray | None = None) -> CoxHead:
     """Fit the Cox head on features x (n, f), times (days) and event flags (n,)."""
     time, event = survival_targets(x, time, event)
     with single_threaded():
-        path = _pipeline(CoxnetSurvivalAnalysis(
-            l1_ratio=COX_L1_RATIO, n_alphas=COX_N_ALPHAS, alpha_min_ratio=COX_ALPHA_MIN_RATIO))
-        try:
-            path.fit(x, Surv.from_arrays(event, time))
-        except ArithmeticError as error:  # coxnet's "weights too large"
-            raise HeadError(f"Cox fit failed: {error}") from error
+        path, fallback = _cox_path(x, Surv.from_arrays(event, time))
         # The path starts at the smallest alpha with all coefficients zero: a constant score.
         alphas = [float(a) for a in path[-1].alphas_[1:]] or [float(path[-1].alphas_[0])]
         numerator, denominator = np.zeros(len(alphas)), 0.0
@@ -181,7 +211,9 @@ def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
                 denominator += pairs
     best = int(np.argmax(numerator)) if denominator else len(alphas) // 2
     days, hazard = _breslow(path.predict(x, alpha=alphas[best]), time, event)
-    return CoxHead(path, alphas[best], days, hazard)
+    if fallback is not None:
+        fallback += f", alpha {alphas[best]:.3g} chosen"
+    return CoxHead(path, alphas[best], days, hazard, fallback)
 
 
 @dataclass(frozen=True)

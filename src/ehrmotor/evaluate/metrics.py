@@ -11,6 +11,11 @@ The IPCW metrics weigh test subjects by the censoring distribution G (a reverse 
 `censoring_survival`) estimated on `train_time`/`train_event`: pass the largest labelled sample
 there is (the whole training pool, or the test set itself), not a k-shot training set of 16.
 
+Uno's C and the integrated Brier score only read the test set up to tau (`at_risk_tau`): the
+latest test time with at least MIN_AT_RISK_SHARE of the test labels and MIN_AT_RISK of them still
+at risk, capped at the horizon; with fewer than MIN_EVENTS_BEFORE_TAU events before tau they have
+no number (beyond it a handful of labels would decide the metric, and its interval says nothing).
+
 Binary: `auroc`, `auprc` (average precision, as scikit-learn's). Every metric is nan where it is
 undefined (no comparable pair, one class, G unknown); `ehrmotor.evaluate.reasons` says why.
 
@@ -33,6 +38,9 @@ from scipy.stats import rankdata
 TIED_RISK = 1e-8  # risks this close count as tied (scikit-survival's tolerance; here chained)
 MIN_TEST_EVENTS = 10  # time-to-event test sets with fewer events print no number
 MIN_TEST_POSITIVES = 2  # binary test sets with fewer positives (or negatives) print no number
+MIN_AT_RISK_SHARE = 0.1  # tau: at least this share of the test labels still at risk ...
+MIN_AT_RISK = 10  # ... and at least this many
+MIN_EVENTS_BEFORE_TAU = 10  # Uno's C and the Brier score need this many test events before tau
 MAX_SKIPPED_SHARE = 0.1  # an interval over resamples with more nan draws than this is nan
 INTERVAL_PERCENTILES = (2.5, 97.5)
 
@@ -178,6 +186,22 @@ def uno_c(train_time: np.ndarray, train_event: np.ndarray, time: np.ndarray, eve
     event_weights = np.zeros(len(time))
     event_weights[counted] = 1.0 / g**2
     return float(_concordance(time, event, risk, None, event_weights)[0])
+
+
+def at_risk_tau(time: np.ndarray, horizon_days: float) -> float:
+    """tau (days): the latest test time at which at least max(MIN_AT_RISK, MIN_AT_RISK_SHARE ×
+    labels) test labels are still at risk (time >= tau), capped at `horizon_days`; nan when the
+    test set has fewer labels than that."""
+    time = np.sort(np.asarray(time, dtype=np.float64))[::-1]
+    needed = max(MIN_AT_RISK, int(np.ceil(MIN_AT_RISK_SHARE * len(time))))
+    if len(time) < needed:
+        return float("nan")
+    return float(min(time[needed - 1], horizon_days))
+
+
+def events_before(time: np.ndarray, event: np.ndarray, tau: float) -> int:
+    """The number of events before `tau` (those Uno's C at tau counts)."""
+    return int((np.asarray(event, dtype=bool) & (np.asarray(time, np.float64) < tau)).sum())
 
 
 def brier_grid(time: np.ndarray, event: np.ndarray, horizon_days: float,

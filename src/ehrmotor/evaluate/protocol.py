@@ -9,8 +9,10 @@ which heads are fitted on which features.
 - Heads (`METHODS`, from `ehrmotor.evaluate.heads`): for time to event a Cox model and the
   piecewise-exponential MOTOR head on the MOTOR time bins, on the embeddings, and a Cox model and
   LightGBM on the count features; for binary labels logistic regression on either, and LightGBM
-  on counts. A draw whose training labels cannot be fitted (no event, one class, or a `HeadError`
-  from the head) is skipped and counted, never dropped silently.
+  on counts. The demographic baseline (age, and sex where the data has it) is fitted beside
+  them: a Cox model for time to event, logistic regression for binary labels. A draw whose
+  training labels cannot be fitted (no event, one class, or a `HeadError` from the head) is
+  skipped and counted, never dropped silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
 for time to event the survival curve at the days the integrated Brier score is read at and at
@@ -120,9 +122,9 @@ class Method:
 
     name: str
     title: str
-    family: str  # "motor" or "counts"
+    family: str  # "motor", or a baseline family: "counts" or "demographics"
     kind: str  # TIME_TO_EVENT or BINARY
-    features: str  # "motor", "motor_bins" or "counts" (see `features.FeatureSets`)
+    features: str  # "motor", "motor_bins", "counts" or "demographics" (`features.FeatureSets`)
     fit: FitHead
 
 
@@ -153,10 +155,14 @@ METHODS: tuple[Method, ...] = (
     Method("counts_cox", "counts Cox", "counts", TIME_TO_EVENT, "counts", _cox),
     Method("counts_lightgbm", "counts LightGBM", "counts", TIME_TO_EVENT, "counts",
            _boosted_survival),
+    Method("age_sex_cox", "age (+sex) Cox", "demographics", TIME_TO_EVENT, "demographics", _cox),
     Method("motor_logistic", "MOTOR logistic", "motor", BINARY, "motor", _logistic),
     Method("counts_logistic", "counts logistic", "counts", BINARY, "counts", _logistic),
     Method("counts_lightgbm", "counts LightGBM", "counts", BINARY, "counts", _boosted_binary),
+    Method("age_sex_logistic", "age (+sex) logistic", "demographics", BINARY, "demographics",
+           _logistic),
 )
+BASELINE_FAMILIES = ("counts", "demographics")  # what "MOTOR − best baseline" compares with
 
 
 def methods_for(kind: str) -> tuple[Method, ...]:
@@ -176,6 +182,7 @@ class Fit:
     survival: np.ndarray | None = None  # (test rows, len(days)) for time to event, if any
     skipped: str | None = None
     horizon_survival: np.ndarray | None = None  # (test rows,) S(horizon | x), time to event
+    fallback: str | None = None  # the head's fallback (a raised Cox penalty), if it took one
 
 
 @dataclass(frozen=True)
@@ -212,10 +219,15 @@ def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.nda
     survival = head.survival(x_test, data.days) if targets.time is not None else None
     at_horizon = (head.survival(x_test, np.array([context.horizon_days]))
                   if survival is not None else None)  # for the prediction files
+    fallback = getattr(head, "fallback", None)
+    if fallback:
+        log.info("evaluate: %s k=%s replicate %d: %s", method.name, k_label(draw.k),
+                 draw.replicate, fallback)
     return Fit(draw, np.asarray(head.risk(x_test), dtype=np.float64),
                None if survival is None else np.asarray(survival, dtype=np.float64),
                horizon_survival=(None if at_horizon is None
-                                 else np.asarray(at_horizon, dtype=np.float64)[:, 0]))
+                                 else np.asarray(at_horizon, dtype=np.float64)[:, 0]),
+               fallback=fallback)
 
 
 def fit_task(data: TaskData, methods: Sequence[Method], features: dict[str, np.ndarray],

@@ -3,8 +3,10 @@ meds-evaluation schema and the landmark labels. Every file is written atomically
 
 results.md has, per task, one table per metric: a row per k (training subjects; "all" is the
 whole pool), a column per method, cells "0.712 [0.650, 0.770]" (mean over replicates [95%
-subject-bootstrap interval]; "(3/5)" when draws were skipped), the "MOTOR − best count" column
-and, where the generator's true hazards are known, an "oracle" row. A cell without a number
+subject-bootstrap interval]; "(3/5)" when draws were skipped; "(penalty raised in 2 of 5 draws)"
+when Cox fits needed a stronger penalty), the "MOTOR − best baseline" column and, where the
+generator's true hazards are known, an "oracle" row. Uno's C and the integrated Brier score
+name their tau and the test events before it above the table. A cell without a number
 shows why instead (its note in results.csv: "too few events (4 < 10)", "no comparable pairs in
 the test set", "horizon beyond follow-up: ...", "no draw could be fitted (5 skipped); fit failed:
 ..."), a cell without an interval "0.080 [no interval: undefined in 40 of 200 bootstrap
@@ -43,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.artifacts import atomic_path
+from ehrmotor.evaluate.metrics import MIN_AT_RISK, MIN_AT_RISK_SHARE
 from ehrmotor.evaluate.protocol import methods_for
 from ehrmotor.evaluate.scoring import DIFFERENCE, ORACLE, Metric, metrics_for
 from ehrmotor.evaluate.tasks import TIME_TO_EVENT, Task, file_stem
@@ -103,6 +106,8 @@ def cell(row: dict[str, Any], signed: bool = False, digits: int = 3) -> str:
     why = note[note.find("no interval"):] if "no interval" in note else "no interval"
     text = (f"{number} [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low)
             else f"{number} [{why}]")
+    if note.startswith("penalty raised"):
+        text += f" ({note.split(':')[0]})"
     fitted, skipped = int(row["replicates_fitted"]), int(row["replicates_skipped"])
     return f"{text} ({fitted}/{fitted + skipped})" if skipped else text
 
@@ -110,9 +115,13 @@ def cell(row: dict[str, Any], signed: bool = False, digits: int = 3) -> str:
 def _metric_table(rows: pl.DataFrame, metric: Metric, titles: dict[str, str],
                   pool: int) -> list[str]:
     methods = [m for m in titles if m in set(rows["method"])]
-    columns = [*(titles[m] for m in methods), "MOTOR − best count"]
+    columns = [*(titles[m] for m in methods), "MOTOR − best baseline"]
     better = "higher" if metric.higher_is_better else "lower"
-    lines = [f"**{metric.title}** ({better} is better)", "",
+    first = rows.row(0, named=True)
+    tau = (f"; tau = {first['tau_days']:g} days, {first['events_before_tau']} test events "
+           "before tau" if first["tau_days"] is not None and np.isfinite(first["tau_days"])
+           else "")
+    lines = [f"**{metric.title}** ({better} is better{tau})", "",
              "| k | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(columns)]
     by_k = rows.filter(pl.col("method") != ORACLE)
@@ -134,8 +143,11 @@ def markdown(report: Report) -> str:
     lines = ["# Evaluation", "",
              "Mean over k-shot replicates on a fixed test set of subjects, [95% subject-bootstrap "
              "interval]; k = training subjects drawn from the pool (all = the whole pool). "
-             "MOTOR − best count: the best MOTOR head minus the best count head of the row, with "
-             "a paired bootstrap interval."]
+             "MOTOR − best baseline: the best MOTOR head minus the best baseline head (counts or "
+             "age (+sex)) of the row, with a paired bootstrap interval. Uno's C and the "
+             f"integrated Brier score read the test set up to tau: the last day with at least "
+             f"{MIN_AT_RISK_SHARE:.0%} and {MIN_AT_RISK} test labels at risk, at most the "
+             "horizon."]
     results = report.results
     for task in report.tasks:
         rows = results.filter(pl.col("task") == task.name)

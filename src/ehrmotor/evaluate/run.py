@@ -7,9 +7,11 @@ labels are used as they are). Only subjects of the evaluation splits count
 (`tasks.evaluation_subjects`). The protocol (`ehrmotor.evaluate.protocol`):
 a fixed test set of subjects, k-shot training sets drawn from the pool, the heads of each task
 kind on the feature sets (`ehrmotor.evaluate.features`), scored on the test set with
-subject-bootstrap intervals (`ehrmotor.evaluate.scoring`). When the caller knows the true hazards
-of an outcome (a simulated dataset), its `oracle` gives them at the test labels and they are
-scored as a reference row.
+subject-bootstrap intervals (`ehrmotor.evaluate.scoring`; Uno's C and the integrated Brier score up
+to tau, `metrics.at_risk_tau`). Beside MOTOR and the count features, every task has a demographic
+baseline (age, and sex where the data has it: `ehrmotor.evaluate.demographics`).
+When the caller knows the true hazards of an outcome (a simulated dataset), its `oracle` gives
+them at the test labels and they are scored as a reference row.
 
 Written to out_dir (`ehrmotor.evaluate.report`): results.csv (`scoring.RESULT_SCHEMA`),
 results.md, kshot_<task>.png, predictions/<task>/<method>.parquet (the k = "all" fit, the
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from ehrmotor.errors import InputError
 from ehrmotor.evaluate.features import FeatureSets, build_features
 from ehrmotor.evaluate.landmarks import LandmarkSettings, landmark_label_sets
-from ehrmotor.evaluate.metrics import brier_grid, subject_resamples
+from ehrmotor.evaluate.metrics import at_risk_tau, brier_grid, subject_resamples
 from ehrmotor.evaluate.protocol import (
     K_VALUES,
     Fit,
@@ -246,7 +248,9 @@ def task_data(task: Task, points: pl.DataFrame, test_subjects: np.ndarray,
     time = indexed["time_days"].to_numpy() if task.kind == TIME_TO_EVENT else None
     event = indexed[task.target].to_numpy().astype(bool)
     test = np.flatnonzero(in_test)
-    days = (brier_grid(time[test], event[test], horizon_days) if time is not None
+    # The Brier grid ends at tau, as Uno's C (`metrics.at_risk_tau`).
+    tau = at_risk_tau(time[test], horizon_days) if time is not None else float("nan")
+    days = (brier_grid(time[test], event[test], tau) if time is not None and np.isfinite(tau)
             else np.zeros(0))
     return TaskData(indexed["row"].to_numpy().astype(np.int64), subjects, Targets(time, event),
                     test, np.unique(subjects[~in_test]), days)
@@ -264,7 +268,7 @@ def evaluate_task(task: Task, index: int, features: FeatureSets, test_subjects: 
                     bin_edges_days=features.bin_edges_days, horizon_days=settings.horizon_days)
     resamples = subject_resamples(data.subjects[data.test], settings.bootstrap,
                                   [settings.seed, 29, index])
-    scoring = task_scoring(task.name, task.kind, data, resamples)
+    scoring = task_scoring(task.name, task.kind, data, resamples, settings.horizon_days)
     hazard = _oracle_hazard(oracle, task, features.points, data)
     ks = list(dict.fromkeys(draw.k for draw in draws))
     rows: list[dict[str, object]] = []

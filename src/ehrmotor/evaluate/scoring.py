@@ -1,24 +1,29 @@
 """Scoring the protocol's fits: one result row per task × k × method × metric.
 
 Metrics (`ehrmotor.evaluate.metrics`): time to event: Harrell's C, Uno's C at the horizon and the
-integrated Brier score (lower is better; only for heads that give a survival curve); binary:
+integrated Brier score (lower is better; only for heads that give a survival curve), the last two
+read up to tau (`metrics.at_risk_tau`: the latest test time with enough test labels still at
+risk, capped at the horizon; a cell with too few test events before tau has no number); binary:
 AUROC and AUPRC. A cell's `mean` is the mean over the k's fitted replicates of the metric on the
 whole test set; `ci_low`/`ci_high` the subject-bootstrap interval of that mean (the same
-resamples of test subjects for every cell of a task). "MOTOR − best count" rows compare the best
-MOTOR method with the best count method (each chosen by its mean on the whole test set at that
-task, k and metric) over the draws both could fit, with a paired bootstrap interval. When the
+resamples of test subjects for every cell of a task). "MOTOR − best baseline" rows compare the
+best MOTOR method with the best baseline (count and demographic methods; each chosen by its mean
+on the whole test set at that task, k and metric) over the draws both could fit, with a paired
+bootstrap interval. A cell whose Cox fits needed a stronger penalty says so in its note ("penalty
+raised in 2 of 3 draws: ...", `heads.fit_cox`). When the
 test set has too few events or positives (`metrics.too_few`) every cell of the task carries that
 note and no number. Every other cell without a number, or without an interval, says why in its
 note (`ehrmotor.evaluate.reasons`: no events in the test set, no comparable pairs, horizon
 beyond follow-up; "fit failed: <the head's reason>"; "no interval: undefined in 40 of 200
-bootstrap resamples ..."); a "MOTOR − best count" note names the two heads compared first.
+bootstrap resamples ..."); a "MOTOR − best baseline" note names the two heads compared first.
 
 Result table (RESULT_SCHEMA, written as results.csv):
 
     task, kind, k ("16" … "all"; empty for the oracle), method, metric,
     mean, ci_low, ci_high, replicates_fitted, replicates_skipped,
     test_subjects, test_rows, test_events, test_event_subjects (subjects with an event or a
-    positive label in the test set), note
+    positive label in the test set), tau_days, events_before_tau (Uno's C and the integrated
+    Brier score: tau and the test events before it; empty for other metrics), note
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.evaluate.metrics import (
+    MIN_AT_RISK,
+    MIN_AT_RISK_SHARE,
+    MIN_EVENTS_BEFORE_TAU,
     Resamples,
+    at_risk_tau,
     auprc,
     auroc,
+    events_before,
     harrell_c,
     integrated_brier,
     interval_with_reason,
@@ -41,19 +51,22 @@ from ehrmotor.evaluate.metrics import (
     too_few,
     uno_c,
 )
-from ehrmotor.evaluate.protocol import Draw, Fit, Method, TaskData, k_label
+from ehrmotor.evaluate.protocol import BASELINE_FAMILIES, Draw, Fit, Method, TaskData, k_label
 from ehrmotor.evaluate.reasons import binary_reason, brier_reason, harrell_reason, uno_reason
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
-DIFFERENCE = "motor_minus_best_count"
+DIFFERENCE = "motor_minus_best_baseline"
+TAU_METRICS = ("uno_c", "integrated_brier")  # read up to tau, reported with it
 ORACLE = "oracle"
 RESULT_SCHEMA = pl.Schema({
     "task": pl.String(), "kind": pl.String(), "k": pl.String(), "method": pl.String(),
     "metric": pl.String(), "mean": pl.Float64(), "ci_low": pl.Float64(),
     "ci_high": pl.Float64(), "replicates_fitted": pl.Int64(),
     "replicates_skipped": pl.Int64(), "test_subjects": pl.Int64(), "test_rows": pl.Int64(),
-    "test_events": pl.Int64(), "test_event_subjects": pl.Int64(), "note": pl.String(),
+    "test_events": pl.Int64(), "test_event_subjects": pl.Int64(), "tau_days": pl.Float64(),
+    "events_before_tau": pl.Int64(), "note": pl.String(),
 })
+
 
 @dataclass(frozen=True)
 class TaskScoring:
@@ -71,6 +84,8 @@ class TaskScoring:
     resamples: Resamples
     base: dict[str, Any]  # test_subjects, test_rows, test_events, test_event_subjects
     too_few: str | None
+    tau: float = float("nan")  # days (`metrics.at_risk_tau`); nan for binary tasks
+    tau_events: int = 0  # test events before tau
 
 
 Score = Callable[[TaskScoring, Fit, np.ndarray], float]  # (task, fit, test positions) -> metric
@@ -101,7 +116,7 @@ def _harrell(s: TaskScoring, fit: Fit, where: np.ndarray) -> float:
 def uno_at(horizon_days: float) -> Score:
     def score(s: TaskScoring, fit: Fit, where: np.ndarray) -> float:
         return uno_c(s.pool_time, s.pool_event, s.test_time[where], s.test_event[where],
-                     _risk(fit)[where], horizon_days)
+                     _risk(fit)[where], min(horizon_days, s.tau))
     return score
 
 
@@ -130,19 +145,22 @@ def metrics_for(kind: str, horizon_days: float) -> tuple[Metric, ...]:
         return harrell_reason(s.test_time, s.test_event)
 
     def uno_why(s: TaskScoring) -> str:
-        return uno_reason(s.pool_time, s.pool_event, s.test_time, s.test_event, horizon_days)
+        return uno_reason(s.pool_time, s.pool_event, s.test_time, s.test_event,
+                          min(horizon_days, s.tau))
 
     def brier_why(s: TaskScoring) -> str:
         return brier_reason(s.pool_time, s.pool_event, s.test_time, s.test_event, s.data.days)
     return (Metric("harrell_c", "Harrell's C", True, _harrell, harrell_why),
-            Metric("uno_c", f"Uno's C at {horizon_days:g} days", True, uno_at(horizon_days),
-                   uno_why),
+            Metric("uno_c", f"Uno's C to tau (at most {horizon_days:g} days)", True,
+                   uno_at(horizon_days), uno_why),
             Metric("integrated_brier", "integrated Brier score", False, _brier, brier_why,
                    needs_survival=True, digits=4))
 
 
-def task_scoring(task: str, kind: str, data: TaskData, resamples: Resamples) -> TaskScoring:
-    """The shared part of a task's cells, with the too-few check of its test set."""
+def task_scoring(task: str, kind: str, data: TaskData, resamples: Resamples,
+                 horizon_days: float = float("inf")) -> TaskScoring:
+    """The shared part of a task's cells, with the too-few check of its test set and, for time
+    to event, tau (capped at `horizon_days`) and the test events before it."""
     event = data.targets.event
     time = data.targets.time if data.targets.time is not None else np.zeros(len(event))
     pool = np.flatnonzero(np.isin(data.subjects, data.pool_subjects))
@@ -151,9 +169,27 @@ def task_scoring(task: str, kind: str, data: TaskData, resamples: Resamples) -> 
     base = {"test_subjects": len(np.unique(test_subjects)), "test_rows": len(data.test),
             "test_events": int(test_event.sum()),
             "test_event_subjects": len(np.unique(test_subjects[test_event]))}
+    tau = (at_risk_tau(time[data.test], horizon_days) if kind == TIME_TO_EVENT
+           else float("nan"))
     return TaskScoring(task, kind, data, time[data.test], test_event, time[pool], event[pool],
                        resamples, base,
-                       too_few(test_event, "time_to_event" if kind == TIME_TO_EVENT else "binary"))
+                       too_few(test_event, "time_to_event" if kind == TIME_TO_EVENT else "binary"),
+                       tau, events_before(time[data.test], test_event, tau))
+
+
+def unscorable(scoring: TaskScoring, metric: str) -> str | None:
+    """Why no cell of this task and metric has a number (too few test events, or too few
+    before tau for the metrics read up to tau), or None."""
+    if scoring.too_few is not None or metric not in TAU_METRICS:
+        return scoring.too_few
+    rule = (f"tau: the last day with at least {MIN_AT_RISK_SHARE:.0%} and {MIN_AT_RISK} of the "
+            "test labels at risk")
+    if not np.isfinite(scoring.tau):
+        return f"no tau (fewer than {MIN_AT_RISK} test labels; {rule})"
+    if scoring.tau_events < MIN_EVENTS_BEFORE_TAU:
+        return (f"too few events before tau = {scoring.tau:g} days ({scoring.tau_events} < "
+                f"{MIN_EVENTS_BEFORE_TAU}; {rule})")
+    return None
 
 
 # --------------------------------------------------------------------------- cells
@@ -171,6 +207,8 @@ def _row(scoring: TaskScoring, k: str | None, method: str, metric: str, mean: fl
     return {"task": scoring.task, "kind": scoring.kind, "k": k, "method": method,
             "metric": metric, "mean": mean, "ci_low": low, "ci_high": high,
             "replicates_fitted": fitted, "replicates_skipped": skipped, **scoring.base,
+            "tau_days": scoring.tau if metric in TAU_METRICS else None,
+            "events_before_tau": scoring.tau_events if metric in TAU_METRICS else None,
             "note": note}
 
 
@@ -181,9 +219,9 @@ def score_method(scoring: TaskScoring, method: Method, metric: Metric, k: int | 
     if metric.needs_survival and fitted and any(fit.survival is None for fit in fitted):
         return None
     done, skipped = len(fitted), len(fits) - len(fitted)
-    if scoring.too_few is not None:
+    if (why := unscorable(scoring, metric.name)) is not None:
         return _row(scoring, k_label(k), method.name, metric.name, fitted=done, skipped=skipped,
-                    note=scoring.too_few)
+                    note=why)
     if not fitted:
         failed = next((fit.skipped for fit in fits if fit.skipped), "no draw")
         return _row(scoring, k_label(k), method.name, metric.name, fitted=0, skipped=skipped,
@@ -194,33 +232,38 @@ def score_method(scoring: TaskScoring, method: Method, metric: Metric, k: int | 
         return _row(scoring, k_label(k), method.name, metric.name, fitted=done, skipped=skipped,
                     note=metric.reason(scoring))
     low, high, no_interval = interval_with_reason(value, scoring.resamples)
+    raised = [fit.fallback for fit in fitted if fit.fallback]
+    notes = [f"penalty raised in {len(raised)} of {done} draws: {raised[0]}"] if raised else []
     return _row(scoring, k_label(k), method.name, metric.name, mean, low, high, done, skipped,
-                no_interval)
+                "; ".join([*notes, *([no_interval] if no_interval else [])]) or None)
 
 
 def score_difference(scoring: TaskScoring, metric: Metric, k: int | None,
                      cells: dict[str, dict[str, Any]], methods: Sequence[Method],
                      fits: dict[str, list[Fit]]) -> dict[str, Any] | None:
-    """The "MOTOR − best count" row of one task, k and metric (None when a side is missing)."""
+    """The "MOTOR − best baseline" row of one task, k and metric: the best MOTOR method minus
+    the best method of `BASELINE_FAMILIES` (None when a side is missing)."""
     sign = 1.0 if metric.higher_is_better else -1.0
     means = {name: sign * float(row["mean"]) for name, row in cells.items()}
 
-    def best(family: str) -> Method | None:
+    sides = {"motor": ("motor",), "baseline": BASELINE_FAMILIES}
+
+    def best(side: str) -> Method | None:
         scored = [m for m in methods
-                  if m.family == family and np.isfinite(means.get(m.name, np.nan))]
+                  if m.family in sides[side] and np.isfinite(means.get(m.name, np.nan))]
         return max(scored, key=lambda m: means[m.name], default=None)
-    motor, counts = best("motor"), best("counts")
-    if scoring.too_few is not None:
-        return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=scoring.too_few)
-    if not any(m.family == "motor" for m in methods if m.name in cells) or not any(
-            m.family == "counts" for m in methods if m.name in cells):
-        return None  # a metric one family does not have (no survival curve): no column cell
+    motor, counts = best("motor"), best("baseline")
+    if (unscored := unscorable(scoring, metric.name)) is not None:
+        return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=unscored)
+    if not all(any(m.family in families for m in methods if m.name in cells)
+               for families in sides.values()):
+        return None  # a metric one side does not have (no survival curve): no column cell
     if motor is None or counts is None:
-        side = "motor" if motor is None else "counts"
+        side = "motor" if motor is None else "baseline"
         why = [cells[m.name]["note"] for m in methods
-               if m.family == side and m.name in cells and cells[m.name]["note"]]
+               if m.family in sides[side] and m.name in cells and cells[m.name]["note"]]
         return _row(scoring, k_label(k), DIFFERENCE, metric.name, note=(
-            f"no {'MOTOR' if side == 'motor' else 'count'} head has a number"
+            f"no {'MOTOR' if side == 'motor' else 'baseline'} head has a number"
             + (f" ({why[0]})" if why else "")))
     # Paired by draw as well as by test subject: only draws both heads could fit.
     both = [(a, b) for a, b in zip(fits[motor.name], fits[counts.name], strict=True)
@@ -243,8 +286,8 @@ def score_oracle(scoring: TaskScoring, metric: Metric,
     it gives no survival curve). Test labels without a hazard are left out, and counted."""
     if metric.needs_survival:
         return None
-    if scoring.too_few is not None:
-        return _row(scoring, None, ORACLE, metric.name, note=scoring.too_few)
+    if (why := unscorable(scoring, metric.name)) is not None:
+        return _row(scoring, None, ORACLE, metric.name, note=why)
     known = np.isfinite(hazard)
     fit = Fit(Draw(None, 0, np.zeros(0, dtype=np.int64)), risk=np.nan_to_num(hazard))
     where = np.flatnonzero(known)
