@@ -5,13 +5,13 @@
     python benchmarks/bench_quality.py --work /tmp/q --keep  # keep (and reuse) the work folder
 
 Steps (each reused when its output exists in --work): `ehrmotor synth`, `ehrmotor prepare`,
-`ehrmotor pretrain` for `--steps` optimizer steps (the default model and steps take about 20
-minutes on 2 CPU cores; the time is printed), then the evaluation protocol (`ehrmotor.evaluate`:
-k-shot training sets of held-out subjects, MOTOR heads against count and age (+sex) baselines) on every planted
-outcome, with landmark time-to-event labels. Prints the pretraining val loss against the
-base-rate loss, the time of each stage and the evaluation table (results.md). The goal (issue
-10, not a test): MOTOR ahead of the best baseline (counts or demographics) by >= 0.03 C-index at k <= 128 on most
-outcomes.
+`ehrmotor pretrain` for `--steps` optimizer steps (the default model and steps take about 20 minutes
+on 2 CPU cores; the time is printed), then the evaluation protocol (`ehrmotor.evaluate`: k-shot
+training sets of held-out subjects, MOTOR heads against count and age (+sex) baselines) on every
+planted outcome, with landmark time-to-event labels. Prints the pretraining val loss against the
+base-rate loss, the time of each stage and the evaluation table (results.md). The goal (issue 10,
+not a test): MOTOR ahead of the best baseline (counts or demographics) by >= 0.03 C-index at k <=
+128 on most outcomes.
 """
 
 from __future__ import annotations
