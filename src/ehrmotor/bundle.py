@@ -151,11 +151,7 @@ def _recorded_fingerprint(path: Path) -> dict[str, str]:
         raise BundleError(f"{path}: not found; this bundle was written by an older ehrmotor, "
                           "whose bundles do not tie their parts together; rerun `ehrmotor "
                           "pretrain --work WORK` to write a current bundle")
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not readable JSON ({one_line(exc)}); expected the "
-                          f"fingerprint {BY_PRETRAIN}") from exc
+    recorded = _read_json(path, "the fingerprint")
     if not isinstance(recorded, dict):
         recorded = {}
     parts = recorded.get("parts")
@@ -328,15 +324,20 @@ def _loading_problems(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON value in `path`; BundleError naming `what` it should hold when unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not readable JSON ({one_line(exc)}); expected {what} "
+                          f"{BY_PRETRAIN}") from exc
+
+
 def _load_summary(path: Path) -> tuple[int | None, tuple[str, ...] | None]:
     """max_window and unseen_splits of training_summary.json (None where not recorded)."""
     if not path.exists():
         return None, None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not readable JSON ({one_line(exc)}); expected the training "
-                          f"summary {BY_PRETRAIN}") from exc
+    summary = _read_json(path, "the training summary")
     if not isinstance(summary, dict):
         raise BundleError(f"{path}: holds a JSON {type(summary).__name__}; expected an object")
     splits = summary.get("unseen_splits")
