@@ -204,3 +204,34 @@ def test_synth_interrupted_while_its_workers_start_is_one_line(tmp_path: Path) -
     assert error_lines(err) == [
         "ehrmotor synth: interrupted; rerunning the same command starts it again"], err[-3000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]
+
+
+def test_a_signal_while_a_worker_launches_is_handled_after_the_launch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python runs a signal handler in the main thread even while that thread blocks the signal
+    (another thread took it): raised halfway through launching a worker, it left the child
+    reading a setup it never got (`EOFError: Ran out of input` printed by the child)."""
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    from ehrmotor import processes
+
+    steps: list[str] = []
+
+    def launching(self: ProcessPoolExecutor, fn: object, /, *args: object) -> Future[None]:
+        steps.append("launch started")
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler gets its chances to run mid-launch here
+            time.sleep(0.0001)
+        steps.append("launch finished")
+        return Future()
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", launching)
+    previous = processes.install_interrupt_handlers()
+    try:
+        pool = processes.WorkerPool(1)
+        with pytest.raises(KeyboardInterrupt):
+            pool.submit(print)
+        assert steps == ["launch started", "launch finished"]
+        pool.shutdown(wait=False)
+    finally:
+        processes.restore_handlers(previous)

@@ -25,6 +25,9 @@ from typing import Any
 
 PARENT_CHECK_SECONDS = 0.5
 _POOLS: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
+# While a worker is being launched, a signal is only recorded here (its handler runs after):
+# raised halfway through the launch, it would leave the child reading a setup it never gets.
+_LAUNCH: dict[str, Any] = {"active": False, "pending": None, "handler": None}
 
 
 class Terminated(KeyboardInterrupt):
@@ -72,11 +75,18 @@ class WorkerPool(ProcessPoolExecutor):
         # submit starts the workers: they inherit SIGINT blocked, so Ctrl-C never reaches them,
         # not even while they import their modules (before any initializer runs). A SIGINT
         # meanwhile stays pending here and is handled on return.
+        # Blocking covers the children only: Python runs a handler in the main thread whenever
+        # any other thread took the signal, so the handler itself defers to the launch's end.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        _LAUNCH["active"] = True
         try:
             future = super().submit(fn, *args, **kwargs)
         finally:
+            _LAUNCH["active"] = False
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            pending, _LAUNCH["pending"] = _LAUNCH["pending"], None
+            if pending is not None and _LAUNCH["handler"] is not None:
+                _LAUNCH["handler"](pending, None)
         future.__class__ = _CancellableFuture  # adds a method only: same layout
         return future
 
@@ -113,6 +123,9 @@ def _interrupt_handler(main_pid: int) -> Callable[[int, object], None]:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)
             return
+        if _LAUNCH["active"]:  # `WorkerPool.submit` handles it once the launch is complete
+            _LAUNCH["pending"] = _LAUNCH["pending"] or number
+            return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_workers()
@@ -126,6 +139,7 @@ def install_interrupt_handlers() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     handler = _interrupt_handler(os.getpid())
+    _LAUNCH["handler"] = handler
     previous: dict[int, Any] = {}
     for number in (signal.SIGINT, signal.SIGTERM):
         previous[number] = signal.signal(number, handler)
@@ -133,6 +147,7 @@ def install_interrupt_handlers() -> dict[int, Any]:
 
 
 def restore_handlers(previous: dict[int, Any]) -> None:
+    _LAUNCH["handler"] = None
     for number, handler in previous.items():
         if handler is not None:  # None: set outside Python, cannot be restored
             signal.signal(number, handler)
