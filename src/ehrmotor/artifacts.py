@@ -244,3 +244,23 @@ def fingerprint_files(files: list[Path], root: Path) -> str:
     for path, content in zip(ordered, digests, strict=True):
         digest.update(f"{path.relative_to(root).as_posix()}\0{content}\0".encode())
     return digest.hexdigest()
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def check_parquet_output(path: Path) -> None:
+    """Refuse an --out that exists and is not a parquet file (we replace only those), or that
+    cannot be written (checked before the work, not after)."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; expected the path of a parquet file to write "
+                          "(nothing was changed)")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(4) != PARQUET_MAGIC:
+                raise OutputError(f"{path}: exists and is not a parquet file; refusing to "
+                                  "replace it (choose another --out)")
+    existing = path.absolute().parent
+    while not existing.exists():  # write_embeddings creates the missing folders
+        existing = existing.parent
+    check_writable(existing)

@@ -30,7 +30,6 @@ log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-PARQUET_MAGIC = b"PAR1"
 
 
 def _integer(value: str, low: int, what: str) -> int:
@@ -73,25 +72,6 @@ def _fraction(value: str) -> float:
     if not 0 < number < 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value}")
     return number
-
-
-def _check_parquet_output(path: Path) -> None:
-    """Refuse an --out that exists and is not a parquet file (we replace only those), or that
-    cannot be written (checked before the work, not after)."""
-    from ehrmotor.artifacts import check_writable
-
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; expected the path of a parquet file to write "
-                          "(nothing was changed)")
-    if path.exists():
-        with path.open("rb") as f:
-            if f.read(4) != PARQUET_MAGIC:
-                raise OutputError(f"{path}: exists and is not a parquet file; refusing to "
-                                  "replace it (choose another --out)")
-    existing = path.absolute().parent
-    while not existing.exists():  # write_embeddings creates the missing folders
-        existing = existing.parent
-    check_writable(existing)
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:
@@ -314,12 +294,13 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
+    from ehrmotor.artifacts import check_parquet_output
     from ehrmotor.embed import compute_features, write_embeddings
 
-    _check_parquet_output(args.out)
+    check_parquet_output(args.out)
     result = compute_features(args.meds, args.model, args.labels, num_proc=args.workers,
                               tokens_per_batch=args.tokens_per_batch, device=args.device)
-    _check_parquet_output(args.out)  # again: it may have appeared while we computed
+    check_parquet_output(args.out)  # again: it may have appeared while we computed
     write_embeddings(result, args.out)
     log.info("embed: %d embeddings written to %s", len(result["subject_ids"]), args.out)
     return 0
