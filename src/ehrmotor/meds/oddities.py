@@ -26,9 +26,8 @@ from typing import Any
 import polars as pl
 
 from ehrmotor.errors import cut
+from ehrmotor.meds.read import BIRTH_CODE, DEATH_CODE
 
-BIRTH_CODE = "MEDS_BIRTH"
-DEATH_CODE = "MEDS_DEATH"
 EARLIEST_YEAR = 1800
 # Longest parent path followed when looking for cycles; real hierarchies are under 30 deep.
 MAX_CYCLE_DEPTH = 64

@@ -31,11 +31,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from ehrmotor.meds.read import BIRTH_CODE
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
 
 US_PER_DAY = 86_400_000_000
-BIRTH_CODE = "MEDS_BIRTH"
 TIME_FEATURES = ("age", "log_age", "log_delta")
 
 
