@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from meds_builders import write_meds
 from synthetic_data import synthetic_meds as generate_meds
 from synthetic_data import train_bundle
 
@@ -27,3 +28,10 @@ def tiny_bundle(synthetic_meds: Path,
     `synthetic_data.PREPARE_CONFIG`) is the bundle's parent: copy it before changing it.
     """
     return synthetic_meds, train_bundle(synthetic_meds, tmp_path_factory.mktemp("tiny_bundle"))
+
+
+@pytest.fixture
+def meds_dir(tmp_path: Path) -> Path:
+    """The valid three-subject MEDS 0.4 dataset of meds_builders (subjects 1, 2 in
+    meds_builders.TRAIN; 3 in HELD_OUT), fresh for each test."""
+    return write_meds(tmp_path / "meds")

@@ -30,7 +30,9 @@ DATA_SCHEMA = pa.schema(
     ]
 )
 
-SHARDS = {"data/train/0.parquet": [1, 2], "data/held_out/0.parquet": [3]}
+TRAIN = "data/train/0.parquet"
+HELD_OUT = "data/held_out/0.parquet"
+SHARDS = {TRAIN: [1, 2], HELD_OUT: [3]}
 CODES = ["GENDER//F", "MEDS_BIRTH", "ICD10CM//E11.9", "LOINC//2345-7", "NOTE//discharge"]
 ROWS_PER_SUBJECT = 5
 

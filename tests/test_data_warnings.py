@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 from meds_builders import (
     CODES,
+    HELD_OUT,
+    TRAIN,
     replace_column,
     rewrite,
     rows_table,
     subject_rows,
-    write_meds,
     write_table,
 )
 from test_ontology import codes_metadata, write_athena
@@ -26,15 +27,6 @@ from ehrmotor.errors import cut
 from ehrmotor.meds import require_valid, validate_dataset
 from ehrmotor.meds.oddities import latest_year
 from ehrmotor.prepare.ontology import Ontology
-
-TRAIN = "data/train/0.parquet"
-HELD_OUT = "data/held_out/0.parquet"
-
-
-@pytest.fixture
-def meds_dir(tmp_path: Path) -> Path:
-    """The valid three-subject dataset of meds_builders (subjects 1, 2 in TRAIN; 3 in HELD_OUT)."""
-    return write_meds(tmp_path / "meds")
 
 
 def only_warning(meds_dir: Path) -> str:

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from meds_builders import (
     DATA_SCHEMA,
+    HELD_OUT,
     ROWS_PER_SUBJECT,
+    TRAIN,
     replace_column,
     rewrite,
     rows_table,
@@ -37,16 +39,6 @@ from ehrmotor.meds import (
     scan_shard,
     validate_dataset,
 )
-
-TRAIN = "data/train/0.parquet"
-HELD_OUT = "data/held_out/0.parquet"
-
-
-@pytest.fixture
-def meds_dir(tmp_path: Path) -> Path:
-    """A valid MEDS 0.4 dataset (see meds_builders for its contents)."""
-    return write_meds(tmp_path / "meds")
-
 
 # --------------------------------------------------------------------------- valid input
 
