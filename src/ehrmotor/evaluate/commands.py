@@ -117,7 +117,9 @@ def _outcome_names(args: argparse.Namespace, default: Sequence[str]) -> list[str
     names: list[str] = _flatten(args.outcomes) or []
     if names or not default:
         return names
-    if not (Path(args.meds) / "metadata" / "synthetic.json").is_file():
+    from ehrmotor.synthetic.outcomes import written_by_synth
+
+    if not written_by_synth(args.meds):
         from ehrmotor.errors import InputError
 
         also = " or --labels FILE" if args.command == "evaluate" else ""

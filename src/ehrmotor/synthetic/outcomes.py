@@ -40,11 +40,16 @@ def outcome_codes(names: Sequence[str]) -> dict[str, list[str]]:
     return codes
 
 
+def written_by_synth(meds_dir: Path) -> bool:
+    """Whether `ehrmotor synth` wrote `meds_dir` (its metadata/synthetic.json is there)."""
+    return (Path(meds_dir) / "metadata" / "synthetic.json").is_file()
+
+
 def synthetic_oracle(
         meds_dir: Path) -> Callable[[str, np.ndarray, np.ndarray], np.ndarray | None] | None:
     """The generator's true hazard of each planted outcome, or None when `meds_dir` was not
     written by `ehrmotor synth` (no metadata/synthetic.json)."""
-    if not (Path(meds_dir) / "metadata" / "synthetic.json").is_file():
+    if not written_by_synth(meds_dir):
         return None
 
     def oracle(outcome: str, subject_ids: np.ndarray, times: np.ndarray) -> np.ndarray | None:
