@@ -25,7 +25,8 @@ def tiny_bundle(synthetic_meds: Path,
     """(MEDS directory, model bundle) of a tiny model trained two steps on `synthetic_meds`.
 
     The bundle's work folder (with `pretraining_files/`, prepared with
-    `synthetic_data.PREPARE_CONFIG`) is the bundle's parent: copy it before changing it.
+    `synthetic_data.PREPARE_CONFIG`, and `pretraining_output/checkpoint-2`) is the bundle's
+    parent: copy it before changing it.
     """
     return synthetic_meds, train_bundle(synthetic_meds, tmp_path_factory.mktemp("tiny_bundle"))
 

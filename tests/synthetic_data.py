@@ -32,14 +32,16 @@ def prepare_work(meds: Path, work: Path) -> Path:
     return work
 
 
-def pretrain_tiny(work: Path, steps: int) -> Path:
+def pretrain_tiny(work: Path, steps: int, keep_output: bool = False) -> Path:
     """The bundle of the tiny preset pretrained `steps` steps on `work` (weights only need to
-    be fixed, not good)."""
+    be fixed, not good); `keep_output` keeps its one checkpoint (step `steps`)."""
     return pretrain(work, PretrainConfig(
         preset="tiny", tokens_per_batch=2048, gradient_accumulation_steps=1, max_steps=steps,
-        eval_steps=steps, save_steps=steps, warmup_steps=max(1, steps // 10), logging_steps=1))
+        eval_steps=steps, save_steps=steps, warmup_steps=max(1, steps // 10), logging_steps=1),
+        keep_output=keep_output)
 
 
 def train_bundle(meds: Path, root: Path) -> Path:
-    """The bundle of the tiny preset pretrained two steps on `meds` (work folder: root/work)."""
-    return pretrain_tiny(prepare_work(meds, root / "work"), 2)
+    """The bundle of the tiny preset pretrained two steps on `meds` (work folder: root/work,
+    whose pretraining_output/ keeps checkpoint-2, the bundle's weights)."""
+    return pretrain_tiny(prepare_work(meds, root / "work"), 2, keep_output=True)

@@ -130,18 +130,22 @@ def _combined(parts: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def record_fingerprint(bundle: str | Path) -> str:
+def record_fingerprint(bundle: str | Path, *, checkpoint_step: int | None = None) -> str:
     """Write `bundle/fingerprint.json` for the parts there now; return the fingerprint.
 
     Called by `pretrain` once every part is in place (a part written afterwards would not
-    match); tools that assemble a bundle themselves call it last too.
+    match); tools that assemble a bundle themselves call it last too. checkpoint_step: the
+    Trainer checkpoint the weights come from (`pretrain --export-checkpoint`), recorded too.
     """
     bundle = Path(bundle)
     parts = {name: _part_digest(bundle / name) for name in FINGERPRINTED_PARTS
              if name not in OPTIONAL_PARTS or (bundle / name).exists()}
     fingerprint = _combined(parts)
-    write_json(bundle / FINGERPRINT_FILE, {"format_version": FINGERPRINT_VERSION,
-                                           "fingerprint": fingerprint, "parts": parts})
+    record: dict[str, Any] = {"format_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
+                              "parts": parts}
+    if checkpoint_step is not None:
+        record["checkpoint_step"] = checkpoint_step
+    write_json(bundle / FINGERPRINT_FILE, record)
     return fingerprint
 
 

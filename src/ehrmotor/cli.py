@@ -24,6 +24,7 @@ from pathlib import Path
 from ehrmotor import __version__
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
+from ehrmotor.export_checkpoint import add_export_options, run_export
 from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
 
 log = logging.getLogger("ehrmotor")
@@ -52,16 +53,6 @@ def _non_negative(value: str) -> int:
 
 def _at_least_two(value: str) -> int:
     return _integer(value, 2, "an integer >= 2")
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
 
 
 def _fraction(value: str) -> float:
@@ -249,6 +240,7 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
                         help="train again even when WORK/model is complete (implies --restart)")
     parser.add_argument("--keep-output", action="store_true",
                         help="keep WORK/pretraining_output (checkpoints, logs) after the bundle")
+    add_export_options(parser)  # --export-checkpoint, --out
     parser.set_defaults(run=_run_pretrain)
 
 
@@ -256,6 +248,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from ehrmotor.config import PretrainConfig, load_config
     from ehrmotor.train import pretrain
 
+    if args.export_checkpoint is not None or args.out is not None:
+        return run_export(args)
     overrides = {"preset": args.preset, "max_steps": args.max_steps,
                  "tokens_per_batch": args.tokens_per_batch}
     config = load_config(PretrainConfig, args.config, "pretrain", overrides)

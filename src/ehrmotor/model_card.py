@@ -5,7 +5,8 @@ training result, intended use and limitations, license, how to load, citation. E
 from what the bundle and the prepared files already record when the bundle is written:
 
     bundle/config.json                  architecture (MotorConfig)
-    bundle/training_summary.json        steps, parameters, val loss and its base rate
+    bundle/training_summary.json        steps, parameters, val loss and its base rate, and
+                                        the checkpoint step of an exported checkpoint
     prepared/config.json                prepare settings (excluded splits, vocabulary, tasks)
     prepared/split.csv                  subjects per split used by pretraining
     prepared/<train|val>_batches/prepare_stats.json   windows, prediction points and events
@@ -79,13 +80,17 @@ def _data_lines(prepared: Path | None) -> list[str]:
     return lines
 
 
-def _front_matter(config: dict[str, Any], parameters: Any, fingerprint: str | None) -> str:
+def _front_matter(config: dict[str, Any], summary: dict[str, Any],
+                  fingerprint: str | None) -> str:
+    parameters, step = summary.get("parameters"), summary.get("checkpoint_step")
     lines = ["---", "license: apache-2.0", "library_name: ehrmotor", "tags:",
              *(f"- {tag}" for tag in ("ehrmotor", "motor", "meds", "ehr", "time-to-event",
                                       "survival-analysis", "foundation-model")),
              f"model_type: {config.get('model_type', 'ehrmotor')}"]
     if isinstance(parameters, int):
         lines.append(f"parameters: {parameters}")
+    if isinstance(step, int):
+        lines.append(f"checkpoint_step: {step}")
     lines.append(f"ehrmotor_version: {__version__}")
     if fingerprint is not None:
         lines.append(f"fingerprint: {json.dumps(fingerprint)}")
@@ -100,13 +105,19 @@ def render_model_card(config: dict[str, Any], summary: dict[str, Any], prepared:
     val, base = summary.get("val_loss"), summary.get("base_rate_val_loss")
     result = [f"- training steps: {_number(summary.get('global_step'))}",
               f"- training loss (last): {_number(summary.get('train_loss'))}"]
+    step = summary.get("checkpoint_step")
+    if isinstance(step, int):
+        result.insert(0, f"- exported from checkpoint step {step:,} of the pretraining run "
+                         "(`ehrmotor pretrain --export-checkpoint`); training may have gone on")
     if isinstance(val, float) and isinstance(base, float):
         result.append(f"- validation loss: {val:.4f} (base rate: {base:.4f}; lower is better, "
                       f"{'below' if val < base else 'not below'} the base rate)")
+    elif isinstance(val, float):
+        result.append(f"- validation loss: {val:.4f} (base rate: {UNKNOWN})")
     else:
         result.append(f"- validation loss: {UNKNOWN} (no validation windows)")
     sections = [
-        _front_matter(config, parameters, fingerprint), "",
+        _front_matter(config, summary, fingerprint), "",
         "# MOTOR model (ehrmotor)", "",
         "A MOTOR time-to-event foundation model pretrained with ehrmotor "
         f"{__version__} on MEDS electronic health records.", "",
