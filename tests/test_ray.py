@@ -1,8 +1,9 @@
 """`ehrmotor prepare --executor ray`: the per-shard work as tasks on a Ray cluster.
 
 Run for real on Ray's own multi-node simulation (`ray.cluster_utils.Cluster`: a head and a second
-node, one CPU each, on this machine), compared byte for byte with the local process pool. The
-tests that need no cluster (refusals, Ray missing) run without Ray installed.
+node, one CPU each, on this machine), compared byte for byte with the local process pool, and on
+the local Ray instance a run without a cluster starts. The tests that need no cluster
+(refusals, Ray missing) run without Ray installed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from synthetic_data import SEED
 
 from ehrmotor.cli import main
 from ehrmotor.errors import InputError
-from ehrmotor.prepare.executors import ExecutorError, RayExecutor
+from ehrmotor.prepare import executors
+from ehrmotor.prepare.executors import ExecutorError, RayExecutor, shard_executor
 from ehrmotor.prepare.shards import ShardJob
 from ehrmotor.prepare.steps import StepContext
 from ehrmotor.synthetic import generate
@@ -214,3 +216,50 @@ def test_ray_address_without_the_ray_executor_is_refused(
     assert main(prepare_args(sharded_meds, tmp_path / "work", "--ray-address", "auto")) == 2
     assert error_line(capsys.readouterr().err) == (
         "ehrmotor prepare: error: --ray-address needs --executor ray")
+
+
+def gcs_stops_answering(gcs: str, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while executors._unanswered(gcs) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_without_an_address_or_a_cluster_a_local_ray_runs_the_shards_and_is_stopped(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    ray = pytest.importorskip("ray", reason="the ray executor needs pip install ehrmotor[ray]")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # As on a laptop: the test cluster of this module (if up) is not found.
+    monkeypatch.setattr(executors, "running_cluster", lambda: None)
+    assert not ray.is_initialized()
+    with caplog.at_level(logging.INFO, logger=executors.__name__), \
+            shard_executor("ray", 2) as pool:
+        assert isinstance(pool, RayExecutor) and pool.started_local
+        assert pool.cpus == 2  # --workers
+        assert [pool.submit(abs, -i).result(timeout=120) for i in range(3)] == [0, 1, 2]
+        gcs = ray.get_runtime_context().gcs_address
+    started = [r.getMessage() for r in caplog.records if "starting a local Ray" in r.getMessage()]
+    assert started == ["ray: no --ray-address and no Ray cluster running here: starting a local "
+                       "Ray instance with 2 CPUs for this run (stopped when it ends)"]
+    assert not ray.is_initialized()
+    assert gcs_stops_answering(gcs)  # the instance itself is gone, not only the connection
+
+
+def test_without_an_address_a_running_cluster_is_joined_and_left_running(
+        ray_cluster: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)  # as `ray start` exports it
+    assert executors.running_cluster() == ray_cluster.address
+    with caplog.at_level(logging.INFO, logger=executors.__name__), \
+            shard_executor("ray", 2) as pool:
+        assert isinstance(pool, RayExecutor) and not pool.started_local
+        assert pool.submit(abs, -4).result(timeout=60) == 4
+        assert pool.cpus == 2  # the cluster's two nodes, not --workers
+    assert "starting a local Ray" not in caplog.text
+    assert not ray.is_initialized()
+    assert executors._unanswered(ray_cluster.address) is None  # still up

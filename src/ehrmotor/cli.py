@@ -150,16 +150,16 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML file whose [prepare] table overrides the defaults")
     parser.add_argument("--workers", type=_positive, default=None,
-                        help="worker processes across shards (default: number of cores; "
-                             "local executor only)")
+                        help="worker processes across shards (default: number of cores); "
+                             "with --executor ray, the CPUs of a local Ray it starts")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="where the per-shard work runs: local worker processes (default) "
-                             "or tasks on a running Ray cluster (pip install ehrmotor[ray]); "
-                             "the artifacts are the same")
+                             "or Ray tasks (pip install ehrmotor[ray]) on a running cluster, "
+                             "else on a local Ray started for the run; same artifacts")
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
-                        help="Ray cluster to run on with --executor ray (default: auto, the "
-                             "one `ray start` runs here or RAY_ADDRESS names); every node must "
-                             "see --meds, --athena and --out at the same paths")
+                        help="Ray cluster to run on with --executor ray (default: the one "
+                             "RAY_ADDRESS names or `ray start` runs here, else a local Ray); "
+                             "every node must see --meds, --athena and --out at the same paths")
     parser.add_argument("--force", action="store_true",
                         help="rebuild every step even when its artifact is current")
     parser.add_argument("--exclude-splits", nargs="*", default=None, metavar="SPLIT",

@@ -7,7 +7,9 @@ artifacts are byte-identical whichever executor ran the shards.
     local   `ehrmotor.processes.process_pool`: spawned worker processes on this machine
     ray     `RayExecutor`: each shard is a Ray task (one CPU) on a running Ray cluster, which
             every node reaches the MEDS, Athena and work folders of at the same paths (a shared
-            POSIX filesystem); object-store URLs (s3://, gs://) are refused
+            POSIX filesystem); object-store URLs (s3://, gs://) are refused. Without an address
+            and without a running cluster (RAY_ADDRESS, the last `ray start` here) it starts a
+            local Ray instance for the run, as `ray.init()` does, and stops it at the end
 
 Ray is imported only when the ray executor is chosen (`pip install ehrmotor[ray]`).
 """
@@ -15,6 +17,7 @@ Ray is imported only when the ray executor is chosen (`pip install ehrmotor[ray]
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
@@ -54,11 +57,12 @@ def refuse_urls(paths: Iterable[Path | str | None]) -> None:
 
 def shard_executor(executor: str, workers: int, ray_address: str | None = None) -> Executor:
     """The executor `prepare` maps its shards with: `workers` local processes, or Ray tasks on
-    the cluster at `ray_address` (None: "auto", the running cluster)."""
+    the cluster at `ray_address` (None: the running cluster, else a local Ray instance with
+    `workers` CPUs)."""
     if executor == "local":
         return process_pool(workers)
     if executor == "ray":
-        return RayExecutor(ray_address)
+        return RayExecutor(ray_address, local_cpus=workers)
     raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
 
 
@@ -70,20 +74,56 @@ def _import_ray() -> Any:
     return ray
 
 
+def _bootstrap_address(address: str | None) -> str | None:
+    """host:port of the cluster `address` names (None: RAY_ADDRESS, else the last `ray start`
+    on this machine); None when there is none or it cannot be told ("ray://" addresses)."""
+    try:  # a private helper of Ray's: without it we only lose the early checks
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
+    except Exception:
+        return None
+
+
+def _unanswered(gcs: str) -> OSError | ValueError | None:
+    """Why nothing listens at host:port `gcs`, or None when something does."""
+    host, _, port = gcs.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except (OSError, ValueError) as error:
+        return error
+    return None
+
+
+def running_cluster() -> str | None:
+    """The cluster a run without --ray-address joins: RAY_ADDRESS when set, else the last
+    `ray start` on this machine while it still answers; None when there is none."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    gcs = _bootstrap_address(None)
+    return gcs if gcs is not None and _unanswered(gcs) is None else None
+
+
+def _start_local(ray: Any, cpus: int | None) -> None:
+    """`ray.init()` of a local instance with `cpus` CPUs (None: every core), for this run."""
+    log.info("ray: no --ray-address and no Ray cluster running here: starting a local Ray "
+             "instance%s for this run (stopped when it ends)",
+             f" with {cpus} CPUs" if cpus else "")
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError, OSError) as error:
+        raise ExecutorError(f"ray: cannot start a local Ray instance: {first_line(error)}"
+                            ) from error
+
+
 def _connect(ray: Any, address: str) -> None:
     """`ray.init(address)`, failing in seconds rather than after Ray's many minutes of retries
     when nothing listens there."""
-    try:  # a private helper of Ray's: without it we only lose the early check
-        from ray._private.services import canonicalize_bootstrap_address
-
-        gcs = canonicalize_bootstrap_address(address)
-    except Exception:
-        gcs = None  # "ray://" client addresses, or no cluster found: ray.init says which
+    gcs = _bootstrap_address(address)  # None: "ray://", or no cluster found: ray.init says
     if gcs is not None:
-        host, _, port = gcs.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
-        except (OSError, ValueError) as error:
+        error = _unanswered(gcs)
+        if error is not None:
             raise ExecutorError(f"ray: no Ray cluster answers at {gcs} ({error}); check "
                                 "--ray-address (or RAY_ADDRESS), or start one with "
                                 "`ray start --head`") from error
@@ -125,16 +165,24 @@ class RayExecutor(Executor):
     """Runs each submitted call as a Ray task (one CPU) on the cluster at `address`.
 
     Connects on creation unless this process is connected already, and disconnects on shutdown
-    only if it connected; it never starts or stops a cluster. Errors a task raises are raised
-    as they were in the worker (with its traceback as their cause); a task Ray lost (node died,
-    worker killed for memory) raises ExecutorError.
+    only if it connected. With no `address` and no running cluster (`running_cluster`) it starts
+    a local Ray instance of `local_cpus` CPUs (None: every core) instead, and shutdown stops it;
+    a cluster it did not start is never stopped. Errors a task raises are raised as they were
+    in the worker (with its traceback as their cause); a task Ray lost (node died, worker
+    killed for memory) raises ExecutorError.
     """
 
-    def __init__(self, address: str | None = None, num_cpus: float = 1):
+    def __init__(self, address: str | None = None, num_cpus: float = 1,
+                 local_cpus: int | None = None):
         self._ray = ray = _import_ray()
         self._connected_here = not ray.is_initialized()
+        self.started_local = False  # whether this executor started (and will stop) a Ray
         if self._connected_here:
-            _connect(ray, address or "auto")
+            if address is None and running_cluster() is None:
+                _start_local(ray, local_cpus)
+                self.started_local = True
+            else:
+                _connect(ray, address or "auto")
         self._task = ray.remote(num_cpus=num_cpus)(_call)
         self._shipped: tuple[Callable[..., Any], Any] | None = None  # (fn, its object ref)
         self._pending: set[_RayFuture] = set()
@@ -196,7 +244,9 @@ class RayExecutor(Executor):
         if wait:
             wait_futures(pending)
         if self._connected_here and self._ray.is_initialized():
-            self._ray.shutdown()  # disconnects this driver; the cluster keeps running
+            # Disconnects this driver: a cluster keeps running, a local instance we started
+            # (ray.init without an address) is stopped with it.
+            self._ray.shutdown()
             self._connected_here = False
 
 

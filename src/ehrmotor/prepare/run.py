@@ -268,8 +268,9 @@ def prepare(meds_dir: Path, work_dir: Path, *, athena_dir: Path | None = None,
     """Run `ehrmotor prepare`; see the module docstring. Returns the run's summary.
 
     `executor` "local" runs the shards in `workers` local processes (default: one per core);
-    "ray" runs them as Ray tasks on the cluster at `ray_address` (default "auto": the running
-    one; `workers` does not apply), whose nodes must see these paths.
+    "ray" runs them as Ray tasks on the cluster at `ray_address` (default: the running one, else
+    a local Ray instance of `workers` CPUs started and stopped with the run), whose nodes must
+    see these paths.
     """
     preparer = Preparer(meds_dir, work_dir, athena_dir, config or PrepareConfig(), workers,
                         force, progress, executor, ray_address)
