@@ -11,7 +11,8 @@ token j iff
 
 - `blockwise_local_attention`: CPU and GPU, memory O(T · width): each block of queries attends to
   its own block of keys and the blocks just before it, through `scaled_dot_product_attention`.
-- `flex_local_attention`: CUDA only, FlexAttention with a block-sparse mask.
+- `flex_local_attention`: CUDA only, FlexAttention with a block-sparse mask (`local_block_mask`);
+  uncompiled (`compiled=False`) it also runs forward on CPU, which is how CI checks its mask.
 - `local_attention`: picks one of them (`backend="auto"`: flex for CUDA tensors, else blockwise).
 
 The dense (T, T) reference both are proven equal to lives with the tests
@@ -126,21 +127,36 @@ def local_mask_mod(segment_ids: torch.Tensor, width: int) -> Callable[..., torch
     return same_subject_within_width
 
 
-def flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         segment_ids: torch.Tensor, width: int = 496) -> torch.Tensor:
-    """Local attention with FlexAttention and a block-sparse mask; CUDA tensors only."""
-    _check_inputs(q, k, v, segment_ids, width)
-    if not q.is_cuda:
-        raise ValueError("flex_local_attention needs CUDA tensors; on CPU use "
-                         "blockwise_local_attention (or backend='auto')")
+def local_block_mask(segment_ids: torch.Tensor, width: int, device: torch.device,
+                     compiled: bool = True) -> Any:
+    """FlexAttention's BlockMask of `local_mask_mod` for T = len(segment_ids) queries and keys:
+    the blocks holding an allowed pair (mask_mod applied within them, except in blocks where
+    every pair is allowed); the others are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    length = q.shape[0]
-    block_mask = create_block_mask(local_mask_mod(segment_ids.to(q.device), width), None, None,
-                                   length, length, device=q.device, _compile=True)
+    length = segment_ids.shape[0]
+    return create_block_mask(local_mask_mod(segment_ids.to(device), width), None, None,
+                             length, length, device=device, _compile=compiled)
+
+
+def flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         segment_ids: torch.Tensor, width: int = 496, *,
+                         compiled: bool = True) -> torch.Tensor:
+    """Local attention with FlexAttention and a block-sparse mask; CUDA tensors only, unless
+    `compiled` is False: eager FlexAttention, which materialises the full scores and runs
+    forward on CPU too (for tests of this path's mask; not for training)."""
+    _check_inputs(q, k, v, segment_ids, width)
+    if compiled and not q.is_cuda:
+        raise ValueError("flex_local_attention needs CUDA tensors; on CPU use "
+                         "blockwise_local_attention (or backend='auto')")
+    block_mask = local_block_mask(segment_ids, width, q.device, compiled)
+    if compiled:
+        attend = _flex_attention()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as attend
     # (T, H, D) -> (1, H, T, D)
-    out = _flex_attention()(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                            v.transpose(0, 1)[None], block_mask=block_mask)
+    out = attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                 block_mask=block_mask)
     return out[0].transpose(0, 1)  # (T, H, D)
 
 
