@@ -192,3 +192,14 @@ def test_an_export_that_fails_midway_leaves_nothing(
         export.export_checkpoint(work, "latest")
     assert digests(work) == before  # no bundle, no temporary, checkpoints untouched
     assert sorted(p.name for p in work.iterdir()) == ["pretraining_files", "pretraining_output"]
+
+
+def test_training_options_and_out_alone_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(export_args(tmp_path, "latest", "--max-steps", "5", "--restart")) == 2
+    assert error_line(capsys) == ("ehrmotor pretrain: error: --export-checkpoint does not "
+                                  "train; drop --max-steps, --restart")
+    assert main(["pretrain", "--work", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert error_line(capsys) == ("ehrmotor pretrain: error: --out needs --export-checkpoint "
+                                  "(pretrain writes WORK/model)")
+    assert list(tmp_path.iterdir()) == []

@@ -40,6 +40,9 @@ OUTPUT_DIR = "pretraining_output"
 FILES_DIR = "pretraining_files"
 LATEST = "latest"
 ATTEMPTS = 3  # `latest` chosen again when the Trainer deleted it before it was opened
+# pretrain options that only training uses: refused with --export-checkpoint
+TRAINING_OPTIONS = ("config", "preset", "max_steps", "tokens_per_batch", "resume", "restart",
+                    "force", "keep_output")
 COPIED_FILES = (("tokenizer/dictionary.msgpack", "dictionary.msgpack"),
                 ("motor_task.json", "motor_task.json"))
 
@@ -69,9 +72,8 @@ def run_export(args: argparse.Namespace) -> int:
     """`pretrain --export-checkpoint`: the CLI handler (after argparse)."""
     if args.export_checkpoint is None:
         raise InputError("--out needs --export-checkpoint (pretrain writes WORK/model)")
-    training = [flag for flag, given in (("--restart", args.restart), ("--force", args.force),
-                                         ("--keep-output", args.keep_output),
-                                         ("--max-steps", args.max_steps is not None)) if given]
+    training = [f"--{name.replace('_', '-')}" for name in TRAINING_OPTIONS
+                if getattr(args, name, None) not in (None, False)]
     if training:
         raise InputError(f"--export-checkpoint does not train; drop {', '.join(training)}")
     bundle = export_checkpoint(args.work, args.export_checkpoint, args.out)
