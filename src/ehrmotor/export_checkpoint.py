@@ -145,14 +145,15 @@ def _step_to_open(output: Path, wanted: int | str) -> int:
 def _open(output: Path, step: int, stack: contextlib.ExitStack) -> _Opened:
     """Open checkpoint `step`'s files; FileNotFoundError when it is (partly) gone."""
     folder = output / f"checkpoint-{step}"
-    with (folder / "trainer_state.json").open("rb") as handle:
-        state_bytes = handle.read()
-    with (folder / "config.json").open("rb") as handle:
-        config = handle.read()
-    if not (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file():
-        raise PretrainError(f"{folder}: no model.safetensors (a sharded or pickled checkpoint "
-                            "cannot be exported)")
-    weights = stack.enter_context((folder / "model.safetensors").open("rb"))
+    try:  # the weights first: once open, a deletion no longer matters
+        weights = stack.enter_context((folder / "model.safetensors").open("rb"))
+    except FileNotFoundError:
+        if (folder / "trainer_state.json").is_file():  # still there: it never had them
+            raise PretrainError(f"{folder}: no model.safetensors (a sharded or pickled "
+                                "checkpoint cannot be exported)") from None
+        raise
+    state_bytes = (folder / "trainer_state.json").read_bytes()
+    config = (folder / "config.json").read_bytes()
     try:
         state = json.loads(state_bytes)
     except ValueError as error:
@@ -190,7 +191,11 @@ def _check_prepared(work: Path, output: Path) -> dict[str, Any]:
                             f"trained with ({type(error).__name__})") from error
     if not isinstance(recorded, dict) or not isinstance(recorded.get("prepared"), dict):
         raise PretrainError(f"{path}: not a record of pretrain settings")
-    current = prepared_digests(work / FILES_DIR)
+    try:
+        current = prepared_digests(work / FILES_DIR)
+    except OSError as error:
+        raise PretrainError(f"{work / FILES_DIR}: incomplete ({error.strerror}: "
+                            f"{error.filename}); rerun `ehrmotor prepare`") from error
     changed = sorted(name for name in set(current) | set(recorded["prepared"])
                      if current.get(name) != recorded["prepared"].get(name))
     if changed:
