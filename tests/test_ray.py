@@ -241,6 +241,8 @@ def test_without_an_address_or_a_cluster_a_local_ray_runs_the_shards_and_is_stop
         assert pool.cpus == 2  # --workers
         assert [pool.submit(abs, -i).result(timeout=120) for i in range(3)] == [0, 1, 2]
         gcs = ray.get_runtime_context().gcs_address
+        session = Path(ray._private.worker._global_node.get_session_dir_path())  # its logs
+    shutil.rmtree(session, ignore_errors=True)
     started = [r.getMessage() for r in caplog.records if "starting a local Ray" in r.getMessage()]
     assert started == ["ray: no --ray-address and no Ray cluster running here: starting a local "
                        "Ray instance with 2 CPUs for this run (stopped when it ends)"]
