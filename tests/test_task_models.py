@@ -119,7 +119,7 @@ def test_forward_reads_the_representation_at_the_points_and_its_loss() -> None:
     torch.testing.assert_close(output.scores, log_hazards)
     torch.testing.assert_close(output.loss, time_to_event_loss(log_hazards, days, event, EDGES))
     binary = MotorForBinary.from_motor(pretrained, TaskSpec("y", "binary", base_rate=0.25))
-    logits = binary(**batch, label=torch.tensor([1.0, 0.0]))
+    logits = binary(**batch, outcome=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(logits.scores, torch.full((2,), math.log(1 / 3)))
 
 

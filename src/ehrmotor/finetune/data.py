@@ -3,7 +3,7 @@
 `task_labels` reads a label file or folder (anything `evaluate` reads: MEDS label files, ACES
 output, ehrmotor's time-to-event labels) into `subject_id`, `prediction_time` and the targets of
 its kind (`ehrmotor.model.task_models.TARGETS`): time-to-event `event_days` (days to the event,
-or to censoring) and `event`; binary `label` (boolean_value).
+or to censoring) and `event`; binary `outcome` (boolean_value).
 
 `task_windows` cuts the windows `compute_features` would cut for those labels (MEDS shards ->
 positions -> `embedding_windows` ending at each label's position) and returns one row per window
@@ -46,7 +46,7 @@ def task_labels(labels: str | Path | LabelSet) -> tuple[str, str, pl.DataFrame]:
             "subject_id", "prediction_time", event_days="time_days", event="event")
         kind = TIME_TO_EVENT
     elif label_set.kind == "boolean":
-        frame = frame.select("subject_id", "prediction_time", label="boolean_value")
+        frame = frame.select("subject_id", "prediction_time", outcome="boolean_value")
         kind = BINARY
     else:
         raise InputError(f"{where}: {label_set.kind} labels cannot be fine-tuned on; give "

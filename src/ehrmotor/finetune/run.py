@@ -75,7 +75,7 @@ def base_rate(labels: pl.DataFrame, kind: str, where: str) -> float:
     """Training event rate (events per day at risk) or prevalence; InputError for an empty
     class (no events, no positives or no negatives)."""
     if kind == BINARY:
-        positives = int(labels["label"].sum())
+        positives = int(labels["outcome"].sum())
         if positives in (0, labels.height):
             missing = "positive" if positives == 0 else "negative"
             raise InputError(f"{where}: the training part has no {missing} labels (of "

@@ -291,22 +291,22 @@ class MotorForBinary(_TaskModel):
 
     def forward(self, entries: torch.Tensor, weights: torch.Tensor, bag_offsets: torch.Tensor,
                 time_features: torch.Tensor, age_days: torch.Tensor, segment_ids: torch.Tensor,
-                point_indices: torch.Tensor, label: torch.Tensor | None = None,
+                point_indices: torch.Tensor, outcome: torch.Tensor | None = None,
                 return_dict: bool | None = None) -> TaskOutput | tuple[torch.Tensor, ...]:
-        """Logits (P,) at the points; the loss when `label` (P,) is given."""
+        """Logits (P,) at the points; the loss when `outcome` (P,), the 0/1 labels, is given."""
         inputs = dict(entries=entries, weights=weights, bag_offsets=bag_offsets,
                       time_features=time_features, age_days=age_days, segment_ids=segment_ids)
-        return self._forward(inputs, point_indices, {"label": label}, return_dict)
+        return self._forward(inputs, point_indices, {"outcome": outcome}, return_dict)
 
     def _loss(self, scores: torch.Tensor, targets: dict[str, torch.Tensor | None]
               ) -> torch.Tensor | None:
-        label = targets["label"]
-        return None if label is None else binary_loss(scores, label)
+        outcome = targets["outcome"]
+        return None if outcome is None else binary_loss(scores, outcome)
 
 
 TASK_MODELS: dict[str, type[_TaskModel]] = {TIME_TO_EVENT: MotorForTimeToEvent,
                                             BINARY: MotorForBinary}
-TARGETS = {TIME_TO_EVENT: ("event_days", "event"), BINARY: ("label",)}
+TARGETS = {TIME_TO_EVENT: ("event_days", "event"), BINARY: ("outcome",)}
 
 
 def task_model_class(config: MotorConfig) -> type[_TaskModel]:
