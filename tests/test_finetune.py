@@ -5,7 +5,12 @@ reloads and predicts the numbers it computes in training, its representations eq
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +152,30 @@ def test_data_coded_with_another_vocabulary_is_refused() -> None:
     with pytest.raises(InputError, match="vocabulary"):
         check_vocabulary(windows, "meds")
     check_vocabulary(pl.DataFrame({"bag_sizes": [[2, 1, 0]]}), "meds")
+
+
+def test_a_killed_finetune_resumes_from_its_checkpoint(
+        tiny_bundle: tuple[Path, Path], labels: Path, tmp_path: Path) -> None:
+    meds, bundle = tiny_bundle
+    out = tmp_path / "ft"
+    command = [sys.executable, "-m", "ehrmotor", "finetune", "--model", str(bundle), "--meds",
+               str(meds), "--labels", str(labels), "--out", str(out), "--max-steps", "6",
+               "--eval-steps", "1", "--tokens-per-batch", "2048"]
+    checkpoints = out / "finetune_output"
+    with open(tmp_path / "killed.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"no checkpoint before the run ended: {tmp_path / 'killed.log'}")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (out / "model").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoint-" in result.stderr, result.stderr[-3000:]
+    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    assert summary["global_step"] == 6
+    assert not checkpoints.exists()

@@ -39,6 +39,8 @@ def add_finetune(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=-1,
                         help="stop after this many optimizer steps (default: epochs decide)")
     parser.add_argument("--epochs", type=_positive, default=10, help="epochs (default 10)")
+    parser.add_argument("--eval-steps", type=_positive, default=50,
+                        help="steps between validations and checkpoints (default 50)")
     parser.add_argument("--tokens-per-batch", type=_positive, default=None,
                         help="positions per packed batch (default: max(context, 8192))")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -60,7 +62,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(freeze=args.freeze, learning_rate=args.learning_rate,
                             max_steps=args.max_steps, num_train_epochs=float(args.epochs),
                             tokens_per_batch=args.tokens_per_batch, precision=args.precision,
-                            seed=args.seed, val_fraction=args.val_fraction)
+                            seed=args.seed, val_fraction=args.val_fraction,
+                            eval_steps=args.eval_steps)
     bundle = finetune(args.model, args.meds, args.labels, args.out, config,
                       outcome_codes=tuple(args.outcome_codes or ()), restart=args.restart)
     log.info("finetune: fine-tuned bundle in %s", bundle)

@@ -31,7 +31,7 @@ from transformers import EarlyStoppingCallback
 from ehrmotor import artifacts
 from ehrmotor.bundle import Bundle, load_bundle
 from ehrmotor.checkpoints import prepare_output, resumable_checkpoint
-from ehrmotor.errors import InputError
+from ehrmotor.errors import InputError, PretrainError
 from ehrmotor.finetune.bundle import bundle_is_complete, write_task_bundle
 from ehrmotor.finetune.data import TaskCollator, check_vocabulary, task_labels, task_windows
 from ehrmotor.finetune.settings import FinetuneConfig, apply_freeze, training_arguments
@@ -141,7 +141,10 @@ def _finetune(model_path: Path, meds: Path, labels_path: Path, out: Path,
     args = training_arguments(config, output, kind, model.config.hidden_size)
     settings = {"config": {**config.to_json(), "outcome_codes": list(outcome_codes)},
                 "prepared": {"model": bundle.fingerprint, "labels": _digest(labels)}}
-    checkpoint = None if restart else resumable_checkpoint(output, settings)
+    try:
+        checkpoint = None if restart else resumable_checkpoint(output, settings)
+    except PretrainError as error:  # its message names pretrain's folder and command
+        raise InputError(str(error).replace("pretrain:", "finetune:", 1)) from error
     prepare_output(output, checkpoint, settings, restart)
     log.info("finetune: %s task %r, %d labels (%d subjects for validation), freeze %s: "
              "%s of %s parameters train", kind, name, labels.height, len(val_subjects),
