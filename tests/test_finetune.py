@@ -179,3 +179,23 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["global_step"] == 6
     assert not checkpoints.exists()
+
+
+def test_a_binary_fine_tuned_bundle_predicts_what_it_computes(
+        tiny_bundle: tuple[Path, Path], labels: Path, tmp_path: Path) -> None:
+    meds, pretrained = tiny_bundle
+    binary = write_labels(meds, tmp_path / "labels" / "er.parquet", "Visit/ER", kind="boolean")
+    pl.read_parquet(binary).head(60).write_parquet(binary)
+    config = FinetuneConfig(**{**STEPS.to_json(), "freeze": "encoder", "max_steps": 1})
+    bundle = finetune(pretrained, meds, binary, tmp_path / "ft", config)
+    _, logits = _training_path(bundle, meds, binary)
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--model", str(bundle), "--meds", str(meds), "--labels",
+                 str(binary), "--out", str(out)]) == 0
+    written = pl.read_parquet(out)
+    assert written.columns == ["subject_id", "prediction_time", "boolean_value",
+                               "predicted_boolean_probability", "predicted_boolean_value"]
+    probability = torch.sigmoid(logits.double()).numpy()
+    np.testing.assert_allclose(written["predicted_boolean_probability"].to_numpy(), probability,
+                               rtol=1e-5)
+    assert written["boolean_value"].to_list() == pl.read_parquet(binary)["boolean_value"].to_list()
