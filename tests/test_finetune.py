@@ -27,6 +27,7 @@ from ehrmotor.errors import InputError
 from ehrmotor.finetune import FinetuneConfig, finetune, load_task_bundle, predict
 from ehrmotor.finetune.data import TaskCollator, check_vocabulary, task_labels, task_windows
 from ehrmotor.finetune.predict import survival
+from ehrmotor.finetune.run import recorded_codes
 from ehrmotor.model import MotorModel
 
 STEPS = FinetuneConfig(max_steps=2, eval_steps=1, tokens_per_batch=2048, learning_rate=1e-2)
@@ -135,7 +136,8 @@ def test_unknown_subjects_labels_before_birth_and_an_empty_class_are_one_line_er
         finetune(bundle, meds, unknown, tmp_path / "a", STEPS)
     early = tmp_path / "early.parquet"
     frame.with_columns(prediction_time=pl.datetime(1900, 1, 1),
-                       event_time=None, censor_time=pl.datetime(1900, 2, 1)).write_parquet(early)
+                       event_time=pl.datetime(1900, 1, 15),
+                       censor_time=pl.datetime(1900, 2, 1)).write_parquet(early)
     with pytest.raises(InputError, match="before the subject's birth date"):
         finetune(bundle, meds, early, tmp_path / "b", STEPS)
     negative = tmp_path / "negative.parquet"
@@ -199,3 +201,12 @@ def test_a_binary_fine_tuned_bundle_predicts_what_it_computes(
     np.testing.assert_allclose(written["predicted_boolean_probability"].to_numpy(), probability,
                                rtol=1e-5)
     assert written["boolean_value"].to_list() == pl.read_parquet(binary)["boolean_value"].to_list()
+
+
+def test_outcome_codes_default_to_those_ehrmotor_label_recorded(tmp_path: Path) -> None:
+    (tmp_path / "labels.json").write_text(json.dumps(
+        {"outcomes": {"death": ["MEDS_DEATH"], "copd": ["ICD10CM/J44"]}}))
+    assert recorded_codes(tmp_path / "copd.parquet", "copd") == ("ICD10CM/J44",)
+    assert recorded_codes(tmp_path, "death") == ("MEDS_DEATH",)
+    assert recorded_codes(tmp_path / "x.parquet", "other") == ()
+    assert recorded_codes(tmp_path / "sub" / "x.parquet", "death") == ()

@@ -18,6 +18,7 @@ changed; `restart` discards the checkpoints). With OUT/model complete the comman
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from ehrmotor.train import MotorTrainer
 log = logging.getLogger(__name__)
 OUTPUT_DIR = "finetune_output"
 MODEL_DIR = "model"
+LABELS_RECORD = "labels.json"  # `ehrmotor label` records each outcome's codes there
 
 
 class TaskTrainer(MotorTrainer):
@@ -88,6 +90,21 @@ def base_rate(labels: pl.DataFrame, kind: str, where: str) -> float:
     return events / float(labels["event_days"].sum())
 
 
+def recorded_codes(labels_path: Path, name: str) -> tuple[str, ...]:
+    """The outcome codes `ehrmotor label` recorded for task `name` (labels.json beside the
+    label file, or in the label folder); empty when there is no such record."""
+    for folder in (labels_path, labels_path.parent):
+        record = folder / LABELS_RECORD
+        if record.is_file():
+            try:
+                outcomes = json.loads(record.read_text()).get("outcomes", {})
+            except (OSError, ValueError, AttributeError):
+                return ()
+            codes = outcomes.get(name) if isinstance(outcomes, dict) else None
+            return tuple(str(code) for code in codes) if isinstance(codes, list) else ()
+    return ()
+
+
 def _digest(frame: pl.DataFrame) -> str:
     return hashlib.sha256(frame.write_ipc(None).getvalue()).hexdigest()[:16]
 
@@ -96,7 +113,8 @@ def finetune(model_path: Path, meds: Path, labels: Path, out: Path,
              config: FinetuneConfig | None = None, *, outcome_codes: tuple[str, ...] = (),
              restart: bool = False, num_proc: int = 1) -> Path:
     """Fine-tune and write OUT/model; return its path (module docstring). outcome_codes: the
-    codes of a time-to-event outcome, whose pretraining task (if any) starts the head."""
+    codes of a time-to-event outcome, whose pretraining task (if any) starts the head (default:
+    those `ehrmotor label` recorded in labels.json beside the label file)."""
     config = config or FinetuneConfig()
     out = Path(out)
     artifacts.check_output(out, "folder")
@@ -124,19 +142,20 @@ def _finetune(model_path: Path, meds: Path, labels_path: Path, out: Path,
               num_proc: int) -> Path:
     bundle = _load_pretrained(model_path)
     name, kind, labels = task_labels(labels_path)
-    windows = task_windows(meds, bundle, labels, kind, num_proc)
-    check_vocabulary(windows, str(meds))
     val_subjects = split_label_subjects(labels["subject_id"], config.val_fraction, config.seed)
     in_val = pl.col("subject_id").is_in(pl.Series(val_subjects).implode())
     train_labels = labels.filter(~in_val)
-    task = TaskSpec(name, kind, outcome_codes, base_rate(train_labels, kind, str(labels_path)))
+    codes = outcome_codes or recorded_codes(Path(labels_path), name)
+    task = TaskSpec(name, kind, codes, base_rate(train_labels, kind, str(labels_path)))
     model = TASK_MODELS[kind].from_motor(bundle.model, task, pretraining_codes(bundle.path))
-    trainable = apply_freeze(model, config.freeze)
+    trainable = apply_freeze(model, config.freeze)  # a bad setting fails before data is read
     context = bundle.max_window or 0
     tokens = config.tokens_per_batch or max(context, 8192)
     if tokens < context:
         raise InputError(f"finetune: tokens_per_batch {tokens} is smaller than the model's "
                          f"context of {context} positions")
+    windows = task_windows(meds, bundle, labels, kind, num_proc)
+    check_vocabulary(windows, str(meds))
     output = out / OUTPUT_DIR
     args = training_arguments(config, output, kind, model.config.hidden_size)
     settings = {"config": {**config.to_json(), "outcome_codes": list(outcome_codes)},
