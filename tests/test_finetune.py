@@ -161,7 +161,7 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(
     meds, bundle = tiny_bundle
     out = tmp_path / "ft"
     command = [sys.executable, "-m", "ehrmotor", "finetune", "--model", str(bundle), "--meds",
-               str(meds), "--labels", str(labels), "--out", str(out), "--max-steps", "6",
+               str(meds), "--labels", str(labels), "--out", str(out), "--max-steps", "4",
                "--eval-steps", "1", "--tokens-per-batch", "2048"]
     checkpoints = out / "finetune_output"
     with open(tmp_path / "killed.log", "wb") as log:
@@ -179,7 +179,7 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint-" in result.stderr, result.stderr[-3000:]
     summary = json.loads((out / "model" / "training_summary.json").read_text())
-    assert summary["global_step"] == 6
+    assert summary["global_step"] == 4
     assert not checkpoints.exists()
 
 

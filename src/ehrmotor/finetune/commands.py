@@ -50,7 +50,8 @@ def add_finetune(commands: argparse._SubParsersAction) -> None:
                         help="share of label subjects for early stopping (default 0.1)")
     parser.add_argument("--outcome-codes", type=_names, default=None, metavar="CODES",
                         help="comma-separated codes of a time-to-event outcome: its "
-                             "pretraining task, if any, starts the head")
+                             "pretraining task, if any, starts the head (default: the codes "
+                             "`ehrmotor label` recorded in labels.json beside LABELS)")
     parser.add_argument("--restart", action="store_true",
                         help="discard OUT/finetune_output and train from step 0")
     parser.set_defaults(run=_run_finetune)
