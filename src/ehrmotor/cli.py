@@ -25,6 +25,7 @@ from ehrmotor import __version__
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
 from ehrmotor.export_checkpoint import add_export_options, run_export
+from ehrmotor.finetune.commands import add_finetune, add_predict
 from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
 
 log = logging.getLogger("ehrmotor")
@@ -323,13 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, add_label, add_evaluate,
-]
+    add_finetune, add_predict]
 
 
-RESUMING = ("prepare", "pretrain")  # commands that continue from their finished steps
+RESUMING = ("prepare", "pretrain", "finetune")  # commands that continue from finished steps
 # (input options, the output option): an --out inside an input is refused.
 INPUTS = {"prepare": ("meds", "athena"), "label": ("meds",), "evaluate": ("meds", "labels"),
-          "embed": ("meds", "labels")}
+          "embed": ("meds", "labels"), "finetune": ("meds", "labels", "model"),
+          "predict": ("meds", "labels", "model")}
 REPLACES_OUT = ("label",)  # writes OUT whole: an input inside it is refused too
 
 
