@@ -6,13 +6,14 @@ which heads are fitted on which features.
 - Training sets of k subjects (`kshot_draws`; sizes count subjects, never label rows): for each
   k in `k_values` below the task's pool size, `replicates` seeded draws from the subjects of the
   pool that have labels in the task; k = "all" (None) is the whole pool, fitted once.
-- Heads (`METHODS`, from `ehrmotor.evaluate.heads`): for time to event a Cox model and the
-  piecewise-exponential MOTOR head on the MOTOR time bins, on the embeddings, and a Cox model and
-  LightGBM on the count features; for binary labels logistic regression on either, and LightGBM
-  on counts. The demographic baseline (age, and sex where the data has it) is fitted beside
-  them: a Cox model for time to event, logistic regression for binary labels. A draw whose
-  training labels cannot be fitted (no event, one class, or a `HeadError` from the head) is
-  skipped and counted, never dropped silently.
+- Heads (`METHODS`, from `ehrmotor.evaluate.heads`, `piecewise` and `boosted`; penalties and
+  boosting rounds chosen on inner folds that keep each subject's rows together): for time to
+  event a Cox model and the piecewise-exponential MOTOR head on the MOTOR time bins, on the
+  embeddings, and a Cox model and LightGBM on the count features; for binary labels logistic
+  regression on either, and LightGBM on counts. The demographic baseline (age, and sex where
+  the data has it) is fitted beside them: a Cox model for time to event, logistic regression
+  for binary labels. A draw whose training labels cannot be fitted (no event, one class, or a
+  `HeadError` from the head) is skipped and counted, never dropped silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
 for time to event the survival curve at the days the integrated Brier score is read at and at
@@ -27,14 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ehrmotor.evaluate.heads import (
-    Head,
-    HeadError,
-    fit_cox,
-    fit_lightgbm_binary,
-    fit_logistic,
-)
-from ehrmotor.evaluate.piecewise import fit_lightgbm_survival, fit_piecewise_exponential
+from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
+from ehrmotor.evaluate.heads import Head, HeadError, fit_cox, fit_logistic
+from ehrmotor.evaluate.piecewise import fit_piecewise_exponential
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
 log = logging.getLogger(__name__)
@@ -138,7 +134,8 @@ def _motor_head(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days)
+    return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days,
+                                 groups=c.groups)
 
 
 def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
@@ -146,7 +143,7 @@ def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_lightgbm_binary(x, t.event, seed=c.seed)
+    return fit_lightgbm_binary(x, t.event, seed=c.seed, groups=c.groups)
 
 
 METHODS: tuple[Method, ...] = (
