@@ -93,7 +93,9 @@ def test_heads_rank_alike_when_a_feature_is_rescaled(head: str) -> None:
 
     plain = score(np.ones(8), 0.0)
     assert plain > 0.7
-    assert score(rescale, 500.0 * (np.arange(8) == 0)) == pytest.approx(plain, abs=1e-6)
+    # LightGBM's histogram bin edges move with float rounding: a tree may split one row apart.
+    tolerance = 1e-3 if head.startswith("lightgbm") else 1e-6
+    assert score(rescale, 500.0 * (np.arange(8) == 0)) == pytest.approx(plain, abs=tolerance)
 
 
 def only_age(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ehrmotor.evaluate.heads import (
     MAX_LOG_HAZARD,
+    UNPENALISED_C,
     CoxHead,
     HeadError,
     binary_targets,
@@ -51,7 +52,6 @@ BOOSTING: dict[str, Any] = {
     "verbose": -1}
 MAX_ROUNDS = 200
 BOOSTED_BINS = 8
-UNPENALISED_C = 1e6  # the logistic recalibration of the shrunk log-odds
 # A fold's boosting data: (x, label, init score) of its training part, then of its validation part.
 FoldData = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
