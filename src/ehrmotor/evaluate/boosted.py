@@ -34,6 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from ehrmotor.evaluate.heads import (
     MAX_LOG_HAZARD,
     UNPENALISED_C,
+    ClassifierHead,
     CoxHead,
     HeadError,
     binary_targets,
@@ -127,13 +128,14 @@ def _poisson_rows(x: np.ndarray, time: np.ndarray, event: np.ndarray, edges: np.
 
 
 def fit_lightgbm_survival(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
-                          horizon_days: float | None = None,
-                          groups: np.ndarray | None = None) -> BoostedSurvivalHead:
-    """Fit the boosted survival head on features x (n, f), times (days) and event flags (n,)."""
+                          horizon_days: float | None = None, groups: np.ndarray | None = None,
+                          linear: CoxHead | None = None) -> BoostedSurvivalHead:
+    """Fit the boosted survival head on features x (n, f), times (days) and event flags (n,),
+    from `linear` (`fit_cox` of the same x, targets, seed and groups: fitted here if None)."""
     time, event = survival_targets(x, time, event)
     quantiles = np.quantile(time[event], np.linspace(0, 1, BOOSTED_BINS + 1)[1:-1])
     edges = np.r_[0.0, np.unique(quantiles[quantiles > 0])]
-    linear = fit_cox(x, time, event, seed=seed, groups=groups)
+    linear = linear or fit_cox(x, time, event, seed=seed, groups=groups)
 
     def fold_data(train: np.ndarray, val: np.ndarray) -> FoldData | None:
         try:
@@ -189,15 +191,17 @@ def _calibrate_log_odds(log_odds: np.ndarray, label: np.ndarray) -> tuple[float,
 
 
 def fit_lightgbm_binary(x: np.ndarray, label: np.ndarray, *, seed: int,
-                        groups: np.ndarray | None = None) -> BoostedClassifierHead:
-    """Fit the boosted binary head on features x (n, f) and boolean labels (n,)."""
+                        groups: np.ndarray | None = None,
+                        linear: ClassifierHead | None = None) -> BoostedClassifierHead:
+    """Fit the boosted binary head on features x (n, f) and boolean labels (n,), from `linear`
+    (`fit_logistic` of the same x, labels, seed and groups: fitted here if None)."""
     label = binary_targets(x, label)
     x = np.asarray(x, dtype=np.float64)
-    linear = fit_logistic(x, label, seed=seed, groups=groups).model
+    logistic = (linear or fit_logistic(x, label, seed=seed, groups=groups)).model
 
     def fold_data(train: np.ndarray, val: np.ndarray) -> FoldData:
         # At the chosen penalty per row: C multiplies the summed loss.
-        refit = clone(linear).set_params(model__C=linear[-1].C * len(x) / len(train))
+        refit = clone(logistic).set_params(model__C=logistic[-1].C * len(x) / len(train))
         refit.fit(x[train], label[train])
         train_odds, val_odds = refit.decision_function(x[train]), refit.decision_function(x[val])
         intercept, scale = _calibrate_log_odds(train_odds, label[train])
@@ -210,8 +214,8 @@ def fit_lightgbm_binary(x: np.ndarray, label: np.ndarray, *, seed: int,
     with single_threaded():
         rounds = _rounds(inner_folds(label, seed, groups), fold_data, model, "binary_logloss",
                          _log_loss)
-        odds = linear.decision_function(x)
+        odds = logistic.decision_function(x)
         intercept, scale = _calibrate_log_odds(odds, label)
         boosted = (model(rounds).fit(x, label, init_score=intercept + scale * odds)
                    if rounds else None)
-    return BoostedClassifierHead(linear, intercept, scale, boosted)
+    return BoostedClassifierHead(logistic, intercept, scale, boosted)

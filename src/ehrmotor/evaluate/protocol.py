@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
-from ehrmotor.evaluate.heads import Head, HeadError, fit_cox, fit_logistic
+from ehrmotor.evaluate.heads import (
+    ClassifierHead,
+    CoxHead,
+    Head,
+    HeadError,
+    fit_cox,
+    fit_logistic,
+)
 from ehrmotor.evaluate.piecewise import fit_piecewise_exponential
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
@@ -107,6 +114,9 @@ class FitContext:
     groups: np.ndarray  # subject id of each training row: inner folds keep a subject together
     bin_edges_days: Sequence[float]  # the MOTOR time bins
     horizon_days: float  # piecewise heads score the cumulative hazard up to here
+    # The heads fitted on this draw so far, by method name: LightGBM starts from the linear head
+    # of the same features (`_fit_one` adds each).
+    fitted: dict[str, Head] = field(default_factory=dict)
 
 
 FitHead = Callable[[np.ndarray, Targets, FitContext], Head]
@@ -134,8 +144,10 @@ def _motor_head(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+    linear = c.fitted.get("counts_cox")
     return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days,
-                                 groups=c.groups)
+                                 groups=c.groups,
+                                 linear=linear if isinstance(linear, CoxHead) else None)
 
 
 def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
@@ -143,7 +155,9 @@ def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_lightgbm_binary(x, t.event, seed=c.seed, groups=c.groups)
+    linear = c.fitted.get("counts_logistic")
+    return fit_lightgbm_binary(x, t.event, seed=c.seed, groups=c.groups,
+                               linear=linear if isinstance(linear, ClassifierHead) else None)
 
 
 METHODS: tuple[Method, ...] = (
@@ -212,6 +226,7 @@ def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.nda
         head = method.fit(features[data.rows[train]], targets, context)
     except HeadError as error:
         return Fit(draw, skipped=str(error))
+    context.fitted[method.name] = head
     x_test = features[data.rows[data.test]]
     survival = head.survival(x_test, data.days) if targets.time is not None else None
     at_horizon = (head.survival(x_test, np.array([context.horizon_days]))
