@@ -12,19 +12,12 @@ import torch
 from sklearn.base import clone
 from sksurv.util import Surv
 
-from ehrmotor.evaluate.heads import (
-    MIN_TIME_DAYS,
-    Head,
-    HeadError,
-    fit_cox,
-    fit_lightgbm_binary,
-    fit_logistic,
-    inner_folds,
-)
+from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
+from ehrmotor.evaluate.heads import MIN_TIME_DAYS, Head, HeadError, fit_cox, fit_logistic
 from ehrmotor.evaluate.metrics import auroc, harrell_c
+from ehrmotor.evaluate.penalties import inner_folds
 from ehrmotor.evaluate.piecewise import (
     _poisson_objective,
-    fit_lightgbm_survival,
     fit_piecewise_exponential,
     motor_bin_features,
 )

@@ -3,9 +3,9 @@
 `tasks` picks the evaluation subjects and turns label sets into tasks, `landmarks` makes
 time-to-event labels of outcomes at several prediction times per subject; `features` builds the
 MOTOR and count (`counts`) feature sets; `protocol` draws the k-shot training sets and fits the
-heads (`heads`, `piecewise`), `scoring` scores them (`metrics`) with subject-bootstrap
-intervals; `run` is the stage, `report` writes its files and `commands` holds the `label` and
-`evaluate` commands.
+heads (`heads`, `piecewise`, `boosted`; penalties chosen by `penalties`), `scoring` scores them
+(`metrics`) with subject-bootstrap intervals; `run` is the stage, `report` writes its files and
+`commands` holds the `label` and `evaluate` commands.
 
 The names below are imported on first use, so that the command line (which imports `commands`)
 starts without torch, LightGBM and scikit-survival.

@@ -4,17 +4,20 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
 (binary heads: its probability); `survival(x, days)` is S(days | x) (n, len(days)), None if binary.
 
 - `fit_cox`: Cox model, elastic net that is mostly ridge (`CoxnetSurvivalAnalysis`, l1_ratio
-  COX_L1_RATIO), alpha on the path by inner CV on Harrell's C; survival by a Breslow baseline.
+  COX_L1_RATIO) on a path of COX_N_ALPHAS alphas from the strongest that leaves one feature in,
+  alpha by the one-standard-error rule on Harrell's C of inner grouped folds
+  (`ehrmotor.evaluate.penalties`); survival by a Breslow baseline.
   A path that diverges (scikit-survival's "weights are too large") is refitted with a stronger
   penalty: its smallest alpha ×COX_FALLBACK_FACTOR (as a share of the largest, up to
   COX_MAX_ALPHA_MIN_RATIO); the head records this in `fallback`, and only when every penalty
   fails is it a `HeadError`.
-- `fit_piecewise_exponential`, `fit_lightgbm_survival`: piecewise-exponential heads, in
-  `ehrmotor.evaluate.piecewise`.
-- `fit_logistic`: L2 logistic regression, C by inner CV on AUROC.
-- `fit_lightgbm_binary`: LightGBM, small fixed settings (BOOSTING).
+- `fit_logistic`: elastic-net logistic regression (l1_ratio LOGISTIC_L1_RATIO), C on a path
+  from the strongest that leaves one feature in, by the one-standard-error rule on held-out
+  log-likelihood of the recalibrated log-odds (`_logistic_scores`).
+- Elsewhere: `fit_piecewise_exponential` (the MOTOR head, `ehrmotor.evaluate.piecewise`);
+  LightGBM heads boosted from these linear fits (`ehrmotor.evaluate.boosted`).
 
-Linear heads mean-impute NaN features and standardise; LightGBM takes NaN as missing. Times are
+Linear heads mean-impute NaN features and standardise them on the training rows alone. Times are
 days, floored at MIN_TIME_DAYS (an event on the prediction day still needs time at risk). A fit the
 data cannot support (under 2 events, or 2 of a class) raises `HeadError`. `groups`
 (the rows' subject ids) keeps a subject's rows in one inner fold. Fits are single-threaded and
@@ -24,38 +27,38 @@ deterministic given `seed`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from lightgbm import LGBMClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 from threadpoolctl import threadpool_limits
 
-from ehrmotor.evaluate.metrics import auroc, comparable_pairs, concordance
+from ehrmotor.evaluate.metrics import concordance
+from ehrmotor.evaluate.penalties import fold_scores, inner_folds, one_se_choice, standardiser
 
 COX_L1_RATIO = 0.1
-COX_N_ALPHAS = 8
+COX_N_ALPHAS = 30  # from the first alpha with a non-zero coefficient (one feature)
 COX_ALPHA_MIN_RATIO = 0.01  # the path's smallest alpha, as a share of its largest
 COX_FALLBACK_FACTOR = 10.0  # a diverging path is refitted with its smallest alpha this much larger
 COX_MAX_ALPHA_MIN_RATIO = 0.5  # ... up to this share (1 would leave only all-zero coefficients)
-LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)
-INNER_FOLDS = 3
+LOGISTIC_L1_RATIO = 0.5
+LOGISTIC_N_C = 20
+LOGISTIC_PATH_START = 1.05  # the strongest C, as a multiple of the one with all coefficients 0
+LOGISTIC_C_SPAN = 1000.0  # the weakest C, as a multiple of the strongest
+LOGISTIC_TOL = 1e-3
+LOGISTIC_MAX_ITER = 500
+UNPENALISED_C = 1e6  # recalibrating log-odds (intercept and scale)
 MIN_TIME_DAYS = 0.5
 MAX_LOG_HAZARD = 50.0  # exp() overflow guard
-BOOSTING: dict[str, Any] = {
-    "n_estimators": 150, "learning_rate": 0.05, "num_leaves": 15, "min_child_samples": 5,
-    "colsample_bytree": 0.8, "reg_lambda": 1.0, "deterministic": True, "force_row_wise": True,
-    "n_jobs": 1, "verbose": -1}
 
 
 class HeadError(ValueError):
@@ -82,6 +85,12 @@ def _pipeline(model: object) -> Pipeline:
                      ("scale", StandardScaler()), ("model", model)])
 
 
+def _cox_pipeline(**path: Any) -> Pipeline:
+    """Standardised features into a Coxnet path (`path`: alphas, or n_alphas and
+    alpha_min_ratio)."""
+    return _pipeline(CoxnetSurvivalAnalysis(l1_ratio=COX_L1_RATIO, **path))
+
+
 def survival_targets(x: np.ndarray, time: np.ndarray,
                       event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     time = np.maximum(np.asarray(time, dtype=np.float64), MIN_TIME_DAYS)
@@ -93,42 +102,13 @@ def survival_targets(x: np.ndarray, time: np.ndarray,
     return time, event
 
 
-def _binary_targets(x: np.ndarray, label: np.ndarray) -> np.ndarray:
+def binary_targets(x: np.ndarray, label: np.ndarray) -> np.ndarray:
     label = np.asarray(label, dtype=bool)
     if len(x) != len(label):
         raise ValueError(f"x has {len(x)} rows, label {len(label)}")
     if min(positives := int(label.sum()), len(label) - positives) < 2:
         raise HeadError(f"fewer than 2 of a class ({positives} of {len(label)} positive)")
     return label
-
-
-def inner_folds(strata: np.ndarray, seed: int,
-                 groups: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified inner folds, by subject when `groups` is given; none when too small.
-
-    With groups, the folds are bounded by the subjects on each side of `strata` (a subject with
-    many label rows counts once), and folds whose training or validation part lacks either side
-    are left out: when a draw's events belong to two subjects, a fold would otherwise train
-    without any event."""
-    if groups is None:
-        splits = min(INNER_FOLDS, int(strata.sum()), int((~strata).sum()))
-    else:
-        splits = min(INNER_FOLDS, len(np.unique(groups[strata])), len(np.unique(groups[~strata])))
-    if splits < 2:
-        return []
-    kind = StratifiedKFold if groups is None else StratifiedGroupKFold
-    folds = kind(splits, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata,
-                                                                groups)
-    return [(train, val) for train, val in folds
-            if all(0 < strata[part].sum() < len(part) for part in (train, val))]
-
-
-def cv_best(options: Sequence[Any], folds: list[tuple[np.ndarray, np.ndarray]],
-             score: Callable[[Any, np.ndarray, np.ndarray], float]) -> int:
-    """Index of the best mean `score(option, train, val)` over folds (skips nan; ties: first)."""
-    means = [np.nanmean(scores) if not np.isnan(scores).all() else -np.inf for scores in
-             (np.array([score(option, train, val) for train, val in folds]) for option in options)]
-    return int(np.argmax(means))
 
 
 @dataclass(frozen=True)
@@ -175,8 +155,7 @@ def _cox_path(x: np.ndarray, target: np.ndarray) -> tuple[Pipeline, str | None]:
     raised (None at the default); HeadError naming the last error when every one diverges."""
     errors: list[str] = []
     for ratio in cox_ratios():
-        path = _pipeline(CoxnetSurvivalAnalysis(
-            l1_ratio=COX_L1_RATIO, n_alphas=COX_N_ALPHAS, alpha_min_ratio=ratio))
+        path = _cox_pipeline(n_alphas=COX_N_ALPHAS, alpha_min_ratio=ratio)
         try:
             path.fit(x, target)
         except ArithmeticError as error:  # coxnet's "weights too large"
@@ -191,29 +170,42 @@ def _cox_path(x: np.ndarray, target: np.ndarray) -> tuple[Pipeline, str | None]:
 
 def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
             groups: np.ndarray | None = None) -> CoxHead:
-    """Fit the Cox head on features x (n, f), times (days) and event flags (n,)."""
+    """Fit the Cox head on features x (n, f), times (days) and event flags (n,): alpha on the
+    path by the one-standard-error rule on Harrell's C of inner grouped folds."""
     time, event = survival_targets(x, time, event)
     with single_threaded():
         path, fallback = _cox_path(x, Surv.from_arrays(event, time))
         # The path starts at the smallest alpha with all coefficients zero: a constant score.
         alphas = [float(a) for a in path[-1].alphas_[1:]] or [float(path[-1].alphas_[0])]
-        numerator, denominator = np.zeros(len(alphas)), 0.0
-        for train, val in inner_folds(event, seed, groups):
-            fold = _pipeline(CoxnetSurvivalAnalysis(l1_ratio=COX_L1_RATIO, alphas=alphas))
+
+        def held_out_c(train: np.ndarray, val: np.ndarray) -> np.ndarray | None:
+            fold = _cox_pipeline(alphas=alphas)
             try:
                 fold.fit(x[train], Surv.from_arrays(event[train], time[train]))
             except ArithmeticError:  # tiny folds
-                continue
-            # Folds are pooled by their number of comparable pairs.
-            if pairs := comparable_pairs(time[val], event[val]):
-                risks = np.stack([fold.predict(x[val], alpha=a) for a in alphas])
-                numerator += concordance(time[val], event[val], risks) * pairs
-                denominator += pairs
-    best = int(np.argmax(numerator)) if denominator else len(alphas) // 2
+                return None
+            risks = np.stack([fold.predict(x[val], alpha=a) for a in alphas])
+            # A constant (every coefficient 0: the fold's path starts later) ranks nothing.
+            return np.where(np.ptp(risks, axis=1) > 0, concordance(time[val], event[val], risks),
+                            np.nan)
+
+        scores = fold_scores(inner_folds(event, seed, groups), len(alphas), held_out_c)
+        best = one_se_choice(scores, default=len(alphas) // 2)
     days, hazard = _breslow(path.predict(x, alpha=alphas[best]), time, event)
     if fallback is not None:
         fallback += f", alpha {alphas[best]:.3g} chosen"
     return CoxHead(path, alphas[best], days, hazard, fallback)
+
+
+def refit_cox(head: CoxHead, x: np.ndarray, time: np.ndarray, event: np.ndarray) -> CoxHead:
+    """`head`'s Cox model refitted at its chosen alpha on other rows (an inner fold's training
+    part), without choosing again; a diverging fit raises ArithmeticError."""
+    time, event = survival_targets(x, time, event)
+    path = [float(a) for a in head.model[-1].alphas_ if a >= head.alpha]
+    with single_threaded():
+        model = _cox_pipeline(alphas=path).fit(x, Surv.from_arrays(event, time))
+    days, hazard = _breslow(model.predict(x, alpha=head.alpha), time, event)
+    return CoxHead(model, head.alpha, days, hazard)
 
 
 @dataclass(frozen=True)
@@ -229,25 +221,61 @@ class ClassifierHead:
         return None
 
 
+def logistic_path(z: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The Cs of the logistic path on standardised z (n, f), strongest penalty first: from just
+    above the C at which every coefficient is zero (LOGISTIC_L1_RATIO / max |z^T (label -
+    mean)|), LOGISTIC_N_C of them over a factor LOGISTIC_C_SPAN."""
+    gradient = float(np.abs(z.T @ (label - label.mean())).max()) if z.size else 0.0
+    smallest = LOGISTIC_L1_RATIO / gradient if gradient > 0 else 1.0
+    return smallest * np.geomspace(LOGISTIC_PATH_START, LOGISTIC_PATH_START * LOGISTIC_C_SPAN,
+                                   LOGISTIC_N_C)
+
+
+def _logistic(c: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=c, l1_ratio=LOGISTIC_L1_RATIO, solver="saga", tol=LOGISTIC_TOL,
+                              max_iter=LOGISTIC_MAX_ITER, random_state=seed, warm_start=True)
+
+
+def _logistic_scores(z: np.ndarray, label: np.ndarray, cs: np.ndarray, seed: int,
+                     train: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Held-out log-likelihood per row of each C, fitted along the path (warm starts) on the
+    training rows, its log-odds recalibrated there (intercept and scale, unpenalised: a strong
+    penalty shrinks them, which says nothing of how well it ranks); less noisy than AUROC on the
+    few labels of an inner fold.
+
+    C multiplies the summed loss: it is scaled by len(z) / len(train) so that each fold fits
+    the penalty per row of the whole draw. A fit with every coefficient 0 scores nan."""
+    model, scores = _logistic(float(cs[0]), seed), []
+    for c in cs * (len(z) / len(train)):
+        model.set_params(C=float(c)).fit(z[train], label[train])
+        if not model.coef_.any():
+            scores.append(np.nan)
+            continue
+        train_odds, val_odds = z[train] @ model.coef_[0], z[val] @ model.coef_[0]
+        platt = LogisticRegression(C=UNPENALISED_C).fit(train_odds[:, None], label[train])
+        probability = np.clip(platt.predict_proba(val_odds[:, None])[:, 1], 1e-12, 1 - 1e-12)
+        scores.append(float(np.mean(np.where(label[val], np.log(probability),
+                                             np.log(1 - probability)))))
+    return np.array(scores)
+
+
 def fit_logistic(x: np.ndarray, label: np.ndarray, *, seed: int,
                  groups: np.ndarray | None = None) -> ClassifierHead:
-    """Fit the L2 logistic head on features x (n, f) and boolean labels (n,)."""
-    label = _binary_targets(x, label)
-
-    def held_out_auroc(c: float, train: np.ndarray, val: np.ndarray) -> float:
-        model = _pipeline(LogisticRegression(C=c, max_iter=1000)).fit(x[train], label[train])
-        return auroc(label[val], model.decision_function(x[val]))
-
+    """Fit the elastic-net logistic head on features x (n, f) and boolean labels (n,): C on the
+    path (`logistic_path`) by the one-standard-error rule on inner grouped folds."""
+    label = binary_targets(x, label)
     with single_threaded():
-        folds = inner_folds(label, seed, groups)  # ties: the smaller C
-        best = cv_best(LOGISTIC_C, folds, held_out_auroc) if folds else len(LOGISTIC_C) // 2
-        model = _pipeline(LogisticRegression(C=LOGISTIC_C[best], max_iter=1000)).fit(x, label)
-    return ClassifierHead(model)
-
-
-def fit_lightgbm_binary(x: np.ndarray, label: np.ndarray, *, seed: int) -> ClassifierHead:
-    """Fit a LightGBM classifier (BOOSTING settings) on features x (n, f), NaN as missing."""
-    label = _binary_targets(x, label)
-    model = LGBMClassifier(**BOOSTING, random_state=seed)
-    with single_threaded():
-        return ClassifierHead(model.fit(np.asarray(x, dtype=np.float64), label))
+        scaling = standardiser(x)
+        z = scaling.transform(np.asarray(x, dtype=np.float64))
+        cs = logistic_path(z, label)
+        scores = fold_scores(inner_folds(label, seed, groups), len(cs),
+                             lambda train, val: _logistic_scores(z, label, cs, seed, train, val))
+        best = one_se_choice(scores, default=len(cs) // 2)
+        model = _logistic(float(cs[0]), seed)
+        for index, c in enumerate(cs):  # warm starts along the path, as in the folds
+            model.set_params(C=float(c)).fit(z, label)
+            # Past the choice only while every coefficient is 0 (the solver's tolerance near
+            # the first C): a constant would rank nothing.
+            if index >= best and model.coef_.any():
+                break
+    return ClassifierHead(Pipeline([("standardise", scaling), ("model", model)]))

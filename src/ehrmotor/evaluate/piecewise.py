@@ -1,14 +1,16 @@
 """Piecewise-exponential heads for `ehrmotor.evaluate`: a hazard constant within time bins.
 
 - `fit_piecewise_exponential`: the MOTOR head for one task on frozen per-bin features
-  (`motor_bin_features`): log-hazard in bin b = w · features_b + alpha_b, by L2-penalised Poisson
-  likelihood on (subject, bin) exposures; the penalty by inner CV on held-out likelihood.
-- `fit_lightgbm_survival`: gradient-boosted trees on (subject, bin) rows, Poisson objective with
-  log-exposure offsets, over BOOSTED_BINS bins at quantiles of the training event times.
+  (`motor_bin_features`): log-hazard in bin b = w · features_b + alpha_b, by Poisson likelihood
+  on (subject, bin) exposures with an elastic-net penalty on w (mostly L2, PE_L1_RATIO of L1); the
+  penalty on a path from the strongest that leaves one feature in, by the one-standard-error rule
+  on held-out likelihood of inner grouped folds (`ehrmotor.evaluate.penalties`).
+- `PiecewiseHazard`: what every piecewise head shares (the LightGBM survival head of
+  `ehrmotor.evaluate.boosted` too): `risk` is the cumulative hazard up to `risk_days` (default:
+  the last training event time); `survival` is exact from the bin hazards.
 
-Both heads' `risk` is the cumulative hazard up to `horizon_days` (default: the last training
-event time); `survival` is exact from the bin hazards. Shared conventions (targets, inner folds,
-`HeadError`, single-threaded fits) are those of `ehrmotor.evaluate.heads`.
+Shared conventions (targets, `HeadError`, single-threaded fits) are those of
+`ehrmotor.evaluate.heads`.
 """
 
 from __future__ import annotations
@@ -19,23 +21,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightgbm import LGBMRegressor
 from scipy.optimize import minimize
 
-from ehrmotor.evaluate.heads import (
-    BOOSTING,
-    MAX_LOG_HAZARD,
-    cv_best,
-    inner_folds,
-    single_threaded,
-    survival_targets,
-)
+from ehrmotor.evaluate.heads import MAX_LOG_HAZARD, single_threaded, survival_targets
+from ehrmotor.evaluate.penalties import fold_scores, inner_folds, one_se_choice
 
-PE_PENALTIES = (10.0, 1.0, 0.1, 0.01, 0.001)  # strongest first: ties keep the stronger
+PE_L1_RATIO = 0.1  # the penalty is mostly L2, with a little L1 so that the path starts sparse
+PE_N_PENALTIES = 12
+PE_PATH_START = 0.9  # the strongest penalty, as a share of the one with every weight 0
+PE_PENALTY_SPAN = 1000.0  # the weakest penalty, as a share of the strongest
 PE_PRIOR_EVENTS = 0.5  # each bin's rate: a gamma prior of half an event at the pooled rate
-BOOSTED_BINS = 8
 
-def _bin_exposure(time: np.ndarray, event: np.ndarray,
+
+def bin_exposure(time: np.ndarray, event: np.ndarray,
                   edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Days at risk and events per (subject, bin), both (n, bins), as
     `ehrmotor.model.head.bin_labels`: bin b covers (edges_b, edges_b+1], the last is unbounded."""
@@ -46,7 +44,7 @@ def _bin_exposure(time: np.ndarray, event: np.ndarray,
     return exposure, events.astype(np.float64)
 
 
-class _PiecewiseHazard:
+class PiecewiseHazard:
     """A hazard constant within bins from `edges` (days); subclasses give `log_hazard` (n, bins)."""
 
     edges: np.ndarray
@@ -70,7 +68,7 @@ class _PiecewiseHazard:
 
 
 @dataclass(frozen=True)
-class PiecewiseExponentialHead(_PiecewiseHazard):
+class PiecewiseExponentialHead(PiecewiseHazard):
     """log-hazard per day in bin b = w · standardised(bin_features_b) + log_rates_b.
 
     x passed to `risk`/`survival` is bin_features (n, bins, f); risk = H(risk_days | x).
@@ -113,15 +111,74 @@ def _poisson_objective(params: np.ndarray, phi: np.ndarray, exposure: np.ndarray
     return loss + 0.5 * penalty * float(weights @ weights), np.r_[grad_w, grad_alpha]
 
 
-def _fit_poisson(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
-                 penalty: float, prior_exposure: float) -> np.ndarray:
-    """L-BFGS from w = 0 and each bin's smoothed events / exposure."""
-    start_rates = (events.sum(0) + PE_PRIOR_EVENTS) / (exposure.sum(0) + prior_exposure)
-    start = np.r_[np.zeros(phi.shape[2]), np.log(start_rates)]
-    result = minimize(_poisson_objective, start, jac=True, method="L-BFGS-B",
+def _elastic_objective(params: np.ndarray, phi: np.ndarray, exposure: np.ndarray,
+                       events: np.ndarray, penalty: float,
+                       prior_exposure: float) -> tuple[float, np.ndarray]:
+    """`_poisson_objective` with the elastic-net penalty penalty · (PE_L1_RATIO · |w|_1 +
+    (1 - PE_L1_RATIO) / 2 · |w|²), in params = (w+ (f,), w- (f,), alpha (bins,)), w = w+ - w-
+    with w+, w- >= 0 (bounds), so that the L1 term is linear and smooth."""
+    f = phi.shape[2]
+    positive, negative, alpha = params[:f], params[f:2 * f], params[2 * f:]
+    loss, gradient = _poisson_objective(np.r_[positive - negative, alpha], phi, exposure, events,
+                                        penalty * (1 - PE_L1_RATIO), prior_exposure)
+    l1 = penalty * PE_L1_RATIO
+    loss += l1 * float(positive.sum() + negative.sum())
+    return loss, np.r_[gradient[:f] + l1, -gradient[:f] + l1, gradient[f:]]
+
+
+def _fit_poisson(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray, penalty: float,
+                 prior_exposure: float, start: np.ndarray | None = None) -> np.ndarray:
+    """(w+, w-, alpha) by L-BFGS-B, from `start` (the previous penalty's fit) or from w = 0 and
+    each bin's smoothed events / exposure."""
+    f = phi.shape[2]
+    if start is None:
+        start_rates = (events.sum(0) + PE_PRIOR_EVENTS) / (exposure.sum(0) + prior_exposure)
+        start = np.r_[np.zeros(2 * f), np.log(start_rates)]
+    bounds = [(0.0, None)] * (2 * f) + [(None, None)] * (len(start) - 2 * f)
+    result = minimize(_elastic_objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
                       args=(phi, exposure, events, penalty, prior_exposure),
                       options={"maxiter": 500})
     return np.asarray(result.x)
+
+
+def _penalty_path(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
+                  prior_exposure: float) -> np.ndarray:
+    """PE_N_PENALTIES penalties, strongest first: from just below the one at which every weight
+    is 0 (the largest |gradient| in w at w = 0, over PE_L1_RATIO) down by PE_PENALTY_SPAN."""
+    start = _fit_poisson(phi[:, :, :0], exposure, events, 0.0, prior_exposure)
+    eta = np.minimum(start[None, :], MAX_LOG_HAZARD)  # (1, bins): the null model
+    residual = exposure * np.exp(eta) - events
+    gradient = np.abs(np.einsum("nb,nbf->f", residual, phi) / len(phi))
+    strongest = float(gradient.max()) / PE_L1_RATIO if gradient.size and gradient.max() > 0 else 1.0
+    return strongest * np.geomspace(PE_PATH_START, PE_PATH_START / PE_PENALTY_SPAN,
+                                    PE_N_PENALTIES)
+
+
+def _held_out_likelihood(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
+                         penalties: np.ndarray, prior_exposure: float, train: np.ndarray,
+                         val: np.ndarray) -> np.ndarray:
+    """Poisson log-likelihood per validation subject of each penalty, fitted along the path
+    (warm starts) on the training rows."""
+    f, params, scores = phi.shape[2], None, []
+    for penalty in penalties:
+        params = _fit_poisson(phi[train], exposure[train], events[train], float(penalty),
+                              prior_exposure, params)
+        eta = np.minimum(phi[val] @ (params[:f] - params[f:2 * f]) + params[2 * f:],
+                         MAX_LOG_HAZARD)
+        scores.append(float((events[val] * eta - exposure[val] * np.exp(eta)).sum()) / len(val))
+    return np.array(scores)
+
+
+def calibrate_linear(linear: np.ndarray, time: np.ndarray, event: np.ndarray,
+                     edges: np.ndarray) -> tuple[float, np.ndarray]:
+    """(scale, log_rates (bins,)) of the unpenalised fit log-hazard in bin b = scale · linear +
+    log_rates_b, for a linear predictor (n,) that its penalty shrank (time in days, bins from
+    `edges`, the same rate prior as the MOTOR head)."""
+    exposure, events = bin_exposure(time, event, edges)
+    phi = np.repeat(np.asarray(linear, dtype=np.float64)[:, None, None], len(edges), axis=1)
+    prior_exposure = PE_PRIOR_EVENTS * exposure.sum() / max(events.sum(), 1.0)
+    params = _fit_poisson(phi, exposure, events, 0.0, prior_exposure)
+    return float(params[0] - params[1]), params[2:]
 
 
 def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event: np.ndarray,
@@ -129,7 +186,8 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
                               horizon_days: float | None = None,
                               groups: np.ndarray | None = None) -> PiecewiseExponentialHead:
     """Fit the MOTOR head of one task on frozen per-bin features (n, bins, f) (see
-    `motor_bin_features`), bins starting at `bin_edges_days`; penalty by inner-CV likelihood."""
+    `motor_bin_features`), bins starting at `bin_edges_days`; the penalty on its path by the
+    one-standard-error rule on held-out likelihood of inner grouped folds."""
     features = np.asarray(bin_features, dtype=np.float64)
     edges = np.asarray(bin_edges_days, dtype=np.float64)
     if features.ndim != 3 or edges.shape != (features.shape[1],) or edges[0] != 0 \
@@ -143,63 +201,21 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
         scale = np.nanstd(features, axis=(0, 1))
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
     phi = _standardise(features, mean, scale)
-    exposure, events = _bin_exposure(time, event, edges)
+    exposure, events = bin_exposure(time, event, edges)
     prior_exposure = PE_PRIOR_EVENTS * exposure.sum() / events.sum()  # at the pooled rate
     f = phi.shape[2]
-
-    def held_out_likelihood(penalty: float, train: np.ndarray, val: np.ndarray) -> float:
-        params = _fit_poisson(phi[train], exposure[train], events[train], penalty, prior_exposure)
-        eta = np.minimum(phi[val] @ params[:f] + params[f:], MAX_LOG_HAZARD)
-        return float((events[val] * eta - exposure[val] * np.exp(eta)).sum())
-
     with single_threaded():
-        folds = inner_folds(event, seed, groups)
-        best = cv_best(PE_PENALTIES, folds, held_out_likelihood) if folds else 1
-        penalty = PE_PENALTIES[best]
-        params = _fit_poisson(phi, exposure, events, penalty, prior_exposure)
+        penalties = _penalty_path(phi, exposure, events, prior_exposure)
+        scores = fold_scores(inner_folds(event, seed, groups), len(penalties),
+                             lambda train, val: _held_out_likelihood(
+                                 phi, exposure, events, penalties, prior_exposure, train, val))
+        best = one_se_choice(scores, default=len(penalties) // 2)
+        params = _fit_poisson(phi, exposure, events, float(penalties[0]), prior_exposure)
+        for penalty in penalties[1:best + 1]:  # warm starts along the path, as in the folds
+            params = _fit_poisson(phi, exposure, events, float(penalty), prior_exposure, params)
     risk_days = float(horizon_days) if horizon_days is not None else float(time[event].max())
-    return PiecewiseExponentialHead(edges, mean, scale, params[:f], params[f:], penalty,
-                                    risk_days)
-
-
-@dataclass(frozen=True)
-class BoostedSurvivalHead(_PiecewiseHazard):
-    """LightGBM Poisson model of the log-hazard per day from (features, bin index)."""
-
-    model: LGBMRegressor
-    edges: np.ndarray  # (bins,) days
-    log_base_rate: float  # added to the trees' output (their offset in training)
-    risk_days: float
-
-    def log_hazard(self, x: np.ndarray) -> np.ndarray:
-        raw = np.asarray(self.model.predict(_bin_rows(x, len(self.edges)), raw_score=True))
-        return raw.reshape(len(x), len(self.edges)) + self.log_base_rate
-
-
-def _bin_rows(x: np.ndarray, bins: int) -> np.ndarray:
-    """(n · bins, f + 1): each row of x once per bin, with the bin index as the last feature."""
-    return np.column_stack([np.repeat(np.asarray(x, dtype=np.float64), bins, axis=0),
-                            np.tile(np.arange(bins, dtype=np.float64), len(x))])
-
-
-def fit_lightgbm_survival(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
-                          horizon_days: float | None = None) -> BoostedSurvivalHead:
-    """Fit gradient-boosted trees for time to event on features x (n, f), NaN as missing: bins
-    start at 0 and at quantiles of the training event times (BOOSTED_BINS at most); each (subject,
-    bin) with time at risk is a Poisson row: label = event in the bin, offset (init score) =
-    log(days at risk) + log(pooled rate), features = x and the bin index."""
-    time, event = survival_targets(x, time, event)
-    quantiles = np.quantile(time[event], np.linspace(0, 1, BOOSTED_BINS + 1)[1:-1])
-    edges = np.r_[0.0, np.unique(quantiles[quantiles > 0])]
-    exposure, events = _bin_exposure(time, event, edges)
-    log_base_rate = float(np.log(events.sum() / exposure.sum()))
-    keep = exposure.ravel() > 0
-    model = LGBMRegressor(objective="poisson", **BOOSTING, random_state=seed)
-    with single_threaded():
-        model.fit(_bin_rows(x, len(edges))[keep], events.ravel()[keep],
-                  init_score=np.log(exposure.ravel()[keep]) + log_base_rate)
-    risk_days = float(horizon_days) if horizon_days is not None else float(time[event].max())
-    return BoostedSurvivalHead(model, edges, log_base_rate, risk_days)
+    return PiecewiseExponentialHead(edges, mean, scale, params[:f] - params[f:2 * f],
+                                    params[2 * f:], float(penalties[best]), risk_days)
 
 
 def motor_bin_features(head: torch.nn.Module, embeddings: np.ndarray) -> np.ndarray:

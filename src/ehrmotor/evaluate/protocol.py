@@ -6,13 +6,14 @@ which heads are fitted on which features.
 - Training sets of k subjects (`kshot_draws`; sizes count subjects, never label rows): for each
   k in `k_values` below the task's pool size, `replicates` seeded draws from the subjects of the
   pool that have labels in the task; k = "all" (None) is the whole pool, fitted once.
-- Heads (`METHODS`, from `ehrmotor.evaluate.heads`): for time to event a Cox model and the
-  piecewise-exponential MOTOR head on the MOTOR time bins, on the embeddings, and a Cox model and
-  LightGBM on the count features; for binary labels logistic regression on either, and LightGBM
-  on counts. The demographic baseline (age, and sex where the data has it) is fitted beside
-  them: a Cox model for time to event, logistic regression for binary labels. A draw whose
-  training labels cannot be fitted (no event, one class, or a `HeadError` from the head) is
-  skipped and counted, never dropped silently.
+- Heads (`METHODS`, from `ehrmotor.evaluate.heads`, `piecewise` and `boosted`; penalties and
+  boosting rounds chosen on inner folds that keep each subject's rows together): for time to
+  event a Cox model and the piecewise-exponential MOTOR head on the MOTOR time bins, on the
+  embeddings, and a Cox model and LightGBM on the count features; for binary labels logistic
+  regression on either, and LightGBM on counts. The demographic baseline (age, and sex where
+  the data has it) is fitted beside them: a Cox model for time to event, logistic regression
+  for binary labels. A draw whose training labels cannot be fitted (no event, one class, or a
+  `HeadError` from the head) is skipped and counted, never dropped silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
 for time to event the survival curve at the days the integrated Brier score is read at and at
@@ -27,14 +28,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
 from ehrmotor.evaluate.heads import (
+    ClassifierHead,
+    CoxHead,
     Head,
     HeadError,
     fit_cox,
-    fit_lightgbm_binary,
     fit_logistic,
 )
-from ehrmotor.evaluate.piecewise import fit_lightgbm_survival, fit_piecewise_exponential
+from ehrmotor.evaluate.piecewise import fit_piecewise_exponential
 from ehrmotor.evaluate.tasks import BINARY, TIME_TO_EVENT
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,9 @@ class FitContext:
     groups: np.ndarray  # subject id of each training row: inner folds keep a subject together
     bin_edges_days: Sequence[float]  # the MOTOR time bins
     horizon_days: float  # piecewise heads score the cumulative hazard up to here
+    # The heads fitted on this draw so far, by method name: LightGBM starts from the linear head
+    # of the same features (`_fit_one` adds each).
+    fitted: dict[str, Head] = field(default_factory=dict)
 
 
 FitHead = Callable[[np.ndarray, Targets, FitContext], Head]
@@ -138,7 +144,10 @@ def _motor_head(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days)
+    linear = c.fitted.get("counts_cox")
+    return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days,
+                                 groups=c.groups,
+                                 linear=linear if isinstance(linear, CoxHead) else None)
 
 
 def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
@@ -146,7 +155,9 @@ def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
 
 
 def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_lightgbm_binary(x, t.event, seed=c.seed)
+    linear = c.fitted.get("counts_logistic")
+    return fit_lightgbm_binary(x, t.event, seed=c.seed, groups=c.groups,
+                               linear=linear if isinstance(linear, ClassifierHead) else None)
 
 
 METHODS: tuple[Method, ...] = (
@@ -215,6 +226,7 @@ def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.nda
         head = method.fit(features[data.rows[train]], targets, context)
     except HeadError as error:
         return Fit(draw, skipped=str(error))
+    context.fitted[method.name] = head
     x_test = features[data.rows[data.test]]
     survival = head.survival(x_test, data.days) if targets.time is not None else None
     at_horizon = (head.survival(x_test, np.array([context.horizon_days]))

@@ -106,11 +106,11 @@ def _subject_splits(spec: ShardSpec, seed: int) -> np.ndarray:
     return rng.choice(len(SPLITS), spec.num_subjects, p=SPLIT_SHARES)
 
 
-def _shard_table(spec: ShardSpec, seed: int) -> tuple[pa.Table, np.ndarray]:
+def _shard_table(spec: ShardSpec, seed: int, age_effect: float) -> tuple[pa.Table, np.ndarray]:
     """Simulate one shard; return its sorted MEDS table and each subject's split index."""
     state = _state()
     codes = state.codes
-    sim = ShardSimulator(spec.num_subjects, seed, spec.index, state.pools)
+    sim = ShardSimulator(spec.num_subjects, seed, spec.index, state.pools, age_effect)
     subject, time_us, code, value, text = sim.run().columns
     order = np.lexsort((code, time_us, subject))
     subject, time_us, code = subject[order], time_us[order], code[order]
@@ -133,9 +133,10 @@ def _shard_table(spec: ShardSpec, seed: int) -> tuple[pa.Table, np.ndarray]:
     return table, _subject_splits(spec, seed)[subject]
 
 
-def _write_shard(spec: ShardSpec, seed: int, data_dir: Path) -> tuple[int, int, dict[str, int]]:
+def _write_shard(spec: ShardSpec, seed: int, data_dir: Path,
+                 age_effect: float) -> tuple[int, int, dict[str, int]]:
     """Write one shard's split files; return (subjects, events, rows per split)."""
-    table, split = _shard_table(spec, seed)
+    table, split = _shard_table(spec, seed, age_effect)
     rows = {}
     for i, name in enumerate(SPLITS):
         part = table.filter(pa.array(split == i))
@@ -174,15 +175,19 @@ def _subject_splits_table(specs: list[ShardSpec], seed: int) -> pl.DataFrame:
 
 
 def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None = None,
-             workers: int | None = None, force: bool = False, progress: bool = True) -> Path:
+             workers: int | None = None, force: bool = False, progress: bool = True,
+             age_effect: float = 1.0) -> Path:
     """Write a synthetic MEDS 0.4 dataset and Athena vocabulary to `out`; return `out`.
 
-    `num_shards` defaults to one per 10,000 subjects; `workers` to the number of cores.
+    `num_shards` defaults to one per 10,000 subjects; `workers` to the number of cores;
+    `age_effect` scales the outcomes' age slopes (`hazards.monthly_hazards`; 1 by default).
     Raises OutputError if `out` exists and is not empty, unless `force` and `out` is a dataset
     this generator wrote (it never replaces anything else).
     """
     if num_subjects < 1:
         raise InputError(f"--subjects must be at least 1, got {num_subjects}")
+    if not 0 <= age_effect <= 10:
+        raise InputError(f"age_effect must be between 0 and 10, got {age_effect}")
     out = Path(out)
     check_output(out, "folder")
     if out.exists() and any(out.iterdir()):
@@ -198,20 +203,21 @@ def generate(out: Path, num_subjects: int, seed: int = 0, num_shards: int | None
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out.parent)
     with atomic_path(out, replace_folder=True) as tmp:
-        totals = _write_dataset(tmp, specs, seed, num_subjects, workers, progress)
+        totals = _write_dataset(tmp, specs, seed, num_subjects, workers, progress, age_effect)
     log.info("wrote %d subjects, %d events in %d shards to %s", num_subjects, totals[1],
              num_shards, out)
     return out
 
 
 def _write_dataset(tmp: Path, specs: list[ShardSpec], seed: int, num_subjects: int,
-                   workers: int, progress: bool) -> np.ndarray:
+                   workers: int, progress: bool, age_effect: float) -> np.ndarray:
     (tmp / "metadata").mkdir(parents=True)
     catalog = build_catalog()
     totals = np.zeros(2, dtype=np.int64)
     with process_pool(workers, initializer=_init_worker,
                       initargs=(catalog.codes, _pools())) as pool:
-        futures = [pool.submit(_write_shard, spec, seed, tmp / "data") for spec in specs]
+        futures = [pool.submit(_write_shard, spec, seed, tmp / "data", age_effect)
+                   for spec in specs]
         # The vocabulary and code metadata are written here while the workers simulate.
         write_athena(catalog, tmp / "athena")
         _codes_metadata(tmp)
@@ -229,7 +235,8 @@ def _write_dataset(tmp: Path, specs: list[ShardSpec], seed: int, num_subjects: i
     }
     (tmp / "metadata" / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
     params = {"seed": seed, "num_subjects": num_subjects, "num_shards": len(specs),
-              "first_subject_id": FIRST_SUBJECT_ID, "generator_version": __version__}
+              "first_subject_id": FIRST_SUBJECT_ID, "generator_version": __version__,
+              "age_effect": age_effect}
     (tmp / "metadata" / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
     return totals
 
@@ -256,7 +263,8 @@ def true_hazards(meds_dir: Path, subject_ids: np.ndarray, times: np.ndarray,
         rows = np.flatnonzero(shard_of == shard)
         spec = specs[shard]
         local = position[rows] - spec.first_subject
-        sim = ShardSimulator(spec.num_subjects, params["seed"], spec.index, _pools())
+        sim = ShardSimulator(spec.num_subjects, params["seed"], spec.index, _pools(),
+                             float(params.get("age_effect", 1.0)))  # absent: written before it
         hazards = sim.run(local, month[rows]).hazards
         if hazards is not None:
             result[rows] = hazards[outcome]

@@ -3,7 +3,8 @@
 The simulation calendar (months of MONTH_DAYS from FIRST_MONTH up to CUTOFF), each subject's fixed
 traits (`Subjects`: birth day, record start, sex, race, the latent risks, visit rate, smoking),
 its disease, treatment and lab state (`State`, updated by `simulate`), and from both the monthly
-hazard of every outcome (`monthly_hazards`). These are the hazards `generate.true_hazards` reports.
+hazard of every outcome (`monthly_hazards`, its age slopes scaled by `age_effect`). These are
+the hazards `generate.true_hazards` reports.
 """
 
 from __future__ import annotations
@@ -81,9 +82,12 @@ class State:
 
 
 def monthly_hazards(month: float, age: np.ndarray, subjects: Subjects, state: State,
-             idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Monthly hazards of every outcome for the subjects `idx` (arrays aligned with idx)."""
-    a = (age - 60.0) / 10.0
+                    idx: np.ndarray, age_effect: float = 1.0) -> dict[str, np.ndarray]:
+    """Monthly hazards of every outcome for the subjects `idx` (arrays aligned with idx).
+
+    `age_effect` multiplies every outcome's log-hazard slope in age (1: the default dataset; 3:
+    age dominates every outcome's risk, the latent traits and history matter less)."""
+    a = age_effect * (age - 60.0) / 10.0
     z0, z1, z2 = (subjects.latent[idx, k] for k in range(3))
     smoker = subjects.smoking[idx]
     has = {k: state.has(k)[idx].astype(float) for k in OUTCOMES}

@@ -115,7 +115,9 @@ class ShardResult:
 class ShardSimulator:
     """Simulates the subjects of one shard month by month (see the module docstring)."""
 
-    def __init__(self, n: int, seed: int, shard: int, pools: CodePools) -> None:
+    def __init__(self, n: int, seed: int, shard: int, pools: CodePools,
+                 age_effect: float = 1.0) -> None:
+        self.age_effect = age_effect  # `hazards.monthly_hazards`
         self.rng = np.random.default_rng([seed, shard])
         popularity = np.random.default_rng([seed, 1 << 30])  # code popularity is dataset-wide
         self.cdf_icd10 = zipf_cdf(len(pools.routine_icd10), popularity)
@@ -153,7 +155,8 @@ class ShardSimulator:
                 continue
             month_day = epoch_days(FIRST_MONTH) + month * MONTH_DAYS
             age = (month_day - subjects.birth_day[active]) / 365.25
-            hazards = monthly_hazards(float(month), age, subjects, self.state, active)
+            hazards = monthly_hazards(float(month), age, subjects, self.state, active,
+                                      self.age_effect)
             if probed is not None and probe_subject is not None and probe_month is not None:
                 rows = np.flatnonzero(probe_month == month)
                 pos = np.searchsorted(active, probe_subject[rows])

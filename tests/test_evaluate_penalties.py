@@ -1,0 +1,144 @@
+"""How the evaluation's heads are regularised (`ehrmotor.evaluate.penalties` and the heads that
+use it): the one-standard-error rule, paths that reach a one-feature model, standardised
+features, and a case where only age matters, in which no head may fall below the age baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
+from ehrmotor.evaluate.heads import COX_N_ALPHAS, fit_cox, fit_logistic, logistic_path
+from ehrmotor.evaluate.metrics import auroc, harrell_c
+from ehrmotor.evaluate.penalties import one_se_choice, standardiser
+from ehrmotor.evaluate.piecewise import fit_piecewise_exponential
+from ehrmotor.evaluate.protocol import Targets, TaskData, fit_task, kshot_draws, methods_for
+
+EDGES = [0.0, 30.0, 90.0, 180.0, 365.0, 730.0]
+
+
+def test_one_se_rule_keeps_the_strongest_penalty_within_one_standard_error() -> None:
+    scores = np.array([[0.60, 0.75, 0.74, 0.73],  # folds × penalties, strongest first
+                       [0.62, 0.78, 0.80, 0.75],
+                       [np.nan, 0.75, 0.77, 0.74]])
+    # Means 0.61, 0.76, 0.77, 0.74; the best's standard error 0.03 / √3 = 0.0173.
+    assert one_se_choice(scores, default=3) == 1
+    scores[:, 1] -= 0.01  # mean 0.75: more than one standard error below the best
+    assert one_se_choice(scores, default=3) == 2
+    assert one_se_choice(np.full((3, 4), np.nan), default=3) == 3  # no fold scored anything
+    assert one_se_choice(np.zeros((0, 4)), default=1) == 1  # no fold at all
+    assert one_se_choice(np.array([[0.5, 0.9, 0.7]]), default=0) == 1  # one fold: no error
+
+
+def survival_data(n: int, seed: int, features: int = 20) -> tuple[np.ndarray, ...]:
+    """Exponential times (days) whose log-hazard is x[:, :3] · (0.9, -0.7, 0.5)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features))
+    event_time = rng.exponential(300 * np.exp(-x[:, :3] @ np.array([0.9, -0.7, 0.5])))
+    censor_time = rng.uniform(20, 900, n)
+    return x, np.minimum(event_time, censor_time), event_time <= censor_time
+
+
+def test_penalty_paths_start_at_a_one_feature_model() -> None:
+    x, time, event = survival_data(300, seed=0)
+    path = fit_cox(x, time, event, seed=0).model[-1]
+    assert len(path.alphas_) == COX_N_ALPHAS
+    nonzero = np.count_nonzero(path.coef_, axis=0)  # per alpha, strongest first
+    assert nonzero[0] == 0 and nonzero[1] == 1  # the fit is scored from alphas_[1] on
+    assert nonzero[-1] >= 10
+
+    label = event & (time < 200)
+    z = standardiser(x).transform(x)
+    cs = logistic_path(z, label)
+    assert len(cs) == 20 and np.all(np.diff(cs) > 0)  # strongest penalty (smallest C) first
+
+    def logistic_nonzero(c: float) -> int:
+        model = LogisticRegression(C=c, l1_ratio=0.5, solver="saga", tol=1e-6, max_iter=5000)
+        return int(np.count_nonzero(model.fit(z, label).coef_))
+
+    assert logistic_nonzero(cs[0]) == 1
+    assert logistic_nonzero(cs[0] / 1.1) == 0  # just beyond the path: every coefficient 0
+
+    bins = x[:, None, :] + 0.1 * np.random.default_rng(1).normal(size=(300, len(EDGES), 20))
+    strongest = fit_piecewise_exponential(bins, time, event, EDGES, seed=0, groups=np.arange(300))
+    assert np.count_nonzero(strongest.weights) >= 1
+
+
+@pytest.mark.parametrize("head", ["cox", "piecewise", "logistic", "lightgbm_survival",
+                                  "lightgbm_binary"])
+def test_heads_rank_alike_when_a_feature_is_rescaled(head: str) -> None:
+    """Standardisation (fitted on the training rows): a feature in other units (×1000, moved by
+    500) changes no penalty choice and no ranking."""
+    x, time, event = survival_data(160, seed=2, features=8)
+    test_x, test_time, test_event = survival_data(300, seed=3, features=8)
+    rescale = np.ones(8)
+    rescale[0] = 1000.0
+
+    def score(units: np.ndarray, shift: float) -> float:
+        train, test = x * units + shift, test_x * units + shift
+        if head == "piecewise":
+            noise = np.random.default_rng(4).normal(0, 0.1, (len(x), len(EDGES), 1))
+            fitted = fit_piecewise_exponential(train[:, None, :] + noise * units, time, event,
+                                               EDGES, seed=0)
+            return harrell_c(test_time, test_event, fitted.risk(np.repeat(
+                test[:, None, :], len(EDGES), axis=1)))
+        if head in ("logistic", "lightgbm_binary"):
+            fit = fit_logistic if head == "logistic" else fit_lightgbm_binary
+            return auroc(test_event & (test_time < 200),
+                         fit(train, event & (time < 200), seed=0).risk(test))
+        fit_survival = fit_cox if head == "cox" else fit_lightgbm_survival
+        return harrell_c(test_time, test_event,
+                         fit_survival(train, time, event, seed=0).risk(test))
+
+    plain = score(np.ones(8), 0.0)
+    assert plain > 0.7
+    # LightGBM's histogram bin edges move with float rounding: a tree may split one row apart.
+    tolerance = 1e-3 if head.startswith("lightgbm") else 1e-6
+    assert score(rescale, 500.0 * (np.arange(8) == 0)) == pytest.approx(plain, abs=tolerance)
+
+
+def only_age(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Times (days) whose hazard depends on age alone; MOTOR-like embeddings that carry age along
+    one direction with noise, per-bin copies of them, counts with age and 60 log counts (age-related
+    and not), and the demographic features (age)."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(20, 90, n)
+    scaled = (age - 55) / 15
+    event_time = rng.exponential(400 * np.exp(-1.2 * scaled))
+    censor_time = rng.uniform(30, 1500, n)
+    motor = np.outer(scaled, rng.normal(size=32)) + 0.3 * rng.normal(size=(n, 32))
+    motor_bins = motor[:, None, :] + 0.2 * rng.normal(size=(n, len(EDGES), 32))
+    counts = rng.poisson(np.exp(0.5 * np.outer(scaled, rng.normal(0, 0.5, 60))
+                                + rng.normal(-0.5, 1, 60)))
+    features = {"motor": motor, "motor_bins": motor_bins,
+                "counts": np.column_stack([age, np.log1p(counts)]), "demographics": age[:, None]}
+    return np.minimum(event_time, censor_time), event_time <= censor_time, features
+
+
+@pytest.mark.parametrize("kind", ["time_to_event", "binary"])
+def test_no_head_falls_below_the_age_baseline_when_only_age_matters(kind: str) -> None:
+    """k = 64, three draws: every head's mean test C (AUROC for binary labels) within 0.01 of the
+    age baseline's, whose features every other feature set carries with noise."""
+    test_rows, pool = 1000, 400
+    time, event, features = only_age(test_rows + pool, seed=0)
+    subjects = np.arange(test_rows + pool)
+    label = event & (time < 365)
+    targets = Targets(time, event) if kind == "time_to_event" else Targets(None, label)
+    data = TaskData(subjects, subjects, targets, subjects[:test_rows], subjects[test_rows:])
+    draws = kshot_draws(subjects[test_rows:], [64], 3, seed=0)
+    fits = fit_task(data, methods_for(kind), features, draws, seed=0, bin_edges_days=EDGES,
+                    horizon_days=365)
+
+    def score(risk: np.ndarray | None) -> float:
+        assert risk is not None
+        if kind == "binary":
+            return auroc(label[:test_rows], risk)
+        return harrell_c(time[:test_rows], event[:test_rows], risk)
+
+    means = {name: np.mean([score(fit.risk) for fit in draw_fits])
+             for name, draw_fits in fits.items()}
+    age = means.pop("age_sex_cox" if kind == "time_to_event" else "age_sex_logistic")
+    assert age > 0.8
+    assert len(means) == len(methods_for(kind)) - 1
+    assert all(mean >= age - 0.01 for mean in means.values()), (age, means)
