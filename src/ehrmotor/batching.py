@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
+from ehrmotor.meds.read import US_PER_DAY
 from ehrmotor.prepare.positions import TIME_FEATURES
 
 LENGTH_COLUMN = "bag_sizes"
-US_PER_DAY = 86_400_000_000
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
 

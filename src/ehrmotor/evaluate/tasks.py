@@ -32,11 +32,15 @@ import polars as pl
 from ehrmotor.errors import InputError
 from ehrmotor.meds import data_files, read_splits_file, scan_shard
 from ehrmotor.meds.labels import LabelSet, check_label_set, time_to_event_days
-from ehrmotor.meds.read import BIRTH_CODE, SPLITS_FILE, subjects_in_several_splits
+from ehrmotor.meds.read import (
+    BIRTH_CODE,
+    SPLITS_FILE,
+    US_PER_DAY,
+    subjects_in_several_splits,
+)
 
 log = logging.getLogger(__name__)
 
-US_PER_DAY = 86_400_000_000
 DEFAULT_SPLITS = ("held_out", "tuning")
 PRETRAINING_SPLIT = "train"
 TIME_TO_EVENT, BINARY = "time_to_event", "binary"

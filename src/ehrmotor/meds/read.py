@@ -43,6 +43,7 @@ DATASET_FILE = "metadata/dataset.json"
 SPLITS_FILE = "metadata/subject_splits.parquet"
 BIRTH_CODE = "MEDS_BIRTH"  # MEDS's codes of birth and death
 DEATH_CODE = "MEDS_DEATH"
+US_PER_DAY = 86_400_000_000  # MEDS times are microseconds
 # A MEDS split file outside the dataset: `prepare --held-out-fraction` writes it to WORK, and
 # `pretrain` copies it into the model bundle (evaluate's default split file there).
 HELD_OUT_FILE = "subject_splits.parquet"

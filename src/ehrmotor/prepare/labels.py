@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from ehrmotor.meds.read import US_PER_DAY
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import count_before_birth
 from ehrmotor.prepare.windows import training_window
 
-US_PER_DAY = 86_400_000_000
 MIN_POINTS_PER_WINDOW = 5
 POINT_FRACTION = 10  # one sampled point per this many positions
 

@@ -31,11 +31,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrmotor.meds.read import BIRTH_CODE
+from ehrmotor.meds.read import BIRTH_CODE, US_PER_DAY
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
 
-US_PER_DAY = 86_400_000_000
 TIME_FEATURES = ("age", "log_age", "log_delta")
 
 

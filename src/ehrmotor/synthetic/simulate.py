@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ehrmotor.meds.read import US_PER_DAY
 from ehrmotor.synthetic.catalog import SMOKING_VALUES
 from ehrmotor.synthetic.hazards import (
     EPOCH,
@@ -52,7 +53,6 @@ from ehrmotor.synthetic.hazards import (
 )
 from ehrmotor.synthetic.pools import CodePools, zipf_cdf
 
-US_PER_DAY = 86_400_000_000
 ICD9_UNTIL = np.datetime64("2015-10-01", "D")
 TEXT_VALUES = SMOKING_VALUES
 
