@@ -93,3 +93,14 @@ def positions_frame(subject_positions: dict[int, int], start: datetime = datetim
         "subject_id": pl.Int64, "position": pl.Int32, "time": pl.Int64, "age_days": pl.Float32,
         "entries": pl.List(pl.UInt32), "weights": pl.List(pl.Float32), "age": pl.Float32,
         "log_age": pl.Float32, "log_delta": pl.Float32})
+
+
+def ancestors_of(ontology: Ontology, code: str) -> list[str]:
+    """Ancestors of `code` in `ontology` (self excluded), nearest first, ties by name."""
+    rows = ontology.ancestors.filter((pl.col("code") == code) & (pl.col("depth") > 0))
+    return rows.sort("depth", "ancestor")["ancestor"].to_list()
+
+
+def parents_of(ontology: Ontology, code: str) -> list[str]:
+    """Direct parents of `code` in `ontology`, sorted; [] for a root or an unknown code."""
+    return ontology.parents.filter(pl.col("code") == code)["parent"].sort().to_list()

@@ -20,6 +20,7 @@ from meds_builders import (
     subject_rows,
     write_table,
 )
+from prepare_builders import ancestors_of
 from test_ontology import codes_metadata, write_athena
 
 from ehrmotor.cli import main
@@ -168,7 +169,7 @@ def test_parent_cycle_in_codes_metadata_is_named_by_validate_and_the_ontology(
     assert "ontology: 2 code(s) lie on parent cycles, e.g. 'ICD10CM//E1' has parent " \
            "'ICD10CM//E11'" in caplog.text
     assert "(from metadata/codes.parquet parent_codes)" in caplog.text
-    assert ontology.ancestors_of("ICD10CM//E11.9") == ["ICD10CM//E11", "ICD10CM//E1"]
+    assert ancestors_of(ontology, "ICD10CM//E11.9") == ["ICD10CM//E11", "ICD10CM//E1"]
 
 
 def test_parent_cycle_in_athena_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from prepare_builders import ancestors_of, parents_of
 
 from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
 
@@ -110,9 +111,10 @@ def codes_metadata(parents: dict[str, list[str]]) -> pl.DataFrame:
 
 def test_parents_from_level_one_ancestor_rows_and_closure_finds_grandparents(athena: Path) -> None:
     ontology = Ontology.build(["ICD10CM/A00.0"], athena_dir=athena)
-    assert ontology.parents_of("ICD10CM/A00.0") == ["ICD10CM/A00"]
-    assert ontology.parents_of("ICD10CM/A00") == ["ICD10CM/A00-A09"]
-    assert ontology.ancestors_of("ICD10CM/A00.0") == ["ICD10CM/A00", "ICD10CM/A00-A09", "ICD10CM/I"]
+    assert parents_of(ontology, "ICD10CM/A00.0") == ["ICD10CM/A00"]
+    assert parents_of(ontology, "ICD10CM/A00") == ["ICD10CM/A00-A09"]
+    expected = ["ICD10CM/A00", "ICD10CM/A00-A09", "ICD10CM/I"]
+    assert ancestors_of(ontology, "ICD10CM/A00.0") == expected
     depths = ontology.ancestors.filter(pl.col("code") == "ICD10CM/A00.0")["depth"].to_list()
     assert depths == [0, 1, 2, 3]
     assert ontology.ancestors.schema == {"code": pl.String, "ancestor": pl.String,
@@ -123,24 +125,24 @@ def test_maps_to_gives_parents_of_non_standard_concepts_only(athena: Path) -> No
     data = ["ICD9CM/001.0", "ICD9CM/002.0", "CPT4/99213"]
     ontology = Ontology.build(data, athena_dir=athena)
     # The self-map and the invalid mapping to A01 are ignored.
-    assert ontology.parents_of("ICD9CM/001.0") == ["ICD10CM/A00.0"]
-    assert ontology.ancestors_of("ICD9CM/001.0")[-1] == "ICD10CM/I"
-    assert ontology.parents_of("ICD9CM/002.0") == ["ICD10CM/A01"]
-    assert ontology.parents_of("CPT4/99213") == []
+    assert parents_of(ontology, "ICD9CM/001.0") == ["ICD10CM/A00.0"]
+    assert ancestors_of(ontology, "ICD9CM/001.0")[-1] == "ICD10CM/I"
+    assert parents_of(ontology, "ICD9CM/002.0") == ["ICD10CM/A01"]
+    assert parents_of(ontology, "CPT4/99213") == []
     assert ontology.parents.filter(pl.col("code") == pl.col("parent")).height == 0
 
 
 def test_name_with_bare_quote_parses(athena: Path) -> None:
     ontology = Ontology.build(["ICD9CM/001.0", "SPL/abc-123"], athena_dir=athena)
     assert ontology.stats.data_codes_unknown == 0
-    assert ontology.parents_of("SPL/abc-123") == ["RxNorm/1191"]
+    assert parents_of(ontology, "SPL/abc-123") == ["RxNorm/1191"]
 
 
 def test_crlf_rows_parse_without_trailing_carriage_return(tmp_path: Path) -> None:
     athena = write_athena(tmp_path / "athena", crlf_vocabularies=("CPT4", "ICD10CM"))
     ontology = Ontology.build(["CPT4/99213", "ICD10CM/A00.0"], athena_dir=athena)
     assert ontology.stats.data_codes_unknown == 0
-    assert ontology.ancestors_of("ICD10CM/A00.0")[-1] == "ICD10CM/I"
+    assert ancestors_of(ontology, "ICD10CM/A00.0")[-1] == "ICD10CM/I"
     for column in ("code", "ancestor"):
         assert not ontology.ancestors[column].str.contains("\r").any()
 
@@ -150,7 +152,7 @@ def test_tab_in_concept_name_does_not_shift_columns(tmp_path: Path) -> None:
     athena = write_athena(tmp_path / "athena", concepts=concepts,
                           ancestors=[*ANCESTORS, (3, 7, 1)])
     ontology = Ontology.build(["ICD10CM/A00.9"], athena_dir=athena)
-    assert ontology.parents_of("ICD10CM/A00.9") == ["ICD10CM/A00"]
+    assert parents_of(ontology, "ICD10CM/A00.9") == ["ICD10CM/A00"]
     assert not ontology.ancestors["code"].str.starts_with("Condition/").any()
 
 
@@ -163,10 +165,10 @@ def test_codes_metadata_parent_codes_override_athena(athena: Path) -> None:
     })
     data = ["ICD10CM/A00.0", "ICD10CM/A00", "MEDS_BIRTH", "LOCAL/lab-1"]
     ontology = Ontology.build(data, athena_dir=athena, codes_metadata=metadata)
-    assert ontology.parents_of("ICD10CM/A00.0") == ["ICD10CM/A01"]
-    assert ontology.parents_of("ICD10CM/A00") == ["ICD10CM/A00-A09"]
-    assert ontology.parents_of("LOCAL/lab-1") == ["ICD10CM/II", "LOCAL/labs"]
-    assert ontology.ancestors_of("MEDS_BIRTH") == []
+    assert parents_of(ontology, "ICD10CM/A00.0") == ["ICD10CM/A01"]
+    assert parents_of(ontology, "ICD10CM/A00") == ["ICD10CM/A00-A09"]
+    assert parents_of(ontology, "LOCAL/lab-1") == ["ICD10CM/II", "LOCAL/labs"]
+    assert ancestors_of(ontology, "MEDS_BIRTH") == []
     assert ontology.stats.data_codes_unknown == 0
 
 
@@ -184,21 +186,21 @@ def test_pruning_keeps_data_codes_and_their_ancestors_only(athena: Path) -> None
 
 def test_removed_vocabularies_never_enter_as_ancestors(athena: Path) -> None:
     ontology = Ontology.build(["RxNorm/2555", "RxNorm/1191"], athena_dir=athena)
-    assert ontology.parents_of("RxNorm/2555") == []
-    assert ontology.parents_of("RxNorm/1191") == ["ATC/B01AC06"]
+    assert parents_of(ontology, "RxNorm/2555") == []
+    assert parents_of(ontology, "RxNorm/1191") == ["ATC/B01AC06"]
     kept = ontology.ancestors["code"]
     assert not kept.str.starts_with("HemOnc/").any()
     assert not kept.str.starts_with("SPL/").any()
     kept_all = Ontology.build(["RxNorm/2555"], athena_dir=athena, remove_vocabularies=())
-    assert kept_all.parents_of("RxNorm/2555") == ["HemOnc/9000"]
+    assert parents_of(kept_all, "RxNorm/2555") == ["HemOnc/9000"]
 
 
 def test_removed_vocabulary_code_in_the_data_is_kept(athena: Path) -> None:
     ontology = Ontology.build(["HemOnc/10000"], athena_dir=athena)
     # Its own non-removed parent stays; its HemOnc parent is not in the data and goes.
-    assert ontology.parents_of("HemOnc/10000") == ["ATC/B01AC06"]
+    assert parents_of(ontology, "HemOnc/10000") == ["ATC/B01AC06"]
     both = Ontology.build(["HemOnc/10000", "HemOnc/9000"], athena_dir=athena)
-    assert both.parents_of("HemOnc/10000") == ["ATC/B01AC06", "HemOnc/9000"]
+    assert parents_of(both, "HemOnc/10000") == ["ATC/B01AC06", "HemOnc/9000"]
 
 
 def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -212,8 +214,8 @@ def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.L
         ontology = Ontology.build(["ICD9CM/002.0", "ICD10CM/A00.0"], athena_dir=athena)
     assert ontology.stats.missing_references == 3
     assert "3 Athena parent-edge rows" in caplog.text
-    assert ontology.parents_of("ICD9CM/002.0") == ["ICD10CM/A01"]
-    assert ontology.parents_of("ICD10CM/A00.0") == ["ICD10CM/A00"]
+    assert parents_of(ontology, "ICD9CM/002.0") == ["ICD10CM/A01"]
+    assert parents_of(ontology, "ICD10CM/A00.0") == ["ICD10CM/A00"]
 
 
 @pytest.mark.parametrize("name", ["CONCEPT.csv", "CONCEPT_ANCESTOR.csv"])
@@ -250,7 +252,7 @@ def test_without_athena_parents_come_from_codes_metadata(caplog: pytest.LogCaptu
         ontology = Ontology.build(pl.Series(["C", "Z", None]), codes_metadata=metadata)
     assert "no Athena vocabulary" in caplog.text
     assert ontology.parents.rows() == [("B", "A"), ("C", "A"), ("C", "B")]
-    assert ontology.ancestors_of("C") == ["A", "B"]
+    assert ancestors_of(ontology, "C") == ["A", "B"]
     assert ontology.stats.data_codes == 2
     assert ontology.stats.data_codes_unknown == 1
 
@@ -306,7 +308,7 @@ def test_load_missing_file_raises_naming_it(athena: Path, tmp_path: Path) -> Non
 def test_a_cycle_terminates(athena: Path) -> None:
     metadata = codes_metadata({"X/a": ["X/b"], "X/b": ["X/c"], "X/c": ["X/a", "ICD10CM/A00"]})
     ontology = Ontology.build(["X/a"], athena_dir=athena, codes_metadata=metadata)
-    assert ontology.ancestors_of("X/a") == ["X/b", "X/c", "ICD10CM/A00", "ICD10CM/A00-A09",
+    assert ancestors_of(ontology, "X/a") == ["X/b", "X/c", "ICD10CM/A00", "ICD10CM/A00-A09",
                                             "ICD10CM/I"]
     pairs = ontology.ancestors.select("code", "ancestor")
     assert pairs.is_unique().all()
@@ -326,10 +328,10 @@ def test_synthetic_dataset_every_data_code_is_in_the_ontology(tmp_path: Path) ->
     assert ontology.stats.missing_references == 0
     assert data_codes.is_in(ontology.ancestors["code"].implode()).all()
     icd9 = sorted(c for c in data_codes.to_list() if c.startswith("ICD9CM/"))[0]
-    mapped = ontology.parents_of(icd9)
+    mapped = parents_of(ontology, icd9)
     assert mapped and all(p.startswith("ICD10CM/") for p in mapped)
-    chapter = ontology.ancestors_of(mapped[0])[-1]
-    assert chapter in ontology.ancestors_of(icd9)
+    chapter = ancestors_of(ontology, mapped[0])[-1]
+    assert chapter in ancestors_of(ontology, icd9)
     assert chapter.split("/")[1].strip("IVX") == ""  # chapters are named by Roman numeral
     assert not ontology.ancestors["code"].str.starts_with("SPL/").any()
     athena_only = Ontology.build(data_codes, athena_dir=meds / "athena")

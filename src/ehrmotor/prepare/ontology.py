@@ -257,15 +257,6 @@ class Ontology:
             return expanded.collect()
         return expanded
 
-    def ancestors_of(self, code: str) -> list[str]:
-        """Ancestors of `code` (self excluded), nearest first, ties by name; [] if unknown."""
-        rows = self.ancestors.filter((pl.col("code") == code) & (pl.col("depth") > 0))
-        return rows.sort("depth", "ancestor")["ancestor"].to_list()
-
-    def parents_of(self, code: str) -> list[str]:
-        """Direct parents of `code`, sorted; [] for a root or an unknown code."""
-        return self.parents.filter(pl.col("code") == code)["parent"].sort().to_list()
-
     def save(self, directory: Path) -> None:
         """Write parents.parquet, ancestors.parquet and stats.json into `directory` (created)."""
         directory = Path(directory)
