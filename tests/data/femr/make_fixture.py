@@ -122,8 +122,9 @@ def main() -> None:
     times = np.array([label["prediction_time"] for label in labels], dtype="datetime64[us]")
     subjects = np.array([label["subject_id"] for label in labels], dtype=np.int64)
     # femr computes a label twice where its windows overlap (needs_exact batching): keep all rows.
-    row_keys = set(zip(result["subject_ids"].tolist(), result["feature_times"].tolist()))
-    label_keys = set(zip(subjects.tolist(), times.astype("datetime64[s]").tolist()))
+    row_keys = set(zip(result["subject_ids"].tolist(), result["feature_times"].tolist(),
+                       strict=True))
+    label_keys = set(zip(subjects.tolist(), times.astype("datetime64[s]").tolist(), strict=True))
     if row_keys != label_keys:
         raise SystemExit("femr's rows do not cover exactly the labels")
     features = result["features"][order].astype(np.float32)
@@ -138,7 +139,8 @@ def main() -> None:
     pq.write_table(table, out / "features.parquet")
     (out / "fixture.json").write_text(json.dumps({
         "femr": "0.2.4", "tokens_per_batch": FEATURE_TOKENS_PER_BATCH, "num_proc": NUM_PROC,
-        "labels": len(labels), "femr_rows": table.num_rows, "seed": SEED, **SIZES}, indent=2) + "\n")
+        "labels": len(labels), "femr_rows": table.num_rows, "seed": SEED, **SIZES},
+        indent=2) + "\n")
     print(f"{len(labels)} labels, femr rows {features.shape}")
 
 
