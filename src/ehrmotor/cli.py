@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ehrmotor import __version__
+from ehrmotor.convert.commands import add_convert_femr
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
 from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
@@ -329,13 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, add_label, add_evaluate,
-]
+    add_convert_femr]
 
 
 RESUMING = ("prepare", "pretrain")  # commands that continue from their finished steps
 # (input options, the output option): an --out inside an input is refused.
 INPUTS = {"prepare": ("meds", "athena"), "label": ("meds",), "evaluate": ("meds", "labels"),
-          "embed": ("meds", "labels")}
+          "embed": ("meds", "labels"), "convert-femr": ("model", "athena")}
 REPLACES_OUT = ("label",)  # writes OUT whole: an input inside it is refused too
 
 

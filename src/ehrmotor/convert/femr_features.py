@@ -259,3 +259,13 @@ def femr_features(db: Any, bundle: FemrBundle, labels: pl.DataFrame,
              table["subject_id"].n_unique(), plan.height)
     _encode(bundle, positions, bags, plan, _assign(located, plan), budget, result["features"])
     return result
+
+
+def femr_bundle_features(db: Any, model_path: str | Path, labels: Any,
+                         tokens_per_batch: int | None = None) -> dict[str, np.ndarray] | None:
+    """`compute_features` when model_path is a converted femr bundle, else None."""
+    if not is_femr_bundle(model_path):
+        return None
+    from ehrmotor.embed import read_labels
+
+    return femr_features(db, load_femr_bundle(model_path), read_labels(labels), tokens_per_batch)

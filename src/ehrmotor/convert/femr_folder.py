@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ehrmotor.convert.femr_model import FemrHybridConfig
-from ehrmotor.errors import InputError
+from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig
+from ehrmotor.errors import InputError, OutputError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -187,6 +187,19 @@ def _write_parents(athena: Path, directory: Path) -> None:
         .write_parquet(directory / PARENTS_FILE, statistics=False)
 
 
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier convert-femr bundle."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    try:
+        ours = json.loads((target / CONFIG_FILE).read_text(encoding="utf-8"))["model_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = None
+    if ours != MODEL_TYPE:
+        raise OutputError(f"--out {target}: exists and is not a bundle written by convert-femr; "
+                          "choose another folder (nothing else is ever replaced)")
+
+
 def convert_femr(folder: str | Path, out: str | Path, athena: str | Path | None = None) -> Path:
     """Convert the femr model at `folder` into a bundle at `out` (replaced atomically)."""
     source, target = Path(folder), Path(out)
@@ -196,8 +209,10 @@ def convert_femr(folder: str | Path, out: str | Path, athena: str | Path | None 
     if athena is None:
         raise ConversionError(f"{source / CONFIG_FILE}: the tokenizer is hierarchical; give the "
                               "Athena vocabulary it was trained with (--athena DIR)")
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)
     try:
         (staging / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
         save_file(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
