@@ -57,7 +57,7 @@ def test_chunked_scan_equals_sequential_reference() -> None:
     x = torch.randn(96, 8)
     starts = segment_starts(segments)
     reference = sequential_scan(log_a, x, starts)
-    for chunk in (1, 7, 16, 200):
+    for chunk in (None, 1, 7, 16, 200):
         assert torch.allclose(linear_scan(log_a, x, starts, chunk=chunk), reference, atol=1e-5)
     # the state restarts at each segment: the second segment's first value is its input
     assert torch.equal(reference[5], x[5])

@@ -13,8 +13,8 @@ The block (`RecurrentBlock`), for x (T, width):
     out = linear_out(u * y)        with a[t] = exp(-8 * sigmoid(ga[t]) * softplus(a_param))
 
 where gx, ga are block-diagonal linear maps of u (one block per head); at a segment's first token
-a = 0 and the input is not scaled. `linear_scan` solves h[t] = a[t] h[t-1] + x[t] chunk by chunk
-(exact closed form inside a chunk, state carried between chunks); `sequential_scan` is the
+a = 0 and the input is not scaled. `linear_scan` solves h[t] = a[t] h[t-1] + x[t] by chunks
+(every chunk scanned at once, then the carries passed along); `sequential_scan` is the
 step-by-step reference it equals.
 """
 
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 CONV_TAPS = 4
-SCAN_CHUNK = 16  # tokens per closed-form chunk: (chunk, chunk, width) floats per step
 
 
 def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -49,26 +48,31 @@ def sequential_scan(log_a: torch.Tensor, x: torch.Tensor, starts: torch.Tensor) 
 
 
 def linear_scan(log_a: torch.Tensor, x: torch.Tensor, starts: torch.Tensor,
-                chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """`sequential_scan` in chunks: inside one, h[t] = sum_j exp(c[t] - c[j]) x[j] over the j <= t
-    of t's segment (c: cumulative log_a) plus exp(c[t]) times the carried state while no segment
-    has started in the chunk. log_a must be finite (it is ignored at segment starts)."""
-    out = torch.empty_like(x)
-    state = torch.zeros_like(x[0])
-    for begin in range(0, x.shape[0], chunk):
-        la, xs = log_a[begin:begin + chunk], x[begin:begin + chunk]  # (C, D)
-        local = torch.cumsum(starts[begin:begin + chunk].long(), 0)  # 0: continues the carry
-        cum = torch.cumsum(la, 0)  # (C, D)
-        size = xs.shape[0]
-        order = torch.arange(size, device=x.device)
-        same = (local[:, None] == local[None, :]) & (order[None, :] <= order[:, None])  # (C, C)
-        exponent = cum[:, None, :] - cum[None, :, :]  # (C, C, D): t, j
-        exponent = exponent.masked_fill(~same[:, :, None], float("-inf"))
-        block = torch.einsum("tjd,jd->td", torch.exp(exponent), xs)
-        carried = torch.exp(cum) * state * (local == 0)[:, None]
-        out[begin:begin + size] = block + carried
-        state = out[begin + size - 1]
-    return out
+                chunk: int | None = None) -> torch.Tensor:
+    """`sequential_scan` in chunks (default about sqrt(T) tokens each), all chunks at once:
+    a scan inside every chunk from a zero state, also tracking the product of the decays, then
+    one pass over the chunks adding each one's carried-in state times that product. About
+    2 sqrt(T) small steps instead of T; a = 0 at segment starts cuts every carry there."""
+    length, width = x.shape
+    decays = torch.exp(log_a).masked_fill(starts[:, None], 0.0)
+    size = chunk or max(1, math.isqrt(length))
+    count = -(-length // size)
+    pad = count * size - length  # zero decays and inputs after the end change nothing before it
+    a = F.pad(decays, (0, 0, 0, pad)).view(count, size, width)  # (chunks, C, D)
+    xs = F.pad(x, (0, 0, 0, pad)).view(count, size, width)
+    local, product = torch.empty_like(xs), torch.empty_like(a)
+    state, running = xs[:, 0], a[:, 0]
+    local[:, 0], product[:, 0] = state, running
+    for step in range(1, size):
+        state = a[:, step] * state + xs[:, step]
+        running = a[:, step] * running
+        local[:, step], product[:, step] = state, running
+    carried = torch.empty(count, width, dtype=x.dtype, device=x.device)
+    carry = torch.zeros(width, dtype=x.dtype, device=x.device)
+    for index in range(count):
+        carried[index] = carry
+        carry = local[index, -1] + product[index, -1] * carry
+    return (local + product * carried[:, None, :]).reshape(count * size, width)[:length]
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
