@@ -102,7 +102,11 @@ def base_tokens_per_second(positions: int = 4096) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--femr-venv", type=Path, default=Path("/work/femr-venvs/0.2.4"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for ehrmotor (default torch's; 1 on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         from ehrmotor.synthetic import generate

@@ -13,7 +13,10 @@ What femr 0.2.4's own compute_features computes, label by label:
   (the birth bag) then the n - 1 positions ending at its last label. Where femr's windows
   overlap, femr computes such a label twice; here it is read from the first window (the longer
   history).
-- the model in fp32 (femr's autocast is CUDA-only, so femr on CPU runs fp32 too).
+- the model in fp32 (femr's autocast is CUDA-only, so femr on CPU runs fp32 too). Time data and
+  bag weights are float16-rounded but, as femr's compute_features gets them back from its
+  `datasets` cache, float32 tensors: femr squares the time data in fp32 there (its
+  `convert_subject` path squares in fp16, which moves the fixture's features by up to 1.5e-3).
 """
 
 from __future__ import annotations
