@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig
-from ehrmotor.errors import InputError, OutputError
+from ehrmotor.errors import InputError, OutputError, one_line
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -138,10 +138,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise ConversionError(f"{path}: unreadable safetensors file ({one_line(exc)})") from exc
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def mapped_weights(folder: Path, config: FemrHybridConfig) -> dict[str, torch.Tensor]:
