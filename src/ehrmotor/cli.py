@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ehrmotor import __version__
+from ehrmotor.convert.commands import add_convert_femr
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
 from ehrmotor.export_checkpoint import add_export_options, run_export
@@ -324,14 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, add_label, add_evaluate,
-    add_finetune, add_predict]
+    add_finetune, add_predict, add_convert_femr]
 
 
 RESUMING = ("prepare", "pretrain", "finetune")  # commands that continue from finished steps
 # (input options, the output option): an --out inside an input is refused.
 INPUTS = {"prepare": ("meds", "athena"), "label": ("meds",), "evaluate": ("meds", "labels"),
           "embed": ("meds", "labels"), "finetune": ("meds", "labels", "model"),
-          "predict": ("meds", "labels", "model")}
+          "predict": ("meds", "labels", "model"), "convert-femr": ("model", "athena")}
 REPLACES_OUT = ("label",)  # writes OUT whole: an input inside it is refused too
 
 

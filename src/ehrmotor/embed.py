@@ -49,14 +49,9 @@ from tqdm import tqdm
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.bundle import Bundle, load_bundle
+from ehrmotor.convert.femr_features import femr_bundle_features
 from ehrmotor.errors import InputError, one_line
-from ehrmotor.meds import (
-    DATA_COLUMNS,
-    DATA_DTYPES,
-    data_files,
-    read_prediction_times,
-    scan_shard,
-)
+from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, read_prediction_times, scan_shard
 from ehrmotor.model import MotorModel
 from ehrmotor.precision import auto_uses_bf16
 from ehrmotor.prepare.ontology import Ontology
@@ -139,7 +134,6 @@ def _frame_from_dicts(rows: Sequence[Any]) -> pl.DataFrame:
         return pl.from_dicts(kept, infer_schema_length=None)
     except pl.exceptions.PolarsError as exc:
         raise InputError(f"labels: cannot build a table from the dicts ({one_line(exc)})") from exc
-
 
 
 def _trim(events: pl.LazyFrame, horizons: pl.DataFrame) -> pl.LazyFrame:
@@ -340,6 +334,8 @@ def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_pr
         _check_sizes(context, tokens_per_batch)
     if isinstance(labels, str | Path):  # so does a bad label file
         labels = read_labels(labels)
+    if (femr_result := femr_bundle_features(db, model_path, labels, tokens_per_batch)) is not None:
+        return femr_result  # a bundle written by `ehrmotor convert-femr`
     bundle = load_bundle(model_path, ontology=ontology)
     return bundle_features(db, bundle, labels, num_proc=num_proc,
                            tokens_per_batch=tokens_per_batch, device=device, context=context)

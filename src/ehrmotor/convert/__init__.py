@@ -1,0 +1,1 @@
+"""Models from elsewhere into ehrmotor: `convert_femr` (femr model folders) and what runs them."""
