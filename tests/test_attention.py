@@ -43,7 +43,7 @@ def random_qkv(seed: int, length: int,
         for _ in range(3))
 
 
-CASES = [  # seed, total length, width, block size (None: the width)
+CASES = [  # seed, total length, width, block size (None: the default)
     (0, 1200, 7, None),
     (1, 1200, 496, None),
     (2, 1163, 496, 128),

@@ -29,6 +29,11 @@ import torch.nn.functional as F
 
 from ehrmotor.config import BACKENDS  # names of the `local_attention` backends
 
+# Query block of the blockwise attention. At width 496 a block of 256 computes 768 scores per
+# query where 496 did 992: forward + backward 1.7-1.8× faster on CPU (Xeon, 1 thread, 2,048
+# packed tokens, 4 heads of 16 and of 64; blocks of 128, 64 and 32 were no faster overall).
+DEFAULT_BLOCK_SIZE = 256
+
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
                   width: int) -> None:
@@ -47,7 +52,8 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               block_size: int | None = None) -> torch.Tensor:
     """Local attention block by block; memory O(T · (width + block_size)).
 
-    Queries are cut into blocks of `block_size` (default: `width`, at most T). Query block n sees
+    Queries are cut into blocks of `block_size` (default: `DEFAULT_BLOCK_SIZE`, at most `width`
+    and T). Query block n sees
     key blocks n - lookback .. n, with lookback = ceil((width - 1) / block_size), which cover every
     key within `width`; a boolean mask on positions and segments keeps exactly the allowed pairs.
     T is padded up to a multiple of the block size; padded queries attend only to themselves, so
@@ -57,7 +63,7 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     length, heads, head_dim = q.shape
     if length == 0:
         return q.clone()
-    block = block_size or min(width, length)
+    block = block_size or min(DEFAULT_BLOCK_SIZE, width, length)
     lookback = math.ceil((width - 1) / block)
     blocks = math.ceil(length / block)
     padded = blocks * block
