@@ -138,7 +138,8 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
     forward = torch.compile(model, dynamic=True) if compiled else model
     rows = random_rows(tokens)
     batch = {k: v.to(device) for k, v in collate_windows(rows, labels=True).items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused, as ehrmotor pretrain's Trainer (transformers >= 5: adamw_torch_fused) steps it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     bf16 = precision == "bf16" or (precision == "auto" and auto_uses_bf16(
         device, config.hidden_size, training=True))
 

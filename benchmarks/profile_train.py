@@ -52,7 +52,7 @@ def part_timings(shape: str, tokens: int, bf16: bool, repeats: int) -> dict[str,
     torch.manual_seed(0)
     config = model_config(shape)
     model = MotorModel(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     rows = random_rows(tokens)
     batch = collate_windows(rows, labels=True)
     inputs = {k: batch[k] for k in ("entries", "weights", "bag_offsets", "time_features",
@@ -118,7 +118,7 @@ def top_operators(shape: str, tokens: int, bf16: bool, count: int) -> str:
     """torch.profiler's table of the `count` operators of most self CPU time in one step."""
     torch.manual_seed(0)
     model = MotorModel(model_config(shape)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = collate_windows(random_rows(tokens), labels=True)
 
     def step() -> None:

@@ -2,8 +2,10 @@
 
 femr runs in its own virtual environment (benchmarks/femr/make_venv.sh) as a worker process
 (benchmarks/femr/femr_train_worker.py) that keeps its model warm; ehrmotor runs in this process.
-Both get the same packed batch (written to a temporary .npz), the same shape and AdamW, and the
-same threads. The timed rounds alternate (ehrmotor fp32, ehrmotor bf16, ..., femr, again), so
+Both get the same packed batch (written to a temporary .npz), the same shape and threads, and
+the AdamW their own Trainer uses: fused for ehrmotor (transformers >= 5 defaults to
+adamw_torch_fused), the plain loop for femr (its transformers 4.46 defaults to adamw_torch).
+The timed rounds alternate (ehrmotor fp32, ehrmotor bf16, ..., femr, again), so
 load from other processes falls on every variant alike; each figure is the median round.
 """
 
@@ -48,7 +50,7 @@ def ehrmotor_step(config: MotorConfig, batch: dict[str, torch.Tensor],
     """One training step (forward, backward, AdamW) of a fresh seeded model, warmed up once."""
     torch.manual_seed(0)
     model = MotorModel(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -10,6 +10,7 @@ from model_reference import naive_local_attention
 
 from ehrmotor.model import BACKENDS, MotorConfig
 from ehrmotor.model.attention import (
+    block_mask,
     blockwise_local_attention,
     local_attention,
     local_mask_mod,
@@ -76,6 +77,18 @@ def test_blockwise_equals_naive_outputs_and_gradients(seed: int, length: int, wi
 # The reference and the CPU path, both (q, k, v, segment_ids, width) -> (T, H, D).
 ATTENTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "naive": naive_local_attention, "blockwise": blockwise_local_attention}
+
+
+def test_block_mask_is_reused_for_the_same_unmodified_segments_only() -> None:
+    segment_ids = torch.tensor([0, 0, 1, 1, 1])
+    first = block_mask(segment_ids, 3, 2)
+    assert block_mask(segment_ids, 3, 2) is first  # the next layer of the same batch
+    assert block_mask(segment_ids, 4, 2) is not first
+    segment_ids[2] = 0  # changed in place: a new mask
+    changed = block_mask(segment_ids, 3, 2)
+    assert not torch.equal(changed, first)
+    assert block_mask(segment_ids.clone(), 3, 2) is not changed
+    torch.testing.assert_close(block_mask(segment_ids.clone(), 3, 2), changed)
 
 
 @pytest.mark.parametrize("attention", list(ATTENTIONS))

@@ -102,7 +102,7 @@ def main() -> None:
         arrays = {name: stored[name] for name in stored.files}
     model = femr_model(args).train()
     batch = femr_batch(arrays, motor_task(args))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # femr's Trainer: adamw_torch
 
     def step() -> float:
         loss, _ = model(batch)

@@ -79,9 +79,35 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     query_blocks = query_blocks.view(blocks, block, heads, head_dim).transpose(1, 2)  # (n, H, B, D)
     key_blocks, value_blocks = key_windows(k), key_windows(v)  # (n, H, window, D)
 
-    block_start = torch.arange(blocks, device=q.device)[:, None] * block
-    query_position = block_start + torch.arange(block, device=q.device)  # (n, B)
-    key_position = block_start - lookback * block + torch.arange(window, device=q.device)
+    allowed = block_mask(segment_ids, width, block)  # (n, 1, B, window)
+    out = F.scaled_dot_product_attention(query_blocks, key_blocks, value_blocks,
+                                         attn_mask=allowed)  # (n, H, B, D)
+    return out.transpose(1, 2).reshape(padded, heads, head_dim)[:length]
+
+
+# The last mask built and what it was built for: every layer of one forward pass (and its
+# recomputation under activation checkpointing) asks for the same one.
+_last_mask: tuple[torch.Tensor, tuple[int, int, int], torch.Tensor] | None = None
+
+
+def block_mask(segment_ids: torch.Tensor, width: int, block: int) -> torch.Tensor:
+    """(blocks, 1, block, window) bool: which keys of its window each padded query may see
+    (see `blockwise_local_attention`); the last one is reused for the same `segment_ids`
+    tensor (same object, unmodified) and sizes, outside torch.compile."""
+    global _last_mask
+    key = (segment_ids._version, width, block)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _last_mask is not None and _last_mask[0] is segment_ids \
+            and _last_mask[1] == key:
+        return _last_mask[2]
+    length, device = segment_ids.shape[0], segment_ids.device
+    lookback = math.ceil((width - 1) / block)
+    blocks = math.ceil(length / block)
+    padded = blocks * block
+    window = (lookback + 1) * block
+    block_start = torch.arange(blocks, device=device)[:, None] * block
+    query_position = block_start + torch.arange(block, device=device)  # (n, B)
+    key_position = block_start - lookback * block + torch.arange(window, device=device)
     distance = query_position[:, :, None] - key_position[:, None, :]  # (n, B, window)
     segments = F.pad(segment_ids, (lookback * block, padded - length))
     query_segment = segments[lookback * block:].view(blocks, block)
@@ -91,10 +117,10 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     query_is_padding = query_position >= length
     allowed &= ~query_is_padding[:, :, None]
     allowed |= (distance == 0) & query_is_padding[:, :, None]
-
-    out = F.scaled_dot_product_attention(query_blocks, key_blocks, value_blocks,
-                                         attn_mask=allowed[:, None])  # (n, H, B, D)
-    return out.transpose(1, 2).reshape(padded, heads, head_dim)[:length]
+    mask = allowed[:, None]
+    if not compiling:
+        _last_mask = (segment_ids, key, mask)
+    return mask
 
 
 _compiled_flex_attention: Callable[..., Any] | None = None
