@@ -122,7 +122,7 @@ class _NegativeLogLikelihood(torch.autograd.Function):
         return survival - events
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx,
                  grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (hazards, censored, label_point, label_task, correction, event_bins,
          observed_hazards) = ctx.saved_tensors  # type: ignore[attr-defined]
