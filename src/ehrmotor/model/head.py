@@ -47,14 +47,41 @@ class MotorHead(nn.Module):
         # Filled from config.initial_log_rates in MotorModel._init_weights.
         self.bias = nn.Parameter(torch.zeros(config.num_bins, config.num_tasks))
 
-    def forward(self, representations: torch.Tensor) -> torch.Tensor:
+    def forward(self, representations: torch.Tensor,
+                factorized: bool | None = None) -> torch.Tensor:
+        """(P, hidden) -> log-hazards (P, bins, tasks), fp32. `factorized` (default: where it
+        takes fewer multiplications, `factorized_pays`) folds the bins and tasks layers into
+        one (hidden, bins · tasks) product first: the same values in another order."""
         points = representations.shape[0]
+        if factorized if factorized is not None else self.factorized_pays(points):
+            return self._factorized(representations)
         # (P, hidden) -> (P, bins · final) -> (P, bins, final)
         per_bin = self.bins(representations).view(points, self.num_bins, self.final_layer_size)
         normed = self.norm(per_bin.to(self.norm.weight.dtype))  # norm in the weights' precision
         # fp32 sum: the bias (about log 1e-4) would lose its digits in bf16; in place, as the
         # product is needed by nothing else
         return self.tasks(normed).float().add_(self.bias)  # (P, bins, tasks)
+
+    def factorized_pays(self, points: int) -> bool:
+        """Whether `_factorized` multiplies less for `points` points: hidden · (final + points)
+        against points · final, per bin and task (3× each with the backward pass)."""
+        hidden = self.bins.in_features
+        return hidden * (self.final_layer_size + points) < points * self.final_layer_size
+
+    def _factorized(self, representations: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(x) · W^T with x = bins_b · r is (r · M_b) / rms(x) with M_b = bins_b^T
+        diag(γ) W^T: the (P, bins, final) features are needed only for their rms."""
+        points, hidden = representations.shape
+        per_bin = self.bins(representations).view(points, self.num_bins, self.final_layer_size)
+        mean_square = per_bin.float().pow(2).mean(-1, keepdim=True)  # (P, bins, 1)
+        inverse_rms = torch.rsqrt(mean_square + self.norm.eps)
+        scaled_tasks = self.tasks.weight * self.norm.weight  # (tasks, final)
+        bins = self.bins.weight.view(self.num_bins, self.final_layer_size, hidden)
+        folded = bins.transpose(1, 2) @ scaled_tasks.T  # (bins, hidden, tasks)
+        # the 1 / rms of each (point, bin) scales the small (bins, P, hidden) operand
+        scaled = (representations[None] * inverse_rms.transpose(0, 1)).to(folded.dtype)
+        logits = torch.bmm(scaled, folded).transpose(0, 1)  # (P, bins, tasks), strided
+        return logits.float().add_(self.bias)
 
 
 LABELS = ("censor_days", "label_point", "label_task", "label_days")
