@@ -79,27 +79,64 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     query_blocks = query_blocks.view(blocks, block, heads, head_dim).transpose(1, 2)  # (n, H, B, D)
     key_blocks, value_blocks = key_windows(k), key_windows(v)  # (n, H, window, D)
 
-    allowed = block_mask(segment_ids, width, block)  # (n, 1, B, window)
-    out = F.scaled_dot_product_attention(query_blocks, key_blocks, value_blocks,
-                                         attn_mask=allowed)  # (n, H, B, D)
+    groups = block_plan(segment_ids, width, block)
+    if len(groups) == 1:
+        keys, _, allowed = groups[0]
+        out = F.scaled_dot_product_attention(query_blocks, key_blocks[:, :, -keys:],
+                                             value_blocks[:, :, -keys:],
+                                             attn_mask=allowed)  # (n, H, B, D)
+    else:  # each group of query blocks sees only the key blocks its subjects reach back to
+        out = query_blocks.new_empty(query_blocks.shape)
+        for keys, chosen, allowed in groups:
+            out[chosen] = F.scaled_dot_product_attention(
+                query_blocks[chosen], key_blocks[chosen, :, -keys:],
+                value_blocks[chosen, :, -keys:], attn_mask=allowed)
     return out.transpose(1, 2).reshape(padded, heads, head_dim)[:length]
 
 
-# The last mask built and what it was built for: every layer of one forward pass (and its
+# The last plan built and what it was built for: every layer of one forward pass (and its
 # recomputation under activation checkpointing) asks for the same one.
-_last_mask: tuple[torch.Tensor, tuple[int, int, int], torch.Tensor] | None = None
+Plan = list[tuple[int, torch.Tensor, torch.Tensor]]
+_last_plan: tuple[torch.Tensor, tuple[int, int, int], Plan] | None = None
+
+
+def block_plan(segment_ids: torch.Tensor, width: int, block: int) -> Plan:
+    """The query blocks of `blockwise_local_attention` grouped by how far back their subjects
+    reach: [(keys, block indices, mask (blocks in group, 1, block, keys))], the mask saying
+    which of the last `keys` keys of its window each padded query may see. Outside
+    torch.compile the last plan is reused for the same `segment_ids` tensor (same object,
+    unmodified) and sizes; under it, one group sees the whole window."""
+    global _last_plan
+    key = (segment_ids._version, width, block)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _last_plan is not None and _last_plan[0] is segment_ids \
+            and _last_plan[1] == key:
+        return _last_plan[2]
+    allowed = block_mask(segment_ids, width, block)
+    blocks, window = allowed.shape[0], allowed.shape[-1]
+    if compiling:
+        return [(window, torch.arange(blocks, device=allowed.device), allowed)]
+    # keys (from the window's end) the first query of each block needs: its subject's start
+    # or width - 1 back, whichever is later; later queries need no earlier keys
+    length = segment_ids.shape[0]
+    position = torch.arange(length, device=segment_ids.device)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[1:] = segment_ids[1:] != segment_ids[:-1]
+    subject_start = torch.cummax(torch.where(is_start, position, 0), 0).values
+    first = torch.arange(blocks, device=position.device) * block
+    earliest = torch.maximum(subject_start[first], first - width + 1)
+    needed = (torch.div(first - earliest + block - 1, block, rounding_mode="floor") + 1) * block
+    plan: Plan = []
+    for keys in sorted(set(needed.tolist())):
+        chosen = torch.nonzero(needed == keys).flatten()
+        plan.append((keys, chosen, allowed[chosen][..., -keys:]))
+    _last_plan = (segment_ids, key, plan)
+    return plan
 
 
 def block_mask(segment_ids: torch.Tensor, width: int, block: int) -> torch.Tensor:
     """(blocks, 1, block, window) bool: which keys of its window each padded query may see
-    (see `blockwise_local_attention`); the last one is reused for the same `segment_ids`
-    tensor (same object, unmodified) and sizes, outside torch.compile."""
-    global _last_mask
-    key = (segment_ids._version, width, block)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and _last_mask is not None and _last_mask[0] is segment_ids \
-            and _last_mask[1] == key:
-        return _last_mask[2]
+    (see `blockwise_local_attention`)."""
     length, device = segment_ids.shape[0], segment_ids.device
     lookback = math.ceil((width - 1) / block)
     blocks = math.ceil(length / block)
@@ -117,11 +154,7 @@ def block_mask(segment_ids: torch.Tensor, width: int, block: int) -> torch.Tenso
     query_is_padding = query_position >= length
     allowed &= ~query_is_padding[:, :, None]
     allowed |= (distance == 0) & query_is_padding[:, :, None]
-    mask = allowed[:, None]
-    if not compiling:
-        _last_mask = (segment_ids, key, mask)
-    return mask
-
+    return allowed[:, None]
 
 _compiled_flex_attention: Callable[..., Any] | None = None
 
