@@ -94,11 +94,11 @@ def test_block_plan_is_reused_for_the_same_unmodified_segments_only() -> None:
 def test_block_plan_drops_only_key_blocks_before_each_subjects_start() -> None:
     segment_ids = packed_segments([3, 9, 2, 6])  # blocks of 4 start at 0, 4, 8, 12, 16
     plan = block_plan(segment_ids, 496, 4)
-    keys_of = {int(index): keys for keys, chosen, _ in plan for index in chosen}
+    keys_of = {int(index): keys for keys, chosen, _, _ in plan for index in chosen}
     # block 0: own block; 4: subject from 3; 8: from 3; 12: 12; 16: subject from 14
     assert keys_of == {0: 4, 1: 8, 2: 12, 3: 4, 4: 8}
     full = block_mask(segment_ids, 496, 4)
-    for keys, chosen, allowed in plan:
+    for keys, chosen, allowed, _ in plan:
         assert not full[chosen][..., :-keys].any()  # nothing dropped was allowed
         torch.testing.assert_close(allowed, full[chosen][..., -keys:])
 

@@ -69,41 +69,44 @@ def blockwise_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     padded = blocks * block
     window = (lookback + 1) * block  # keys seen by one query block
 
-    def key_windows(x: torch.Tensor) -> torch.Tensor:
-        # (T, H, D) -> (lookback·block + padded, H, D): `lookback` empty blocks first, then tail
-        x = F.pad(x, (0, 0, 0, 0, lookback * block, padded - length))
-        # unfold puts the window last: (blocks, H, D, window) -> (blocks, H, window, D)
-        return x.unfold(0, window, block).permute(0, 1, 3, 2)
-
     query_blocks = F.pad(q, (0, 0, 0, 0, 0, padded - length))
     query_blocks = query_blocks.view(blocks, block, heads, head_dim).transpose(1, 2)  # (n, H, B, D)
-    key_blocks, value_blocks = key_windows(k), key_windows(v)  # (n, H, window, D)
-
+    # (T, H, D) -> (lookback·block + padded, H, D): `lookback` empty blocks first, then tail
+    padded_k, padded_v = (F.pad(x, (0, 0, 0, 0, lookback * block, padded - length))
+                          for x in (k, v))
     groups = block_plan(segment_ids, width, block)
     if len(groups) == 1:
-        keys, _, allowed = groups[0]
-        out = F.scaled_dot_product_attention(query_blocks, key_blocks[:, :, -keys:],
-                                             value_blocks[:, :, -keys:],
+        keys, _, allowed, _ = groups[0]
+        # unfold puts the window last: (n, H, D, window) -> (n, H, window, D), its last `keys`
+        key_blocks, value_blocks = (x.unfold(0, window, block).permute(0, 1, 3, 2)[:, :, -keys:]
+                                    for x in (padded_k, padded_v))
+        out = F.scaled_dot_product_attention(query_blocks, key_blocks, value_blocks,
                                              attn_mask=allowed)  # (n, H, B, D)
     else:  # each group of query blocks sees only the key blocks its subjects reach back to
-        out = query_blocks.new_empty(query_blocks.shape)
-        for keys, chosen, allowed in groups:
-            out[chosen] = F.scaled_dot_product_attention(
-                query_blocks[chosen], key_blocks[chosen, :, -keys:],
-                value_blocks[chosen, :, -keys:], attn_mask=allowed)
+        outs, order = [], []
+        for keys, chosen, allowed, key_index in groups:
+            key_blocks, value_blocks = (  # (blocks in group, H, keys, D)
+                x.index_select(0, key_index).view(len(chosen), keys, heads, head_dim)
+                .transpose(1, 2) for x in (padded_k, padded_v))
+            outs.append(F.scaled_dot_product_attention(
+                query_blocks.index_select(0, chosen), key_blocks, value_blocks,
+                attn_mask=allowed))
+            order.append(chosen)
+        out = torch.cat(outs)[torch.argsort(torch.cat(order))]  # (n, H, B, D)
     return out.transpose(1, 2).reshape(padded, heads, head_dim)[:length]
 
 
 # The last plan built and what it was built for: every layer of one forward pass (and its
 # recomputation under activation checkpointing) asks for the same one.
-Plan = list[tuple[int, torch.Tensor, torch.Tensor]]
+Plan = list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 _last_plan: tuple[torch.Tensor, tuple[int, int, int], Plan] | None = None
 
 
 def block_plan(segment_ids: torch.Tensor, width: int, block: int) -> Plan:
     """The query blocks of `blockwise_local_attention` grouped by how far back their subjects
-    reach: [(keys, block indices, mask (blocks in group, 1, block, keys))], the mask saying
-    which of the last `keys` keys of its window each padded query may see. Outside
+    reach: [(keys, block indices, mask (blocks in group, 1, block, keys), key positions)], the
+    mask saying which of the last `keys` keys of its window each padded query may see, the
+    positions those keys have in the keys padded by `lookback` blocks in front (flat). Outside
     torch.compile the last plan is reused for the same `segment_ids` tensor (same object,
     unmodified) and sizes; under it, one group sees the whole window."""
     global _last_plan
@@ -114,8 +117,9 @@ def block_plan(segment_ids: torch.Tensor, width: int, block: int) -> Plan:
         return _last_plan[2]
     allowed = block_mask(segment_ids, width, block)
     blocks, window = allowed.shape[0], allowed.shape[-1]
+    every_block = torch.arange(blocks, device=allowed.device)
     if compiling:
-        return [(window, torch.arange(blocks, device=allowed.device), allowed)]
+        return [(window, every_block, allowed, every_block)]
     # keys (from the window's end) the first query of each block needs: its subject's start
     # or width - 1 back, whichever is later; later queries need no earlier keys
     length = segment_ids.shape[0]
@@ -129,7 +133,9 @@ def block_plan(segment_ids: torch.Tensor, width: int, block: int) -> Plan:
     plan: Plan = []
     for keys in sorted(set(needed.tolist())):
         chosen = torch.nonzero(needed == keys).flatten()
-        plan.append((keys, chosen, allowed[chosen][..., -keys:]))
+        start = chosen * block + window - keys  # window of block n: [n·block, n·block + window)
+        key_index = (start[:, None] + torch.arange(keys, device=start.device)).flatten()
+        plan.append((keys, chosen, allowed[chosen][..., -keys:], key_index))
     _last_plan = (segment_ids, key, plan)
     return plan
 
