@@ -80,8 +80,10 @@ class MotorHead(nn.Module):
         folded = bins.transpose(1, 2) @ scaled_tasks.T  # (bins, hidden, tasks)
         # the 1 / rms of each (point, bin) scales the small (bins, P, hidden) operand
         scaled = (representations[None] * inverse_rms.transpose(0, 1)).to(folded.dtype)
-        logits = torch.bmm(scaled, folded).transpose(0, 1)  # (P, bins, tasks), strided
-        return logits.float().add_(self.bias)
+        logits = torch.bmm(scaled, folded).float()  # (bins, P, tasks)
+        # bias in place before the transpose: in place on the transposed view, autograd would
+        # copy the whole tensor through as_strided
+        return logits.add_(self.bias[:, None, :]).transpose(0, 1)  # (P, bins, tasks), strided
 
 
 LABELS = ("censor_days", "label_point", "label_task", "label_days")
