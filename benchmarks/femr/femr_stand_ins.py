@@ -11,8 +11,8 @@ attention. `install()` puts a small `xformers` package into `sys.modules` before
   torch's `scaled_dot_product_attention` with a boolean mask, q, k, v of shape (1, T, H, D).
 
 `use_sdpa_on_cpu()` routes femr's CPU attention (femr.models.xformers, which on CPU materialises
-the float bias and runs its fp32 reference attention) through the SDPA stand-in instead, the
-faster of the two here.
+the float bias and runs its fp32 reference attention) through the SDPA stand-in instead, a fused
+kernel like the xformers one femr uses on GPUs (`--femr-attention reference` keeps femr's own).
 """
 
 from __future__ import annotations
