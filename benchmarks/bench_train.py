@@ -178,7 +178,7 @@ def vs_femr(args: argparse.Namespace) -> None:
     tokens = args.tokens if "--tokens" in argv else [2048]
     precisions = args.precision if "--precision" in argv else ["fp32", "bf16", "auto"]
     report({shape: model_config(shape) for shape in shapes}, tokens, precisions, args.rounds,
-           args.steps, args.femr_venv, args.femr_attention, random_rows)
+           args.steps, args.femr_venv, args.femr_attention, random_rows, args.compile)
 
 
 def main() -> None:

@@ -45,16 +45,18 @@ def cpu_description() -> str:
     return f"{name} (model {model}; {', '.join(features) or 'no AVX'})"
 
 
-def ehrmotor_step(config: MotorConfig, batch: dict[str, torch.Tensor],
-                  bf16: bool) -> Callable[[], None]:
-    """One training step (forward, backward, AdamW) of a fresh seeded model, warmed up once."""
+def ehrmotor_step(config: MotorConfig, batch: dict[str, torch.Tensor], bf16: bool,
+                  compiled: bool = False) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of a fresh seeded model, warmed up once
+    (with `compiled`: torch.compile'd, the warm-up compiles)."""
     torch.manual_seed(0)
     model = MotorModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(model, dynamic=True) if compiled else model
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,8 +90,8 @@ def femr_seconds(worker: subprocess.Popen[str], steps: int) -> float:
 
 
 def compare(config: MotorConfig, tokens: int, precisions: list[str], rounds: int, steps: int,
-            venv: Path, attention: str, rows_of: Callable[[int], list[dict[str, torch.Tensor]]]
-            ) -> dict[str, float]:
+            venv: Path, attention: str, rows_of: Callable[[int], list[dict[str, torch.Tensor]]],
+            compiled: bool = False) -> dict[str, float]:
     """Median tokens/s of each ehrmotor precision and of femr on one batch of `tokens`."""
     batch = collate_windows(rows_of(tokens), labels=True)
     positions = len(batch["segment_ids"])
@@ -97,7 +99,7 @@ def compare(config: MotorConfig, tokens: int, precisions: list[str], rounds: int
     for precision in precisions:
         bf16 = precision == "bf16" or (precision == "auto" and auto_uses_bf16(
             "cpu", config.hidden_size, training=True))
-        step = ehrmotor_step(config, batch, bf16)
+        step = ehrmotor_step(config, batch, bf16, compiled)
 
         def timed(step: Callable[[], None] = step) -> float:
             started = time.perf_counter()
@@ -126,17 +128,18 @@ def compare(config: MotorConfig, tokens: int, precisions: list[str], rounds: int
 
 def report(configs: dict[str, MotorConfig], tokens_list: list[int], precisions: list[str],
            rounds: int, steps: int, venv: Path, attention: str,
-           rows_of: Callable[[int], list[dict[str, torch.Tensor]]]) -> None:
+           rows_of: Callable[[int], list[dict[str, torch.Tensor]]], compiled: bool = False) -> None:
     """Print ehrmotor's and femr's tokens/s and their ratio per shape and batch size."""
     print(f"{cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {os.getloadavg()[0]:.2f}; {rounds} alternating rounds of {steps} steps, median; "
-          f"femr attention {attention}")
+          f"femr attention {attention}{'; ehrmotor compiled' if compiled else ''}")
     names = [f"ehrmotor {p}" for p in precisions]
     print(f"{'shape':<11}{'tokens':>7}" + "".join(f"{n:>16}" for n in names)
           + f"{'femr':>9}" + "".join(f"{p + ' / femr':>14}" for p in precisions))
     for shape, config in configs.items():
         for tokens in tokens_list:
-            r = compare(config, tokens, precisions, rounds, steps, venv, attention, rows_of)
+            r = compare(config, tokens, precisions, rounds, steps, venv, attention, rows_of,
+                        compiled)
             print(f"{shape:<11}{tokens:>7}" + "".join(f"{r[n]:>16,.0f}" for n in names)
                   + f"{r['femr']:>9,.0f}" + "".join(f"{r[n] / r['femr']:>13.2f}×" for n in names)
                   + f"   (load {os.getloadavg()[0]:.2f})", flush=True)

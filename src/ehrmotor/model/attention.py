@@ -110,16 +110,15 @@ def block_plan(segment_ids: torch.Tensor, width: int, block: int) -> Plan:
     torch.compile the last plan is reused for the same `segment_ids` tensor (same object,
     unmodified) and sizes; under it, one group sees the whole window."""
     global _last_plan
+    if torch.compiler.is_compiling():
+        allowed = block_mask(segment_ids, width, block)
+        every_block = torch.arange(allowed.shape[0], device=allowed.device)
+        return [(allowed.shape[-1], every_block, allowed, every_block)]
     key = (segment_ids._version, width, block)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and _last_plan is not None and _last_plan[0] is segment_ids \
-            and _last_plan[1] == key:
+    if _last_plan is not None and _last_plan[0] is segment_ids and _last_plan[1] == key:
         return _last_plan[2]
     allowed = block_mask(segment_ids, width, block)
     blocks, window = allowed.shape[0], allowed.shape[-1]
-    every_block = torch.arange(blocks, device=allowed.device)
-    if compiling:
-        return [(window, every_block, allowed, every_block)]
     # keys (from the window's end) the first query of each block needs: its subject's start
     # or width - 1 back, whichever is later; later queries need no earlier keys
     length = segment_ids.shape[0]
