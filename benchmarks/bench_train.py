@@ -55,9 +55,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def model_config(shape: str) -> MotorConfig:
     """The benchmark's model of `shape` (see SHAPES)."""
-    settings = dict(SHAPES[shape])
+    settings = {"final_layer_size": 512, **SHAPES[shape]}
     return MotorConfig.preset(settings.pop("preset"), vocab_size=VOCAB, num_tasks=TASKS,
-                              num_bins=BINS, bin_edges_days=EDGES, final_layer_size=512,
+                              num_bins=BINS, bin_edges_days=EDGES,
                               initial_log_rates=[-7.0] * TASKS, **settings)
 
 
