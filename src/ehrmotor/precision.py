@@ -9,7 +9,7 @@
   embedding (the encoder alone) when the model is at least `BF16_MIN_EMBEDDING_HIDDEN_SIZE` wide.
   Else fp32: with AVX512-BF16 alone (no AMX) bf16 matmuls ran slower than fp32 ones (Xeon
   model 207 with AMX hidden, 1,632 × 512 × 8,192, forward and both backward products: 31-45
-  against 39-75 GFLOP/s), and bf16 training 0.7-0.9× fp32's tokens/s (README, "Speed").
+  against 39-75 GFLOP/s), and bf16 training 0.6-0.7× fp32's tokens/s (benchmarks/PROFILE_CPU.md).
 - Any other device: fp32.
 
 Autocast runs the matmuls in bf16 only: the weights, and so the optimizer state, stay fp32, and
