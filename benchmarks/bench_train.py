@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --shapes small --tokens 16384 --precision fp32 \\
         --checkpointing off on                          # activation checkpointing's memory
     python benchmarks/bench_train.py --device cuda --shapes base --tokens 16384 --precision bf16
+    python benchmarks/bench_train.py --vs-femr          # femr 0.2.4 side by side (train_vs_femr)
 
 Each configuration runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS of
 the process; CUDA: torch.cuda.max_memory_allocated). The rows mimic prepared windows (layout of
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch
 
 from ehrmotor.batching import US_PER_DAY, collate_windows
 from ehrmotor.model import MotorConfig, MotorModel
+from ehrmotor.precision import auto_uses_bf16
 
 VOCAB, TASKS, BINS = 16_384, 8_192, 8
 EDGES = [0, 30, 90, 180, 365, 730, 1460, 2920]
@@ -51,9 +55,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def model_config(shape: str) -> MotorConfig:
     """The benchmark's model of `shape` (see SHAPES)."""
-    settings = dict(SHAPES[shape])
+    settings = {"final_layer_size": 512, **SHAPES[shape]}
     return MotorConfig.preset(settings.pop("preset"), vocab_size=VOCAB, num_tasks=TASKS,
-                              num_bins=BINS, bin_edges_days=EDGES, final_layer_size=512,
+                              num_bins=BINS, bin_edges_days=EDGES,
                               initial_log_rates=[-7.0] * TASKS, **settings)
 
 
@@ -134,11 +138,13 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
     forward = torch.compile(model, dynamic=True) if compiled else model
     rows = random_rows(tokens)
     batch = {k: v.to(device) for k, v in collate_windows(rows, labels=True).items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused, as ehrmotor pretrain's Trainer (transformers >= 5: adamw_torch_fused) steps it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    bf16 = precision == "bf16" or (precision == "auto" and auto_uses_bf16(
+        device, config.hidden_size, training=True))
 
     def step() -> None:
-        with torch.autocast(device_type=device, dtype=torch.bfloat16,
-                            enabled=precision == "bf16"):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
@@ -164,20 +170,41 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
                                                / real_tokens)}
 
 
+def vs_femr(args: argparse.Namespace) -> None:
+    from train_vs_femr import report
+
+    argv = sys.argv[1:]
+    shapes = args.shapes if "--shapes" in argv else ["tiny", "femr-6x256"]
+    tokens = args.tokens if "--tokens" in argv else [2048]
+    precisions = args.precision if "--precision" in argv else ["fp32", "bf16", "auto"]
+    report({shape: model_config(shape) for shape in shapes}, tokens, precisions, args.rounds,
+           args.steps, args.femr_venv, args.femr_attention, random_rows, args.compile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["tiny", "femr-6x256", "small"],
                         choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 16384])
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
-                        choices=["fp32", "bf16"])
+                        choices=["fp32", "bf16", "auto"])
     parser.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--vs-femr", action="store_true",
+                        help="femr 0.2.4 side by side (defaults: femr's shapes, 2,048 tokens, "
+                             "fp32 bf16 auto); see benchmarks/train_vs_femr.py")
+    parser.add_argument("--femr-venv", type=Path, default=Path(os.environ.get(
+        "FEMR_VENV", ".femr-venv")), help="femr's environment (benchmarks/femr/make_venv.sh)")
+    parser.add_argument("--femr-attention", choices=["sdpa", "reference"], default="sdpa")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vs_femr:
+        vs_femr(args)
+        return
     if args.one:
         shape, tokens, precision, checkpointing = args.one
         print(json.dumps(run_one(shape, int(tokens), args.device, args.steps, precision,

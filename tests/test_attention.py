@@ -10,6 +10,8 @@ from model_reference import naive_local_attention
 
 from ehrmotor.model import BACKENDS, MotorConfig
 from ehrmotor.model.attention import (
+    block_mask,
+    block_plan,
     blockwise_local_attention,
     local_attention,
     local_mask_mod,
@@ -43,7 +45,7 @@ def random_qkv(seed: int, length: int,
         for _ in range(3))
 
 
-CASES = [  # seed, total length, width, block size (None: the width)
+CASES = [  # seed, total length, width, block size (None: the default)
     (0, 1200, 7, None),
     (1, 1200, 496, None),
     (2, 1163, 496, 128),
@@ -76,6 +78,29 @@ def test_blockwise_equals_naive_outputs_and_gradients(seed: int, length: int, wi
 # The reference and the CPU path, both (q, k, v, segment_ids, width) -> (T, H, D).
 ATTENTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "naive": naive_local_attention, "blockwise": blockwise_local_attention}
+
+
+def test_block_plan_is_reused_for_the_same_unmodified_segments_only() -> None:
+    segment_ids = torch.tensor([0, 0, 1, 1, 1])
+    first = block_plan(segment_ids, 3, 2)
+    assert block_plan(segment_ids, 3, 2) is first  # the next layer of the same batch
+    assert block_plan(segment_ids, 4, 2) is not first
+    segment_ids[2] = 0  # changed in place: a new plan
+    changed = block_plan(segment_ids, 3, 2)
+    assert changed is not first and changed[-1][2].shape != first[-1][2].shape
+    assert block_plan(segment_ids.clone(), 3, 2) is not changed
+
+
+def test_block_plan_drops_only_key_blocks_before_each_subjects_start() -> None:
+    segment_ids = packed_segments([3, 9, 2, 6])  # blocks of 4 start at 0, 4, 8, 12, 16
+    plan = block_plan(segment_ids, 496, 4)
+    keys_of = {int(index): keys for keys, chosen, _, _ in plan for index in chosen}
+    # block 0: own block; 4: subject from 3; 8: from 3; 12: 12; 16: subject from 14
+    assert keys_of == {0: 4, 1: 8, 2: 12, 3: 4, 4: 8}
+    full = block_mask(segment_ids, 496, 4)
+    for keys, chosen, allowed, _ in plan:
+        assert not full[chosen][..., :-keys].any()  # nothing dropped was allowed
+        torch.testing.assert_close(allowed, full[chosen][..., -keys:])
 
 
 @pytest.mark.parametrize("attention", list(ATTENTIONS))

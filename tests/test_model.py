@@ -254,6 +254,24 @@ def test_head_bias_starts_at_initial_log_rates() -> None:
     assert torch.equal(no_rates.head.bias, torch.zeros(len(BIN_EDGES), NUM_TASKS))
 
 
+def test_factorized_head_equals_the_direct_one_in_values_and_gradients() -> None:
+    head = tiny_model(final_layer_size=256).head  # hidden 64
+    with torch.no_grad():
+        head.norm.weight.uniform_(0.5, 1.5)
+    assert head.factorized_pays(100) and not head.factorized_pays(80)
+    representations = torch.randn(40, 64, requires_grad=True)
+    results = []
+    for factorized in (False, True):
+        head.zero_grad()
+        representations.grad = None
+        out = head(representations, factorized=factorized)
+        (out.exp() * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), representations.grad]
+                       + [parameter.grad for parameter in head.parameters()])
+    for direct, factorized_result in zip(*results, strict=True):
+        torch.testing.assert_close(factorized_result, direct)
+
+
 def test_bf16_autocast_forward_on_cpu_gives_finite_fp32_loss() -> None:
     model = tiny_model()
     batch = random_batch([40, 25], seed=6)

@@ -1,4 +1,4 @@
-"""Precision "auto": bf16 autocast on CPUs with native bf16 matmul for models at least 256 wide,
+"""Precision "auto": bf16 autocast on CPUs with AMX-BF16 for models at least 256 wide,
 fp32 elsewhere; the CPU's capability read from torch, else /proc/cpuinfo; the same rule in
 training (`TrainingArguments.bf16`) and embedding, where bf16 features stay close to fp32's."""
 
@@ -24,28 +24,28 @@ from ehrmotor.model import MotorModel
 from ehrmotor.precision import (
     BF16_MIN_EMBEDDING_HIDDEN_SIZE,
     auto_uses_bf16,
-    cpu_has_native_bf16,
+    cpu_has_amx_bf16,
 )
 from ehrmotor.train_setup import training_arguments
 
 
 @pytest.fixture
 def native_bf16(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Set whether the CPU counts as having native bf16 matmul, whatever this machine has."""
+    """Set whether the CPU counts as having AMX-BF16, whatever this machine has."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    return lambda native: monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    return lambda native: monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: native)
 
 
 @pytest.mark.parametrize(("capabilities", "native"), [
     ({"amx_bf16": True, "avx512_bf16": False}, True),
-    ({"avx512_bf16": True}, True),
+    ({"avx512_bf16": True}, False),  # without AMX bf16 is slower than fp32
     ({"avx512_f": True, "amx_tile": True, "amx_bf16": False}, False),
     ({"architecture": "arm64", "neon": True}, False),
 ])
 def test_native_bf16_is_read_from_torchs_cpu_capabilities(
         monkeypatch: pytest.MonkeyPatch, capabilities: dict[str, Any], native: bool) -> None:
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    assert cpu_has_native_bf16() is native
+    assert cpu_has_amx_bf16() is native
 
 
 def test_without_torchs_capabilities_native_bf16_is_read_from_proc_cpuinfo(
@@ -53,13 +53,15 @@ def test_without_torchs_capabilities_native_bf16_is_read_from_proc_cpuinfo(
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
-    assert cpu_has_native_bf16() is False  # no such file (not Linux)
+    assert cpu_has_amx_bf16() is False  # no such file (not Linux)
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\n"
                        "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
-    assert cpu_has_native_bf16() is False
+    assert cpu_has_amx_bf16() is False
     cpuinfo.write_text("processor\t: 0\nmodel name\t: amx_bf16 in a name is no flag\n"
                        "flags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
-    assert cpu_has_native_bf16() is True
+    assert cpu_has_amx_bf16() is False
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert cpu_has_amx_bf16() is True
 
 
 def test_auto_trains_in_bf16_on_native_bf16_cpus_and_embeds_so_from_256_wide(

@@ -293,7 +293,7 @@ class PretrainConfig:
     save_total_limit: int = 2
     seed: int = 42
     dataloader_num_workers: int = 0
-    # auto: bf16 autocast on CUDA and on CPUs with native bf16 matmul (AMX or AVX512-BF16),
+    # auto: bf16 autocast on CUDA and on CPUs with AMX-BF16 (not AVX512-BF16 alone: slower),
     # where it was measured faster at every size; fp32 elsewhere (`ehrmotor.precision`). Also
     # bf16, fp32. Weights, optimizer state and loss stay fp32.
     precision: str = "auto"

@@ -25,8 +25,8 @@ Policies:
   history fits one training window, the representation equals the one training computed.
 - `tokens_per_batch` is only a packing budget (default and minimum: the context). `model.encode`
   runs under `torch.no_grad()`, under bf16 autocast where pretraining's precision "auto" picks it
-  (`precision.auto_uses_bf16`: CUDA, and CPUs with native bf16 matmul for models at least 256
-  wide), else in fp32; on CUDA batches are padded to `tokens_per_batch` so the attention kernel
+  (`precision.auto_uses_bf16`: CUDA, and CPUs with AMX-BF16 for models at least 256 wide),
+  else in fp32; on CUDA batches are padded to `tokens_per_batch` so the attention kernel
   keeps one shape.
 """
 

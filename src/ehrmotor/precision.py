@@ -4,10 +4,12 @@
 (`train_setup.training_arguments`) and embedding (`embed.compute_features`):
 
 - CUDA: bf16 autocast where the GPU supports bf16.
-- CPU: bf16 autocast where the CPU multiplies bf16 matrices natively (`cpu_has_native_bf16`:
-  AMX-BF16 or AVX512-BF16): always for training, whose MOTOR head (final layer × tasks) is
-  the largest matmul even of a narrow model; for embedding (the encoder alone) when the model
-  is at least `BF16_MIN_EMBEDDING_HIDDEN_SIZE` wide. Else fp32.
+- CPU: bf16 autocast where the CPU has AMX-BF16 (`cpu_has_amx_bf16`): always for training,
+  whose MOTOR head (final layer × tasks) is the largest matmul even of a narrow model; for
+  embedding (the encoder alone) when the model is at least `BF16_MIN_EMBEDDING_HIDDEN_SIZE` wide.
+  Else fp32: with AVX512-BF16 alone (no AMX) bf16 matmuls ran slower than fp32 ones (Xeon
+  model 207 with AMX hidden, 1,632 × 512 × 8,192, forward and both backward products: 31-45
+  against 39-75 GFLOP/s), and bf16 training 0.6-0.7× fp32's tokens/s (benchmarks/PROFILE_CPU.md).
 - Any other device: fp32.
 
 Autocast runs the matmuls in bf16 only: the weights, and so the optimizer state, stay fp32, and
@@ -29,21 +31,21 @@ BF16_MIN_EMBEDDING_HIDDEN_SIZE = 256
 # Read when torch cannot report the CPU's capabilities itself (torch.cpu.get_capabilities is
 # recent); only Linux has it.
 CPUINFO = Path("/proc/cpuinfo")
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+AMX_BF16_FLAGS = ("amx_bf16",)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16)."""
+def cpu_has_amx_bf16() -> bool:
+    """True when this CPU has AMX-BF16, the matrix unit where bf16 pays (see the docstring)."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     if get_capabilities is not None:
         capabilities = get_capabilities()
-        return any(bool(capabilities.get(flag, False)) for flag in NATIVE_BF16_FLAGS)
+        return any(bool(capabilities.get(flag, False)) for flag in AMX_BF16_FLAGS)
     try:
         lines = CPUINFO.read_text().splitlines()
     except OSError:  # not Linux: no way to tell, so no bf16
         return False
     flags = {flag for line in lines if line.startswith("flags") for flag in line.split()}
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return any(flag in flags for flag in AMX_BF16_FLAGS)
 
 
 def auto_uses_bf16(device_type: str, hidden_size: int, *, training: bool) -> bool:
@@ -54,5 +56,5 @@ def auto_uses_bf16(device_type: str, hidden_size: int, *, training: bool) -> boo
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
         wide = training or hidden_size >= BF16_MIN_EMBEDDING_HIDDEN_SIZE
-        return wide and cpu_has_native_bf16()
+        return wide and cpu_has_amx_bf16()
     return False

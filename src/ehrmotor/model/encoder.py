@@ -69,8 +69,11 @@ class MotorAttention(nn.Module):
                 segment_ids: torch.Tensor) -> torch.Tensor:
         length = x.shape[0]
         qkv = self.qkv(x).view(length, 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
-        q, k, v = qkv.unbind(dim=1)  # (T, H, D) each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k turned in one call: (T, 2, H, D) -> (T, 2H, D), a view
+        turned = apply_rotary(qkv[:, :2].reshape(length, 2 * self.num_heads, self.head_dim),
+                              cos, sin)
+        q, k = turned.view(length, 2, self.num_heads, self.head_dim).unbind(dim=1)
+        v = qkv[:, 2]  # (T, H, D) each
         y = local_attention(q, k, v, segment_ids, self.config.attention_width,
                             self.config.attention_backend)  # (T, H, D)
         return self.out(y.reshape(length, -1))  # (T, hidden)

@@ -47,13 +47,43 @@ class MotorHead(nn.Module):
         # Filled from config.initial_log_rates in MotorModel._init_weights.
         self.bias = nn.Parameter(torch.zeros(config.num_bins, config.num_tasks))
 
-    def forward(self, representations: torch.Tensor) -> torch.Tensor:
+    def forward(self, representations: torch.Tensor,
+                factorized: bool | None = None) -> torch.Tensor:
+        """(P, hidden) -> log-hazards (P, bins, tasks), fp32. `factorized` (default: where it
+        takes fewer multiplications, `factorized_pays`) folds the bins and tasks layers into
+        one (hidden, bins · tasks) product first: the same values in another order."""
         points = representations.shape[0]
+        if factorized if factorized is not None else self.factorized_pays(points):
+            return self._factorized(representations)
         # (P, hidden) -> (P, bins · final) -> (P, bins, final)
         per_bin = self.bins(representations).view(points, self.num_bins, self.final_layer_size)
         normed = self.norm(per_bin.to(self.norm.weight.dtype))  # norm in the weights' precision
-        # fp32 sum: the bias (about log 1e-4) would lose its digits in bf16
-        return self.tasks(normed).float() + self.bias  # (P, bins, tasks)
+        # fp32 sum: the bias (about log 1e-4) would lose its digits in bf16; in place, as the
+        # product is needed by nothing else
+        return self.tasks(normed).float().add_(self.bias)  # (P, bins, tasks)
+
+    def factorized_pays(self, points: int) -> bool:
+        """Whether `_factorized` multiplies less for `points` points: hidden · (final + points)
+        against points · final, per bin and task (3× each with the backward pass)."""
+        hidden = self.bins.in_features
+        return hidden * (self.final_layer_size + points) < points * self.final_layer_size
+
+    def _factorized(self, representations: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(x) · W^T with x = bins_b · r is (r · M_b) / rms(x) with M_b = bins_b^T
+        diag(γ) W^T: the (P, bins, final) features are needed only for their rms."""
+        points, hidden = representations.shape
+        per_bin = self.bins(representations).view(points, self.num_bins, self.final_layer_size)
+        mean_square = per_bin.float().pow(2).mean(-1, keepdim=True)  # (P, bins, 1)
+        inverse_rms = torch.rsqrt(mean_square + self.norm.eps)
+        scaled_tasks = self.tasks.weight * self.norm.weight  # (tasks, final)
+        bins = self.bins.weight.view(self.num_bins, self.final_layer_size, hidden)
+        folded = bins.transpose(1, 2) @ scaled_tasks.T  # (bins, hidden, tasks)
+        # the 1 / rms of each (point, bin) scales the small (bins, P, hidden) operand
+        scaled = (representations[None] * inverse_rms.transpose(0, 1)).to(folded.dtype)
+        logits = torch.bmm(scaled, folded).float()  # (bins, P, tasks)
+        # bias in place before the transpose: in place on the transposed view, autograd would
+        # copy the whole tensor through as_strided
+        return logits.add_(self.bias[:, None, :]).transpose(0, 1)  # (P, bins, tasks), strided
 
 
 LABELS = ("censor_days", "label_point", "label_task", "label_days")
@@ -91,15 +121,47 @@ def motor_loss(log_hazards: torch.Tensor, censor_days: torch.Tensor, label_point
                          f"({points},) and {bins} bin edges; got {tuple(censor_days.shape)} and "
                          f"{edges.numel()}")
     with torch.autocast(log_hazards.device.type, enabled=False):
-        log_hazards = log_hazards.float()  # exp in bf16 loses too much
         censored = time_at_risk(censor_days.float(), edges)  # (P, bins)
-        survival = (torch.exp(log_hazards).sum(-1) * censored).sum()
-        observed = log_hazards[label_point.long(), :, label_task.long()]  # (L, bins)
         days = label_days.float()
-        correction = time_at_risk(days, edges) - censored[label_point.long()]
-        survival = survival + (correction * torch.exp(observed)).sum()
-        events = observed.gather(1, event_bin(days, edges)[:, None]).sum()
-        return (survival - events) / max(points * tasks, 1)
+        points_of_labels = label_point.long()
+        correction = time_at_risk(days, edges) - censored[points_of_labels]  # (L, bins)
+        total = _NegativeLogLikelihood.apply(
+            log_hazards.float(),  # exp in bf16 loses too much
+            censored, points_of_labels, label_task.long(), correction, event_bin(days, edges))
+        return total / max(points * tasks, 1)
+
+
+class _NegativeLogLikelihood(torch.autograd.Function):
+    """Σ over (point, bin, task) of λ · risk(censoring), corrected on the L observed pairs, minus
+    their log-hazards in the event bins (`motor_loss`), with its gradient written out: one
+    (P, bins, tasks) tensor each way (the hazards forward, the gradient backward), where autograd
+    kept the exp, the broadcast product and a dense scatter of the sparse terms."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, log_hazards: torch.Tensor,
+                censored: torch.Tensor, label_point: torch.Tensor, label_task: torch.Tensor,
+                correction: torch.Tensor, event_bins: torch.Tensor) -> torch.Tensor:
+        hazards = torch.exp(log_hazards)  # (P, bins, tasks)
+        observed = log_hazards[label_point, :, label_task]  # (L, bins)
+        observed_hazards = torch.exp(observed)
+        survival = (hazards.sum(-1) * censored).sum() + (correction * observed_hazards).sum()
+        events = observed.gather(1, event_bins[:, None]).sum()
+        ctx.save_for_backward(hazards, censored, label_point, label_task, correction,
+                              event_bins, observed_hazards)
+        return survival - events
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (hazards, censored, label_point, label_task, correction, event_bins,
+         observed_hazards) = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_log_hazards = hazards * (censored * grad)[:, :, None]
+        sparse = correction * observed_hazards  # d(corrected survival) / d(observed)
+        sparse.scatter_add_(1, event_bins[:, None], -torch.ones_like(sparse[:, :1]))
+        bins = torch.arange(hazards.shape[1], device=hazards.device)
+        grad_log_hazards.index_put_((label_point[:, None], bins[None, :], label_task[:, None]),
+                                    sparse * grad, accumulate=True)
+        return grad_log_hazards, None, None, None, None, None
 
 
 @dataclass
