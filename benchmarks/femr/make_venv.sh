@@ -4,7 +4,8 @@
 # femr 0.2.4 asks for xformers (CUDA only) and pins meds 0.3.3; it is installed without its
 # declared dependencies and with these pins, which are the ones found to import and run on CPU.
 # xformers is not installed: the scripts that use this environment put a stand-in module first
-# on the path (tests/data/femr/stand_ins/xformers, used by tests/data/femr/make_fixture.py).
+# in sys.modules (benchmarks/femr/femr_stand_ins.py, used by tests/data/femr/make_fixture.py and
+# bench_train.py --vs-femr).
 set -euo pipefail
 VENV="${1:-.femr-venv}"
 PY="${PYTHON:-python3}"

@@ -8,9 +8,10 @@ OUT_DIR/features.parquet (subject_id, feature_time, embedding: femr's rows, sort
 femr windows overlap has two rows, one per window).
 
 femr 0.2.4 on CPU needs three things patched here, and only here: xformers (CUDA only) is replaced
-by the stand-in in stand_ins/ (put first on sys.path), `torch.cuda.synchronize` (called
-unconditionally by compute_features) is a no-op, and EmbeddingBag gets its fp16 per-sample
-weights cast to the table's dtype (CPU refuses mixed dtypes; CUDA autocast casts them).
+by the stand-in of benchmarks/femr/femr_stand_ins.py (shared with `bench_train.py --vs-femr`),
+`torch.cuda.synchronize` (called unconditionally by compute_features) is a no-op, and
+EmbeddingBag gets its fp16 per-sample weights cast to the table's dtype (CPU refuses mixed
+dtypes; CUDA autocast casts them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "stand_ins"))
+sys.path.insert(0, str(HERE.parents[2] / "benchmarks" / "femr"))
+
+import femr_stand_ins  # noqa: E402
+
+femr_stand_ins.install()
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402

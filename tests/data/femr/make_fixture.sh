@@ -5,13 +5,14 @@
 # Made with femr 0.2.4 in its own virtual environment (benchmarks/femr/make_venv.sh: torch
 # 2.13.0+cpu, meds 0.3.3, meds_reader 0.1.16, torch_hawk 0.0.8, numpy<2, pyarrow 18.1.0, datasets
 # 3.1.0, transformers 4.46.3, accelerate<1.2, huggingface-hub<0.27, femr --no-deps) on CPU, with
-# the xformers stand-in in stand_ins/; data from `ehrmotor synth --subjects 120 --seed 5`.
+# the xformers stand-in of benchmarks/femr/femr_stand_ins.py; data from
+# `ehrmotor synth --subjects 120 --seed 5`.
 #
 # Run from the repository root with ehrmotor installed:
-#     bash tests/data/femr/make_fixture.sh [FEMR_VENV]   (default /work/femr-venvs/0.2.4)
+#     bash tests/data/femr/make_fixture.sh [FEMR_VENV]   (default .femr-venv, made when missing)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${1:-/work/femr-venvs/0.2.4}"
+venv="${1:-.femr-venv}"
 test -x "$venv/bin/python" || bash benchmarks/femr/make_venv.sh "$venv"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
