@@ -650,9 +650,14 @@ def test_two_prepares_into_one_folder_the_second_stops_naming_the_first(
     first = subprocess.Popen([sys.executable, "-m", "ehrmotor", *argv], stderr=subprocess.PIPE,
                              text=True)
     deadline = time.monotonic() + 60
-    while not (work / LOCK_FILE).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = run_cli(argv)
+    lock = work / LOCK_FILE
+    while not (lock.exists() and lock.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)  # held and its holder written
+    first.send_signal(signal.SIGSTOP)  # the first holds the lock however slow the second starts
+    try:
+        second = run_cli(argv)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert_one_error_line(second, "prepare", f"in use by `ehrmotor prepare` (pid {first.pid} ")
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
