@@ -135,7 +135,8 @@ def test_fits_carry_survival_at_the_horizon() -> None:
     data = TaskData(np.arange(80), np.arange(80), Targets(time, event), np.arange(60, 80),
                     np.arange(60), days=np.array([50.0, 100.0]))
     cox = next(m for m in METHODS if m.name == "motor_cox")
-    fits = fit_task(data, [cox], {"motor": x}, [Draw(None, 0, np.arange(60))], seed=0,
+    features = {"motor": x, "demographics": x[:, 3:]}
+    fits = fit_task(data, [cox], features, [Draw(None, 0, np.arange(60))], seed=0,
                     bin_edges_days=[0.0, 100.0], horizon_days=365.0)
     fit = fits["motor_cox"][0]
     assert fit.skipped is None and fit.horizon_survival is not None

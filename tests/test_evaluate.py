@@ -273,9 +273,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.trained_on: list[np.ndarray] = []
+        self.designs: list[tuple[int, int]] = []  # (columns, unpenalised) of each fit
 
-    def fit(self, x: np.ndarray, targets: Targets, context: Any) -> Any:
+    def fit(self, x: np.ndarray, targets: Targets, context: Any, unpenalised: int) -> Any:
         self.trained_on.append(np.unique(context.groups))
+        self.designs.append((x.shape[1], unpenalised))
         return self
 
     def risk(self, x: np.ndarray) -> np.ndarray:
@@ -303,9 +305,12 @@ def test_kshot_draws_count_subjects_and_are_deterministic() -> None:
                     test=np.arange(0), pool_subjects=pool)
     recorder = Recorder()
     method = Method("fake", "fake", "motor", "binary", "motor", recorder.fit)
-    fits = fit_task(data, [method], {"motor": np.ones((len(subjects), 2))}, draws[:6], seed=0,
-                    bin_edges_days=[0.0], horizon_days=365)
+    features = {"motor": np.ones((len(subjects), 2)), "demographics": np.zeros((len(subjects), 1))}
+    fits = fit_task(data, [method], features, draws[:6], seed=0, bin_edges_days=[0.0],
+                    horizon_days=365)
     assert [len(s) for s in recorder.trained_on] == [16] * 5 + [32]
+    # the demographics appended as the last column, unpenalised
+    assert recorder.designs == [(3, 1)] * 6
     assert all(fit.skipped is None for fit in fits["fake"])
 
 

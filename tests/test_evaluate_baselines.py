@@ -163,7 +163,8 @@ def test_diverging_cox_fit_falls_back_to_a_stronger_penalty(
     data, x = cox_task()
     (method,) = [m for m in methods_for(TTE) if m.name == "counts_cox"]
     draw = Draw(None, 0, np.arange(20, 60))
-    (fit,) = fit_task(data, [method], {"counts": x}, [draw], seed=0, bin_edges_days=[0.0],
+    features = {"counts": x, "demographics": x[:, :1]}
+    (fit,) = fit_task(data, [method], features, [draw], seed=0, bin_edges_days=[0.0],
                       horizon_days=365)["counts_cox"]
     assert fit.skipped is None and fit.risk is not None
     assert fit.fallback is not None
@@ -177,7 +178,7 @@ def test_diverging_cox_fit_falls_back_to_a_stronger_penalty(
 
     Diverging.floor = 2.0  # every penalty diverges: the draw is skipped, with the reason
     try:
-        (fit,) = fit_task(data, [method], {"counts": x}, [draw], seed=0, bin_edges_days=[0.0],
+        (fit,) = fit_task(data, [method], features, [draw], seed=0, bin_edges_days=[0.0],
                           horizon_days=365)["counts_cox"]
     finally:
         Diverging.floor = 0.1

@@ -13,7 +13,14 @@ from sklearn.base import clone
 from sksurv.util import Surv
 
 from ehrmotor.evaluate.boosted import fit_lightgbm_binary, fit_lightgbm_survival
-from ehrmotor.evaluate.heads import MIN_TIME_DAYS, Head, HeadError, fit_cox, fit_logistic
+from ehrmotor.evaluate.heads import (
+    MIN_TIME_DAYS,
+    Head,
+    HeadError,
+    _logistic_loss,
+    fit_cox,
+    fit_logistic,
+)
 from ehrmotor.evaluate.metrics import auroc, harrell_c
 from ehrmotor.evaluate.penalties import inner_folds
 from ehrmotor.evaluate.piecewise import (
@@ -127,18 +134,22 @@ def test_piecewise_exponential_recovers_bin_hazards_without_covariates() -> None
     np.testing.assert_allclose(head.survival(no_features[:2], days), np.tile(expected, (2, 1)))
 
 
-def test_poisson_objective_gradient_matches_finite_differences() -> None:
+def test_loss_gradients_match_finite_differences() -> None:
+    """The smooth losses the elastic net minimises: the piecewise head's Poisson likelihood with
+    its rate prior, and the logistic head's mean log loss."""
     rng = np.random.default_rng(4)
     phi = rng.normal(size=(30, 4, 3))
     exposure = rng.uniform(0, 50, (30, 4))
     events = (rng.random((30, 4)) < 0.2).astype(float)
-    params = rng.normal(-2, 0.3, 7)
-    loss, gradient = _poisson_objective(params, phi, exposure, events, 0.3, 40.0)
-    step = 1e-6
-    numeric = [(_poisson_objective(params + step * unit, phi, exposure, events, 0.3, 40.0)[0]
-                - _poisson_objective(params - step * unit, phi, exposure, events, 0.3, 40.0)[0])
-               / (2 * step) for unit in np.eye(7)]
-    np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-8)
+    z, label = rng.normal(size=(30, 3)), (rng.random(30) < 0.3).astype(float)
+    for loss_of, size in ((lambda p: _poisson_objective(p, phi, exposure, events, 40.0), 7),
+                          (lambda p: _logistic_loss(p, z, label), 4)):
+        params = rng.normal(-2, 0.3, size)
+        _, gradient = loss_of(params)
+        step = 1e-6
+        numeric = [(loss_of(params + step * unit)[0] - loss_of(params - step * unit)[0])
+                   / (2 * step) for unit in np.eye(size)]
+        np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_piecewise_risk_is_the_cumulative_hazard_at_the_horizon(train: Cohort) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from lightgbm import LGBMClassifier, LGBMModel, LGBMRegressor, record_evaluation
-from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 
 from ehrmotor.evaluate.heads import (
@@ -37,10 +36,12 @@ from ehrmotor.evaluate.heads import (
     ClassifierHead,
     CoxHead,
     HeadError,
+    LogisticModel,
     binary_targets,
     fit_cox,
     fit_logistic,
     refit_cox,
+    refit_logistic,
     single_threaded,
     survival_targets,
 )
@@ -129,13 +130,15 @@ def _poisson_rows(x: np.ndarray, time: np.ndarray, event: np.ndarray, edges: np.
 
 def fit_lightgbm_survival(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
                           horizon_days: float | None = None, groups: np.ndarray | None = None,
-                          linear: CoxHead | None = None) -> BoostedSurvivalHead:
+                          linear: CoxHead | None = None,
+                          unpenalised: int = 0) -> BoostedSurvivalHead:
     """Fit the boosted survival head on features x (n, f), times (days) and event flags (n,),
-    from `linear` (`fit_cox` of the same x, targets, seed and groups: fitted here if None)."""
+    from `linear` (`fit_cox` of the same x, targets, seed, groups and `unpenalised`: fitted here
+    if None)."""
     time, event = survival_targets(x, time, event)
     quantiles = np.quantile(time[event], np.linspace(0, 1, BOOSTED_BINS + 1)[1:-1])
     edges = np.r_[0.0, np.unique(quantiles[quantiles > 0])]
-    linear = linear or fit_cox(x, time, event, seed=seed, groups=groups)
+    linear = linear or fit_cox(x, time, event, seed=seed, groups=groups, unpenalised=unpenalised)
 
     def fold_data(train: np.ndarray, val: np.ndarray) -> FoldData | None:
         try:
@@ -168,7 +171,7 @@ def fit_lightgbm_survival(x: np.ndarray, time: np.ndarray, event: np.ndarray, *,
 class BoostedClassifierHead:
     """A binary head: probability = sigmoid(intercept + scale · logistic log-odds + trees(x))."""
 
-    linear: Any  # the logistic head's fitted pipeline (decision_function: log-odds)
+    linear: LogisticModel  # the logistic head's model (decision_function: log-odds)
     intercept: float
     scale: float
     model: LGBMClassifier | None  # None: no round was chosen
@@ -192,17 +195,20 @@ def _calibrate_log_odds(log_odds: np.ndarray, label: np.ndarray) -> tuple[float,
 
 def fit_lightgbm_binary(x: np.ndarray, label: np.ndarray, *, seed: int,
                         groups: np.ndarray | None = None,
-                        linear: ClassifierHead | None = None) -> BoostedClassifierHead:
+                        linear: ClassifierHead | None = None,
+                        unpenalised: int = 0) -> BoostedClassifierHead:
     """Fit the boosted binary head on features x (n, f) and boolean labels (n,), from `linear`
-    (`fit_logistic` of the same x, labels, seed and groups: fitted here if None)."""
+    (`fit_logistic` of the same x, labels, seed, groups and `unpenalised`: fitted here if
+    None)."""
     label = binary_targets(x, label)
     x = np.asarray(x, dtype=np.float64)
-    logistic = (linear or fit_logistic(x, label, seed=seed, groups=groups)).model
+    logistic = (linear or fit_logistic(x, label, seed=seed, groups=groups,
+                                       unpenalised=unpenalised)).model
+    if not isinstance(logistic, LogisticModel):
+        raise TypeError(f"linear must be a fit_logistic head, got {type(logistic).__name__}")
 
     def fold_data(train: np.ndarray, val: np.ndarray) -> FoldData:
-        # At the chosen penalty per row: C multiplies the summed loss.
-        refit = clone(logistic).set_params(model__C=logistic[-1].C * len(x) / len(train))
-        refit.fit(x[train], label[train])
+        refit = refit_logistic(logistic, x[train], label[train])
         train_odds, val_odds = refit.decision_function(x[train]), refit.decision_function(x[val])
         intercept, scale = _calibrate_log_odds(train_odds, label[train])
         return (x[train], label[train], intercept + scale * train_odds, x[val], label[val],

@@ -11,9 +11,14 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
   penalty: its smallest alpha ×COX_FALLBACK_FACTOR (as a share of the largest, up to
   COX_MAX_ALPHA_MIN_RATIO); the head records this in `fallback`, and only when every penalty
   fails is it a `HeadError`.
-- `fit_logistic`: elastic-net logistic regression (l1_ratio LOGISTIC_L1_RATIO), C on a path
-  from the strongest that leaves one feature in, by the one-standard-error rule on held-out
-  log-likelihood of the recalibrated log-odds (`_logistic_scores`).
+- `fit_logistic`: elastic-net logistic regression (l1_ratio LOGISTIC_L1_RATIO, minimised by
+  `penalties.elastic_net`), the penalty on a path from the strongest that leaves one feature in,
+  by the one-standard-error rule on held-out log-likelihood of the recalibrated log-odds
+  (`_logistic_scores`).
+
+Every fit takes `unpenalised`: its last columns (the demographics the protocol appends to MOTOR
+and count features) are left out of the penalty, so that the path's strongest end is the
+demographic model rather than a constant.
 - Elsewhere: `fit_piecewise_exponential` (the MOTOR head, `ehrmotor.evaluate.piecewise`);
   LightGBM heads boosted from these linear fits (`ehrmotor.evaluate.boosted`).
 
@@ -43,7 +48,15 @@ from sksurv.util import Surv
 from threadpoolctl import threadpool_limits
 
 from ehrmotor.evaluate.metrics import concordance
-from ehrmotor.evaluate.penalties import fold_scores, inner_folds, one_se_choice, standardiser
+from ehrmotor.evaluate.penalties import (
+    elastic_net,
+    fold_scores,
+    inner_folds,
+    one_se_choice,
+    path_from,
+    penalty_factors,
+    standardiser,
+)
 
 COX_L1_RATIO = 0.1
 COX_N_ALPHAS = 30  # from the first alpha with a non-zero coefficient (one feature)
@@ -51,11 +64,9 @@ COX_ALPHA_MIN_RATIO = 0.01  # the path's smallest alpha, as a share of its large
 COX_FALLBACK_FACTOR = 10.0  # a diverging path is refitted with its smallest alpha this much larger
 COX_MAX_ALPHA_MIN_RATIO = 0.5  # ... up to this share (1 would leave only all-zero coefficients)
 LOGISTIC_L1_RATIO = 0.5
-LOGISTIC_N_C = 20
-LOGISTIC_PATH_START = 1.05  # the strongest C, as a multiple of the one with all coefficients 0
-LOGISTIC_C_SPAN = 1000.0  # the weakest C, as a multiple of the strongest
-LOGISTIC_TOL = 1e-3
-LOGISTIC_MAX_ITER = 500
+LOGISTIC_N_PENALTIES = 20
+LOGISTIC_PATH_START = 0.95  # the strongest penalty, as a share of the one with all weights 0
+LOGISTIC_PENALTY_SPAN = 1000.0  # the weakest penalty, as a share of the strongest
 UNPENALISED_C = 1e6  # recalibrating log-odds (intercept and scale)
 MIN_TIME_DAYS = 0.5
 MAX_LOG_HAZARD = 50.0  # exp() overflow guard
@@ -150,12 +161,14 @@ def cox_ratios() -> list[float]:
     return ratios
 
 
-def _cox_path(x: np.ndarray, target: np.ndarray) -> tuple[Pipeline, str | None]:
+def _cox_path(x: np.ndarray, target: np.ndarray,
+              factors: np.ndarray | None) -> tuple[Pipeline, str | None]:
     """The fitted Cox path with the first penalty that does not diverge, and how the penalty was
     raised (None at the default); HeadError naming the last error when every one diverges."""
     errors: list[str] = []
     for ratio in cox_ratios():
-        path = _cox_pipeline(n_alphas=COX_N_ALPHAS, alpha_min_ratio=ratio)
+        path = _cox_pipeline(n_alphas=COX_N_ALPHAS, alpha_min_ratio=ratio,
+                             penalty_factor=factors)
         try:
             path.fit(x, target)
         except ArithmeticError as error:  # coxnet's "weights too large"
@@ -169,17 +182,21 @@ def _cox_path(x: np.ndarray, target: np.ndarray) -> tuple[Pipeline, str | None]:
 
 
 def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
-            groups: np.ndarray | None = None) -> CoxHead:
-    """Fit the Cox head on features x (n, f), times (days) and event flags (n,): alpha on the
-    path by the one-standard-error rule on Harrell's C of inner grouped folds."""
+            groups: np.ndarray | None = None, unpenalised: int = 0) -> CoxHead:
+    """Fit the Cox head on features x (n, f), times (days) and event flags (n,), the last
+    `unpenalised` columns (demographics) without penalty: alpha on the path by the
+    one-standard-error rule on Harrell's C of inner grouped folds."""
     time, event = survival_targets(x, time, event)
+    factors = penalty_factors(np.shape(x)[1], unpenalised) if unpenalised else None
     with single_threaded():
-        path, fallback = _cox_path(x, Surv.from_arrays(event, time))
-        # The path starts at the smallest alpha with all coefficients zero: a constant score.
-        alphas = [float(a) for a in path[-1].alphas_[1:]] or [float(path[-1].alphas_[0])]
+        path, fallback = _cox_path(x, Surv.from_arrays(event, time), factors)
+        # The path starts at the smallest alpha with every penalised coefficient zero: a
+        # constant score, unless some columns are unpenalised (the demographic model).
+        alphas = [float(a) for a in path[-1].alphas_[0 if unpenalised else 1:]] \
+            or [float(path[-1].alphas_[0])]
 
         def held_out_c(train: np.ndarray, val: np.ndarray) -> np.ndarray | None:
-            fold = _cox_pipeline(alphas=alphas)
+            fold = _cox_pipeline(alphas=alphas, penalty_factor=factors)
             try:
                 fold.fit(x[train], Surv.from_arrays(event[train], time[train]))
             except ArithmeticError:  # tiny folds
@@ -203,9 +220,30 @@ def refit_cox(head: CoxHead, x: np.ndarray, time: np.ndarray, event: np.ndarray)
     time, event = survival_targets(x, time, event)
     path = [float(a) for a in head.model[-1].alphas_ if a >= head.alpha]
     with single_threaded():
-        model = _cox_pipeline(alphas=path).fit(x, Surv.from_arrays(event, time))
+        model = _cox_pipeline(alphas=path, penalty_factor=head.model[-1].penalty_factor)
+        model.fit(x, Surv.from_arrays(event, time))
     days, hazard = _breslow(model.predict(x, alpha=head.alpha), time, event)
     return CoxHead(model, head.alpha, days, hazard)
+
+
+@dataclass(frozen=True)
+class LogisticModel:
+    """Elastic-net logistic regression on standardised features: log-odds = z · coef +
+    intercept, z = `scaling`(x); fitted at `penalty` (per row) with penalty `factors` (f,)."""
+
+    scaling: Pipeline
+    coef: np.ndarray  # (f,)
+    intercept: float
+    penalty: float
+    factors: np.ndarray  # (f,) 0 where unpenalised
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        z = self.scaling.transform(np.asarray(x, dtype=np.float64))
+        return np.asarray(z @ self.coef + self.intercept, dtype=np.float64)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        positive = 1 / (1 + np.exp(-self.decision_function(x)))
+        return np.column_stack([1 - positive, positive])
 
 
 @dataclass(frozen=True)
@@ -221,37 +259,52 @@ class ClassifierHead:
         return None
 
 
-def logistic_path(z: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """The Cs of the logistic path on standardised z (n, f), strongest penalty first: from just
-    above the C at which every coefficient is zero (LOGISTIC_L1_RATIO / max |z^T (label -
-    mean)|), LOGISTIC_N_C of them over a factor LOGISTIC_C_SPAN."""
-    gradient = float(np.abs(z.T @ (label - label.mean())).max()) if z.size else 0.0
-    smallest = LOGISTIC_L1_RATIO / gradient if gradient > 0 else 1.0
-    return smallest * np.geomspace(LOGISTIC_PATH_START, LOGISTIC_PATH_START * LOGISTIC_C_SPAN,
-                                   LOGISTIC_N_C)
+def _logistic_loss(params: np.ndarray, z: np.ndarray,
+                   label: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean binary log loss and its gradient in params = (coef (f,), intercept)."""
+    eta = z @ params[:-1] + params[-1]
+    loss = float(np.mean(np.logaddexp(0.0, eta) - label * eta))
+    residual = (1 / (1 + np.exp(-eta)) - label) / len(z)
+    return loss, np.r_[z.T @ residual, residual.sum()]
 
 
-def _logistic(c: float, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=c, l1_ratio=LOGISTIC_L1_RATIO, solver="saga", tol=LOGISTIC_TOL,
-                              max_iter=LOGISTIC_MAX_ITER, random_state=seed, warm_start=True)
+def _fit_logistic_at(z: np.ndarray, label: np.ndarray, penalty: float, factors: np.ndarray,
+                     start: np.ndarray | None = None) -> np.ndarray:
+    """(coef (f,), intercept) at `penalty`, from `start` or from 0 and the base rate's log-odds."""
+    if start is None:
+        rate = float(np.clip(label.mean(), 1e-6, 1 - 1e-6))
+        start = np.r_[np.zeros(z.shape[1]), np.log(rate / (1 - rate))]
+    return elastic_net(lambda params: _logistic_loss(params, z, label), start,
+                       np.r_[factors, 0.0], penalty, LOGISTIC_L1_RATIO)
 
 
-def _logistic_scores(z: np.ndarray, label: np.ndarray, cs: np.ndarray, seed: int,
-                     train: np.ndarray, val: np.ndarray) -> np.ndarray:
-    """Held-out log-likelihood per row of each C, fitted along the path (warm starts) on the
-    training rows, its log-odds recalibrated there (intercept and scale, unpenalised: a strong
-    penalty shrinks them, which says nothing of how well it ranks); less noisy than AUROC on the
-    few labels of an inner fold.
+def logistic_path(z: np.ndarray, label: np.ndarray,
+                  factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(LOGISTIC_N_PENALTIES penalties strongest first, the fit with every penalised coefficient
+    0) on standardised z (n, f): from just below the penalty at which every penalised coefficient
+    is 0 down by LOGISTIC_PENALTY_SPAN (`penalties.path_from`)."""
+    free = factors == 0
+    null = _fit_logistic_at(z[:, free], label, 0.0, factors[free])
+    start = np.zeros(z.shape[1] + 1)
+    start[np.flatnonzero(free)], start[-1] = null[:-1], null[-1]
+    _, gradient = _logistic_loss(start, z, label.astype(np.float64))
+    return path_from(gradient[:-1][~free], LOGISTIC_L1_RATIO, LOGISTIC_PATH_START,
+                     LOGISTIC_PENALTY_SPAN, LOGISTIC_N_PENALTIES), start
 
-    C multiplies the summed loss: it is scaled by len(z) / len(train) so that each fold fits
-    the penalty per row of the whole draw. A fit with every coefficient 0 scores nan."""
-    model, scores = _logistic(float(cs[0]), seed), []
-    for c in cs * (len(z) / len(train)):
-        model.set_params(C=float(c)).fit(z[train], label[train])
-        if not model.coef_.any():
+
+def _logistic_scores(z: np.ndarray, label: np.ndarray, penalties: np.ndarray,
+                     factors: np.ndarray, train: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Held-out log-likelihood per row of each penalty, fitted along the path (warm starts) on
+    the training rows, its log-odds recalibrated there (intercept and scale, unpenalised: a
+    strong penalty shrinks them, which says nothing of how well it ranks); less noisy than AUROC
+    on the few labels of an inner fold. A constant fit (no coefficient) scores nan."""
+    params, scores = None, []
+    for penalty in penalties:
+        params = _fit_logistic_at(z[train], label[train], float(penalty), factors, params)
+        if not params[:-1].any():
             scores.append(np.nan)
             continue
-        train_odds, val_odds = z[train] @ model.coef_[0], z[val] @ model.coef_[0]
+        train_odds, val_odds = z[train] @ params[:-1], z[val] @ params[:-1]
         platt = LogisticRegression(C=UNPENALISED_C).fit(train_odds[:, None], label[train])
         probability = np.clip(platt.predict_proba(val_odds[:, None])[:, 1], 1e-12, 1 - 1e-12)
         scores.append(float(np.mean(np.where(label[val], np.log(probability),
@@ -260,22 +313,33 @@ def _logistic_scores(z: np.ndarray, label: np.ndarray, cs: np.ndarray, seed: int
 
 
 def fit_logistic(x: np.ndarray, label: np.ndarray, *, seed: int,
-                 groups: np.ndarray | None = None) -> ClassifierHead:
-    """Fit the elastic-net logistic head on features x (n, f) and boolean labels (n,): C on the
-    path (`logistic_path`) by the one-standard-error rule on inner grouped folds."""
+                 groups: np.ndarray | None = None, unpenalised: int = 0) -> ClassifierHead:
+    """Fit the elastic-net logistic head on features x (n, f) and boolean labels (n,), the last
+    `unpenalised` columns (demographics) without penalty: the penalty on its path
+    (`logistic_path`) by the one-standard-error rule on inner grouped folds."""
     label = binary_targets(x, label)
     with single_threaded():
         scaling = standardiser(x)
         z = scaling.transform(np.asarray(x, dtype=np.float64))
-        cs = logistic_path(z, label)
-        scores = fold_scores(inner_folds(label, seed, groups), len(cs),
-                             lambda train, val: _logistic_scores(z, label, cs, seed, train, val))
-        best = one_se_choice(scores, default=len(cs) // 2)
-        model = _logistic(float(cs[0]), seed)
-        for index, c in enumerate(cs):  # warm starts along the path, as in the folds
-            model.set_params(C=float(c)).fit(z, label)
-            # Past the choice only while every coefficient is 0 (the solver's tolerance near
-            # the first C): a constant would rank nothing.
-            if index >= best and model.coef_.any():
-                break
-    return ClassifierHead(Pipeline([("standardise", scaling), ("model", model)]))
+        factors = penalty_factors(z.shape[1], unpenalised)
+        y = label.astype(np.float64)
+        penalties, params = logistic_path(z, y, factors)
+        scores = fold_scores(inner_folds(label, seed, groups), len(penalties),
+                             lambda train, val: _logistic_scores(z, y, penalties, factors,
+                                                                 train, val))
+        best = one_se_choice(scores, default=len(penalties) // 2)
+        for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
+            params = _fit_logistic_at(z, y, float(penalty), factors, params)
+    return ClassifierHead(LogisticModel(scaling, params[:-1], float(params[-1]),
+                                        float(penalties[best]), factors))
+
+
+def refit_logistic(model: LogisticModel, x: np.ndarray, label: np.ndarray) -> LogisticModel:
+    """`model` refitted at its penalty on other rows (an inner fold's training part), its
+    standardisation fitted again on them, without choosing again."""
+    scaling = standardiser(x)
+    z = scaling.transform(np.asarray(x, dtype=np.float64))
+    with single_threaded():
+        params = _fit_logistic_at(z, np.asarray(label, dtype=np.float64), model.penalty,
+                                  model.factors)
+    return LogisticModel(scaling, params[:-1], float(params[-1]), model.penalty, model.factors)

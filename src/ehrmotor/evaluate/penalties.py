@@ -12,6 +12,13 @@ rule, on features standardised by the training draw alone.
   to the strongest penalty (a few features, or one) instead of the one that won by chance.
 - `standardiser`: mean imputation of NaN and scaling to unit variance, fitted on the rows given
   (the training draw), applied unchanged to held-out rows.
+- `penalty_factors`: which coefficients the penalty applies to. The demographic features that
+  every head adjusts for (the last `unpenalised` columns) are never penalised: at the strongest
+  penalty a head is the demographic model itself, never a constant, so that a draw too small to
+  support more stays at the demographic baseline instead of falling below it.
+- `elastic_net`: a smooth loss plus the elastic-net penalty on the coefficients whose factor is
+  positive, minimised by L-BFGS-B (each such coefficient split into its positive and negative
+  parts, so that the L1 term is linear), from a warm start.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.optimize import minimize
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 INNER_FOLDS = 3
+MAX_ITER = 500  # L-BFGS-B iterations of one fit on the path (warm-started from the previous)
 
 Fold = tuple[np.ndarray, np.ndarray]  # (training rows, validation rows)
+Smooth = Callable[[np.ndarray], tuple[float, np.ndarray]]  # params -> (loss, gradient)
 
 
 def inner_folds(strata: np.ndarray, seed: int, groups: np.ndarray | None) -> list[Fold]:
@@ -82,3 +92,53 @@ def standardiser(x: np.ndarray) -> Pipeline:
     features become 0)."""
     steps = [("impute", SimpleImputer(keep_empty_features=True)), ("scale", StandardScaler())]
     return Pipeline(steps).fit(np.asarray(x, dtype=np.float64))
+
+
+def penalty_factors(features: int, unpenalised: int) -> np.ndarray:
+    """(features,) 1 for a penalised coefficient, 0 for the last `unpenalised` (demographics)."""
+    if not 0 <= unpenalised <= features:
+        raise ValueError(f"{unpenalised} unpenalised columns of {features} features")
+    return np.r_[np.ones(features - unpenalised), np.zeros(unpenalised)]
+
+
+def elastic_net(smooth: Smooth, start: np.ndarray, factors: np.ndarray, penalty: float,
+                l1_ratio: float) -> np.ndarray:
+    """argmin over params of smooth(params) + penalty · Σ_j factors_j · (l1_ratio · |p_j| +
+    (1 - l1_ratio) / 2 · p_j²), from `start`; `factors` (len(params),) is 0 for parameters left
+    free (intercepts, demographics)."""
+    factors = np.asarray(factors, dtype=np.float64)
+    size, held = len(factors), np.flatnonzero(factors > 0)
+    l1, l2 = penalty * l1_ratio * factors[held], penalty * (1 - l1_ratio) * factors[held]
+
+    def unpack(y: np.ndarray) -> np.ndarray:
+        params = y[:size].copy()
+        params[held] -= y[size:]
+        return params
+
+    def objective(y: np.ndarray) -> tuple[float, np.ndarray]:
+        params = unpack(y)
+        loss, gradient = smooth(params)
+        coef = params[held]
+        loss += float(l1 @ (y[held] + y[size:]) + 0.5 * l2 @ (coef * coef))
+        penalised = gradient[held] + l2 * coef
+        full = np.array(gradient, dtype=np.float64)
+        full[held] = penalised + l1
+        return loss, np.r_[full, -penalised + l1]
+
+    start = np.asarray(start, dtype=np.float64)
+    y0 = np.r_[start, np.zeros(len(held))]
+    y0[held], y0[size:] = np.maximum(start[held], 0.0), np.maximum(-start[held], 0.0)
+    bounds = [(0.0, None) if factor > 0 else (None, None) for factor in factors]
+    result = minimize(objective, y0, jac=True, method="L-BFGS-B",
+                      bounds=bounds + [(0.0, None)] * len(held), options={"maxiter": MAX_ITER})
+    return unpack(np.asarray(result.x))
+
+
+def path_from(gradient: np.ndarray, l1_ratio: float, start: float, span: float,
+              count: int) -> np.ndarray:
+    """`count` penalties, strongest first, from `start` × the one at which every penalised
+    coefficient is 0 (max |gradient| of the loss in them at the unpenalised fit, over
+    `l1_ratio`) down by a factor `span`."""
+    gradient = np.abs(np.asarray(gradient, dtype=np.float64))
+    strongest = float(gradient.max()) / l1_ratio if gradient.size and gradient.max() > 0 else 1.0
+    return strongest * np.geomspace(start, start / span, count)

@@ -2,9 +2,10 @@
 
 - `fit_piecewise_exponential`: the MOTOR head for one task on frozen per-bin features
   (`motor_bin_features`): log-hazard in bin b = w · features_b + alpha_b, by Poisson likelihood
-  on (subject, bin) exposures with an elastic-net penalty on w (mostly L2, PE_L1_RATIO of L1); the
-  penalty on a path from the strongest that leaves one feature in, by the one-standard-error rule
-  on held-out likelihood of inner grouped folds (`ehrmotor.evaluate.penalties`).
+  on (subject, bin) exposures with an elastic-net penalty on w (mostly L2, PE_L1_RATIO of L1;
+  demographic features appended to every bin left unpenalised); the penalty on a path from the
+  strongest that leaves one penalised feature in, by the one-standard-error rule on held-out
+  likelihood of inner grouped folds (`ehrmotor.evaluate.penalties`).
 - `PiecewiseHazard`: what every piecewise head shares (the LightGBM survival head of
   `ehrmotor.evaluate.boosted` too): `risk` is the cumulative hazard up to `risk_days` (default:
   the last training event time); `survival` is exact from the bin hazards.
@@ -21,10 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from ehrmotor.evaluate.heads import MAX_LOG_HAZARD, single_threaded, survival_targets
-from ehrmotor.evaluate.penalties import fold_scores, inner_folds, one_se_choice
+from ehrmotor.evaluate.penalties import (
+    elastic_net,
+    fold_scores,
+    inner_folds,
+    one_se_choice,
+    path_from,
+    penalty_factors,
+)
 
 PE_L1_RATIO = 0.1  # the penalty is mostly L2, with a little L1 so that the path starts sparse
 PE_N_PENALTIES = 12
@@ -95,10 +102,9 @@ def _standardise(features: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> n
 
 
 def _poisson_objective(params: np.ndarray, phi: np.ndarray, exposure: np.ndarray,
-                       events: np.ndarray, penalty: float,
-                       prior_exposure: float) -> tuple[float, np.ndarray]:
-    """Poisson negative log-likelihood per subject with the rate prior and the L2 penalty, and
-    its gradient in params = (w (f,), alpha (bins,))."""
+                       events: np.ndarray, prior_exposure: float) -> tuple[float, np.ndarray]:
+    """Poisson negative log-likelihood per subject with the rate prior, and its gradient, in
+    params = (w (f,), alpha (bins,))."""
     weights, alpha = params[:phi.shape[2]], params[phi.shape[2]:]
     eta = np.minimum(phi @ weights + alpha, MAX_LOG_HAZARD)  # (n, bins)
     expected = exposure * np.exp(eta)
@@ -106,65 +112,52 @@ def _poisson_objective(params: np.ndarray, phi: np.ndarray, exposure: np.ndarray
     n = len(phi)
     loss = ((expected - events * eta).sum() + (prior - PE_PRIOR_EVENTS * alpha).sum()) / n
     residual = expected - events
-    grad_w = np.einsum("nb,nbf->f", residual, phi) / n + penalty * weights
+    grad_w = np.einsum("nb,nbf->f", residual, phi) / n
     grad_alpha = (residual.sum(axis=0) + prior - PE_PRIOR_EVENTS) / n
-    return loss + 0.5 * penalty * float(weights @ weights), np.r_[grad_w, grad_alpha]
-
-
-def _elastic_objective(params: np.ndarray, phi: np.ndarray, exposure: np.ndarray,
-                       events: np.ndarray, penalty: float,
-                       prior_exposure: float) -> tuple[float, np.ndarray]:
-    """`_poisson_objective` with the elastic-net penalty penalty · (PE_L1_RATIO · |w|_1 +
-    (1 - PE_L1_RATIO) / 2 · |w|²), in params = (w+ (f,), w- (f,), alpha (bins,)), w = w+ - w-
-    with w+, w- >= 0 (bounds), so that the L1 term is linear and smooth."""
-    f = phi.shape[2]
-    positive, negative, alpha = params[:f], params[f:2 * f], params[2 * f:]
-    loss, gradient = _poisson_objective(np.r_[positive - negative, alpha], phi, exposure, events,
-                                        penalty * (1 - PE_L1_RATIO), prior_exposure)
-    l1 = penalty * PE_L1_RATIO
-    loss += l1 * float(positive.sum() + negative.sum())
-    return loss, np.r_[gradient[:f] + l1, -gradient[:f] + l1, gradient[f:]]
+    return float(loss), np.r_[grad_w, grad_alpha]
 
 
 def _fit_poisson(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray, penalty: float,
-                 prior_exposure: float, start: np.ndarray | None = None) -> np.ndarray:
-    """(w+, w-, alpha) by L-BFGS-B, from `start` (the previous penalty's fit) or from w = 0 and
-    each bin's smoothed events / exposure."""
-    f = phi.shape[2]
+                 prior_exposure: float, factors: np.ndarray,
+                 start: np.ndarray | None = None) -> np.ndarray:
+    """(w (f,), alpha (bins,)) under the elastic-net penalty on w (`factors` (f,): 0 leaves a
+    feature unpenalised), from `start` (the previous penalty's fit) or from w = 0 and each bin's
+    smoothed events / exposure."""
     if start is None:
         start_rates = (events.sum(0) + PE_PRIOR_EVENTS) / (exposure.sum(0) + prior_exposure)
-        start = np.r_[np.zeros(2 * f), np.log(start_rates)]
-    bounds = [(0.0, None)] * (2 * f) + [(None, None)] * (len(start) - 2 * f)
-    result = minimize(_elastic_objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                      args=(phi, exposure, events, penalty, prior_exposure),
-                      options={"maxiter": 500})
-    return np.asarray(result.x)
+        start = np.r_[np.zeros(phi.shape[2]), np.log(start_rates)]
+    return elastic_net(lambda params: _poisson_objective(params, phi, exposure, events,
+                                                         prior_exposure),
+                       start, np.r_[factors, np.zeros(phi.shape[1])], penalty, PE_L1_RATIO)
 
 
 def _penalty_path(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
-                  prior_exposure: float) -> np.ndarray:
-    """PE_N_PENALTIES penalties, strongest first: from just below the one at which every weight
-    is 0 (the largest |gradient| in w at w = 0, over PE_L1_RATIO) down by PE_PENALTY_SPAN."""
-    start = _fit_poisson(phi[:, :, :0], exposure, events, 0.0, prior_exposure)
-    eta = np.minimum(start[None, :], MAX_LOG_HAZARD)  # (1, bins): the null model
+                  prior_exposure: float, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(PE_N_PENALTIES penalties strongest first, the fit with every penalised weight 0): from
+    just below the penalty at which every penalised weight is 0 (`penalties.path_from`) down by
+    PE_PENALTY_SPAN."""
+    free = factors == 0
+    null = _fit_poisson(phi[:, :, free], exposure, events, 0.0, prior_exposure,
+                        factors[free])
+    start = np.zeros(len(factors) + phi.shape[1])
+    start[np.flatnonzero(free)], start[len(factors):] = null[:free.sum()], null[free.sum():]
+    eta = np.minimum(phi @ start[:len(factors)] + start[len(factors):], MAX_LOG_HAZARD)
     residual = exposure * np.exp(eta) - events
-    gradient = np.abs(np.einsum("nb,nbf->f", residual, phi) / len(phi))
-    strongest = float(gradient.max()) / PE_L1_RATIO if gradient.size and gradient.max() > 0 else 1.0
-    return strongest * np.geomspace(PE_PATH_START, PE_PATH_START / PE_PENALTY_SPAN,
-                                    PE_N_PENALTIES)
+    gradient = np.einsum("nb,nbf->f", residual, phi[:, :, ~free]) / len(phi)
+    return path_from(gradient, PE_L1_RATIO, PE_PATH_START, PE_PENALTY_SPAN,
+                     PE_N_PENALTIES), start
 
 
 def _held_out_likelihood(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
-                         penalties: np.ndarray, prior_exposure: float, train: np.ndarray,
-                         val: np.ndarray) -> np.ndarray:
+                         penalties: np.ndarray, prior_exposure: float, factors: np.ndarray,
+                         train: np.ndarray, val: np.ndarray) -> np.ndarray:
     """Poisson log-likelihood per validation subject of each penalty, fitted along the path
     (warm starts) on the training rows."""
     f, params, scores = phi.shape[2], None, []
     for penalty in penalties:
         params = _fit_poisson(phi[train], exposure[train], events[train], float(penalty),
-                              prior_exposure, params)
-        eta = np.minimum(phi[val] @ (params[:f] - params[f:2 * f]) + params[2 * f:],
-                         MAX_LOG_HAZARD)
+                              prior_exposure, factors, params)
+        eta = np.minimum(phi[val] @ params[:f] + params[f:], MAX_LOG_HAZARD)
         scores.append(float((events[val] * eta - exposure[val] * np.exp(eta)).sum()) / len(val))
     return np.array(scores)
 
@@ -177,17 +170,19 @@ def calibrate_linear(linear: np.ndarray, time: np.ndarray, event: np.ndarray,
     exposure, events = bin_exposure(time, event, edges)
     phi = np.repeat(np.asarray(linear, dtype=np.float64)[:, None, None], len(edges), axis=1)
     prior_exposure = PE_PRIOR_EVENTS * exposure.sum() / max(events.sum(), 1.0)
-    params = _fit_poisson(phi, exposure, events, 0.0, prior_exposure)
-    return float(params[0] - params[1]), params[2:]
+    params = _fit_poisson(phi, exposure, events, 0.0, prior_exposure, np.zeros(1))
+    return float(params[0]), params[1:]
 
 
 def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event: np.ndarray,
                               bin_edges_days: Any, *, seed: int,
                               horizon_days: float | None = None,
-                              groups: np.ndarray | None = None) -> PiecewiseExponentialHead:
+                              groups: np.ndarray | None = None,
+                              unpenalised: int = 0) -> PiecewiseExponentialHead:
     """Fit the MOTOR head of one task on frozen per-bin features (n, bins, f) (see
     `motor_bin_features`), bins starting at `bin_edges_days`; the penalty on its path by the
-    one-standard-error rule on held-out likelihood of inner grouped folds."""
+    one-standard-error rule on held-out likelihood of inner grouped folds. The last
+    `unpenalised` features (the demographics, the same in every bin) are not penalised."""
     features = np.asarray(bin_features, dtype=np.float64)
     edges = np.asarray(bin_edges_days, dtype=np.float64)
     if features.ndim != 3 or edges.shape != (features.shape[1],) or edges[0] != 0 \
@@ -204,18 +199,20 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
     exposure, events = bin_exposure(time, event, edges)
     prior_exposure = PE_PRIOR_EVENTS * exposure.sum() / events.sum()  # at the pooled rate
     f = phi.shape[2]
+    factors = penalty_factors(f, unpenalised)
     with single_threaded():
-        penalties = _penalty_path(phi, exposure, events, prior_exposure)
+        penalties, params = _penalty_path(phi, exposure, events, prior_exposure, factors)
         scores = fold_scores(inner_folds(event, seed, groups), len(penalties),
                              lambda train, val: _held_out_likelihood(
-                                 phi, exposure, events, penalties, prior_exposure, train, val))
+                                 phi, exposure, events, penalties, prior_exposure, factors,
+                                 train, val))
         best = one_se_choice(scores, default=len(penalties) // 2)
-        params = _fit_poisson(phi, exposure, events, float(penalties[0]), prior_exposure)
-        for penalty in penalties[1:best + 1]:  # warm starts along the path, as in the folds
-            params = _fit_poisson(phi, exposure, events, float(penalty), prior_exposure, params)
+        for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
+            params = _fit_poisson(phi, exposure, events, float(penalty), prior_exposure, factors,
+                                  params)
     risk_days = float(horizon_days) if horizon_days is not None else float(time[event].max())
-    return PiecewiseExponentialHead(edges, mean, scale, params[:f] - params[f:2 * f],
-                                    params[2 * f:], float(penalties[best]), risk_days)
+    return PiecewiseExponentialHead(edges, mean, scale, params[:f], params[f:],
+                                    float(penalties[best]), risk_days)
 
 
 def motor_bin_features(head: torch.nn.Module, embeddings: np.ndarray) -> np.ndarray:

@@ -12,8 +12,12 @@ which heads are fitted on which features.
   embeddings, and a Cox model and LightGBM on the count features; for binary labels logistic
   regression on either, and LightGBM on counts. The demographic baseline (age, and sex where
   the data has it) is fitted beside them: a Cox model for time to event, logistic regression
-  for binary labels. A draw whose training labels cannot be fitted (no event, one class, or a
-  `HeadError` from the head) is skipped and counted, never dropped silently.
+  for binary labels. Every other head adjusts for the demographics: their columns are appended
+  to its features and left unpenalised (`with_demographics`), so that a head whose penalty
+  removes every other feature is the demographic model, and "MOTOR − best baseline" measures
+  what the representation adds to age and sex. A draw whose training labels cannot be fitted
+  (no event, one class, or a `HeadError` from the head) is skipped and counted, never dropped
+  silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
 for time to event the survival curve at the days the integrated Brier score is read at and at
@@ -119,7 +123,7 @@ class FitContext:
     fitted: dict[str, Head] = field(default_factory=dict)
 
 
-FitHead = Callable[[np.ndarray, Targets, FitContext], Head]
+FitHead = Callable[[np.ndarray, Targets, FitContext, int], Head]  # ..., unpenalised columns
 
 
 @dataclass(frozen=True)
@@ -132,32 +136,36 @@ class Method:
     kind: str  # TIME_TO_EVENT or BINARY
     features: str  # "motor", "motor_bins", "counts" or "demographics" (`features.FeatureSets`)
     fit: FitHead
+    adjusted: bool = True  # the demographic features appended, unpenalised (`with_demographics`)
 
 
-def _cox(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_cox(x, t.days, t.event, seed=c.seed, groups=c.groups)
+def _cox(x: np.ndarray, t: Targets, c: FitContext, unpenalised: int) -> Head:
+    return fit_cox(x, t.days, t.event, seed=c.seed, groups=c.groups, unpenalised=unpenalised)
 
 
-def _motor_head(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+def _motor_head(x: np.ndarray, t: Targets, c: FitContext, unpenalised: int) -> Head:
     return fit_piecewise_exponential(x, t.days, t.event, list(c.bin_edges_days), seed=c.seed,
-                                     horizon_days=c.horizon_days, groups=c.groups)
+                                     horizon_days=c.horizon_days, groups=c.groups,
+                                     unpenalised=unpenalised)
 
 
-def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+def _boosted_survival(x: np.ndarray, t: Targets, c: FitContext, unpenalised: int) -> Head:
     linear = c.fitted.get("counts_cox")
     return fit_lightgbm_survival(x, t.days, t.event, seed=c.seed, horizon_days=c.horizon_days,
                                  groups=c.groups,
-                                 linear=linear if isinstance(linear, CoxHead) else None)
+                                 linear=linear if isinstance(linear, CoxHead) else None,
+                                 unpenalised=unpenalised)
 
 
-def _logistic(x: np.ndarray, t: Targets, c: FitContext) -> Head:
-    return fit_logistic(x, t.event, seed=c.seed, groups=c.groups)
+def _logistic(x: np.ndarray, t: Targets, c: FitContext, unpenalised: int) -> Head:
+    return fit_logistic(x, t.event, seed=c.seed, groups=c.groups, unpenalised=unpenalised)
 
 
-def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext) -> Head:
+def _boosted_binary(x: np.ndarray, t: Targets, c: FitContext, unpenalised: int) -> Head:
     linear = c.fitted.get("counts_logistic")
     return fit_lightgbm_binary(x, t.event, seed=c.seed, groups=c.groups,
-                               linear=linear if isinstance(linear, ClassifierHead) else None)
+                               linear=linear if isinstance(linear, ClassifierHead) else None,
+                               unpenalised=unpenalised)
 
 
 METHODS: tuple[Method, ...] = (
@@ -166,12 +174,13 @@ METHODS: tuple[Method, ...] = (
     Method("counts_cox", "counts Cox", "counts", TIME_TO_EVENT, "counts", _cox),
     Method("counts_lightgbm", "counts LightGBM", "counts", TIME_TO_EVENT, "counts",
            _boosted_survival),
-    Method("age_sex_cox", "age (+sex) Cox", "demographics", TIME_TO_EVENT, "demographics", _cox),
+    Method("age_sex_cox", "age (+sex) Cox", "demographics", TIME_TO_EVENT, "demographics", _cox,
+           adjusted=False),
     Method("motor_logistic", "MOTOR logistic", "motor", BINARY, "motor", _logistic),
     Method("counts_logistic", "counts logistic", "counts", BINARY, "counts", _logistic),
     Method("counts_lightgbm", "counts LightGBM", "counts", BINARY, "counts", _boosted_binary),
     Method("age_sex_logistic", "age (+sex) logistic", "demographics", BINARY, "demographics",
-           _logistic),
+           _logistic, adjusted=False),
 )
 BASELINE_FAMILIES = ("counts", "demographics")  # what "MOTOR − best baseline" compares with
 
@@ -215,19 +224,39 @@ class TaskData:
         return Targets(time, self.targets.event[where])
 
 
-def _fit_one(method: Method, features: np.ndarray, data: TaskData, train: np.ndarray,
+def with_demographics(x: np.ndarray, demographics: np.ndarray) -> np.ndarray:
+    """x (n, f) or per-bin x (n, bins, f) with the demographic columns (n, d) appended (to every
+    bin)."""
+    if x.ndim == 3:
+        demographics = np.broadcast_to(demographics[:, None, :],
+                                       (len(x), x.shape[1], demographics.shape[1]))
+    return np.concatenate([x, demographics.astype(x.dtype)], axis=-1)
+
+
+def _design(method: Method, features: dict[str, np.ndarray],
+            rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """The method's feature rows and how many trailing columns are unpenalised."""
+    x = features[method.features][rows]
+    if not method.adjusted:
+        return x, 0
+    demographics = features["demographics"][rows]
+    return with_demographics(x, demographics), demographics.shape[1]
+
+
+def _fit_one(method: Method, features: dict[str, np.ndarray], data: TaskData, train: np.ndarray,
              draw: Draw, context: FitContext) -> Fit:
     targets = data.take(train)
     positives = int(targets.event.sum())
     if positives == 0 or (targets.time is None and positives == len(train)):
         what = "no event" if targets.time is not None else "one class"
         return Fit(draw, skipped=f"{what} among {len(train)} training labels")
+    x_train, unpenalised = _design(method, features, data.rows[train])
     try:
-        head = method.fit(features[data.rows[train]], targets, context)
+        head = method.fit(x_train, targets, context, unpenalised)
     except HeadError as error:
         return Fit(draw, skipped=str(error))
     context.fitted[method.name] = head
-    x_test = features[data.rows[data.test]]
+    x_test, _ = _design(method, features, data.rows[data.test])
     survival = head.survival(x_test, data.days) if targets.time is not None else None
     at_horizon = (head.survival(x_test, np.array([context.horizon_days]))
                   if survival is not None else None)  # for the prediction files
@@ -251,7 +280,7 @@ def fit_task(data: TaskData, methods: Sequence[Method], features: dict[str, np.n
         train = np.flatnonzero(np.isin(data.subjects, draw.subjects))
         context = FitContext(seed + index, data.subjects[train], bin_edges_days, horizon_days)
         for method in methods:
-            fit = _fit_one(method, features[method.features], data, train, draw, context)
+            fit = _fit_one(method, features, data, train, draw, context)
             if fit.skipped:
                 log.info("evaluate: %s k=%s replicate %d skipped: %s", method.name,
                          k_label(draw.k), draw.replicate, fit.skipped)
