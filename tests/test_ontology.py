@@ -9,91 +9,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from athena_builders import ANCESTORS, CONCEPTS, RELATIONSHIPS, write_athena
 from prepare_builders import ancestors_of, parents_of
 
 from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
-
-CONCEPT_HEADER = [
-    "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
-    "standard_concept", "concept_code", "valid_start_date", "valid_end_date", "invalid_reason",
-]
-RELATIONSHIP_HEADER = [
-    "concept_id_1", "concept_id_2", "relationship_id", "valid_start_date", "valid_end_date",
-    "invalid_reason",
-]
-ANCESTOR_HEADER = [
-    "ancestor_concept_id", "descendant_concept_id", "min_levels_of_separation",
-    "max_levels_of_separation",
-]
-
-# (concept_id, name, vocabulary, standard_concept, concept_code)
-CONCEPTS = [
-    (1, "Certain infectious and parasitic diseases", "ICD10CM", "S", "I"),
-    (2, "Intestinal infectious diseases", "ICD10CM", "S", "A00-A09"),
-    (3, "Cholera", "ICD10CM", "S", "A00"),
-    (4, "Cholera due to Vibrio cholerae 01", "ICD10CM", "S", "A00.0"),
-    (5, "Typhoid fever", "ICD10CM", "S", "A01"),
-    (6, "Neoplasms", "ICD10CM", "S", "II"),
-    (10, 'Cholera due to "vibrio" cholerae', "ICD9CM", "", "001.0"),
-    (11, "Typhoid fever (old)", "ICD9CM", "", "002.0"),
-    (20, "Office visit", "CPT4", "S", "99213"),
-    (30, "ASPIRIN tablet [label \"7]", "SPL", "", "abc-123"),
-    (40, "aspirin", "RxNorm", "S", "1191"),
-    (41, "acetylsalicylic acid", "ATC", "C", "B01AC06"),
-    (42, "cisplatin", "RxNorm", "S", "2555"),
-    (50, "Cisplatin and etoposide", "HemOnc", "S", "10000"),
-    (51, "Platinum regimens", "HemOnc", "C", "9000"),
-]
-# (concept_id_1, concept_id_2, relationship_id, invalid_reason)
-RELATIONSHIPS = [
-    (1, 1, "Maps to", ""),
-    (4, 4, "Maps to", ""),
-    (10, 10, "Maps to", ""),  # a self-map, which must be ignored
-    (10, 4, "Maps to", ""),
-    (4, 10, "Mapped from", ""),
-    (10, 5, "Maps to", "D"),  # an invalid mapping
-    (11, 5, "Maps to", ""),
-    (20, 3, "Maps to", ""),  # a standard concept's Maps to is not a parent edge
-    (30, 40, "Maps to", ""),
-    (50, 42, "Has antineoplastic", ""),
-]
-# (ancestor, descendant, min_levels); self rows at level 0 are added for standard concepts
-ANCESTORS = [
-    (1, 2, 1), (2, 3, 1), (3, 4, 1), (2, 5, 1), (1, 3, 2), (2, 4, 2), (1, 4, 3), (1, 5, 2),
-    (41, 40, 1), (51, 42, 1), (51, 50, 1), (41, 50, 1),
-]
-
-
-def line(fields: list[object]) -> str:
-    return "\t".join(str(f) for f in fields)
-
-
-def write_athena(
-    folder: Path,
-    concepts: list[tuple[int, str, str, str, str]] = CONCEPTS,
-    relationships: list[tuple[int, int, str, str]] = RELATIONSHIPS,
-    ancestors: list[tuple[int, int, int]] = ANCESTORS,
-    crlf_vocabularies: tuple[str, ...] = ("CPT4",),
-) -> Path:
-    """Write CONCEPT, CONCEPT_RELATIONSHIP and CONCEPT_ANCESTOR as raw tab-separated text."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [line(CONCEPT_HEADER) + "\n"]
-    for concept_id, name, vocabulary, standard, code in concepts:
-        fields = [concept_id, name, "Condition", vocabulary, "Code", standard, code,
-                  "19700101", "20991231", ""]
-        rows.append(line(fields) + ("\r\n" if vocabulary in crlf_vocabularies else "\n"))
-    (folder / "CONCEPT.csv").write_bytes("".join(rows).encode())
-    rows = [line(RELATIONSHIP_HEADER)]
-    rows += [line([a, b, rel, "19700101", "20991231", invalid])
-             for a, b, rel, invalid in relationships]
-    # The last relationship row ends in CRLF too.
-    (folder / "CONCEPT_RELATIONSHIP.csv").write_bytes(("\n".join(rows) + "\r\n").encode())
-    standard = [c[0] for c in concepts if c[3] in ("S", "C")]
-    rows = [line(ANCESTOR_HEADER)]
-    rows += [line([c, c, 0, 0]) for c in standard]
-    rows += [line([a, d, level, level]) for a, d, level in ancestors]
-    (folder / "CONCEPT_ANCESTOR.csv").write_bytes(("\n".join(rows) + "\n").encode())
-    return folder
 
 
 @pytest.fixture
@@ -130,30 +49,6 @@ def test_maps_to_gives_parents_of_non_standard_concepts_only(athena: Path) -> No
     assert parents_of(ontology, "ICD9CM/002.0") == ["ICD10CM/A01"]
     assert parents_of(ontology, "CPT4/99213") == []
     assert ontology.parents.filter(pl.col("code") == pl.col("parent")).height == 0
-
-
-def test_name_with_bare_quote_parses(athena: Path) -> None:
-    ontology = Ontology.build(["ICD9CM/001.0", "SPL/abc-123"], athena_dir=athena)
-    assert ontology.stats.data_codes_unknown == 0
-    assert parents_of(ontology, "SPL/abc-123") == ["RxNorm/1191"]
-
-
-def test_crlf_rows_parse_without_trailing_carriage_return(tmp_path: Path) -> None:
-    athena = write_athena(tmp_path / "athena", crlf_vocabularies=("CPT4", "ICD10CM"))
-    ontology = Ontology.build(["CPT4/99213", "ICD10CM/A00.0"], athena_dir=athena)
-    assert ontology.stats.data_codes_unknown == 0
-    assert ancestors_of(ontology, "ICD10CM/A00.0")[-1] == "ICD10CM/I"
-    for column in ("code", "ancestor"):
-        assert not ontology.ancestors[column].str.contains("\r").any()
-
-
-def test_tab_in_concept_name_does_not_shift_columns(tmp_path: Path) -> None:
-    concepts = [*CONCEPTS, (7, "Cholera,\tunspecified", "ICD10CM", "S", "A00.9")]
-    athena = write_athena(tmp_path / "athena", concepts=concepts,
-                          ancestors=[*ANCESTORS, (3, 7, 1)])
-    ontology = Ontology.build(["ICD10CM/A00.9"], athena_dir=athena)
-    assert parents_of(ontology, "ICD10CM/A00.9") == ["ICD10CM/A00"]
-    assert not ontology.ancestors["code"].str.starts_with("Condition/").any()
 
 
 def test_codes_metadata_parent_codes_override_athena(athena: Path) -> None:
@@ -216,33 +111,6 @@ def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.L
     assert "3 Athena parent-edge rows" in caplog.text
     assert parents_of(ontology, "ICD9CM/002.0") == ["ICD10CM/A01"]
     assert parents_of(ontology, "ICD10CM/A00.0") == ["ICD10CM/A00"]
-
-
-@pytest.mark.parametrize("name", ["CONCEPT.csv", "CONCEPT_ANCESTOR.csv"])
-def test_missing_athena_file_raises_naming_it(athena: Path, name: str) -> None:
-    (athena / name).unlink()
-    with pytest.raises(OntologyError, match=name):
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-
-
-@pytest.mark.parametrize(("name", "column"), [
-    ("CONCEPT.csv", "concept_code"),
-    ("CONCEPT_RELATIONSHIP.csv", "relationship_id"),
-    ("CONCEPT_ANCESTOR.csv", "min_levels_of_separation"),
-])
-def test_missing_column_raises_naming_file_and_column(athena: Path, name: str, column: str
-                                                      ) -> None:
-    path = athena / name
-    path.write_text(path.read_text().replace(column, "something_else", 1))
-    with pytest.raises(OntologyError, match=f"{name}.*{column}"):
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-
-
-def test_unparsable_concept_id_raises_naming_file(athena: Path) -> None:
-    path = athena / "CONCEPT_ANCESTOR.csv"
-    path.write_text(path.read_text() + "abc\t4\t1\t1\n")
-    with pytest.raises(OntologyError, match="CONCEPT_ANCESTOR.csv"):
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
 
 
 def test_without_athena_parents_come_from_codes_metadata(caplog: pytest.LogCaptureFixture
@@ -336,102 +204,3 @@ def test_synthetic_dataset_every_data_code_is_in_the_ontology(tmp_path: Path) ->
     assert not ontology.ancestors["code"].str.starts_with("SPL/").any()
     athena_only = Ontology.build(data_codes, athena_dir=meds / "athena")
     assert athena_only.parents.equals(ontology.parents)
-
-
-# --------------------------------------------------------------------------- broken downloads
-
-CONCEPT_ROW = b"7\tCholera, unspecified\tCondition\tICD10CM\tCode\tS\tA00.9\t19700101\t20991231\t\n"
-# Lines of the default folder's files, header included (the last one of each is its last row).
-CONCEPT_LINES = 1 + len(CONCEPTS)
-RELATIONSHIP_LINES = 1 + len(RELATIONSHIPS)
-ANCESTOR_LINES = 1 + sum(c[3] in ("S", "C") for c in CONCEPTS) + len(ANCESTORS)
-
-
-def append_bytes(path: Path, data: bytes) -> None:
-    path.write_bytes(path.read_bytes() + data)
-
-
-@pytest.mark.parametrize("name", ["CONCEPT.csv", "CONCEPT_RELATIONSHIP.csv",
-                                  "CONCEPT_ANCESTOR.csv"])
-def test_header_only_file_is_an_empty_vocabulary_warning(
-        athena: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
-    path = athena / name
-    path.write_bytes(path.read_bytes().split(b"\n")[0] + b"\r\n")
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
-        ontology = Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-    assert f"{path}: empty vocabulary" in caplog.text
-    assert ontology.stats.data_codes == 1
-
-
-@pytest.mark.parametrize(("name", "tail", "line", "fields"), [
-    # Cut after concept_code: read from the line's end, it was the bogus concept "99/RxNorm".
-    ("CONCEPT.csv", b"99\tAspirin 81 mg\tDrug\tRxNorm\tClinical Drug\tS\t1191",
-     CONCEPT_LINES + 1, "7 of the header's 10"),
-    ("CONCEPT_RELATIONSHIP.csv", b"11\t4\tMaps to", RELATIONSHIP_LINES + 1, "3 of the header's 6"),
-    # A cut id: "4" may be the start of "41", a different concept.
-    ("CONCEPT_ANCESTOR.csv", b"1\t4", ANCESTOR_LINES + 1, "2 of the header's 4"),
-])
-def test_truncated_last_line_raises_naming_file_and_line(
-        athena: Path, name: str, tail: bytes, line: int, fields: str) -> None:
-    append_bytes(athena / name, tail)
-    with pytest.raises(OntologyError) as raised:
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-    message = str(raised.value)
-    assert message.startswith(f"{athena / name}: line {line}: "), message
-    assert fields in message and "truncated download" in message
-    assert "\n" not in message
-
-
-def test_short_line_inside_concept_file_raises(athena: Path) -> None:
-    path = athena / "CONCEPT.csv"
-    lines = path.read_bytes().split(b"\n")
-    lines.insert(3, b"98\tHalf a row\tDrug")  # a row split by a stray newline
-    path.write_bytes(b"\n".join(lines))
-    with pytest.raises(OntologyError, match=r"CONCEPT.csv: line 4: 3 of the header's 10 "):
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-
-
-def test_duplicate_concept_id_raises_naming_id_and_lines(athena: Path) -> None:
-    path = athena / "CONCEPT.csv"
-    append_bytes(path, b"\r\n" + CONCEPT_ROW.replace(b"7\t", b"5\t", 1))  # after a blank line
-    with pytest.raises(OntologyError) as raised:
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-    assert str(raised.value) == (
-        f"{path}: line {CONCEPT_LINES + 2}, column 'concept_id': concept_id 5 is also on line 6 "
-        "(1 repeated line(s)); expected each concept_id once"
-    )
-
-
-@pytest.mark.parametrize(("name", "row", "line", "column", "value"), [
-    ("CONCEPT.csv", CONCEPT_ROW.replace(b"7\t", b"7a\t", 1), CONCEPT_LINES + 1, "concept_id",
-     "'7a'"),
-    ("CONCEPT.csv", CONCEPT_ROW.replace(b"7\t", b"\t", 1), CONCEPT_LINES + 1, "concept_id", "''"),
-    # After a blank line, which still counts as a line.
-    ("CONCEPT_RELATIONSHIP.csv", b"\n11\t4.0\tMaps to\t19700101\t20991231\t\n",
-     RELATIONSHIP_LINES + 2, "concept_id_2", "'4.0'"),
-    ("CONCEPT_RELATIONSHIP.csv", b"x11\t4\tIs a\t19700101\t20991231\t\n", RELATIONSHIP_LINES + 1,
-     "concept_id_1", "'x11'"),
-    ("CONCEPT_ANCESTOR.csv", b"1e3\t4\t1\t1\n", ANCESTOR_LINES + 1, "ancestor_concept_id",
-     "'1e3'"),
-    ("CONCEPT_ANCESTOR.csv", b"1\t4 \t1\t1\n", ANCESTOR_LINES + 1, "descendant_concept_id",
-     "'4 '"),
-])
-def test_non_integer_id_raises_naming_file_column_and_line(
-        athena: Path, name: str, row: bytes, line: int, column: str, value: str) -> None:
-    append_bytes(athena / name, row)
-    with pytest.raises(OntologyError) as raised:
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
-    message = str(raised.value)
-    expected = f"{athena / name}: line {line}, column {column!r}: {value} is not an integer"
-    assert message.startswith(expected), message
-    assert "\n" not in message
-
-
-@pytest.mark.parametrize(("name", "row", "column"), [
-    ("CONCEPT_RELATIONSHIP.csv", b"\n11\t\tMaps to\t19700101\t20991231\t\n", "concept_id_2"),
-    ("CONCEPT_ANCESTOR.csv", b"\t4\t1\t1\n", "ancestor_concept_id"),
-])
-def test_empty_id_in_a_used_row_raises(athena: Path, name: str, row: bytes, column: str) -> None:
-    append_bytes(athena / name, row)
-    with pytest.raises(OntologyError, match=rf"{name}: line \d+, column '{column}': empty "):
-        Ontology.build(["ICD10CM/A00"], athena_dir=athena)
