@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+
 CONCEPT_HEADER = [
     "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
     "standard_concept", "concept_code", "valid_start_date", "valid_end_date", "invalid_reason",
@@ -87,3 +89,10 @@ def write_athena(
     (folder / "CONCEPT_ANCESTOR.csv").write_bytes(("\n".join(rows) + "\n").encode())
     return folder
 
+
+def codes_metadata(parents: dict[str, list[str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"code": list(parents), "description": [None] * len(parents),
+         "parent_codes": list(parents.values())},
+        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from athena_builders import codes_metadata, write_athena
 from meds_builders import (
     CODES,
     HELD_OUT,
@@ -21,7 +22,6 @@ from meds_builders import (
     write_table,
 )
 from prepare_builders import ancestors_of
-from test_ontology import codes_metadata, write_athena
 
 from ehrmotor.cli import main
 from ehrmotor.errors import cut
@@ -173,7 +173,7 @@ def test_parent_cycle_in_codes_metadata_is_named_by_validate_and_the_ontology(
 
 
 def test_parent_cycle_in_athena_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from test_ontology import ANCESTORS
+    from athena_builders import ANCESTORS
 
     # Concept 1 ("I") made a child of its grandchild 3 ("A00"): I -> A00 -> A00-A09 -> I.
     athena = write_athena(tmp_path / "athena", ancestors=[*ANCESTORS, (3, 1, 1)])

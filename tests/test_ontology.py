@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from athena_builders import ANCESTORS, CONCEPTS, RELATIONSHIPS, write_athena
+from athena_builders import ANCESTORS, CONCEPTS, RELATIONSHIPS, codes_metadata, write_athena
 from prepare_builders import ancestors_of, parents_of
 
 from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
@@ -18,14 +18,6 @@ from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
 @pytest.fixture
 def athena(tmp_path: Path) -> Path:
     return write_athena(tmp_path / "athena")
-
-
-def codes_metadata(parents: dict[str, list[str]]) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"code": list(parents), "description": [None] * len(parents),
-         "parent_codes": list(parents.values())},
-        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
-    )
 
 
 def test_parents_from_level_one_ancestor_rows_and_closure_finds_grandparents(athena: Path) -> None:
