@@ -4,7 +4,7 @@ nothing is deleted, replaced or half-written.
 The table `CASES` holds (input mutation, command, expected exit status, expected message fragment)
 rows. Each row runs in a folder of its own; the runner snapshots that folder before the command
 and checks afterwards that it is unchanged (or, for the rows that may write, that only complete
-artifacts appeared). The existing bad-MEDS cases of `test_validate.BROKEN` run through `validate`
+artifacts appeared). The existing bad-MEDS cases of `broken_meds.BROKEN` run through `validate`
 and `prepare` as rows too. Resource faults (a full disk, a read-only folder, a file size limit) run
 in a subprocess on a small tmpfs and are skipped where this process may not mount one.
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from broken_meds import BROKEN
 from meds_builders import write_meds
-from test_validate import BROKEN
 
 from ehrmotor.artifacts import clean_stale_temporaries, fingerprint_files
 from ehrmotor.cli import main
