@@ -9,6 +9,9 @@ from meds_builders import write_meds
 from synthetic_data import synthetic_meds as generate_meds
 from synthetic_data import train_bundle
 
+# The synthetic EHR tests' session datasets, shared by test_synthetic*.py (generated once).
+pytest_plugins = ["synthetic_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def synthetic_meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
