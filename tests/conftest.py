@@ -9,8 +9,8 @@ from meds_builders import write_meds
 from synthetic_data import synthetic_meds as generate_meds
 from synthetic_data import train_bundle
 
-# The synthetic EHR tests' session datasets, shared by test_synthetic*.py (generated once).
-pytest_plugins = ["synthetic_fixtures"]
+# Fixtures shared by test_synthetic*.py (session datasets, generated once) and test_pretrain*.py.
+pytest_plugins = ["synthetic_fixtures", "pretrain_fixtures"]
 
 
 @pytest.fixture(scope="session")
