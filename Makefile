@@ -12,7 +12,7 @@ DEMO_OUTCOMES ?= hypertension,death,diabetes,copd,pneumonia
 # 200 resamples) is `ehrmotor evaluate`'s default.
 DEMO_PROTOCOL ?= --k 64,256,all --replicates 3 --bootstrap 100 --max-count-features 500
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 # CI (.ci/run) runs `make test`: the lint gate first, then the suite.
 test: lint
 	$(PY) -m pytest -q
+
+# The edit loop: the tests not marked `slow`, no lint.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

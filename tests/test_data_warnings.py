@@ -232,6 +232,7 @@ def test_a_ten_megabyte_code_is_cut_in_every_message(meds_dir: Path) -> None:
 # --------------------------------------------------------------------------- prepare
 
 
+@pytest.mark.slow
 def test_no_validation_data_is_said_by_prepare_and_pretrain(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from synthetic_data import PREPARE_CONFIG, pretrain_tiny, synthetic_meds

@@ -174,6 +174,7 @@ def test_a_cycle_terminates(athena: Path) -> None:
     assert pairs.is_unique().all()
 
 
+@pytest.mark.slow
 def test_synthetic_dataset_every_data_code_is_in_the_ontology(tmp_path: Path) -> None:
     from ehrmotor.synthetic import generate
 

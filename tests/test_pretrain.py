@@ -32,6 +32,9 @@ from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.train import pretrain
 
+# Every test here uses the 100-step training runs (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 LEARN_STEPS = 100
 # Observed on the session's 300-subject data (seed 0): base-rate val loss 1.812; constant
 # hazards per (bin, task) fitted on train reach 1.806; after 100 steps the val loss is

@@ -29,6 +29,9 @@ from ehrmotor import checkpoints
 from ehrmotor.cli import main
 from ehrmotor.model import MotorModel
 
+# Every test here runs `ehrmotor pretrain` in subprocesses (a killed run, torchrun).
+pytestmark = pytest.mark.slow
+
 SAVE_STEPS = 10
 RESUME_STEPS = 20
 

@@ -45,6 +45,7 @@ def _digests(meds_dir: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- MEDS conformance
 
 
+@pytest.mark.slow
 def test_data_files_validate_against_meds_data_schema(main_dir: Path) -> None:
     paths = data_files(main_dir)
     assert len(paths) == 9  # 3 shards x 3 splits
@@ -56,16 +57,19 @@ def test_data_files_validate_against_meds_data_schema(main_dir: Path) -> None:
         assert table.column_names == DATA_COLUMNS
 
 
+@pytest.mark.slow
 def test_codes_metadata_validates_against_meds_code_metadata_schema(main_dir: Path) -> None:
     table = pq.read_table(main_dir / meds.code_metadata_filepath)
     meds.CodeMetadataSchema.validate(table)
 
 
+@pytest.mark.slow
 def test_subject_splits_validate_against_meds_subject_split_schema(main_dir: Path) -> None:
     table = pq.read_table(main_dir / meds.subject_splits_filepath)
     meds.SubjectSplitSchema.validate(table)
 
 
+@pytest.mark.slow
 def test_dataset_json_validates_against_meds_dataset_metadata_schema(main_dir: Path) -> None:
     metadata = json.loads((main_dir / meds.dataset_metadata_filepath).read_text())
     meds.DatasetMetadataSchema.validate(metadata)
@@ -73,6 +77,7 @@ def test_dataset_json_validates_against_meds_dataset_metadata_schema(main_dir: P
     assert metadata["dataset_name"]
 
 
+@pytest.mark.slow
 def test_splits_are_standard_and_match_the_data_folders(
     main_dir: Path, main_events: pl.DataFrame
 ) -> None:
@@ -88,6 +93,7 @@ def test_splits_are_standard_and_match_the_data_folders(
     assert 0.75 <= share <= 0.85
 
 
+@pytest.mark.slow
 def test_meds_reader_converts_the_dataset(small_w1: Path, tmp_path: Path) -> None:
     import meds_reader
 
@@ -106,6 +112,7 @@ def test_meds_reader_converts_the_dataset(small_w1: Path, tmp_path: Path) -> Non
     assert sum(len(subjects[sid].events) for sid in subjects) == rows
 
 
+@pytest.mark.slow
 def test_own_validator_accepts_the_dataset(main_dir: Path, main_events: pl.DataFrame) -> None:
     report = validate_dataset(main_dir)
     assert report.ok, [str(e) for e in report.errors]
@@ -120,6 +127,7 @@ def test_own_validator_accepts_the_dataset(main_dir: Path, main_events: pl.DataF
 # --------------------------------------------------------------------------- data properties
 
 
+@pytest.mark.slow
 def test_each_subject_lives_in_exactly_one_file(main_events: pl.DataFrame) -> None:
     assert main_events.schema["subject_id"] == pl.Int64
     files = main_events.group_by("subject_id").agg(pl.col("file").n_unique())
@@ -127,6 +135,7 @@ def test_each_subject_lives_in_exactly_one_file(main_events: pl.DataFrame) -> No
     assert files["file"].max() == 1
 
 
+@pytest.mark.slow
 def test_rows_are_sorted_by_subject_then_time_with_static_rows_first(
     main_events: pl.DataFrame,
 ) -> None:
@@ -153,6 +162,7 @@ def test_rows_are_sorted_by_subject_then_time_with_static_rows_first(
     assert (static["n"] == 2).all()
 
 
+@pytest.mark.slow
 def test_birth_once_per_subject_before_everything_and_some_deaths(
     main_events: pl.DataFrame,
 ) -> None:
@@ -170,6 +180,7 @@ def test_birth_once_per_subject_before_everything_and_some_deaths(
     assert 0.01 < died < 0.5, died
 
 
+@pytest.mark.slow
 def test_death_is_the_last_event_of_a_subject(main_events: pl.DataFrame) -> None:
     deaths = main_events.filter(pl.col("code") == meds.death_code).select("subject_id",
                                                                           death="time")
@@ -180,6 +191,7 @@ def test_death_is_the_last_event_of_a_subject(main_events: pl.DataFrame) -> None
     )
 
 
+@pytest.mark.slow
 def test_numeric_and_text_values_are_present_on_the_right_codes(
     main_events: pl.DataFrame,
 ) -> None:
@@ -195,6 +207,7 @@ def test_numeric_and_text_values_are_present_on_the_right_codes(
     }
 
 
+@pytest.mark.slow
 def test_events_per_subject_are_heavy_tailed(main_events: pl.DataFrame) -> None:
     counts = main_events.group_by("subject_id").len()["len"]
     quantiles = {q: counts.quantile(q) for q in (0.0, 0.5, 0.9, 1.0)}
@@ -205,6 +218,7 @@ def test_events_per_subject_are_heavy_tailed(main_events: pl.DataFrame) -> None:
     assert counts.mean() > quantiles[0.5]
 
 
+@pytest.mark.slow
 def test_codes_come_from_the_expected_vocabularies(main_events: pl.DataFrame) -> None:
     codes = main_events["code"]
     assert codes.n_unique() > 5_000
@@ -217,6 +231,7 @@ def test_codes_come_from_the_expected_vocabularies(main_events: pl.DataFrame) ->
     assert (icd9["time"] < ICD9_END).all(), icd9["time"].max()
 
 
+@pytest.mark.slow
 def test_lab_values_are_realistic(main_events: pl.DataFrame) -> None:
     # LOINC code: (low, high) bounds of the median value in its usual unit.
     medians = {
@@ -235,6 +250,7 @@ def test_lab_values_are_realistic(main_events: pl.DataFrame) -> None:
         assert low <= found[f"LOINC/{loinc}"] <= high, (loinc, found[f"LOINC/{loinc}"])
 
 
+@pytest.mark.slow
 def test_lab_values_are_positive(main_events: pl.DataFrame) -> None:
     bad = main_events.filter(pl.col("numeric_value") <= 0)
     assert bad.height == 0, bad.group_by("code").agg(pl.len(), pl.col("numeric_value").min())
@@ -243,6 +259,7 @@ def test_lab_values_are_positive(main_events: pl.DataFrame) -> None:
 # --------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_whatever_the_workers(
     small_w1: Path, small_w2: Path
 ) -> None:
@@ -251,6 +268,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(
     assert one == two
 
 
+@pytest.mark.slow
 def test_a_different_seed_gives_different_data(small_w1: Path, cli_seed1: Path) -> None:
     seed0 = pl.read_parquet(data_files(small_w1)).sort("subject_id", "time", "code")
     seed1 = pl.read_parquet(data_files(cli_seed1)).sort("subject_id", "time", "code")
@@ -302,6 +320,7 @@ def test_synth_help_mentions_every_option(capsys: pytest.CaptureFixture[str]) ->
         assert option in text, option
 
 
+@pytest.mark.slow
 def test_synth_command_writes_a_valid_dataset(cli_seed1: Path) -> None:
     report = validate_dataset(cli_seed1)
     assert report.ok, [str(e) for e in report.errors]
@@ -311,6 +330,7 @@ def test_synth_command_writes_a_valid_dataset(cli_seed1: Path) -> None:
     assert (cli_seed1 / "athena" / "CONCEPT.csv").is_file()
 
 
+@pytest.mark.slow
 def test_validate_command_accepts_the_generated_data(
     main_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import meds
 import polars as pl
+import pytest
 from synthetic_fixtures import ATHENA_HEADERS
+
+# Every test here reads the 3,000-subject session dataset (seconds to generate).
+pytestmark = pytest.mark.slow
 
 FIRST_CONCEPT_ID = 2_000_000_001
 

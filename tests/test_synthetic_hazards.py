@@ -17,6 +17,9 @@ import pytest
 
 from ehrmotor.synthetic import OUTCOMES, true_hazards
 
+# Every test here reads the 3,000- or 8,000-subject session datasets (seconds to generate).
+pytestmark = pytest.mark.slow
+
 MONTH_DAYS = 30.4375
 # Signature block of latent 0 (which drives diabetes) and a placebo block of latent 1 (which
 # does not): codes of ICD-10-CM categories E70-E88 and L80-L99.
