@@ -98,6 +98,7 @@ def test_birth_after_events_is_warned_by_validate(world: World, tmp_path: Path,
 # --------------------------------------------------------------------------- --debug
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_of_a_one_line_error(world: World, tmp_path: Path) -> None:
     existing_folder(tmp_path)
     argv = ["embed", "--model", str(world.bundle), "--meds", str(world.meds), "--labels",

@@ -73,6 +73,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], command: str
     assert fragment in lines[0], lines
 
 
+@pytest.mark.slow
 def test_prepare_on_a_full_disk_is_one_line_and_leaves_only_complete_artifacts(
         world: World, small_disk: Path) -> None:
     result = run_cli(["prepare", "--meds", str(world.meds), "--athena", str(world.meds / "athena"),
@@ -81,6 +82,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_only_complete_artifacts(
     assert_no_partial_artifacts(small_disk / "work")
 
 
+@pytest.mark.slow
 def test_embed_on_a_full_disk_is_one_line_and_writes_nothing(world: World,
                                                              small_disk: Path) -> None:
     (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 8192))
@@ -90,6 +92,7 @@ def test_embed_on_a_full_disk_is_one_line_and_writes_nothing(world: World,
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["prepare", "embed"])
 def test_a_read_only_out_is_one_line(world: World, small_disk: Path, command: str) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
@@ -101,6 +104,7 @@ def test_a_read_only_out_is_one_line(world: World, small_disk: Path, command: st
     assert_one_error_line(run_cli(argv), command, "Read-only file system")
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_leaves_only_complete_artifacts(
         world: World, tmp_path: Path) -> None:
     def limit() -> None:
@@ -151,6 +155,7 @@ def test_atomic_writes_replace_files_but_never_folders(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_two_prepares_into_one_folder_the_second_stops_naming_the_first(
         world: World, tmp_path: Path) -> None:
     work = tmp_path / "work"
@@ -230,6 +235,7 @@ def _pool_parent() -> None:  # run in a subprocess: start a pool, report worker 
         pool.submit(_sleep_in_worker, 120).result()
 
 
+@pytest.mark.slow
 def test_workers_exit_when_their_parent_is_killed() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", "import test_reliability_faults as t; t._pool_parent()"],
