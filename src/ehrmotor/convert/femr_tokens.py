@@ -33,8 +33,8 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
+from ehrmotor.meds.read import BIRTH_CODE
 
-BIRTH_CODE = "MEDS_BIRTH"
 VALUE_PROPERTIES = ("numeric_value", "text_value")
 SECONDS_PER_DAY = 86_400.0
 TIME_COLUMNS = tuple(f"t{i}" for i in range(5))
