@@ -22,6 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ehrmotor import __version__
+from ehrmotor.arguments import at_least_two as _at_least_two
+from ehrmotor.arguments import fraction as _fraction
+from ehrmotor.arguments import non_negative as _non_negative
+from ehrmotor.arguments import positive as _positive
 from ehrmotor.convert.commands import add_convert_femr
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
@@ -33,38 +37,6 @@ log = logging.getLogger("ehrmotor")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-
-
-def _integer(value: str, low: int, what: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
-    if number < low:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-    return number
-
-
-def _positive(value: str) -> int:
-    return _integer(value, 1, "a positive integer")
-
-
-def _non_negative(value: str) -> int:
-    return _integer(value, 0, "an integer >= 0")
-
-
-def _at_least_two(value: str) -> int:
-    return _integer(value, 2, "an integer >= 2")
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value!r}") from None
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value}")
-    return number
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:

@@ -14,59 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from ehrmotor.arguments import days as _days
+from ehrmotor.arguments import fraction as _fraction
+from ehrmotor.arguments import k_values as _k_values
+from ehrmotor.arguments import names as _names
+from ehrmotor.arguments import non_negative as _non_negative
+from ehrmotor.arguments import positive as _positive
+from ehrmotor.arguments import positive_days as _positive_days
+
 if TYPE_CHECKING:
     from ehrmotor.evaluate.landmarks import LandmarkSettings
 
 log = logging.getLogger("ehrmotor")
 T = TypeVar("T")
-
-
-def _number(value: str, kind: type, low: float, high: float, what: str) -> float:
-    """`value` as `kind`, in [low, high); argparse's error (naming `what`) otherwise."""
-    try:
-        number = kind(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
-    if not low <= number < high:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-    return float(number)
-
-
-def _positive(value: str) -> int:
-    return int(_number(value, int, 1, float("inf"), "a positive integer"))
-
-
-def _non_negative(value: str) -> int:
-    return int(_number(value, int, 0, float("inf"), "an integer >= 0"))
-
-
-def _days(value: str) -> float:
-    return _number(value, float, 0, float("inf"), "a number of days >= 0")
-
-
-def _positive_days(value: str) -> float:
-    number = _days(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of days, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = _number(value, float, 0, 1, "a fraction between 0 and 1")
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {value}")
-    return number
-
-
-def _names(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
-    return names
-
-
-def _k_values(value: str) -> list[int | None]:
-    return [None if k == "all" else _positive(k) for k in _names(value)]
 
 
 def _flatten(groups: Sequence[Sequence[T]] | None) -> list[T] | None:
