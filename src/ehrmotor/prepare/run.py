@@ -18,9 +18,9 @@ there for the manifests). A step whose artifact exists with the same manifest is
 rebuilt; a different manifest stops with a message naming what changed. Per-shard work runs in
 worker processes (spawned), or as tasks on a Ray cluster (`executor="ray"`; see
 `ehrmotor.prepare.executors`), so memory is bounded by the largest shard, not the dataset. The
-artifacts do not depend on the executor or the number of workers. The train
-labels the MOTOR-task step computes are kept for the train dataset (the label cache of
-`ehrmotor.prepare.labels`) and removed once both datasets are complete.
+artifacts do not depend on the executor or the number of workers. No labels are stored: the
+datasets keep each window's prediction points and task occurrences, and the collate step derives
+the MOTOR labels from them (`ehrmotor.prepare.labels`, `ehrmotor.batching`).
 
 Which subjects pretraining may see comes from metadata/subject_splits.parquet (its
 exclude_splits are left out). A dataset without one needs held_out_fraction (prepare writes its
