@@ -56,6 +56,7 @@ from ehrmotor.evaluate.penalties import (
     path_from,
     penalty_factors,
     standardiser,
+    unpenalised_start,
 )
 
 COX_L1_RATIO = 0.1
@@ -285,8 +286,7 @@ def logistic_path(z: np.ndarray, label: np.ndarray,
     is 0 down by LOGISTIC_PENALTY_SPAN (`penalties.path_from`)."""
     free = factors == 0
     null = _fit_logistic_at(z[:, free], label, 0.0, factors[free])
-    start = np.zeros(z.shape[1] + 1)
-    start[np.flatnonzero(free)], start[-1] = null[:-1], null[-1]
+    start = unpenalised_start(factors, null)
     _, gradient = _logistic_loss(start, z, label.astype(np.float64))
     return path_from(gradient[:-1][~free], LOGISTIC_L1_RATIO, LOGISTIC_PATH_START,
                      LOGISTIC_PENALTY_SPAN, LOGISTIC_N_PENALTIES), start

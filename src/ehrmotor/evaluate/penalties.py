@@ -134,6 +134,16 @@ def elastic_net(smooth: Smooth, start: np.ndarray, factors: np.ndarray, penalty:
     return unpack(np.asarray(result.x))
 
 
+def unpenalised_start(factors: np.ndarray, free_fit: np.ndarray) -> np.ndarray:
+    """The full parameters (coefficients (len(factors),), then the others: intercepts) of the
+    fit in which every penalised coefficient is 0, from `free_fit`: the fit of the unpenalised
+    columns alone (their coefficients, then the same others)."""
+    free = np.flatnonzero(np.asarray(factors) == 0)
+    start = np.zeros(len(factors) + len(free_fit) - len(free))
+    start[free], start[len(factors):] = free_fit[:len(free)], free_fit[len(free):]
+    return start
+
+
 def path_from(gradient: np.ndarray, l1_ratio: float, start: float, span: float,
               count: int) -> np.ndarray:
     """`count` penalties, strongest first, from `start` × the one at which every penalised

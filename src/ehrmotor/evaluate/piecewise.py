@@ -31,6 +31,7 @@ from ehrmotor.evaluate.penalties import (
     one_se_choice,
     path_from,
     penalty_factors,
+    unpenalised_start,
 )
 
 PE_L1_RATIO = 0.1  # the penalty is mostly L2, with a little L1 so that the path starts sparse
@@ -139,8 +140,7 @@ def _penalty_path(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
     free = factors == 0
     null = _fit_poisson(phi[:, :, free], exposure, events, 0.0, prior_exposure,
                         factors[free])
-    start = np.zeros(len(factors) + phi.shape[1])
-    start[np.flatnonzero(free)], start[len(factors):] = null[:free.sum()], null[free.sum():]
+    start = unpenalised_start(factors, null)
     eta = np.minimum(phi @ start[:len(factors)] + start[len(factors):], MAX_LOG_HAZARD)
     residual = exposure * np.exp(eta) - events
     gradient = np.einsum("nb,nbf->f", residual, phi[:, :, ~free]) / len(phi)
