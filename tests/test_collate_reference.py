@@ -17,6 +17,7 @@ import torch
 
 from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 
@@ -37,12 +38,13 @@ def collated(prepared: Path) -> dict[str, np.ndarray]:
     """Every key of every batch (train then val, CHUNK windows each), concatenated, with the
     batch sizes of each key (`<key>/sizes`)."""
     task_map = torch.from_numpy(MotorTask.load(prepared / "motor_task.json").task_map())
+    bags = BagTable.load(prepared / "tokenizer")
     parts: dict[str, list[np.ndarray]] = {}
     for split in ("train_batches", "val_batches"):
         dataset = load_prepared(prepared / split)
         for start in range(0, len(dataset), CHUNK):
             rows = [dataset[i] for i in range(start, min(start + CHUNK, len(dataset)))]
-            for key, value in collate_windows(rows, True, task_map).items():
+            for key, value in collate_windows(rows, True, task_map, bags).items():
                 parts.setdefault(key, []).append(value.numpy())
     out = {}
     for key, values in parts.items():

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from ehrmotor.meds.read import US_PER_DAY
+from ehrmotor.prepare.bags import BagTable, expand_items
 from ehrmotor.prepare.positions import TIME_FEATURES
 
-LENGTH_COLUMN = "bag_sizes"
+LENGTH_COLUMN = "times"
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
 
@@ -109,21 +110,30 @@ def _cat(rows: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
 
 
 def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = False,
-                    task_map: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    task_map: torch.Tensor | None = None, bags: BagTable | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Pack windows (rows in torch format) into one model batch; the MOTOR labels ride along
     when `labels` is True, their tasks mapped through `task_map` (the datasets number the
     candidate tasks; `MotorTask.task_map` gives each one's model task, -1 to drop it).
+    Rows of the prepared layout (`items`) have their bags expanded through the bag table
+    `bags` (`ehrmotor.prepare.bags`); rows built in memory carry bag_sizes, entries, weights.
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
     segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
     label_task, label_days (pairs,).
     """
-    lengths = torch.tensor([len(row["bag_sizes"]) for row in rows])
-    bag_sizes = _cat(rows, "bag_sizes").long()
+    lengths = torch.tensor([len(row["times"]) for row in rows])
     token_start = torch.cumsum(lengths, 0) - lengths
+    if rows and "items" in rows[0]:
+        if bags is None:
+            raise ValueError("collate_windows: rows of the prepared layout need the bag table")
+        entries, weights, bag_sizes = _expanded(rows, token_start, int(lengths.sum()), bags)
+    else:
+        entries, weights = _cat(rows, "entries").long(), _cat(rows, "weights").float()
+        bag_sizes = _cat(rows, "bag_sizes").long()
     batch = {
-        "entries": _cat(rows, "entries").long(),
-        "weights": _cat(rows, "weights").float(),
+        "entries": entries,
+        "weights": weights,
         "bag_offsets": torch.cumsum(bag_sizes, 0) - bag_sizes,
         "time_features": torch.stack([_cat(rows, name) for name in TIME_FEATURES],
                                      dim=1).float(),
@@ -136,6 +146,19 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
         batch["censor_days"] = _cat(rows, "censor_days").float()
         batch.update(motor_labels(rows, task_map))
     return batch
+
+
+def _expanded(rows: Sequence[Mapping[str, torch.Tensor]], token_start: torch.Tensor,
+              tokens: int, bags: BagTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """entries, weights, bag sizes of the rows' positions, expanded from their items: a row's
+    first `first_events` events make its position 0, each later event one later position."""
+    events = torch.tensor([len(row["event_items"]) for row in rows])
+    first = torch.tensor([int(row["first_events"]) for row in rows])
+    event_row = torch.repeat_interleave(torch.arange(len(rows)), events)
+    local = torch.arange(len(event_row)) - (torch.cumsum(events, 0) - events)[event_row]
+    position = token_start[event_row] + (local - first[event_row] + 1).clamp(min=0)
+    return expand_items(_cat(rows, "items").long(), _cat(rows, "event_items").long(), position,
+                        tokens, bags)
 
 
 def _padded(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
@@ -210,15 +233,19 @@ def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
                 values = values.cast(pl.Int64)
             columns[name] = torch.from_numpy(values.to_numpy(writable=True)).split(
                 frame[name].list.len().to_list())
+        elif name == "first_events":
+            columns[name] = torch.from_numpy(frame[name].cast(pl.Int64).to_numpy()).unbind()
     return [{name: values[i] for name, values in columns.items()} for i in range(frame.height)]
 
 
 class WindowCollator:
     """Picklable collate function for DataLoader workers."""
 
-    def __init__(self, labels: bool = False, task_map: torch.Tensor | None = None) -> None:
+    def __init__(self, labels: bool = False, task_map: torch.Tensor | None = None,
+                 bags: BagTable | None = None) -> None:
         self.labels = labels
         self.task_map = task_map
+        self.bags = bags
 
     def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return collate_windows(rows, self.labels, self.task_map)
+        return collate_windows(rows, self.labels, self.task_map, self.bags)

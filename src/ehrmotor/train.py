@@ -59,6 +59,7 @@ from ehrmotor.meds.read import HELD_OUT_FILE
 from ehrmotor.memory import allocation_errors, check_model_fits
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.model_card import write_model_card
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
@@ -76,9 +77,9 @@ class MotorTrainer(Trainer):
     """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches."""
 
     def __init__(self, *args: Any, tokens_per_batch: int, task_map: torch.Tensor,
-                 **kwargs: Any):
+                 bags: BagTable, **kwargs: Any):
         self.tokens_per_batch = tokens_per_batch
-        self.collator = WindowCollator(labels=True, task_map=task_map)
+        self.collator = WindowCollator(labels=True, task_map=task_map, bags=bags)
         super().__init__(*args, **kwargs)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
@@ -190,7 +191,7 @@ def _pretrain(work: Path, config: PretrainConfig, *, restart: bool, force: bool,
     trainer = MotorTrainer(
         model=model, args=args, train_dataset=prepared.train,
         eval_dataset=prepared.val if has_val else None, tokens_per_batch=config.tokens_per_batch,
-        task_map=torch.from_numpy(prepared.task.task_map()),
+        task_map=torch.from_numpy(prepared.task.task_map()), bags=prepared.bags,
         callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if has_val else [],
     )
     with allocation_errors(model_config, parameters, device):

@@ -23,6 +23,7 @@ from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import LABELS, PRESETS, MotorConfig
 from ehrmotor.precision import auto_uses_bf16
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import INDEX, load_prepared
 from ehrmotor.prepare.tokenizer import Tokenizer
@@ -36,6 +37,7 @@ class Prepared:
     val: Any
     max_window: int | None  # the training context prepare cut the windows with
     unseen_splits: list[str] | None  # MEDS splits prepare left out of pretraining
+    bags: BagTable  # expands the datasets' items at collate
 
 
 def load_prepared_files(work: Path) -> Prepared:
@@ -50,7 +52,8 @@ def load_prepared_files(work: Path) -> Prepared:
     recorded = json.loads(resolved.read_text()) if resolved.is_file() else {}
     return Prepared(Tokenizer.load(files / "tokenizer"), MotorTask.load(files / "motor_task.json"),
                     load_prepared(files / "train_batches"), load_prepared(files / "val_batches"),
-                    recorded.get("max_window"), recorded.get("exclude_splits"))
+                    recorded.get("max_window"), recorded.get("exclude_splits"),
+                    BagTable.load(files / "tokenizer"))
 
 
 

@@ -32,6 +32,7 @@ import polars as pl
 import pyarrow as pa
 
 from ehrmotor.meds.read import BIRTH_CODE, US_PER_DAY
+from ehrmotor.prepare.bags import BagTable, code_items
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
 
@@ -166,12 +167,14 @@ def _value_entries(events: pl.DataFrame, tokenizer: Tokenizer) -> pl.DataFrame:
     return pl.concat([numeric, text]).sort("event", "entry")
 
 
-def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology
-                    ) -> pl.DataFrame:
+def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
+                    table: BagTable | None = None) -> pl.DataFrame:
     """Positions of every subject in `events` (one shard, MEDS columns), sorted by subject, time.
 
     Out columns: subject_id, position (0-based), time (µs; birth for position 0), age_days,
-    entries (list[u32]), weights (list[f32]), age, log_age, log_delta (normalised features).
+    entries (list[u32]), weights (list[f32]), age, log_age, log_delta (normalised features);
+    with the bag `table`, also event_items (list[u16]: items of each of the position's events)
+    and items (list[u32]: their items, see `ehrmotor.prepare.bags`).
     """
     code_id, codes = _code_ids(events)
     events = with_birth(events.with_columns(code_id).sort(
@@ -187,10 +190,14 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
     layout = _Layout.of(subject_index[kept], len(starts))
     births = events["birth"].gather(starts)
     times = pl.concat([births, events["time"].gather(kept)]).gather(layout.source)
+    compact = [] if table is None else _position_items(
+        _event_items(events, codes, tokenizer, ontology, table), kept, layout.source,
+        subject_index, events["birth_day"].to_numpy())
     positions = pl.DataFrame([
         events["subject_id"].gather(starts).gather(layout.subject),
         times.alias("time"),
         *_position_bags(first, bags, kept, layout.source),
+        *compact,
         pl.Series("position", layout.position),
         births.gather(layout.subject),
     ])
@@ -273,6 +280,46 @@ def _position_bags(first: Bags, bags: Bags, kept: np.ndarray, source: np.ndarray
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     return (list_series("entries", offsets, np.concatenate([first.entry, bags.entry])[rows]),
             list_series("weights", offsets, np.concatenate([first.weight, bags.weight])[rows]))
+
+
+def _event_items(events: pl.DataFrame, codes: pl.DataFrame, tokenizer: Tokenizer,
+                 ontology: Ontology, table: BagTable) -> Bags:
+    """Each event's items (owner: the event; weight unused, 1): its code's items
+    (`bags.code_items`, built once per distinct code and gathered), then its value entry."""
+    per_code = code_items(codes, tokenizer, ontology, table)
+    sizes = np.bincount(per_code["code_id"].to_numpy(), minlength=codes.height + 1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = events["code_id"].fill_null(codes.height).to_numpy()
+    rows = concat_ranges(offsets[ids], sizes[ids])
+    owner = np.repeat(np.arange(len(ids), dtype=np.uint32), sizes[ids])
+    values = _value_entries(events, tokenizer)
+    owner = np.concatenate([owner, values["event"].to_numpy()])
+    item = np.concatenate([per_code["item"].to_numpy()[rows], values["entry"].to_numpy()])
+    order = np.argsort(owner, kind="stable")
+    return Bags(owner[order], item[order], np.ones(len(order), dtype=np.float32))
+
+
+def _position_items(items: Bags, kept: np.ndarray, source: np.ndarray,
+                    subject_index: np.ndarray, birth_day: np.ndarray
+                    ) -> tuple[pl.Series, pl.Series]:
+    """event_items and items of each position, taken from `source` (see `_Layout`): position 0
+    of a subject holds its birth-day events that have items, a later position its kept event."""
+    subjects = len(source) - len(kept)
+    counts = items.sizes(len(birth_day))
+    first = np.flatnonzero(birth_day & (counts > 0))  # grouped by subject, in event order
+    first_count = np.bincount(subject_index[first], minlength=subjects)
+    event_sizes = np.concatenate([first_count, np.ones(len(kept), dtype=np.int64)])[source]
+    event_starts = np.concatenate([np.cumsum(first_count) - first_count,
+                                   len(first) + np.arange(len(kept))])[source]
+    chosen = np.concatenate([first, kept])[concat_ranges(event_starts, event_sizes)]
+    item_sizes = counts[chosen]
+    if len(item_sizes) and item_sizes.max() > np.iinfo(np.uint16).max:
+        raise ValueError(f"an event has {item_sizes.max()} vocabulary items, more than 65535")
+    rows = concat_ranges((np.cumsum(counts) - counts)[chosen], item_sizes)
+    event_offsets = np.concatenate([[0], np.cumsum(event_sizes)])
+    item_offsets = np.concatenate([[0], np.cumsum(item_sizes)])[event_offsets]
+    return (list_series("event_items", event_offsets, item_sizes.astype(np.uint16)),
+            list_series("items", item_offsets, items.entry[rows].astype(np.uint32)))
 
 
 def raw_time_features(positions: pl.DataFrame, first: pl.Expr | None = None) -> pl.DataFrame:

@@ -11,9 +11,12 @@ are the rows of the train/val datasets:
 
     subject_id      int64
     window          int32      0-based window of the subject
-    bag_sizes       list<i32>  entries per position (position 0 first)
-    entries         list<u32>  vocabulary entries of all positions, concatenated
-    weights         list<f32>  their weights
+    first_events    int32      events of position 0 (its static and birth-day events)
+    event_items     list<u16>  items of each event of the positions (position 0's events first,
+                               then one event per later position)
+    items           list<u16>  their items (vocabulary entries, `ehrmotor.prepare.bags`;
+                               list<u32> when the vocabulary has more than 65536 entries); the
+                               positions' bags and weights are expanded from them at collate
     times           list<i64>  position timestamps, µs since 1970 (position 0: birth)
     age_days        list<f32>  days since birth (drives the rotary encoding)
     age, log_age, log_delta  list<f32>  normalised time features
@@ -51,9 +54,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import torch
 
 from ehrmotor.config import TokenizerSettings, WindowSettings
+from ehrmotor.errors import InputError
 from ehrmotor.meds import scan_shard
+from ehrmotor.prepare.bags import OLDER_LAYOUT, BagTable
 from ehrmotor.prepare.labels import (
     EventCounts,
     ShardLabels,
@@ -68,7 +74,7 @@ from ehrmotor.prepare.labels import (
 )
 from ehrmotor.prepare.motor_task import TaskCounts, candidate_tasks, count_tasks
 from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import build_positions, time_moments
+from ehrmotor.prepare.positions import build_positions, concat_ranges, time_moments
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.tokenizer import ShardCounts, Tokenizer, count_bins, count_shard
 from ehrmotor.prepare.windows import local_index, training_windows, window_sequences
@@ -77,12 +83,12 @@ if TYPE_CHECKING:
     import datasets
 
 L = TypeVar("L")
-DATASET_FORMAT_VERSION = 3
+DATASET_FORMAT_VERSION = 4
 INDEX = "dataset.json"
 ROW_SCHEMA = pa.schema([
-    ("subject_id", pa.int64()), ("window", pa.int32()),
-    ("bag_sizes", pa.list_(pa.int32())), ("entries", pa.list_(pa.uint32())),
-    ("weights", pa.list_(pa.float32())), ("times", pa.list_(pa.int64())),
+    ("subject_id", pa.int64()), ("window", pa.int32()), ("first_events", pa.int32()),
+    ("event_items", pa.list_(pa.uint16())), ("items", pa.list_(pa.uint16())),
+    ("times", pa.list_(pa.int64())),
     ("age_days", pa.list_(pa.float32())), ("age", pa.list_(pa.float32())),
     ("log_age", pa.list_(pa.float32())), ("log_delta", pa.list_(pa.float32())),
     ("points", pa.list_(pa.int32())), ("censor_days", pa.list_(pa.float32())),
@@ -148,10 +154,12 @@ def shard_tokenizer_bins(job: ShardJob, *, split: Path,
 
 
 def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
-                code_tasks: pl.DataFrame, max_window: int, seed: int) -> ShardLabels:
+                code_tasks: pl.DataFrame, max_window: int, seed: int,
+                table: BagTable | None = None) -> ShardLabels:
     """Positions, sampled prediction points and their labels for the subjects in `events`;
-    code_tasks: `labels.task_codes_of` the tasks."""
-    positions = build_positions(events, tokenizer, ontology)
+    code_tasks: `labels.task_codes_of` the tasks; with the bag `table`, positions also hold
+    their events' items (`build_positions`)."""
+    positions = build_positions(events, tokenizer, ontology, table)
     last_time = last_event_times(events)
     points = sample_points(prediction_points(positions, last_time), positions, max_window, seed)
     points = points.with_columns(censor_days=censor_days(points, last_time))
@@ -224,12 +232,15 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
     candidates = candidate_tasks(tokenizer, spec.settings.num_tasks).select("code", "task")
     code_tasks = _once(("code_tasks", spec.ontology, spec.tokenizer, spec.settings.num_tasks),
                        partial(task_codes_of, ontology, candidates))
+    table = _once(("bags", spec.tokenizer), partial(BagTable.load, spec.tokenizer))
     labelled = label_shard(events, tokenizer, ontology, code_tasks, spec.settings.max_window,
-                           spec.settings.seed)
+                           spec.settings.seed, table)
     windows = window_rows(labelled, spec.settings.max_window)
     rows = windows.rows
-    write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards))
-    used = set(rows["entries"].explode().unique().to_list()) if rows.height else set()
+    write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards),
+                      row_schema(table.size))
+    used = set(expanded_entries(rows["items"].explode().drop_nulls().unique().to_numpy(),
+                                table).tolist())
     tasks = (count_tasks(labelled.points, labelled.runs, labelled.last_time, spec.settings.seed)
              if spec.task_statistics else None)
     return ShardDataset(rows.height, int(rows["points"].list.len().sum() or 0),
@@ -242,11 +253,27 @@ def shard_file_name(index: int, count: int) -> str:
     return f"data-{index:05d}-of-{count:05d}.arrow"
 
 
-def write_shard_table(table: pa.Table, path: Path) -> None:
-    """Write one shard's rows (any table castable to ROW_SCHEMA) as an Arrow IPC stream."""
-    table = table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
+def row_schema(vocabulary: int) -> pa.Schema:
+    """ROW_SCHEMA, its items u32 when u16 cannot number `vocabulary` entries."""
+    if vocabulary <= 1 << 16:
+        return ROW_SCHEMA
+    return ROW_SCHEMA.set(ROW_SCHEMA.get_field_index("items"),
+                          pa.field("items", pa.list_(pa.uint32())))
+
+
+def expanded_entries(items: np.ndarray, table: BagTable) -> np.ndarray:
+    """The distinct entries of the bag rows of `items` (the vocabulary entries they use)."""
+    items = torch.from_numpy(np.asarray(items, dtype=np.int64))
+    starts, stops = table.offsets[items], table.offsets[items + 1]
+    rows = torch.from_numpy(concat_ranges(starts.numpy(), (stops - starts).numpy()))
+    return torch.unique(table.members[rows]).numpy()
+
+
+def write_shard_table(table: pa.Table, path: Path, schema: pa.Schema = ROW_SCHEMA) -> None:
+    """Write one shard's rows (any table castable to `schema`) as an Arrow IPC stream."""
+    table = table.select(schema.names).cast(schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, ROW_SCHEMA) as writer:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table, max_chunksize=1024)
 
 
@@ -267,6 +294,11 @@ def load_prepared(path: Path) -> datasets.Dataset:
     import datasets
 
     index = json.loads((path / INDEX).read_text())
-    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(ROW_SCHEMA))
+    if index.get("format_version") != DATASET_FORMAT_VERSION:
+        raise InputError(f"{path / INDEX}: format_version {index.get('format_version')!r}, "
+                         f"expected {DATASET_FORMAT_VERSION}; {OLDER_LAYOUT}")
+    with pa.ipc.open_stream(str(path / index["files"][0])) as reader:
+        schema = reader.schema
+    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema))
     parts = [datasets.Dataset.from_file(str(path / name), info=info) for name in index["files"]]
     return datasets.concatenate_datasets(parts, info=info).with_format("torch")

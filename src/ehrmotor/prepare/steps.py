@@ -49,6 +49,7 @@ from ehrmotor.config import (
 from ehrmotor.errors import InputError
 from ehrmotor.meds import read_codes_metadata, read_splits_file, read_subject_splits
 from ehrmotor.meds.read import HELD_OUT_FILE
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
 from ehrmotor.prepare.ontology import Ontology
@@ -72,7 +73,6 @@ from ehrmotor.prepare.split import (
     write_held_out_splits,
     write_split,
 )
-from ehrmotor.prepare.tokenizer import FORMAT_VERSION as TOKENIZER_FORMAT_VERSION
 from ehrmotor.prepare.tokenizer import Tokenizer, fit_numeric_edges
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ ONTOLOGY_FORMAT_VERSION = 1
 SPLIT_FORMAT_VERSION = 1
 HELD_OUT_FORMAT_VERSION = 1
 DATASET_STATS = "prepare_stats.json"
+
+# The tokenizer step's manifest version: 2 adds the bag table (tokenizer/bags.npz).
+TOKENIZER_STEP_VERSION = 2
 
 
 class PrepareError(InputError):
@@ -243,8 +246,9 @@ def tokenizer_step(ctx: StepContext, settings: TokenizerSettings, *, ontology: P
                                min_text_fraction=settings.min_text_fraction)
         fitted.time_stats = time_stats_from_moments(np.sum([m for _, m in counts], axis=0))
         fitted.save(tmp)
+        BagTable.of(fitted, Ontology.load(ontology)).save(tmp)
 
-    manifest = ctx.manifest("tokenizer", settings, TOKENIZER_FORMAT_VERSION, split)
+    manifest = ctx.manifest("tokenizer", settings, TOKENIZER_STEP_VERSION, split)
     ctx.build(artifact, manifest, build)
     return artifact
 

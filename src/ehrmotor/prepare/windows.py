@@ -104,7 +104,8 @@ def first_rows(positions: pl.DataFrame) -> pl.DataFrame:
 
 def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
     """One row per window (in `windows` order): subject_id, window, bag_sizes, entries,
-    weights, times, age_days, age, log_age, log_delta (layout of `ehrmotor.prepare.shards`).
+    weights (or, for positions with `items`, first_events, event_items, items), times,
+    age_days, age, log_age, log_delta (layout of `ehrmotor.prepare.shards`).
 
     positions: the columns of `build_positions`, sorted by subject and position (as it returns
     them), for (at least) the windows' subjects. windows may carry `first_row` (`first_rows`),
@@ -127,18 +128,38 @@ def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataF
     # Rows first_row + start - 1 .. first_row + end, the first of which becomes position 0.
     rows = concat_ranges(first_row + windows["start"].to_numpy() - 1, lengths)
     rows[offsets[:-1]] = first_row
+    compact = "items" in positions.columns
+    lists = ("event_items", "items") if compact else ("entries", "weights")
     gathered = positions.select(
-        "entries", "weights", "time", "age_days", "age", "log_age", "log_delta")[rows]
-    bag_sizes = gathered["entries"].list.len().cast(pl.Int32)
-    # Entries and weights: every bag of the window's positions, one after another.
-    bag_offsets = np.concatenate([[0], np.cumsum(bag_sizes.to_numpy())])[offsets]
+        *lists, "time", "age_days", "age", "log_age", "log_delta")[rows]
     return pl.DataFrame([
         windows["subject_id"], windows["window"],
-        list_series("bag_sizes", offsets, bag_sizes),
-        *(list_series(name, bag_offsets,
-                      gathered[name].explode(keep_nulls=False, empty_as_null=False))
-          for name in ("entries", "weights")),
+        *(_compact_lists(gathered, offsets) if compact else _bag_lists(gathered, offsets)),
         list_series("times", offsets, gathered["time"]),
         *(list_series(name, offsets, gathered[name])
           for name in ("age_days", "age", "log_age", "log_delta")),
     ])
+
+
+def _cut(gathered: pl.DataFrame, name: str, offsets: np.ndarray) -> pl.Series:
+    """Column `name` (lists, one per gathered position) cut into one list per window: the
+    window's positions' lists one after another (`offsets`: of each window's positions)."""
+    sizes = gathered[name].list.len().to_numpy()
+    window_offsets = np.concatenate([[0], np.cumsum(sizes)])[offsets]
+    return list_series(name, window_offsets,
+                       gathered[name].explode(keep_nulls=False, empty_as_null=False))
+
+
+def _bag_lists(gathered: pl.DataFrame, offsets: np.ndarray) -> list[pl.Series]:
+    """bag_sizes (entries per position), entries and weights of each window."""
+    bag_sizes = gathered["entries"].list.len().cast(pl.Int32)
+    return [list_series("bag_sizes", offsets, bag_sizes),
+            _cut(gathered, "entries", offsets), _cut(gathered, "weights", offsets)]
+
+
+def _compact_lists(gathered: pl.DataFrame, offsets: np.ndarray) -> list[pl.Series]:
+    """first_events (events of position 0), event_items and items of each window (layout of
+    `ehrmotor.prepare.shards`)."""
+    first = gathered["event_items"].list.len().gather(offsets[:-1]).cast(pl.Int32)
+    return [first.alias("first_events"), _cut(gathered, "event_items", offsets),
+            _cut(gathered, "items", offsets)]
