@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 
@@ -60,8 +61,10 @@ def val_batches(work: Path) -> Iterator[dict[str, torch.Tensor]]:
     """The val batches Trainer evaluates on (same sampler, no shuffling)."""
     val = load_prepared(work / "pretraining_files" / "val_batches")
     task_map = torch.from_numpy(task_of(work).task_map())
+    bags = BagTable.load(work / "pretraining_files" / "tokenizer")
     for indices in TokenBudgetBatchSampler(window_lengths(val), TOKENS, shuffle=False):
-        yield collate_windows([val[int(i)] for i in indices], labels=True, task_map=task_map)
+        yield collate_windows([val[int(i)] for i in indices], labels=True, task_map=task_map,
+                              bags=bags)
 
 
 def bundle_mtimes(work: Path) -> dict[str, int]:

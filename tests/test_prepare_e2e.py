@@ -32,19 +32,23 @@ from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.meds import data_files, scan_shard
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.ontology import Ontology
 from ehrmotor.prepare.positions import encode_events
 from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION, load_prepared
 from ehrmotor.prepare.split import read_split
+from ehrmotor.prepare.steps import TOKENIZER_STEP_VERSION
 from ehrmotor.prepare.tokenizer import Tokenizer
 
 ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
+             "tokenizer/bags.npz",
              "motor_task.json", "train_batches", "val_batches"]
 STEPS = ["ontology", "split.csv", "tokenizer", "train_batches", "motor_task.json",
          "val_batches"]
-COLUMNS = ["subject_id", "window", "bag_sizes", "entries", "weights", "times", "age_days", "age",
+COLUMNS = ["subject_id", "window", "first_events", "event_items", "items", "times", "age_days",
+           "age",
            "log_age", "log_delta", "points", "censor_days", "task_ids", "task_times"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +101,8 @@ def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> Non
     for step in STEPS:
         manifest = json.loads((reference / f"{step}.manifest.json").read_text())
         version = {"train_batches": DATASET_FORMAT_VERSION, "val_batches": DATASET_FORMAT_VERSION,
-                   "motor_task.json": TASK_FORMAT_VERSION}.get(step, 1)
+                   "motor_task.json": TASK_FORMAT_VERSION,
+                   "tokenizer": TOKENIZER_STEP_VERSION}.get(step, 1)
         assert manifest["format_version"] == version
         assert "config" in manifest and "inputs" in manifest
     assert (reference / "ontology" / "ancestors.parquet").is_file()
@@ -114,15 +119,17 @@ def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Pa
         dataset = load_prepared(reference / f"{split}_batches")
         assert dataset.format["type"] == "torch"
         assert dataset.column_names == COLUMNS
-        assert dataset.features["entries"].feature.dtype == "uint32"
+        assert dataset.features["items"].feature.dtype == "uint16"  # 2000 entries
         assert dataset.features["times"].feature.dtype == "int64"
         assert dataset.features["task_times"].feature.dtype == "int64"
         assert dataset.num_rows > 0
         row = dataset[0]
-        assert isinstance(row["entries"], torch.Tensor) and row["weights"].dtype == torch.float32
-        assert row["bag_sizes"].sum().item() == len(row["entries"]) == len(row["weights"])
-        assert len(row["times"]) == len(row["bag_sizes"]) == len(row["age_days"])
-        assert row["entries"].min().item() >= 0 and row["entries"].max().item() < vocabulary
+        assert isinstance(row["items"], torch.Tensor) and row["times"].dtype == torch.int64
+        assert row["event_items"].sum().item() == len(row["items"])
+        # position 0's events, then one event per later position
+        assert len(row["event_items"]) - int(row["first_events"]) == len(row["times"]) - 1
+        assert len(row["times"]) == len(row["age_days"])
+        assert row["items"].min().item() >= 0 and row["items"].max().item() < vocabulary
 
 
 def test_held_out_subjects_are_never_used_for_pretraining(meds: Path, reference: Path) -> None:
@@ -152,7 +159,7 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
     for row in dataset.with_format(None):
         points, censor = row["points"], np.array(row["censor_days"])
         assert len(points) == len(censor) > 0
-        assert min(points) > 0 and max(points) < len(row["bag_sizes"])  # never position 0
+        assert min(points) > 0 and max(points) < len(row["times"])  # never position 0
         assert row["age_days"][0] == 0.0 and row["times"] == sorted(row["times"])
         # The occurrences that label the points: sorted by task and time, each after a point.
         occurrences = list(zip(row["task_ids"], row["task_times"], strict=True))
@@ -161,7 +168,7 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
     for start in range(0, len(dataset), 64):
         rows = [dataset[i] for i in range(start, min(start + 64, len(dataset)))]
         batch = collate_windows(rows, True, torch.from_numpy(MotorTask.load(
-            reference / "motor_task.json").task_map()))
+            reference / "motor_task.json").task_map()), BagTable.load(reference / "tokenizer"))
         tasks, days, at = batch["label_task"], batch["label_days"], batch["label_point"]
         if len(tasks):
             assert tasks.min() >= 0 and tasks.max() < num_tasks

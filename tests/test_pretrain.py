@@ -28,6 +28,7 @@ from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.model import MotorModel
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.motor_task import MotorTask
 from ehrmotor.prepare.shards import load_prepared
 from ehrmotor.train import pretrain
@@ -102,11 +103,13 @@ def constant_hazard_val_loss(work: Path) -> float:
     task = MotorTask.load(work / "pretraining_files" / "motor_task.json")
     edges, num_tasks = task.bin_edges_days, task.tasks.height
     train_rows = load_prepared(work / "pretraining_files" / "train_batches")
+    bags = BagTable.load(work / "pretraining_files" / "tokenizer")
     at_risk = torch.zeros(len(edges), num_tasks)
     events = torch.zeros(len(edges), num_tasks)
     for start in range(0, len(train_rows), 64):
         rows = [train_rows[i] for i in range(start, min(start + 64, len(train_rows)))]
-        batch = collate_windows(rows, labels=True, task_map=torch.from_numpy(task.task_map()))
+        batch = collate_windows(rows, labels=True, task_map=torch.from_numpy(task.task_map()),
+                                bags=bags)
         time_at_risk, event_in_bin = binned(batch, edges, num_tasks)
         at_risk = at_risk + time_at_risk.sum(0)
         events = events + event_in_bin.sum(0)
