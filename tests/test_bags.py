@@ -50,15 +50,17 @@ def test_items_expand_to_exactly_the_encoded_bags() -> None:
     vocabulary, tree = tokenizer(VOCAB, {"L": [3.0, 5.0]}), ontology(TREE)
     table = BagTable.of(vocabulary, tree)
     positions = build_positions(events_frame(EVENTS), vocabulary, tree, table)
+    encoded = build_positions(events_frame(EVENTS), vocabulary, tree)  # expanded bags
+    assert positions.drop("items", "event_items").equals(encoded.drop("entries", "weights"))
     assert positions["items"].to_list()[:2] == [[2, 1, 6, 3], [0, 1]]  # events by time, code
     assert positions["event_items"].to_list()[:2] == [[1, 2, 1], [2]]
     entries, weights, sizes = expanded(positions, table)
-    assert entries == positions["entries"].explode().drop_nulls().to_list()
-    assert sizes == positions["entries"].list.len().to_list()
+    assert entries == encoded["entries"].explode().drop_nulls().to_list()
+    assert sizes == encoded["entries"].list.len().to_list()
     # float32 bits: the weights are exactly the encoded ones.
-    expected = positions["weights"].explode().drop_nulls().to_numpy()
+    expected = encoded["weights"].explode().drop_nulls().to_numpy()
     assert np.array(weights, dtype=np.float32).tobytes() == expected.tobytes()
-    assert positions["entries"].to_list()[0] == [0, 1, 2, 3, 6]
+    assert encoded["entries"].to_list()[0] == [0, 1, 2, 3, 6]
     # A: 1/2 (from A/x) over 1/3 (from D); B: 1 (the B event) over 1/3; D: 1/3 only.
     assert weights[:5] == [0.5, 1.0, 0.5, pytest.approx(1 / 3), 1.0]
 

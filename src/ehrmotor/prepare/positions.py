@@ -173,8 +173,8 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
 
     Out columns: subject_id, position (0-based), time (µs; birth for position 0), age_days,
     entries (list[u32]), weights (list[f32]), age, log_age, log_delta (normalised features);
-    with the bag `table`, also event_items (list[u16]: items of each of the position's events)
-    and items (list[u32]: their items, see `ehrmotor.prepare.bags`).
+    with the bag `table`, event_items (list[u16]: items of each of the position's events) and
+    items (list[u32]: their items, see `ehrmotor.prepare.bags`) instead of entries, weights.
     """
     code_id, codes = _code_ids(events)
     events = with_birth(events.with_columns(code_id).sort(
@@ -186,18 +186,20 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
     starts = np.flatnonzero(new_subject)  # each subject's first event
     subject_index = np.cumsum(new_subject) - 1  # each event's subject
     kept = np.flatnonzero(_kept_events(events, bags, new_subject))
-    first = _birth_bags(bags, subject_index, events["birth_day"].to_numpy())
     layout = _Layout.of(subject_index[kept], len(starts))
     births = events["birth"].gather(starts)
     times = pl.concat([births, events["time"].gather(kept)]).gather(layout.source)
-    compact = [] if table is None else _position_items(
-        _event_items(events, codes, tokenizer, ontology, table), kept, layout.source,
-        subject_index, events["birth_day"].to_numpy())
+    birth_day = events["birth_day"].to_numpy()
+    if table is None:
+        lists = _position_bags(_birth_bags(bags, subject_index, birth_day), bags, kept,
+                               layout.source)
+    else:
+        lists = _position_items(_event_items(events, codes, tokenizer, ontology, table), kept,
+                                layout.source, subject_index, birth_day)
     positions = pl.DataFrame([
         events["subject_id"].gather(starts).gather(layout.subject),
         times.alias("time"),
-        *_position_bags(first, bags, kept, layout.source),
-        *compact,
+        *lists,
         pl.Series("position", layout.position),
         births.gather(layout.subject),
     ])
