@@ -8,9 +8,10 @@
 
 Each configuration runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS of
 the process; CUDA: torch.cuda.max_memory_allocated). The rows mimic prepared windows (layout of
-`ehrmotor.prepare.shards`): subjects of heavy-tailed length packed to the token budget, 1-4
-entries per position, max(5, positions / 10) points per window, and per window the task
-occurrences that label its points (about 150 distinct tasks of 8,192, Zipf-distributed), so
+`ehrmotor.prepare.shards`): subjects of heavy-tailed length packed to the token budget, 1-2
+stored items per event (expanded at collate through a bag table of ancestor chains of 1-5
+entries), max(5, positions / 10) points per window, and per window the task occurrences that
+label its points (about 150 distinct tasks of 8,192, Zipf-distributed), so
 `collate_windows` derives a realistic number of labels; vocabulary 16,384, 8 bins, final layer
 512. Shapes: the presets `tiny` (2 layers × 64), `small` (6 × 768), `base` (12 × 768), and femr's
 `femr-6x256` (6 layers × 256, FFN 512; femr's 2 × 64 is `tiny`). `collate %` is the time of
@@ -40,6 +41,7 @@ import torch
 from ehrmotor.batching import US_PER_DAY, collate_windows
 from ehrmotor.model import MotorConfig, MotorModel
 from ehrmotor.precision import auto_uses_bf16
+from ehrmotor.prepare.bags import BagTable
 
 VOCAB, TASKS, BINS = 16_384, 8_192, 8
 EDGES = [0, 30, 90, 180, 365, 730, 1460, 2920]
@@ -62,8 +64,10 @@ def model_config(shape: str) -> MotorConfig:
 
 
 def random_row(rng: np.random.Generator, length: int) -> dict[str, torch.Tensor]:
-    """One prepared window of `length` positions, in torch format."""
-    bag_sizes = rng.integers(1, 5, length)
+    """One prepared window of `length` positions, in torch format: position 0 of 1-7 events,
+    then one event per position, each with 1 item (80 %) or 2."""
+    first_events = int(rng.integers(1, 8))
+    event_items = 1 + (rng.random(first_events + length - 1) < 0.2)
     gaps = rng.exponential(20.0, length)
     gaps[0] = 0.0
     age_days = 20 * 365 + np.cumsum(gaps)
@@ -79,9 +83,9 @@ def random_row(rng: np.random.Generator, length: int) -> dict[str, torch.Tensor]
     order = np.lexsort((task_times, task_ids))
     ages = torch.tensor(age_days, dtype=torch.float32)
     return {
-        "bag_sizes": torch.tensor(bag_sizes, dtype=torch.int32),
-        "entries": torch.tensor(rng.integers(0, VOCAB, int(bag_sizes.sum()))),
-        "weights": torch.tensor(np.repeat(1.0 / bag_sizes, bag_sizes), dtype=torch.float32),
+        "first_events": torch.tensor(first_events, dtype=torch.int32),
+        "event_items": torch.tensor(event_items, dtype=torch.int32),
+        "items": torch.tensor(rng.integers(0, VOCAB, int(event_items.sum())), dtype=torch.int32),
         "times": torch.tensor(times), "age_days": ages, "age": ages / 30_000,
         "log_age": torch.log1p(ages), "log_delta": torch.log1p(torch.tensor(gaps).float()),
         "points": torch.tensor(points, dtype=torch.int32),
@@ -89,6 +93,23 @@ def random_row(rng: np.random.Generator, length: int) -> dict[str, torch.Tensor]
         "task_ids": torch.tensor(task_ids[order], dtype=torch.int32),
         "task_times": torch.tensor(task_times[order]),
     }
+
+
+def bag_table() -> BagTable:
+    """A synthetic bag table: entry e's ancestors are e // 8, e // 64, ... (rows of 1-5)."""
+    rows = []
+    for entry in range(VOCAB):  # once per vocabulary entry, at import
+        chain = {entry}
+        while entry:
+            entry //= 8
+            chain.add(entry)
+        rows.append(sorted(chain))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return BagTable(torch.from_numpy(offsets), torch.tensor([m for r in rows for m in r]),
+                    torch.zeros(VOCAB, dtype=torch.bool))
+
+
+BAGS = bag_table()
 
 
 def random_rows(tokens: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -106,7 +127,7 @@ def random_rows(tokens: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 def random_batch(tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A collated training batch of about `tokens` positions (`collate_windows`, labels on)."""
-    return collate_windows(random_rows(tokens, seed), labels=True)
+    return collate_windows(random_rows(tokens, seed), labels=True, bags=BAGS)
 
 
 def flops_per_token(model: MotorModel, config: MotorConfig, points_per_token: float) -> float:
@@ -137,7 +158,7 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
         model.gradient_checkpointing_enable()
     forward = torch.compile(model, dynamic=True) if compiled else model
     rows = random_rows(tokens)
-    batch = {k: v.to(device) for k, v in collate_windows(rows, labels=True).items()}
+    batch = {k: v.to(device) for k, v in collate_windows(rows, labels=True, bags=BAGS).items()}
     # fused, as ehrmotor pretrain's Trainer (transformers >= 5: adamw_torch_fused) steps it
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     bf16 = precision == "bf16" or (precision == "auto" and auto_uses_bf16(
@@ -155,7 +176,7 @@ def run_one(shape: str, tokens: int, device: str, steps: int, precision: str,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = seconds_per_call(step, steps, device)
-    collate = seconds_per_call(lambda: collate_windows(rows, labels=True), 5, "cpu")
+    collate = seconds_per_call(lambda: collate_windows(rows, labels=True, bags=BAGS), 5, "cpu")
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:

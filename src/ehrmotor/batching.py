@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from ehrmotor.meds.read import US_PER_DAY
-from ehrmotor.prepare.bags import BagTable, expand_items
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.positions import TIME_FEATURES
 
 LENGTH_COLUMN = "times"
@@ -159,6 +159,34 @@ def _expanded(rows: Sequence[Mapping[str, torch.Tensor]], token_start: torch.Ten
     position = token_start[event_row] + (local - first[event_row] + 1).clamp(min=0)
     return expand_items(_cat(rows, "items").long(), _cat(rows, "event_items").long(), position,
                         tokens, bags)
+
+
+def expand_items(items: torch.Tensor, event_items: torch.Tensor, event_position: torch.Tensor,
+                 positions: int, table: BagTable
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """entries (int64), weights (float32) and bag sizes (int64, per position) of `positions`
+    positions whose events (`event_position`: each event's position, ascending) have
+    `event_items` items each, `items` concatenated in event order."""
+    offsets, members = torch.from_numpy(table.offsets), torch.from_numpy(table.members)
+    is_value = torch.from_numpy(table.value)
+    events = len(event_items)
+    item_event = torch.repeat_interleave(torch.arange(events), event_items)
+    starts, sizes = offsets[items], offsets[items + 1] - offsets[items]
+    owner = torch.repeat_interleave(torch.arange(len(items)), sizes)
+    first = torch.cumsum(sizes, 0) - sizes
+    rows = starts[owner] + torch.arange(len(owner)) - first[owner]
+    width = table.size
+    # Each event's bag: its members, once each, sorted by (event, entry).
+    pairs = torch.unique(item_event[owner] * width + members[rows])
+    event, entry = pairs // width, pairs % width
+    value = is_value[entry]
+    code_size = torch.bincount(event[~value], minlength=events)
+    weight = torch.where(value, 1.0, 1.0 / code_size[event].double()).float()
+    # Each position's bag: the union of its events' bags, the largest weight of each entry.
+    keys, inverse = torch.unique(event_position[event] * width + entry, return_inverse=True)
+    weights = torch.zeros(len(keys), dtype=torch.float32).scatter_reduce(
+        0, inverse, weight, "amax")
+    return keys % width, weights, torch.bincount(keys // width, minlength=positions)
 
 
 def _padded(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:

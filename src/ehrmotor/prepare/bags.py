@@ -7,12 +7,12 @@ in-vocabulary parents has several), and its value item is its numeric-bin or tex
 
 The bag table (`tokenizer/bags.npz`, CSR, written with the tokenizer) holds, per vocabulary entry,
 its row: for a code entry the in-vocabulary ancestors of its code (itself included, ascending),
-for a value entry the entry itself. `expand_items` turns items back into the positions' bags,
-exactly as `ehrmotor.prepare.positions` encodes them: an event's bag is the union of its code
-items' rows, each entry with weight 1 / size of that union, plus its value entry with weight 1;
-a position's bag is the union of its events' bags (several at position 0), each entry with the
-largest of its weights, entries ascending. The expansion is gathers and sorts over the batch
-(torch), no loop per event.
+for a value entry the entry itself. `ehrmotor.batching.expand_items` turns items back into the
+positions' bags, exactly as `ehrmotor.prepare.positions` encodes them: an event's bag is the
+union of its code items' rows, each entry with weight 1 / size of that union, plus its value
+entry with weight 1; a position's bag is the union of its events' bags (several at position 0),
+each entry with the largest of its weights, entries ascending. The expansion is gathers and
+sorts over the batch (torch), no loop per event.
 
     bags.npz: offsets int64 (entries + 1), members u32 (ascending in each row), value bool
               (per entry: a numeric-bin or text entry), format_version int64 (one value)
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from ehrmotor.errors import InputError
 from ehrmotor.prepare.ontology import Ontology
@@ -38,11 +37,12 @@ OLDER_LAYOUT = "prepared with an older layout: rerun `ehrmotor prepare`"
 
 @dataclass(frozen=True)
 class BagTable:
-    """Each vocabulary entry's bag row (see the module docstring); torch tensors for collate."""
+    """Each vocabulary entry's bag row (see the module docstring). numpy arrays, so that prepare's
+    workers need no torch; collate wraps them without copying (`torch.from_numpy`)."""
 
-    offsets: torch.Tensor  # int64, entries + 1
-    members: torch.Tensor  # int64
-    value: torch.Tensor  # bool, per entry
+    offsets: np.ndarray  # int64, entries + 1
+    members: np.ndarray  # int64
+    value: np.ndarray  # bool, per entry
 
     @property
     def size(self) -> int:
@@ -60,14 +60,12 @@ class BagTable:
         sizes = np.bincount(rows["index"].to_numpy(), minlength=entries.height)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         value = (entries["kind"] != "code").to_numpy()
-        return cls(torch.from_numpy(offsets), torch.from_numpy(rows["member"].to_numpy()
-                                                               .astype(np.int64)),
-                   torch.from_numpy(value))
+        return cls(offsets, rows["member"].to_numpy().astype(np.int64), value)
 
     def save(self, directory: Path) -> None:
         """Write `directory/bags.npz` (the caller's folder is a temporary one, renamed whole)."""
-        np.savez(directory / BAGS_FILE, offsets=self.offsets.numpy(),
-                 members=self.members.numpy().astype(np.uint32), value=self.value.numpy(),
+        np.savez(directory / BAGS_FILE, offsets=self.offsets,
+                 members=self.members.astype(np.uint32), value=self.value,
                  format_version=np.array([BAGS_FORMAT_VERSION]))
 
     @classmethod
@@ -85,8 +83,7 @@ class BagTable:
             raise InputError(f"{path}: not a bag table ({exc}); {OLDER_LAYOUT}") from exc
         if version != BAGS_FORMAT_VERSION:
             raise InputError(f"{path}: format_version {version}; {OLDER_LAYOUT}")
-        return cls(torch.from_numpy(offsets.astype(np.int64)),
-                   torch.from_numpy(members.astype(np.int64)), torch.from_numpy(value))
+        return cls(offsets.astype(np.int64), members.astype(np.int64), value.astype(bool))
 
 
 def _ancestor_pairs(codes: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology
@@ -120,32 +117,5 @@ def code_items(codes: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
 
 def _table_rows(table: BagTable) -> pl.DataFrame:
     """index, ancestor (u32): the table's rows as pairs."""
-    sizes = (table.offsets[1:] - table.offsets[:-1]).numpy()
-    index = np.repeat(np.arange(table.size, dtype=np.uint32), sizes)
-    return pl.DataFrame({"index": index, "ancestor": table.members.numpy().astype(np.uint32)})
-
-
-def expand_items(items: torch.Tensor, event_items: torch.Tensor, event_position: torch.Tensor,
-                 positions: int, table: BagTable
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """entries (int64), weights (float32) and bag sizes (int64, per position) of `positions`
-    positions whose events (`event_position`: each event's position, ascending) have
-    `event_items` items each, `items` concatenated in event order."""
-    events = len(event_items)
-    item_event = torch.repeat_interleave(torch.arange(events), event_items)
-    starts, sizes = table.offsets[items], table.offsets[items + 1] - table.offsets[items]
-    owner = torch.repeat_interleave(torch.arange(len(items)), sizes)
-    first = torch.cumsum(sizes, 0) - sizes
-    rows = starts[owner] + torch.arange(len(owner)) - first[owner]
-    width = table.size
-    # Each event's bag: its members, once each, sorted by (event, entry).
-    pairs = torch.unique(item_event[owner] * width + table.members[rows])
-    event, entry = pairs // width, pairs % width
-    value = table.value[entry]
-    code_size = torch.bincount(event[~value], minlength=events)
-    weight = torch.where(value, 1.0, 1.0 / code_size[event].double()).float()
-    # Each position's bag: the union of its events' bags, the largest weight of each entry.
-    keys, inverse = torch.unique(event_position[event] * width + entry, return_inverse=True)
-    weights = torch.zeros(len(keys), dtype=torch.float32).scatter_reduce(
-        0, inverse, weight, "amax")
-    return keys % width, weights, torch.bincount(keys // width, minlength=positions)
+    index = np.repeat(np.arange(table.size, dtype=np.uint32), np.diff(table.offsets))
+    return pl.DataFrame({"index": index, "ancestor": table.members.astype(np.uint32)})

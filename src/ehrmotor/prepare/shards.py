@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import torch
 
 from ehrmotor.config import TokenizerSettings, WindowSettings
 from ehrmotor.errors import InputError
@@ -263,10 +262,9 @@ def row_schema(vocabulary: int) -> pa.Schema:
 
 def expanded_entries(items: np.ndarray, table: BagTable) -> np.ndarray:
     """The distinct entries of the bag rows of `items` (the vocabulary entries they use)."""
-    items = torch.from_numpy(np.asarray(items, dtype=np.int64))
-    starts, stops = table.offsets[items], table.offsets[items + 1]
-    rows = torch.from_numpy(concat_ranges(starts.numpy(), (stops - starts).numpy()))
-    return torch.unique(table.members[rows]).numpy()
+    items = np.asarray(items, dtype=np.int64)
+    starts = table.offsets[items]
+    return np.unique(table.members[concat_ranges(starts, table.offsets[items + 1] - starts)])
 
 
 def write_shard_table(table: pa.Table, path: Path, schema: pa.Schema = ROW_SCHEMA) -> None:
