@@ -105,8 +105,8 @@ def bag_table() -> BagTable:
             chain.add(entry)
         rows.append(sorted(chain))
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    return BagTable(torch.from_numpy(offsets), torch.tensor([m for r in rows for m in r]),
-                    torch.zeros(VOCAB, dtype=torch.bool))
+    return BagTable(offsets.astype(np.int64), np.array([m for r in rows for m in r]),
+                    np.zeros(VOCAB, dtype=bool))
 
 
 BAGS = bag_table()
