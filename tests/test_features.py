@@ -28,6 +28,7 @@ from ehrmotor.cli import main
 from ehrmotor.embed import compute_features, read_labels, write_embeddings
 from ehrmotor.errors import InputError
 from ehrmotor.model import MotorModel
+from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.shards import load_prepared
 
 SECOND = timedelta(seconds=1)
@@ -237,7 +238,8 @@ def test_representation_at_a_training_point_equals_compute_features_there(
     model = MotorModel.from_pretrained(bundle).eval()
     # What the model computes at the sampled points of its training windows (one packed batch).
     with torch.no_grad():
-        trained = model(**collate_windows(rows)).representations
+        trained = model(**collate_windows(rows, bags=BagTable.load(
+            bundle.parent / "pretraining_files" / "tokenizer"))).representations
     labels = pl.DataFrame([
         (int(row["subject_id"]), at(int(row["times"][point])))
         for row in rows for point in row["points"].tolist()],
@@ -300,7 +302,8 @@ def test_tokens_per_batch_below_the_context_is_an_input_error_naming_both(
 def test_batches_padded_to_one_shape_give_the_same_representations(
         bundle: Path, subjects: Subjects) -> None:
     # CUDA pads every batch to tokens_per_batch; the padding must not reach real positions.
-    batch = collate_windows(one_window_training_rows(bundle, subjects, 4))
+    batch = collate_windows(one_window_training_rows(bundle, subjects, 4),
+                            bags=BagTable.load(bundle.parent / "pretraining_files" / "tokenizer"))
     model = MotorModel.from_pretrained(bundle).eval()
     with torch.no_grad():
         plain = model.encode(**{k: v for k, v in batch.items() if k != "point_indices"})
