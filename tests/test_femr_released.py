@@ -99,3 +99,39 @@ def test_refuses_missing_weights_and_a_hierarchical_flag(tmp_path: Path) -> None
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="is_hierarchical is true in femr's released"):
         convert_femr(model, tmp_path / "out")
+
+
+def test_cli_embeds_a_released_bundle(released_meds: Path, released_bundle: Path,
+                                      tmp_path: Path) -> None:
+    from ehrmotor.cli import main
+
+    labels, out = tmp_path / "labels.parquet", tmp_path / "emb.parquet"
+    pl.read_parquet(FIXTURE / "labels.parquet").head(8).write_parquet(labels)
+    assert main(["embed", "--meds", str(released_meds), "--model", str(released_bundle),
+                 "--labels", str(labels), "--out", str(out)]) == 0
+    femr = pl.read_parquet(FIXTURE / "features.parquet").rename({"feature_time": "prediction_time"})
+    joined = femr.join(pl.read_parquet(out), on=["subject_id", "prediction_time"])
+    assert joined.height == 8
+    diff = np.abs(np.stack(joined["embedding"].to_numpy())
+                  - np.stack(joined["embedding_right"].to_numpy()))
+    assert float(diff.max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("command", ["evaluate", "finetune"])
+def test_evaluate_and_finetune_refuse_a_converted_bundle_in_one_line(
+        command: str, released_meds: Path, released_bundle: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both read our own architecture only (load_bundle); a converted bundle is refused, in one
+    line naming its model_type, before any work (no crash, nothing written)."""
+    from ehrmotor.cli import main
+
+    labels = tmp_path / "labels.parquet"
+    pl.read_parquet(FIXTURE / "labels.parquet").with_columns(
+        boolean_value=pl.col("subject_id") % 2 == 0).write_parquet(labels)
+    out = tmp_path / "out"
+    args = [command, "--model", str(released_bundle), "--meds", str(released_meds),
+            "--labels", str(labels), "--out", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and 'model_type "ehrmotor-femr-hybrid"' in error[0]
+    assert not out.exists() or not any(out.iterdir())
