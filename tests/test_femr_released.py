@@ -135,3 +135,15 @@ def test_evaluate_and_finetune_refuse_a_converted_bundle_in_one_line(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and 'model_type "ehrmotor-femr-hybrid"' in error[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_refuses_labels_without_a_position(released_meds: Path, released_bundle: Path) -> None:
+    from ehrmotor.errors import InputError
+
+    first = pl.read_parquet(FIXTURE / "labels.parquet").head(1)
+    early = first.with_columns(pl.col("prediction_time") - pl.duration(days=365 * 200))
+    with pytest.raises(InputError, match=r"1 labels come before the subject's first position"):
+        compute_features(released_meds, released_bundle, early)
+    stranger = first.with_columns(subject_id=pl.lit(999_999, pl.Int64))
+    with pytest.raises(InputError, match=r"subjects \[999999\] have no femr positions"):
+        compute_features(released_meds, released_bundle, stranger)
