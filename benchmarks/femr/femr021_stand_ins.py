@@ -4,7 +4,8 @@ femr 0.2.1 imports `flash_attn` (CUDA only) at module level, but on CPU its atte
 `flash_attn_fallback` (femr.models.flash_attention): the stand-in only has to provide the names.
 femr 0.2.1's tasks module imports `esds_spec` (its data schema package, pinned to a version whose
 types it uses only in annotations): the stand-in provides `Patient` and `Label` as plain dicts.
-`install()` puts both modules into `sys.modules` before femr is imported.
+femr 0.2.0 imports the same package as `event_stream_data_standard`. `install()` puts these
+modules into `sys.modules` before femr is imported.
 """
 
 from __future__ import annotations
@@ -31,3 +32,4 @@ def install() -> None:
     esds.Label = dict
     sys.modules.setdefault("flash_attn", flash)
     sys.modules.setdefault("esds_spec", esds)
+    sys.modules.setdefault("event_stream_data_standard", esds)  # femr 0.2.0's name for it
