@@ -13,9 +13,9 @@ def add_convert_femr(commands: argparse._SubParsersAction) -> None:
         "convert-femr",
         help="convert a femr model folder into an ehrmotor bundle",
         description=(
-            "Convert a femr 0.2.4 model folder (config.json, model.safetensors, "
-            "dictionary.msgpack; e.g. one you pretrained with femr, or Stanford's released "
-            "weights as downloaded) into an ehrmotor bundle that `ehrmotor embed` and "
+            "Convert a femr model folder (config.json, model.safetensors, dictionary.msgpack) "
+            "of femr 0.2.4 or of femr's released layout (femr 0.2.0 / 0.2.1, e.g. Stanford's "
+            "CLMBR-T-base as downloaded) into an ehrmotor bundle that `ehrmotor embed` and "
             "`ehrmotor.compute_features` take as they take their own. Runs on CPU without CUDA "
             "or xformers. Same inputs, same bytes."
         ),
@@ -25,7 +25,8 @@ def add_convert_femr(commands: argparse._SubParsersAction) -> None:
                         "only if it is a bundle written by convert-femr)")
     parser.add_argument("--athena", help="the OHDSI Athena vocabulary folder the femr "
                         "tokenizer was trained with (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv, "
-                        "CONCEPT_ANCESTOR.csv); required for femr's hierarchical tokenizer")
+                        "CONCEPT_ANCESTOR.csv); required for femr 0.2.4's hierarchical tokenizer, "
+                        "ignored for the released layout's flat one")
     parser.set_defaults(run=_run_convert_femr)
 
 

@@ -4,7 +4,8 @@
 (`is_femr_bundle`). The result is ehrmotor's: one row per label, sorted by (subject_id,
 prediction_time), feature_times the labels' prediction times, features float32 (n, hidden).
 
-What femr 0.2.4's own compute_features computes, label by label:
+A bundle of femr's released layout (femr 0.2.0 / 0.2.1) is featurized by `femr_released`
+(whole histories, flat tokens). What femr 0.2.4's own compute_features computes, label by label:
 - positions and bags as femr builds them (`femr_tokens`); a label reads the last position at or
   before its prediction_time. Labels before a subject's first position after the birth day are
   refused (femr silently drops them and every later label of that subject).
@@ -41,6 +42,14 @@ from ehrmotor.convert.femr_folder import (
     WEIGHTS_FILE,
 )
 from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig, FemrHybridEncoder
+from ehrmotor.convert.femr_released import (
+    LAYOUT as RELEASED,
+)
+from ehrmotor.convert.femr_released import (
+    FemrReleasedEncoder,
+    flat_vocabulary,
+    released_features,
+)
 from ehrmotor.convert.femr_tokens import TIME_COLUMNS, FemrVocabulary, femr_positions
 from ehrmotor.errors import BundleError, InputError
 
@@ -54,9 +63,9 @@ REMOVED_VOCABULARIES = ("SPL", "HemOnc")  # never ancestors unless the data has 
 class FemrBundle:
     path: Path
     config: FemrHybridConfig
-    model: FemrHybridEncoder
-    vocabulary: FemrVocabulary
-    parents: pl.DataFrame  # code, parent
+    model: FemrHybridEncoder | FemrReleasedEncoder
+    vocabulary: FemrVocabulary | dict[str, pl.DataFrame]  # the latter: `flat_vocabulary`
+    parents: pl.DataFrame  # code, parent (empty for the released layout)
 
 
 def is_femr_bundle(path: str | Path) -> bool:
@@ -72,12 +81,15 @@ def load_femr_bundle(path: str | Path) -> FemrBundle:
     bundle = Path(path)
     try:
         config = FemrHybridConfig.from_json_file(bundle / CONFIG_FILE)
-        model = FemrHybridEncoder(config)
+        released = config.layout == RELEASED
+        model = FemrReleasedEncoder(config) if released else FemrHybridEncoder(config)
         weights = load_file(bundle / WEIGHTS_FILE)
         encoder = {k: v for k, v in weights.items() if not k.startswith("head.")}
         model.load_state_dict(encoder, strict=True)
-        vocabulary = FemrVocabulary.load(bundle / DICTIONARY_FILE)
-        parents = pl.read_parquet(bundle / ONTOLOGY_DIR / PARENTS_FILE)
+        vocabulary = (flat_vocabulary(bundle / DICTIONARY_FILE) if released
+                      else FemrVocabulary.load(bundle / DICTIONARY_FILE))
+        parents = (pl.DataFrame(schema={"code": pl.String, "parent": pl.String}) if released
+                   else pl.read_parquet(bundle / ONTOLOGY_DIR / PARENTS_FILE))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BundleError(f"{bundle}: not a usable converted femr bundle "
                           f"({' '.join(str(exc).split())[:300]})") from exc
@@ -254,6 +266,11 @@ def femr_features(db: Any, bundle: FemrBundle, labels: pl.DataFrame,
     if table.is_empty():
         return result
     events = read_events(db, table["subject_id"].unique().sort().to_numpy())
+    if isinstance(bundle.model, FemrReleasedEncoder) and isinstance(bundle.vocabulary, dict):
+        released_features(bundle.model, bundle.vocabulary, events, table, budget,
+                          result["features"])
+        return result
+    assert isinstance(bundle.vocabulary, FemrVocabulary)
     ancestors = ancestors_of(bundle.parents, events["code"])
     positions, bags = femr_positions(events, bundle.vocabulary, ancestors)
     located = label_positions(table.select("label", "subject_id", "prediction_time"), positions)

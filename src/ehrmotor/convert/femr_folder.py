@@ -1,17 +1,22 @@
 """Read a femr model folder, check it, and write it as an ehrmotor femr bundle (`convert_femr`).
 
-A femr model folder (femr 0.2.4 `FEMRModel.save_pretrained` + `HierarchicalTokenizer.
-save_pretrained`) holds config.json (with `transformer_config`, optionally `task_config`),
-model.safetensors and dictionary.msgpack. The bundle written (same bytes for the same inputs):
+A femr model folder (`FEMRModel.save_pretrained` + the tokenizer's `save_pretrained`) holds
+config.json (with `transformer_config`, optionally `task_config`), model.safetensors and
+dictionary.msgpack. The bundle written (same bytes for the same inputs):
 
-    config.json         FemrHybridConfig (model_type "ehrmotor-femr-hybrid")
+    config.json         FemrHybridConfig (model_type "ehrmotor-femr-hybrid"; `layout` "hybrid" for
+                        femr 0.2.4, "released" for femr 0.2.0 / 0.2.1, see femr_released)
     model.safetensors   the weights under our names (`femr_weight_name`), keys sorted
     dictionary.msgpack  femr's dictionary, byte for byte (femr's tokenizer semantics read it)
-    ontology/parents.parquet   code, parent: the Athena parent edges (`--athena`), sorted
+    ontology/parents.parquet   code, parent: the Athena parent edges (`--athena`), sorted (the
+                        hierarchical tokenizer of femr 0.2.4 only; the released layout's flat
+                        tokenizer needs none and --athena is ignored there)
 
-Refusals (ConversionError, one line): not a femr model folder; a femr layout or version this
-does not know (the keys it did not expect are named, e.g. the pre-Hawk layout's `*.norm.scale`);
-a non-hierarchical tokenizer; a hierarchical tokenizer without an ontology.
+The layout is told by the weights: `transformer.in_norm.scale` is the released layout, else
+femr 0.2.4's. Refusals (ConversionError, one line): not a femr model folder; a femr layout or
+version this does not know (the keys it did not expect are named); femr 0.2.4 with a flat
+tokenizer, the released layout with a hierarchical one; a hierarchical tokenizer without an
+ontology.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig
+from ehrmotor.convert.femr_released import LAYOUT as RELEASED
+from ehrmotor.convert.femr_released import released_config
 from ehrmotor.errors import InputError, OutputError, one_line
 
 CONFIG_FILE = "config.json"
@@ -82,17 +89,27 @@ def read_femr_config(folder: Path) -> dict[str, Any]:
     return raw
 
 
-def hybrid_config(raw: dict[str, Any], folder: Path) -> FemrHybridConfig:
-    """Our config from femr's (femr 0.2.4 defaults for absent transformer_config fields)."""
+def hybrid_config(raw: dict[str, Any], folder: Path, layout: str = "hybrid"
+                  ) -> FemrHybridConfig:
+    """Our config from femr's (femr's defaults for absent transformer_config fields)."""
     layer = raw["transformer_config"]
     defaults = {"vocab_size": 32768, "is_hierarchical": False, "hidden_size": 768,
                 "intermediate_size": 3072, "n_heads": 12, "n_layers": 6, "attention_width": 496,
                 "use_normed_ages": False, "use_bias": True, "hidden_act": "gelu"}
     values = {k: layer.get(k, defaults[k]) for k in TRANSFORMER_KEYS}
+    task = raw.get("task_config") or {}
+    if layout == RELEASED:
+        if values["is_hierarchical"]:
+            raise ConversionError(f"{folder / CONFIG_FILE}: is_hierarchical is true in femr's "
+                                  "released layout (femr 0.2.0 / 0.2.1 run only a flat tokenizer)")
+        try:
+            return released_config(values, task)
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"{folder / CONFIG_FILE}: unsupported transformer_config "
+                                  f"({exc})") from exc
     if not values["is_hierarchical"]:
         raise ConversionError(f"{folder / CONFIG_FILE}: is_hierarchical is false; only femr's "
                               "hierarchical tokenizer is supported (femr 0.2.4 runs no other)")
-    task = raw.get("task_config") or {}
     motor = dict(task.get("task_kwargs", {})) if task.get("task_type") == "motor" else {}
     if "time_bins" in motor:  # strict JSON: femr's last bin edge, infinity, is written as null
         motor["time_bins"] = [b if math.isfinite(b) else None for b in motor["time_bins"]]
@@ -102,14 +119,41 @@ def hybrid_config(raw: dict[str, Any], folder: Path) -> FemrHybridConfig:
             intermediate_size=int(values["intermediate_size"]), num_heads=int(values["n_heads"]),
             num_layers=int(values["n_layers"]), attention_width=int(values["attention_width"]),
             use_normed_ages=bool(values["use_normed_ages"]), hidden_act=str(values["hidden_act"]),
-            use_bias=bool(values["use_bias"]), motor_task=dict(motor))
+            use_bias=bool(values["use_bias"]), motor_task=dict(motor),
+            task_type=str(task.get("task_type") or ""))
     except (TypeError, ValueError) as exc:
         raise ConversionError(f"{folder / CONFIG_FILE}: unsupported transformer_config "
                               f"({exc})") from exc
 
 
-def femr_weight_name(name: str) -> str | None:
-    """Our name for a femr 0.2.4 weight name, or None for a name that layout does not have."""
+def released_weight_name(name: str) -> str | None:
+    """Our name for a femr 0.2.0 / 0.2.1 weight name, or None for one that layout lacks."""
+    if name in ("task_model.final_layer.weight", "task_model.final_layer.bias"):
+        return "head." + name.removeprefix("task_model.")  # the CLMBR head
+    rest = name.removeprefix("transformer.")
+    if rest in ("embed.weight", "in_norm.scale", "out_norm.scale"):
+        return rest.replace(".scale", ".weight")
+    layer = re.fullmatch(r"layers\.(\d+)\.(norm\.scale|(input|output)_proj\.(weight|bias))", rest)
+    if layer and name.startswith("transformer."):
+        return f"layers.{layer[1]}.{layer[2].replace('.scale', '.weight')}"
+    return None
+
+
+def femr_layout(folder: Path) -> str:
+    """"released" when the weights hold femr 0.2.0 / 0.2.1's `transformer.in_norm.scale`."""
+    path = folder / WEIGHTS_FILE
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: unreadable safetensors file ({one_line(exc)})") from exc
+    return RELEASED if "transformer.in_norm.scale" in names else "hybrid"
+
+
+def femr_weight_name(name: str, layout: str = "hybrid") -> str | None:
+    """Our name for a femr weight name, or None for a name that layout does not have."""
+    if layout == RELEASED:
+        return released_weight_name(name)
     head = re.fullmatch(r"task_model\.(.+)", name)
     if head:
         return f"head.{head[1]}" if head[1] in MOTOR_HEAD else None
@@ -143,16 +187,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def mapped_weights(folder: Path, config: FemrHybridConfig) -> dict[str, torch.Tensor]:
     """femr's tensors under our names; refuses unexpected, missing or misshapen tensors."""
     from ehrmotor.convert.femr_model import FemrHybridEncoder
+    from ehrmotor.convert.femr_released import FemrReleasedEncoder
 
     weights = _read_weights(folder / WEIGHTS_FILE)
-    unknown = sorted(n for n in weights if femr_weight_name(n) is None)
+    unknown = sorted(n for n in weights if femr_weight_name(n, config.layout) is None)
     if unknown:
-        layout = (" (femr's layout before Hawk: RMSNorm `scale`, not supported yet)"
-                  if any(n.endswith(".scale") for n in unknown) else "")
-        raise ConversionError(f"{folder / WEIGHTS_FILE}: not a femr 0.2.4 model{layout}; "
-                              f"unexpected keys {_named(unknown)}")
-    ours = {femr_weight_name(n): t.float().contiguous() for n, t in weights.items()}
-    expected = {n: p.shape for n, p in FemrHybridEncoder(config).state_dict().items()}
+        known = ("femr 0.2.0 / 0.2.1 (released layout)" if config.layout == RELEASED
+                 else "femr 0.2.4")
+        raise ConversionError(f"{folder / WEIGHTS_FILE}: not a {known} model; unexpected keys "
+                              f"{_named(unknown)}")
+    ours = {femr_weight_name(n, config.layout): t.float().contiguous()
+            for n, t in weights.items()}
+    encoder = FemrReleasedEncoder if config.layout == RELEASED else FemrHybridEncoder
+    expected = {n: p.shape for n, p in encoder(config).state_dict().items()}
     missing = sorted(n for n in expected if n not in ours)
     wrong = sorted(n for n, shape in expected.items() if n in ours and ours[n].shape != shape)
     if missing or wrong:
@@ -166,7 +213,8 @@ def _check_dictionary(folder: Path, config: FemrHybridConfig) -> None:
     try:
         dictionary = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
         size = len(dictionary["vocab"])
-        dictionary["age_stats"]["age"]["std"]  # noqa: B018  (femr's time features need it)
+        if config.layout != RELEASED:
+            dictionary["age_stats"]["age"]["std"]  # noqa: B018  (femr's time features need it)
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise ConversionError(f"{path}: not a femr dictionary ({one_line(exc)})") from exc
     if size != config.vocab_size:
@@ -199,10 +247,11 @@ def _check_replaceable(target: Path) -> None:
 def convert_femr(folder: str | Path, out: str | Path, athena: str | Path | None = None) -> Path:
     """Convert the femr model at `folder` into a bundle at `out` (replaced atomically)."""
     source, target = Path(folder), Path(out)
-    config = hybrid_config(read_femr_config(source), source)
+    raw = read_femr_config(source)
+    config = hybrid_config(raw, source, femr_layout(source))
     _check_dictionary(source, config)
     weights = mapped_weights(source, config)
-    if athena is None:
+    if athena is None and config.layout != RELEASED:
         raise ConversionError(f"{source / CONFIG_FILE}: the tokenizer is hierarchical; give the "
                               "Athena vocabulary it was trained with (--athena DIR)")
     _check_replaceable(target)
@@ -213,7 +262,8 @@ def convert_femr(folder: str | Path, out: str | Path, athena: str | Path | None 
         (staging / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
         save_file(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         shutil.copyfile(source / DICTIONARY_FILE, staging / DICTIONARY_FILE)
-        _write_parents(Path(athena), staging / ONTOLOGY_DIR)
+        if athena is not None and config.layout != RELEASED:
+            _write_parents(Path(athena), staging / ONTOLOGY_DIR)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

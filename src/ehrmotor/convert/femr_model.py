@@ -47,6 +47,8 @@ class FemrHybridConfig:
     hidden_act: str
     use_bias: bool = True
     femr_version: str = "0.2.4"
+    layout: str = "hybrid"  # "hybrid" (femr 0.2.4) or "released" (femr 0.2.0 / 0.2.1)
+    task_type: str = ""  # femr's task head saved with the model: "motor", "clmbr" or none
     motor_task: dict[str, Any] = field(default_factory=dict)  # femr's task_kwargs, as saved
     model_type: str = MODEL_TYPE
 
