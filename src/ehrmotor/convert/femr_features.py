@@ -50,7 +50,12 @@ from ehrmotor.convert.femr_released import (
     flat_vocabulary,
     released_features,
 )
-from ehrmotor.convert.femr_tokens import TIME_COLUMNS, FemrVocabulary, femr_positions
+from ehrmotor.convert.femr_tokens import (
+    TIME_COLUMNS,
+    FemrVocabulary,
+    femr_positions,
+    locate_labels,
+)
 from ehrmotor.errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
@@ -130,21 +135,9 @@ def read_events(db: Any, subjects: np.ndarray) -> pl.DataFrame:
 def label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
     """labels plus `position`: the last position >= 1 at or before prediction_time."""
     later = positions.filter(pl.col("position") >= 1).select("subject_id", "time", "position")
-    known = positions["subject_id"].unique().implode()
-    unknown = labels.filter(~pl.col("subject_id").is_in(known))
-    if unknown.height:
-        shown = unknown["subject_id"].unique().sort().head(3).to_list()
-        raise InputError(f"labels: subjects {shown} are not in the data")
-    located = labels.sort("prediction_time").join_asof(
-        later.sort("time"), left_on="prediction_time", right_on="time", by="subject_id",
-        strategy="backward", check_sortedness=False).sort("label")
-    early = located.filter(pl.col("position").is_null())
-    if early.height:
-        row = early.row(0, named=True)
-        raise InputError(f"labels: {early.height} labels come before the subject's first event "
-                         f"after the birth day, e.g. subject {row['subject_id']} at "
-                         f"{row['prediction_time']}; a femr model has no features there")
-    return located
+    return locate_labels(labels, later, "position", missing="are not in the data",
+                         before="the subject's first event after the birth day",
+                         known=positions["subject_id"])
 
 
 def femr_windows(label_positions: np.ndarray, max_length: int) -> list[tuple[int, int]]:

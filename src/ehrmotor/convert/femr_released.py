@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ehrmotor.convert.femr_model import FemrHybridConfig, rotary_tables, rotate
-from ehrmotor.errors import InputError
+from ehrmotor.convert.femr_tokens import locate_labels
 from ehrmotor.model.attention import local_attention
 
 if TYPE_CHECKING:
@@ -154,20 +154,8 @@ def _located(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
     """labels plus `row`: the index in `positions` of the last position at or before each."""
     rows = positions.with_row_index("row").select("subject_id", "time",
                                                   pl.col("row").cast(pl.Int64))
-    unknown = labels.join(rows, on="subject_id", how="anti")
-    if unknown.height:
-        shown = unknown["subject_id"].unique().sort().head(3).to_list()
-        raise InputError(f"labels: subjects {shown} have no femr positions in the data")
-    located = labels.sort("prediction_time").join_asof(
-        rows.sort("time"), left_on="prediction_time", right_on="time", by="subject_id",
-        strategy="backward", check_sortedness=False).sort("label")
-    early = located.filter(pl.col("row").is_null())
-    if early.height:
-        row = early.row(0, named=True)
-        raise InputError(f"labels: {early.height} labels come before the subject's first "
-                         f"position, e.g. subject {row['subject_id']} at "
-                         f"{row['prediction_time']}; a femr model has no features there")
-    return located
+    return locate_labels(labels, rows, "row", missing="have no femr positions in the data",
+                         before="the subject's first position")
 
 
 def released_features(model: FemrReleasedEncoder, vocabulary: dict[str, pl.DataFrame],

@@ -167,3 +167,26 @@ def femr_positions(events: pl.DataFrame, vocabulary: FemrVocabulary, ancestors: 
                                                               maintain_order=True)
     return (positions.sort("subject_id", "position"),
             bag_rows.select("subject_id", "position", "entry", "weight"))
+
+
+def locate_labels(labels: pl.DataFrame, rows: pl.DataFrame, column: str, *, missing: str,
+                  before: str, known: pl.Series | None = None) -> pl.DataFrame:
+    """labels (label, subject_id, prediction_time) plus `column` of the last row of `rows`
+    (subject_id, time, column) at or before each label's time, in label order; InputError when a
+    subject has no row ("subjects [...] `missing`") or a label comes before its first ("... come
+    before `before`"). `known`: the subjects in the data, if not all are in `rows`."""
+    known = (rows["subject_id"] if known is None else known).unique().implode()
+    unknown = labels.filter(~pl.col("subject_id").is_in(known))
+    if unknown.height:
+        shown = unknown["subject_id"].unique().sort().head(3).to_list()
+        raise InputError(f"labels: subjects {shown} {missing}")
+    located = labels.sort("prediction_time").join_asof(
+        rows.sort("time"), left_on="prediction_time", right_on="time", by="subject_id",
+        strategy="backward", check_sortedness=False).sort("label")
+    early = located.filter(pl.col(column).is_null())
+    if early.height:
+        row = early.row(0, named=True)
+        raise InputError(f"labels: {early.height} labels come before {before}, e.g. subject "
+                         f"{row['subject_id']} at {row['prediction_time']}; a femr model has no "
+                         f"features there")
+    return located
