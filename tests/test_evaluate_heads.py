@@ -216,13 +216,24 @@ def test_heads_take_missing_features(train: Cohort, test: Cohort) -> None:
 
 
 def test_inner_folds_keep_a_subjects_rows_together() -> None:
-    groups = np.repeat(np.arange(30), 4)
-    strata = np.repeat(np.arange(30) % 3 == 0, 4)
+    groups = np.repeat(np.arange(45), 4)
+    strata = np.repeat(np.arange(45) % 3 == 0, 4)  # 15 event subjects, 60 event rows
     folds = inner_folds(strata, seed=0, groups=groups)
     assert len(folds) == 3
     for train_rows, val_rows in folds:
         assert not set(groups[train_rows]) & set(groups[val_rows])
-        assert strata[val_rows].any()
+        assert len(np.unique(groups[val_rows][strata[val_rows]])) >= 4
+
+
+def test_no_inner_folds_below_five_event_subjects_per_fold() -> None:
+    """14 event subjects (56 event rows) are too few to score a penalty on 3 folds; 15 are not.
+    Without groups the rows count."""
+    groups = np.repeat(np.arange(60), 4)
+    assert inner_folds(np.repeat(np.arange(60) < 14, 4), seed=0, groups=groups) == []
+    assert len(inner_folds(np.repeat(np.arange(60) < 15, 4), seed=0, groups=groups)) == 3
+    assert len(inner_folds(np.repeat(np.arange(60) < 14, 4), seed=0, groups=None)) == 3
+    assert inner_folds(np.arange(60) < 14, seed=0, groups=None) == []
+    assert inner_folds(np.arange(60) >= 46, seed=0, groups=None) == []  # the rarer side counts
 
 
 @pytest.mark.parametrize("event_subjects", [1, 2, 3])

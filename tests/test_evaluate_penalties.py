@@ -21,7 +21,14 @@ from ehrmotor.evaluate.heads import (
 from ehrmotor.evaluate.metrics import auroc, harrell_c
 from ehrmotor.evaluate.penalties import one_se_choice, penalty_factors, standardiser
 from ehrmotor.evaluate.piecewise import fit_piecewise_exponential
-from ehrmotor.evaluate.protocol import Targets, TaskData, fit_task, kshot_draws, methods_for
+from ehrmotor.evaluate.protocol import (
+    Draw,
+    Targets,
+    TaskData,
+    fit_task,
+    kshot_draws,
+    methods_for,
+)
 
 EDGES = [0.0, 30.0, 90.0, 180.0, 365.0, 730.0]
 
@@ -193,3 +200,32 @@ def test_no_head_falls_below_the_age_baseline_when_only_age_matters(kind: str, s
     assert age > 0.8
     assert len(means) == len(methods_for(kind)) - 1
     assert all(mean >= age - 0.01 for mean in means.values()), (age, means)
+
+
+@pytest.mark.parametrize("kind", ["time_to_event", "binary"])
+def test_a_draw_with_too_few_events_ranks_every_head_as_the_baseline(kind: str) -> None:
+    """Under 15 event subjects in the draw: no penalty is chosen, so every adjusted head is at the
+    strongest end of its path, where its only unpenalised column is the baseline's score: each
+    ranks the test rows exactly as the age (+sex) baseline does (a noisy sex column that the raw
+    demographics would carry unpenalised, or a weaker penalty, would rank otherwise)."""
+    test_rows, pool = 600, 400
+    time, event, features = only_age(test_rows + pool, seed=1)
+    sex = np.random.default_rng(9).integers(0, 2, test_rows + pool).astype(np.float64)
+    features["demographics"] = np.column_stack([features["demographics"][:, 0], sex, 1 - sex])
+    subjects = np.arange(test_rows + pool)
+    label = event & (time < 365)
+    targets = Targets(time, event) if kind == "time_to_event" else Targets(None, label)
+    data = TaskData(subjects, subjects, targets, subjects[:test_rows], subjects[test_rows:])
+    pool_events = subjects[test_rows:][label[test_rows:]]
+    pool_others = subjects[test_rows:][~label[test_rows:]]
+    draw = Draw(64, 0, np.sort(np.r_[pool_events[:8], pool_others[:56]]))
+    fits = fit_task(data, methods_for(kind), features, [draw], seed=0, bin_edges_days=EDGES,
+                    horizon_days=365)
+    baseline = "age_sex_cox" if kind == "time_to_event" else "age_sex_logistic"
+    base = fits.pop(baseline)[0].risk
+    assert base is not None and np.ptp(base) > 0
+    order = np.argsort(base, kind="stable")
+    for name, (fit,) in fits.items():
+        assert fit.risk is not None, name
+        steps = np.diff(fit.risk[order])
+        assert np.all(steps >= -1e-9 * np.abs(fit.risk).max()), name  # same order as the baseline

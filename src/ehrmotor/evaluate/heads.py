@@ -16,9 +16,10 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
   by the one-standard-error rule on held-out log-likelihood of the recalibrated log-odds
   (`_logistic_scores`).
 
-Every fit takes `unpenalised`: its last columns (the demographics the protocol appends to MOTOR
-and count features) are left out of the penalty, so that the path's strongest end is the
-demographic model rather than a constant.
+Every fit takes `unpenalised`: its last columns (the demographic baseline's score the protocol
+appends to MOTOR and count features) are left out of the penalty, and the path's strongest end is
+the model of those columns alone rather than a constant. A draw with too few events for inner
+folds (`penalties.inner_folds`) keeps that strongest end.
 - Elsewhere: `fit_piecewise_exponential` (the MOTOR head, `ehrmotor.evaluate.piecewise`);
   LightGBM heads boosted from these linear fits (`ehrmotor.evaluate.boosted`).
 
@@ -208,7 +209,7 @@ def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
                             np.nan)
 
         scores = fold_scores(inner_folds(event, seed, groups), len(alphas), held_out_c)
-        best = one_se_choice(scores, default=len(alphas) // 2)
+        best = one_se_choice(scores, default=0)
     days, hazard = _breslow(path.predict(x, alpha=alphas[best]), time, event)
     if fallback is not None:
         fallback += f", alpha {alphas[best]:.3g} chosen"
@@ -289,7 +290,8 @@ def logistic_path(z: np.ndarray, label: np.ndarray,
     start = unpenalised_start(factors, null)
     _, gradient = _logistic_loss(start, z, label.astype(np.float64))
     return path_from(gradient[:-1][~free], LOGISTIC_L1_RATIO, LOGISTIC_PATH_START,
-                     LOGISTIC_PENALTY_SPAN, LOGISTIC_N_PENALTIES), start
+                     LOGISTIC_PENALTY_SPAN, LOGISTIC_N_PENALTIES,
+                     adjusted=bool(free.any())), start
 
 
 def _logistic_scores(z: np.ndarray, label: np.ndarray, penalties: np.ndarray,
@@ -327,7 +329,7 @@ def fit_logistic(x: np.ndarray, label: np.ndarray, *, seed: int,
         scores = fold_scores(inner_folds(label, seed, groups), len(penalties),
                              lambda train, val: _logistic_scores(z, y, penalties, factors,
                                                                  train, val))
-        best = one_se_choice(scores, default=len(penalties) // 2)
+        best = one_se_choice(scores, default=0)
         for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
             params = _fit_logistic_at(z, y, float(penalty), factors, params)
     return ClassifierHead(LogisticModel(scaling, params[:-1], float(params[-1]),

@@ -3,7 +3,9 @@ rule, on features standardised by the training draw alone.
 
 - `inner_folds`: stratified inner folds of a draw's training rows; with `groups` (each row's
   subject id) a subject's rows are all on one side, so that its labels never inform both the fit
-  and the score of a fold.
+  and the score of a fold. None when the draw has too few events (or of a class) for a held-out
+  score to mean anything: every head then keeps the strongest penalty of its path (with the
+  demographics unpenalised: the demographic model), LightGBM no rounds.
 - `fold_scores`: a (folds, options) matrix of held-out scores (higher is better), nan where a
   fold could not score an option.
 - `one_se_choice`: the index of the strongest penalty whose mean score is within one standard
@@ -33,6 +35,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 INNER_FOLDS = 3
+# Subjects (rows without groups) of the rarer side (events, or the rarer class) each inner
+# validation fold needs: with fewer, held-out scores are noise and no penalty is chosen.
+MIN_VALIDATION_SIDE = 5
 MAX_ITER = 500  # L-BFGS-B iterations of one fit on the path (warm-started from the previous)
 
 Fold = tuple[np.ndarray, np.ndarray]  # (training rows, validation rows)
@@ -40,22 +45,21 @@ Smooth = Callable[[np.ndarray], tuple[float, np.ndarray]]  # params -> (loss, gr
 
 
 def inner_folds(strata: np.ndarray, seed: int, groups: np.ndarray | None) -> list[Fold]:
-    """Stratified inner folds, by subject when `groups` is given; none when too small.
-
-    With groups, the folds are bounded by the subjects on each side of `strata` (a subject with
-    many label rows counts once), and folds whose training or validation part lacks either side
-    are left out: when a draw's events belong to two subjects, a fold would otherwise train
-    without any event."""
+    """INNER_FOLDS stratified inner folds, by subject when `groups` is given; none when the rarer
+    side of `strata` has fewer than INNER_FOLDS × MIN_VALIDATION_SIDE subjects (a subject with
+    many label rows counts once; rows without groups): a fold scored on one or two events says
+    nothing, so the caller keeps its strongest penalty. Folds whose training or validation part
+    lacks either side are left out."""
     strata = np.asarray(strata, dtype=bool)
     if groups is None:
-        splits = min(INNER_FOLDS, int(strata.sum()), int((~strata).sum()))
+        rarer = min(int(strata.sum()), int((~strata).sum()))
     else:
-        splits = min(INNER_FOLDS, len(np.unique(groups[strata])), len(np.unique(groups[~strata])))
-    if splits < 2:
+        rarer = min(len(np.unique(groups[strata])), len(np.unique(groups[~strata])))
+    if rarer < INNER_FOLDS * MIN_VALIDATION_SIDE:
         return []
     kind = StratifiedKFold if groups is None else StratifiedGroupKFold
-    folds = kind(splits, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata,
-                                                                groups)
+    folds = kind(INNER_FOLDS, shuffle=True, random_state=seed).split(np.zeros(len(strata)),
+                                                                     strata, groups)
     return [(train, val) for train, val in folds
             if all(0 < strata[part].sum() < len(part) for part in (train, val))]
 
@@ -145,10 +149,12 @@ def unpenalised_start(factors: np.ndarray, free_fit: np.ndarray) -> np.ndarray:
 
 
 def path_from(gradient: np.ndarray, l1_ratio: float, start: float, span: float,
-              count: int) -> np.ndarray:
+              count: int, *, adjusted: bool = False) -> np.ndarray:
     """`count` penalties, strongest first, from `start` × the one at which every penalised
     coefficient is 0 (max |gradient| of the loss in them at the unpenalised fit, over
-    `l1_ratio`) down by a factor `span`."""
+    `l1_ratio`) down by a factor `span`. `adjusted` (some columns unpenalised): that zero point
+    itself comes first, so that the path's strongest end is the unpenalised columns' model."""
     gradient = np.abs(np.asarray(gradient, dtype=np.float64))
     strongest = float(gradient.max()) / l1_ratio if gradient.size and gradient.max() > 0 else 1.0
-    return strongest * np.geomspace(start, start / span, count)
+    path = strongest * np.geomspace(start, start / span, count)
+    return np.r_[strongest, path] if adjusted else path

@@ -145,7 +145,7 @@ def _penalty_path(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
     residual = exposure * np.exp(eta) - events
     gradient = np.einsum("nb,nbf->f", residual, phi[:, :, ~free]) / len(phi)
     return path_from(gradient, PE_L1_RATIO, PE_PATH_START, PE_PENALTY_SPAN,
-                     PE_N_PENALTIES), start
+                     PE_N_PENALTIES, adjusted=bool(free.any())), start
 
 
 def _held_out_likelihood(phi: np.ndarray, exposure: np.ndarray, events: np.ndarray,
@@ -206,7 +206,7 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
                              lambda train, val: _held_out_likelihood(
                                  phi, exposure, events, penalties, prior_exposure, factors,
                                  train, val))
-        best = one_se_choice(scores, default=len(penalties) // 2)
+        best = one_se_choice(scores, default=0)
         for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
             params = _fit_poisson(phi, exposure, events, float(penalty), prior_exposure, factors,
                                   params)

@@ -12,12 +12,13 @@ which heads are fitted on which features.
   embeddings, and a Cox model and LightGBM on the count features; for binary labels logistic
   regression on either, and LightGBM on counts. The demographic baseline (age, and sex where
   the data has it) is fitted beside them: a Cox model for time to event, logistic regression
-  for binary labels. Every other head adjusts for the demographics: their columns are appended
-  to its features and left unpenalised (`with_demographics`), so that a head whose penalty
-  removes every other feature is the demographic model, and "MOTOR − best baseline" measures
-  what the representation adds to age and sex. A draw whose training labels cannot be fitted
-  (no event, one class, or a `HeadError` from the head) is skipped and counted, never dropped
-  silently.
+  for binary labels. It is fitted first on each draw, and every other head adjusts for it: its
+  score (the baseline's linear predictor; the raw demographic columns if the baseline could not
+  be fitted) is appended to the head's features and left unpenalised (`with_demographics`), so
+  that a head whose penalty removes every other feature ranks exactly as the baseline does, and
+  "MOTOR − best baseline" measures what the representation adds to age and sex. A draw whose
+  training labels cannot be fitted (no event, one class, or a `HeadError` from the head) is
+  skipped and counted, never dropped silently.
 
 `fit_task` returns each fit's predictions on the task's test rows (`Fit`): the risk score, and
 for time to event the survival curve at the days the integrated Brier score is read at and at
@@ -38,6 +39,7 @@ from ehrmotor.evaluate.heads import (
     CoxHead,
     Head,
     HeadError,
+    LogisticModel,
     fit_cox,
     fit_logistic,
 )
@@ -118,8 +120,9 @@ class FitContext:
     groups: np.ndarray  # subject id of each training row: inner folds keep a subject together
     bin_edges_days: Sequence[float]  # the MOTOR time bins
     horizon_days: float  # piecewise heads score the cumulative hazard up to here
-    # The heads fitted on this draw so far, by method name: LightGBM starts from the linear head
-    # of the same features (`_fit_one` adds each).
+    # The heads fitted on this draw so far, by method name (`_fit_one` adds each): LightGBM
+    # starts from the linear head of the same features, every adjusted head takes the
+    # demographic baseline's score.
     fitted: dict[str, Head] = field(default_factory=dict)
 
 
@@ -233,14 +236,28 @@ def with_demographics(x: np.ndarray, demographics: np.ndarray) -> np.ndarray:
     return np.concatenate([x, demographics.astype(x.dtype)], axis=-1)
 
 
-def _design(method: Method, features: dict[str, np.ndarray],
-            rows: np.ndarray) -> tuple[np.ndarray, int]:
-    """The method's feature rows and how many trailing columns are unpenalised."""
+def baseline_score(head: Head | None, demographics: np.ndarray) -> np.ndarray | None:
+    """(n, 1) the linear predictor of a fitted demographic baseline (Cox risk, logistic
+    log-odds) at these demographic rows; None for another head or none."""
+    if isinstance(head, CoxHead):
+        return head.risk(demographics)[:, None]
+    model = getattr(head, "model", None) if isinstance(head, ClassifierHead) else None
+    if isinstance(model, LogisticModel):
+        return model.decision_function(demographics)[:, None]
+    return None
+
+
+def _design(method: Method, features: dict[str, np.ndarray], rows: np.ndarray,
+            baseline: Head | None) -> tuple[np.ndarray, int]:
+    """The method's feature rows and how many trailing columns are unpenalised: the draw's
+    demographic baseline score (one column), or the raw demographics without a baseline."""
     x = features[method.features][rows]
     if not method.adjusted:
         return x, 0
     demographics = features["demographics"][rows]
-    return with_demographics(x, demographics), demographics.shape[1]
+    score = baseline_score(baseline, demographics)
+    adjustment = demographics if score is None else score
+    return with_demographics(x, adjustment), adjustment.shape[1]
 
 
 def _fit_one(method: Method, features: dict[str, np.ndarray], data: TaskData, train: np.ndarray,
@@ -250,13 +267,16 @@ def _fit_one(method: Method, features: dict[str, np.ndarray], data: TaskData, tr
     if positives == 0 or (targets.time is None and positives == len(train)):
         what = "no event" if targets.time is not None else "one class"
         return Fit(draw, skipped=f"{what} among {len(train)} training labels")
-    x_train, unpenalised = _design(method, features, data.rows[train])
+    baseline = next((context.fitted[m.name] for m in METHODS if m.family == "demographics"
+                     and m.kind == method.kind and m.name in context.fitted), None)
+    x_train, unpenalised = _design(method, features, data.rows[train], baseline)
     try:
         head = method.fit(x_train, targets, context, unpenalised)
     except HeadError as error:
         return Fit(draw, skipped=str(error))
     context.fitted[method.name] = head
-    x_test, _ = _design(method, features, data.rows[data.test])
+    x_test, _ = _design(method, features, data.rows[data.test], baseline)
+
     survival = head.survival(x_test, data.days) if targets.time is not None else None
     at_horizon = (head.survival(x_test, np.array([context.horizon_days]))
                   if survival is not None else None)  # for the prediction files
@@ -279,7 +299,8 @@ def fit_task(data: TaskData, methods: Sequence[Method], features: dict[str, np.n
     for index, draw in enumerate(draws):
         train = np.flatnonzero(np.isin(data.subjects, draw.subjects))
         context = FitContext(seed + index, data.subjects[train], bin_edges_days, horizon_days)
-        for method in methods:
+        # The demographic baseline first: the other heads adjust for its score.
+        for method in sorted(methods, key=lambda m: m.family != "demographics"):
             fit = _fit_one(method, features, data, train, draw, context)
             if fit.skipped:
                 log.info("evaluate: %s k=%s replicate %d skipped: %s", method.name,
