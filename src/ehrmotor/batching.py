@@ -36,7 +36,7 @@ from ehrmotor.meds.read import US_PER_DAY
 from ehrmotor.prepare.bags import BagTable
 from ehrmotor.prepare.positions import TIME_FEATURES
 
-LENGTH_COLUMN = "times"
+LENGTH_COLUMN = "age_days"  # one value per position in every row layout
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
 
@@ -122,7 +122,7 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
     segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
     label_task, label_days (pairs,).
     """
-    lengths = torch.tensor([len(row["times"]) for row in rows])
+    lengths = torch.tensor([len(row[LENGTH_COLUMN]) for row in rows])
     token_start = torch.cumsum(lengths, 0) - lengths
     if rows and "items" in rows[0]:
         if bags is None:

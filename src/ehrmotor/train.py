@@ -74,10 +74,11 @@ BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor
 
 
 class MotorTrainer(Trainer):
-    """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches."""
+    """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches.
+    `bags` expands the items of prepared rows; rows built in memory (fine-tuning) need none."""
 
     def __init__(self, *args: Any, tokens_per_batch: int, task_map: torch.Tensor,
-                 bags: BagTable, **kwargs: Any):
+                 bags: BagTable | None = None, **kwargs: Any):
         self.tokens_per_batch = tokens_per_batch
         self.collator = WindowCollator(labels=True, task_map=task_map, bags=bags)
         super().__init__(*args, **kwargs)
