@@ -44,6 +44,7 @@ from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, 
 from ehrmotor.prepare.positions import build_positions, encode_events
 from ehrmotor.prepare.shards import label_shard, window_rows
 from ehrmotor.prepare.split import split_subjects
+from ehrmotor.prepare import tokenizer as tokenizer_module
 from ehrmotor.prepare.tokenizer import (
     Tokenizer,
     assign_bins,
@@ -218,6 +219,31 @@ def test_tokenizer_fits_numeric_bins_and_frequent_text_values() -> None:
                                [math.log(2)] * 3 + [entropy(0.75), 0.0, 0.0], atol=1e-12)
     bounds = fitted.entries.filter(pl.col("kind") == "numeric").select("lower", "upper").rows()
     assert bounds == [(-1e308, 2.5), (2.5, 1e308)]
+
+
+def test_scores_equal_in_exact_arithmetic_tie_whatever_the_last_bit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's vectorised log differs in the last bit between CPU kinds; entries whose scores
+    are equal in exact arithmetic (here S and both L bins, ln 2) must still be ordered by kind,
+    code and bin, not by that bit."""
+    score = tokenizer_module.information_score
+
+    def last_bit_off(p: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+        out = score(p, baseline)
+        first = np.flatnonzero(np.isclose(out, math.log(2)))[0]  # S: code entries come first
+        out[first] = np.nextafter(out[first], -np.inf)
+        return out
+
+    monkeypatch.setattr(tokenizer_module, "information_score", last_bit_off)
+    rows = [event(1, datetime(2000, 1, 1), "L", 1.0), event(2, datetime(2000, 1, 1), "L", 4.0),
+            event(1, datetime(2000, 1, 2), "S")]
+    tree = ontology({"L": [], "S": []})
+    edges = {"L": [2.5]}
+    lazy = events_frame(rows).lazy()
+    fitted = Tokenizer.fit([count_shard(lazy, tree, 100, 0)], [count_bins(lazy, edges)], edges,
+                           tree, vocab_size=100, min_fraction=0.0, min_text_fraction=0.0)
+    assert fitted.entries.select("kind", "code", "bin").rows()[:3] == [
+        ("code", "S", None), ("numeric", "L", 0), ("numeric", "L", 1)]
 
 
 def test_tokenizer_save_load_round_trip(tmp_path: Path) -> None:

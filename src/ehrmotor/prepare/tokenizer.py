@@ -92,6 +92,9 @@ def count_shard(events: pl.LazyFrame, ontology: Ontology, sample_size: int,
     return ShardCounts(num_subjects, code_df, text_df, numeric_df)
 
 
+SCORE_DECIMALS = 12
+
+
 def information_score(p: np.ndarray, baseline: np.ndarray) -> np.ndarray:
     """-baseline × (w ln w + (1−w) ln(1−w)) with w = min(p / baseline, 1); 0 ln 0 = 0."""
     w = np.clip(p / baseline, 0.0, 1.0)
@@ -207,8 +210,11 @@ class Tokenizer:
         entries = pl.concat([frame.select(columns) for frame in (codes, numeric, texts)])
         entries = entries.with_columns(pl.col("baseline").fill_null(1.0)).filter(
             pl.col("probability") >= min_fraction)
-        score = information_score(entries["probability"].to_numpy(),
-                                  entries["baseline"].to_numpy())
+        # Rounded so that scores equal in exact arithmetic (Gender/F and Gender/M: the entropy is
+        # symmetric) tie on every CPU: numpy's vectorised log differs in the last bit between
+        # CPU kinds, which reordered the vocabulary. Ties are broken by kind, code, bin, text.
+        score = np.round(information_score(entries["probability"].to_numpy(),
+                                           entries["baseline"].to_numpy()), SCORE_DECIMALS)
         entries = (
             entries.with_columns(score=pl.Series(score),
                                  kind_order=pl.col("kind").replace_strict(KIND_ORDER))
