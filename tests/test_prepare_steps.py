@@ -29,6 +29,7 @@ from prepare_builders import (
 
 from ehrmotor.batching import collate_windows, frame_rows
 from ehrmotor.config import ConfigError, PrepareConfig
+from ehrmotor.prepare import tokenizer as tokenizer_module
 from ehrmotor.prepare.labels import (
     ShardLabels,
     censor_days,
@@ -44,7 +45,6 @@ from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, 
 from ehrmotor.prepare.positions import build_positions, encode_events
 from ehrmotor.prepare.shards import label_shard, window_rows
 from ehrmotor.prepare.split import split_subjects
-from ehrmotor.prepare import tokenizer as tokenizer_module
 from ehrmotor.prepare.tokenizer import (
     Tokenizer,
     assign_bins,
