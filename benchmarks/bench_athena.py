@@ -40,12 +40,12 @@ from memory import PeakMemory  # noqa: E402
 from ehrmotor import artifacts  # noqa: E402
 from ehrmotor.config import PrepareConfig  # noqa: E402
 from ehrmotor.meds import data_files  # noqa: E402
-from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE  # noqa: E402
-from ehrmotor.prepare.ontology import Ontology  # noqa: E402
-from ehrmotor.prepare.shards import ShardJob  # noqa: E402
+from ehrmotor.prepare.shard_jobs import ShardJob  # noqa: E402
 from ehrmotor.prepare.steps import StepContext, ontology_step, split_step, tokenizer_step  # noqa
 from ehrmotor.processes import process_pool  # noqa: E402
 from ehrmotor.synthetic import generate  # noqa: E402
+from ehrmotor.vocabulary.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE  # noqa: E402
+from ehrmotor.vocabulary.ontology import Ontology  # noqa: E402
 
 GENERATOR_VERSION = 1
 STAMP = "filler.json"

@@ -8,7 +8,7 @@
 
 Each configuration runs in a fresh subprocess so its peak memory is its own (CPU: peak RSS of
 the process; CUDA: torch.cuda.max_memory_allocated). The rows mimic prepared windows (layout of
-`ehrmotor.prepare.shards`): subjects of heavy-tailed length packed to the token budget, 1-2
+`ehrmotor.sequences.shards`): subjects of heavy-tailed length packed to the token budget, 1-2
 stored items per event (expanded at collate through a bag table of ancestor chains of 1-5
 entries), max(5, positions / 10) points per window, and per window the task occurrences that
 label its points (about 150 distinct tasks of 8,192, Zipf-distributed), so
@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ehrmotor.batching import US_PER_DAY, collate_windows
 from ehrmotor.model import MotorConfig, MotorModel
 from ehrmotor.precision import auto_uses_bf16
-from ehrmotor.prepare.bags import BagTable
+from ehrmotor.sequences.batching import US_PER_DAY, collate_windows
+from ehrmotor.vocabulary.bags import BagTable
 
 VOCAB, TASKS, BINS = 16_384, 8_192, 8
 EDGES = [0, 30, 90, 180, 365, 730, 1460, 2920]

@@ -53,7 +53,7 @@ from ehrmotor.embed import compute_features
 from ehrmotor.meds import data_files
 from ehrmotor.model import BACKENDS, MotorModel, local_attention, resolve_backend
 from ehrmotor.model.attention import flex_available
-from ehrmotor.prepare.positions import BIRTH_CODE
+from ehrmotor.sequences.positions import BIRTH_CODE
 from ehrmotor.train_setup import build_model_config, load_prepared_files
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -236,7 +236,7 @@ def training_section(sizes: Sizes, device: torch.device, peak_tflops: float) -> 
 
 def sample_labels(meds: Path, count: int, seed: int = 0) -> pl.DataFrame:
     """Up to `count` (subject_id, prediction_time) at event times after each birth date (birth:
-    MEDS_BIRTH, else the first timed event, as `ehrmotor.prepare.positions` has it)."""
+    MEDS_BIRTH, else the first timed event, as `ehrmotor.sequences.positions` has it)."""
     events = pl.scan_parquet(data_files(meds)).filter(pl.col("time").is_not_null())
     births = events.group_by("subject_id").agg(birth=pl.coalesce(
         pl.col("time").filter(pl.col("code") == BIRTH_CODE).min(), pl.col("time").min()))

@@ -29,9 +29,9 @@ from bench_quality import CPU_MODEL  # noqa: E402
 from bench_train import SHAPES, model_config, random_rows  # noqa: E402
 from train_vs_femr import cpu_description  # noqa: E402
 
-from ehrmotor.batching import collate_windows  # noqa: E402
 from ehrmotor.model import MotorModel, local_attention, motor_loss  # noqa: E402
 from ehrmotor.model.encoder import rotary_tables  # noqa: E402
+from ehrmotor.sequences.batching import collate_windows  # noqa: E402
 
 SHAPES.setdefault("quality", {"preset": "tiny", **CPU_MODEL})
 PARTS = ("collate", "embedding", "attention", "encoder rest", "head", "loss", "optimizer")

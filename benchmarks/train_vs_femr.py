@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ehrmotor.batching import collate_windows
 from ehrmotor.model import MotorConfig, MotorModel
 from ehrmotor.precision import auto_uses_bf16
+from ehrmotor.sequences.batching import collate_windows
 
 WORKER = Path(__file__).resolve().parent / "femr" / "femr_train_worker.py"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import polars as pl
 
 from ehrmotor.meds import data_files, scan_shard
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import build_positions
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.sequences.positions import build_positions
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 
 def read_events(meds: Path) -> pl.DataFrame:

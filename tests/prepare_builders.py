@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 US_PER_DAY = 86_400_000_000
 

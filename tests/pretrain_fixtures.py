@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ehrmotor.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.motor_task.tasks import MotorTask
+from ehrmotor.sequences.batching import TokenBudgetBatchSampler, collate_windows, window_lengths
+from ehrmotor.sequences.shards import load_prepared
+from ehrmotor.vocabulary.bags import BagTable
 
 TOKENS = 2048
 CLI_CONFIG = """\

@@ -1,4 +1,4 @@
-"""Tests for ehrmotor.prepare.athena: reading raw Athena downloads (quirks, truncated and broken
+"""Tests for ehrmotor.vocabulary.athena: reading raw Athena downloads (quirks, truncated and broken
 files) through Ontology.build."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from athena_builders import ANCESTORS, CONCEPTS, RELATIONSHIPS, write_athena
 from prepare_builders import ancestors_of, parents_of
 
-from ehrmotor.prepare.ontology import Ontology, OntologyError
+from ehrmotor.vocabulary.ontology import Ontology, OntologyError
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_header_only_file_is_an_empty_vocabulary_warning(
         athena: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
     path = athena / name
     path.write_bytes(path.read_bytes().split(b"\n")[0] + b"\r\n")
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         ontology = Ontology.build(["ICD10CM/A00"], athena_dir=athena)
     assert f"{path}: empty vocabulary" in caplog.text
     assert ontology.stats.data_codes == 1

@@ -1,4 +1,4 @@
-"""The bag table and the expansion of stored items at collate (`ehrmotor.prepare.bags`)."""
+"""The bag table and the expansion of stored items at collate (`ehrmotor.vocabulary.bags`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from prepare_builders import event, events_frame, ontology, tokenizer
 
-from ehrmotor.batching import expand_items
 from ehrmotor.errors import InputError
-from ehrmotor.prepare.bags import BAGS_FILE, OLDER_LAYOUT, BagTable
-from ehrmotor.prepare.positions import build_positions
-from ehrmotor.prepare.shards import INDEX, load_prepared
+from ehrmotor.sequences.batching import expand_items
+from ehrmotor.sequences.positions import build_positions
+from ehrmotor.sequences.shards import INDEX, load_prepared
+from ehrmotor.vocabulary.bags import BAGS_FILE, OLDER_LAYOUT, BagTable
 
 # C is out of the vocabulary with two in-vocabulary parents: its events store two items, A and B.
 TREE = {"A": [], "B": [], "C": ["A", "B"], "D": ["C"], "A/x": ["A"], "L": [], "MEDS_BIRTH": []}

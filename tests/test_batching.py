@@ -10,7 +10,8 @@ import pytest
 import torch
 from prepare_builders import positions_frame
 
-from ehrmotor.batching import (
+from ehrmotor.model import LABELS
+from ehrmotor.sequences.batching import (
     US_PER_DAY,
     TokenBudgetBatchSampler,
     collate_windows,
@@ -18,8 +19,7 @@ from ehrmotor.batching import (
     pack,
     pad_batch,
 )
-from ehrmotor.model import LABELS
-from ehrmotor.prepare.windows import embedding_windows, training_windows, window_sequences
+from ehrmotor.sequences.windows import embedding_windows, training_windows, window_sequences
 
 BUDGET = 100
 
@@ -129,7 +129,7 @@ def test_unshuffled_batches_follow_the_window_order_on_every_epoch() -> None:
 def window(bag_sizes: list[int], entries: list[int], age_days: list[float], points: list[int],
            censor_days: list[float], occurrences: list[tuple[int, float]]
            ) -> dict[str, torch.Tensor]:
-    """A prepared row in torch format (layout of `ehrmotor.prepare.shards`); occurrences: (task,
+    """A prepared row in torch format (layout of `ehrmotor.sequences.shards`); occurrences: (task,
     age in days), sorted by task and time. Position 0 is at age 0."""
     length = len(bag_sizes)
     ages = torch.tensor(age_days)

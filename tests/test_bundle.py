@@ -24,7 +24,7 @@ from ehrmotor.bundle import load_bundle
 from ehrmotor.cli import main
 from ehrmotor.embed import compute_features
 from ehrmotor.errors import BundleError, InputError
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 Damage = Callable[[Path], None]
 MARKER = "unpickled.marker"

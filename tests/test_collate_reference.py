@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.motor_task.tasks import MotorTask
+from ehrmotor.sequences.batching import collate_windows
+from ehrmotor.sequences.shards import load_prepared
+from ehrmotor.vocabulary.bags import BagTable
 
 REFERENCE = Path(__file__).parent / "data" / "collate" / "batches.npz"
 CHUNK = 48

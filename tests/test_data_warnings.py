@@ -27,7 +27,7 @@ from ehrmotor.cli import main
 from ehrmotor.errors import cut
 from ehrmotor.meds import require_valid, validate_dataset
 from ehrmotor.meds.oddities import latest_year
-from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.vocabulary.ontology import Ontology
 
 
 def only_warning(meds_dir: Path) -> str:
@@ -164,7 +164,7 @@ def test_parent_cycle_in_codes_metadata_is_named_by_validate_and_the_ontology(
         "'ICD10CM//E1' has parent 'ICD10CM//E11', which has 'ICD10CM//E1' as an ancestor; the "
         "ontology keeps the cycle, so each code on it counts the others as ancestors; expected "
         "parent_codes without cycles")
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         ontology = Ontology.build(CODES, codes_metadata=metadata)
     assert "ontology: 2 code(s) lie on parent cycles, e.g. 'ICD10CM//E1' has parent " \
            "'ICD10CM//E11'" in caplog.text
@@ -177,7 +177,7 @@ def test_parent_cycle_in_athena_is_named(tmp_path: Path, caplog: pytest.LogCaptu
 
     # Concept 1 ("I") made a child of its grandchild 3 ("A00"): I -> A00 -> A00-A09 -> I.
     athena = write_athena(tmp_path / "athena", ancestors=[*ANCESTORS, (3, 1, 1)])
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         Ontology.build(["ICD10CM/A00.0"], athena_dir=athena)
     assert "ontology: 3 code(s) lie on parent cycles, e.g. 'ICD10CM/A00' has parent " \
            "'ICD10CM/A00-A09'" in caplog.text
@@ -192,14 +192,14 @@ def test_latin1_bytes_in_athena_concepts_name_the_file_and_line(
     text = text.replace(b"Typhoid fever\t", b"Typho\xefd fever\t")  # line 6, in the name
     text = text.replace(b"\t002.0\t", b"\t002.\xe90\t")  # line 12, in the code
     path.write_bytes(text)
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.athena"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.athena"):
         Ontology.build(["ICD10CM/A00.0"], athena_dir=athena)
     assert f"{path}: line 6: 2 line(s) are not valid UTF-8 (Latin-1?)" in caplog.text
     assert "1 of them in the code" in caplog.text
 
 
 def test_flat_ontology_says_codes_fall_back_to_flat(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         ontology = Ontology.build(CODES, codes_metadata=codes_metadata({c: [] for c in CODES}))
     assert ontology.parents.height == 0
     assert caplog.messages == [

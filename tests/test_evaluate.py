@@ -43,7 +43,7 @@ from ehrmotor.evaluate.scoring import (
 )
 from ehrmotor.evaluate.tasks import Task, evaluation_subjects, tasks_from_label_sets
 from ehrmotor.meds import LabelSet, read_label_set
-from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.vocabulary.ontology import Ontology
 
 BIRTH = datetime(1950, 1, 1)
 LAST = datetime(2013, 1, 1)

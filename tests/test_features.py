@@ -22,14 +22,14 @@ import pytest
 import torch
 from features_fixtures import Subjects, at, read_events, write_meds_copy
 
-from ehrmotor.batching import collate_windows, pad_batch
 from ehrmotor.bundle import record_fingerprint
 from ehrmotor.cli import main
 from ehrmotor.embed import compute_features, read_labels, write_embeddings
 from ehrmotor.errors import InputError
 from ehrmotor.model import MotorModel
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.sequences.batching import collate_windows, pad_batch
+from ehrmotor.sequences.shards import load_prepared
+from ehrmotor.vocabulary.bags import BagTable
 
 SECOND = timedelta(seconds=1)
 HOUR = timedelta(hours=1)

@@ -19,7 +19,6 @@ import pytest
 import torch
 from finetune_fixtures import write_labels
 
-from ehrmotor.batching import frame_rows
 from ehrmotor.bundle import load_bundle, record_fingerprint
 from ehrmotor.cli import main
 from ehrmotor.embed import compute_features
@@ -29,6 +28,7 @@ from ehrmotor.finetune.data import TaskCollator, check_vocabulary, task_labels, 
 from ehrmotor.finetune.predict import survival
 from ehrmotor.finetune.run import recorded_codes
 from ehrmotor.model import MotorModel
+from ehrmotor.sequences.batching import frame_rows
 
 STEPS = FinetuneConfig(max_steps=2, eval_steps=1, tokens_per_batch=2048, learning_rate=1e-2)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ehrmotor.batching import collate_windows
 from ehrmotor.evaluate.metrics import auroc
 from ehrmotor.finetune.settings import apply_freeze
 from ehrmotor.model import MotorConfig, MotorModel
 from ehrmotor.model.task_models import MotorForBinary, TaskSpec, binary_loss
+from ehrmotor.sequences.batching import collate_windows
 
 SEEDS = (0, 1, 2)
 VOCAB, POSITIONS, MARKER = 60, 16, 7

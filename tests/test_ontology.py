@@ -1,4 +1,4 @@
-"""Tests for ehrmotor.prepare.ontology on tiny hand-written Athena folders (raw text, quirks
+"""Tests for ehrmotor.vocabulary.ontology on tiny hand-written Athena folders (raw text, quirks
 included)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from athena_builders import ANCESTORS, CONCEPTS, RELATIONSHIPS, codes_metadata, write_athena
 from prepare_builders import ancestors_of, parents_of
 
-from ehrmotor.prepare.ontology import Ontology, OntologyError, OntologyStats
+from ehrmotor.vocabulary.ontology import Ontology, OntologyError, OntologyStats
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.L
         relationships=[*RELATIONSHIPS, (11, 998, "Maps to", ""), (997, 4, "Maps to", "")],
         ancestors=[*ANCESTORS, (999, 4, 1)],
     )
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         ontology = Ontology.build(["ICD9CM/002.0", "ICD10CM/A00.0"], athena_dir=athena)
     assert ontology.stats.missing_references == 3
     assert "3 Athena parent-edge rows" in caplog.text
@@ -108,7 +108,7 @@ def test_missing_concept_references_are_counted(tmp_path: Path, caplog: pytest.L
 def test_without_athena_parents_come_from_codes_metadata(caplog: pytest.LogCaptureFixture
                                                          ) -> None:
     metadata = codes_metadata({"B": ["A"], "C": ["B", "A"], "A": [], "D": ["E"]})
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.prepare.ontology"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.vocabulary.ontology"):
         ontology = Ontology.build(pl.Series(["C", "Z", None]), codes_metadata=metadata)
     assert "no Athena vocabulary" in caplog.text
     assert ontology.parents.rows() == [("B", "A"), ("C", "A"), ("C", "B")]

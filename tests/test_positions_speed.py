@@ -15,20 +15,20 @@ import pytest
 from polars.testing import assert_frame_equal
 from prepare_builders import Row, events_frame, ontology, tokenizer
 
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import (
+from ehrmotor.sequences.positions import (
     build_positions,
     encode_events,
     raw_time_features,
     with_birth,
 )
-from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
-from ehrmotor.prepare.windows import (
+from ehrmotor.sequences.windows import (
     embedding_windows,
     first_rows,
     training_windows,
     window_sequences,
 )
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer, assign_bins
 
 TREE = {"MEDS_BIRTH": [], "R": [], "R/a": ["R"], "R/b": ["R"], "R/a/x": ["R/a"], "S": [],
         "S/c": ["S"], "L": [], "L/k": ["L"], "N": [], "Q": []}

@@ -28,19 +28,19 @@ import torch
 from meds_builders import rows_table, write_meds, write_table
 from synthetic_data import SUBJECTS
 
-from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.meds import data_files, scan_shard
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import encode_events
-from ehrmotor.prepare.shards import DATASET_FORMAT_VERSION, load_prepared
+from ehrmotor.motor_task.tasks import FORMAT_VERSION as TASK_FORMAT_VERSION
+from ehrmotor.motor_task.tasks import MotorTask
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.steps import TOKENIZER_STEP_VERSION
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.sequences.batching import collate_windows
+from ehrmotor.sequences.positions import encode_events
+from ehrmotor.sequences.shards import DATASET_FORMAT_VERSION, load_prepared
+from ehrmotor.vocabulary.bags import BagTable
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpack",
              "tokenizer/bags.npz",

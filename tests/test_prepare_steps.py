@@ -27,10 +27,8 @@ from prepare_builders import (
     tokenizer,
 )
 
-from ehrmotor.batching import collate_windows, frame_rows
 from ehrmotor.config import ConfigError, PrepareConfig
-from ehrmotor.prepare import tokenizer as tokenizer_module
-from ehrmotor.prepare.labels import (
+from ehrmotor.motor_task.occurrences import (
     ShardLabels,
     censor_days,
     last_event_times,
@@ -41,11 +39,14 @@ from ehrmotor.prepare.labels import (
     task_codes_of,
     task_events,
 )
-from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks, count_tasks
-from ehrmotor.prepare.positions import build_positions, encode_events
-from ehrmotor.prepare.shards import label_shard, window_rows
+from ehrmotor.motor_task.tasks import MotorTask, TaskCounts, candidate_tasks, count_tasks
+from ehrmotor.prepare.shard_jobs import label_shard, window_rows
 from ehrmotor.prepare.split import split_subjects
-from ehrmotor.prepare.tokenizer import (
+from ehrmotor.sequences.batching import collate_windows, frame_rows
+from ehrmotor.sequences.positions import build_positions, encode_events
+from ehrmotor.sequences.windows import with_windows
+from ehrmotor.vocabulary import tokenizer as tokenizer_module
+from ehrmotor.vocabulary.tokenizer import (
     Tokenizer,
     assign_bins,
     count_bins,
@@ -53,7 +54,6 @@ from ehrmotor.prepare.tokenizer import (
     fit_numeric_edges,
     information_score,
 )
-from ehrmotor.prepare.windows import with_windows
 
 EPOCH = datetime(1970, 1, 1)
 

@@ -24,14 +24,14 @@ from pretrain_fixtures import (  # noqa: F401 (fixtures)
 )
 
 from ehrmotor import train
-from ehrmotor.batching import collate_windows
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.model import MotorModel
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.motor_task.tasks import MotorTask
+from ehrmotor.sequences.batching import collate_windows
+from ehrmotor.sequences.shards import load_prepared
 from ehrmotor.train import pretrain
+from ehrmotor.vocabulary.bags import BagTable
 
 # Every test here uses the 100-step training runs (minutes on 2 cores).
 pytestmark = pytest.mark.slow

@@ -15,11 +15,11 @@ from pretrain_fixtures import (  # noqa: F401 (fixtures)
 )
 
 from ehrmotor import train, train_setup
-from ehrmotor.batching import window_lengths
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError
-from ehrmotor.prepare.shards import load_prepared
+from ehrmotor.sequences.batching import window_lengths
+from ehrmotor.sequences.shards import load_prepared
 from ehrmotor.train import pretrain
 
 

@@ -27,7 +27,7 @@ from ehrmotor.cli import main
 from ehrmotor.errors import InputError
 from ehrmotor.prepare import executors
 from ehrmotor.prepare.executors import ExecutorError, RayExecutor, shard_executor
-from ehrmotor.prepare.shards import ShardJob
+from ehrmotor.prepare.shard_jobs import ShardJob
 from ehrmotor.prepare.steps import StepContext
 from ehrmotor.synthetic import generate
 

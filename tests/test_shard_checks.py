@@ -94,7 +94,7 @@ def test_events_before_meds_birth_are_a_warning_with_count_and_example(meds_dir:
 
 def test_prepare_counts_the_events_it_folds_into_the_birth_position(meds_dir: Path) -> None:
     from ehrmotor.prepare import PrepareSummary
-    from ehrmotor.prepare.positions import count_before_birth
+    from ehrmotor.sequences.positions import count_before_birth
 
     rows = _born_late(1, datetime(2010, 3, 1, 9)) + _born_late(2, datetime(2011, 1, 1))
     # Subject 4 has no MEDS_BIRTH: its first event is its birth, nothing is early.

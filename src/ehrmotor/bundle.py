@@ -45,8 +45,8 @@ from ehrmotor.artifacts import fingerprint_files, write_json
 from ehrmotor.errors import BundleError, InputError, one_line
 from ehrmotor.meds.read import HELD_OUT_FILE
 from ehrmotor.model import MotorConfig, MotorModel, current_weight_name
-from ehrmotor.prepare.ontology import Ontology, OntologyError
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.vocabulary.ontology import Ontology, OntologyError
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from ehrmotor.errors import (
     environment_message,
     first_line,
 )
-from ehrmotor.prepare.shards import INDEX
+from ehrmotor.sequences.shards import INDEX
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from

@@ -19,7 +19,7 @@ Policies:
 - Position 0 folds together the static events and every event of the birth day, so a label on the
   birth day could see events after its prediction_time: labels on or before the birth date are
   refused with an InputError (a ValueError), as are labels of subjects absent from the data.
-- Windows as training sees a position (`ehrmotor.prepare.windows`): position 0, then at most
+- Windows as training sees a position (`ehrmotor.sequences.windows`): position 0, then at most
   context - 1 positions ending at the label's. The context is the model's
   (`MotorConfig.max_window`; older bundles: training_summary.json's). At a training point whose
   history fits one training window, the representation equals the one training computed.
@@ -47,23 +47,23 @@ import torch
 from tqdm import tqdm
 
 from ehrmotor.artifacts import atomic_path
-from ehrmotor.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.bundle import Bundle, load_bundle
 from ehrmotor.convert.femr_features import femr_bundle_features
 from ehrmotor.errors import InputError, one_line
 from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, read_prediction_times, scan_shard
 from ehrmotor.model import MotorModel
 from ehrmotor.precision import auto_uses_bf16
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import BIRTH_CODE, build_positions
-from ehrmotor.prepare.tokenizer import Tokenizer
-from ehrmotor.prepare.windows import (
+from ehrmotor.processes import process_pool
+from ehrmotor.sequences.batching import collate_windows, frame_rows, pack, pad_batch
+from ehrmotor.sequences.positions import BIRTH_CODE, build_positions
+from ehrmotor.sequences.windows import (
     embedding_windows,
     first_rows,
     positions_per_window,
     window_sequences,
 )
-from ehrmotor.processes import process_pool
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

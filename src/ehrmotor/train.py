@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer
 
 from ehrmotor import artifacts
-from ehrmotor.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
 from ehrmotor.bundle import FINGERPRINT_FILE, record_fingerprint
 from ehrmotor.checkpoints import (
     prepare_output,
@@ -59,7 +58,7 @@ from ehrmotor.meds.read import HELD_OUT_FILE
 from ehrmotor.memory import allocation_errors, check_model_fits
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
 from ehrmotor.model_card import write_model_card
-from ehrmotor.prepare.bags import BagTable
+from ehrmotor.sequences.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
 from ehrmotor.train_setup import (
     build_model_config,
     check_settings,
@@ -67,6 +66,7 @@ from ehrmotor.train_setup import (
     load_prepared_files,
     training_arguments,
 )
+from ehrmotor.vocabulary.bags import BagTable
 
 log = logging.getLogger(__name__)
 BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json",

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ehrmotor.batching import window_lengths
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import LABELS, PRESETS, MotorConfig
+from ehrmotor.motor_task.tasks import MotorTask
 from ehrmotor.precision import auto_uses_bf16
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import INDEX, load_prepared
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.sequences.batching import window_lengths
+from ehrmotor.sequences.shards import INDEX, load_prepared
+from ehrmotor.vocabulary.bags import BagTable
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 
 @dataclass

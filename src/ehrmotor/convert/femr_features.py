@@ -103,7 +103,7 @@ def load_femr_bundle(path: str | Path) -> FemrBundle:
 
 def ancestors_of(parents: pl.DataFrame, codes: pl.Series) -> pl.DataFrame:
     """code, ancestor (self included) for `codes` through the parent edges."""
-    from ehrmotor.prepare.ontology import _closure, _reachable
+    from ehrmotor.vocabulary.ontology import _closure, _reachable
 
     data = codes.unique().drop_nulls()
     vocab = parents["parent"].str.split("/").list.first()

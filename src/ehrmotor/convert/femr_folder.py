@@ -223,7 +223,7 @@ def _check_dictionary(folder: Path, config: FemrHybridConfig) -> None:
 
 
 def _write_parents(athena: Path, directory: Path) -> None:
-    from ehrmotor.prepare.athena import read_athena
+    from ehrmotor.vocabulary.athena import read_athena
 
     _, edges, _ = read_athena(athena)
     directory.mkdir()

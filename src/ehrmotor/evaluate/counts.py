@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.evaluate.tasks import US_PER_DAY, birth_days, days_between, subject_events
-from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.vocabulary.ontology import Ontology
 
 AGE_FEATURE = "age_years"
 LONG_SCHEMA = pl.Schema({"row": pl.UInt32(), "feature": pl.String(), "value": pl.Float64()})

@@ -9,8 +9,8 @@ or to censoring) and `event`; binary `outcome` (boolean_value).
 positions -> `embedding_windows` ending at each label's position) and returns one row per window
 in the prepared layout (`window_sequences`), with `points` (the labels' local indices), `labels`
 (their row numbers in the label table) and one list column per target riding along, ready for
-`ehrmotor.batching.collate_windows`. Unknown subjects and labels on or before the birth date are
-refused with one-line InputErrors (as `compute_features` refuses them).
+`ehrmotor.sequences.batching.collate_windows`. Unknown subjects and labels on or before the
+birth date are refused with one-line InputErrors (as `compute_features` refuses them).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from ehrmotor.batching import collate_windows
 from ehrmotor.bundle import Bundle
 from ehrmotor.embed import _label_positions, _read_positions
 from ehrmotor.errors import InputError
 from ehrmotor.meds.labels import LabelSet, read_label_set, time_to_event_days
 from ehrmotor.model.task_models import BINARY, TARGETS, TIME_TO_EVENT
-from ehrmotor.prepare.positions import list_series
-from ehrmotor.prepare.windows import embedding_windows, first_rows, window_sequences
+from ehrmotor.sequences.batching import collate_windows
+from ehrmotor.sequences.positions import list_series
+from ehrmotor.sequences.windows import embedding_windows, first_rows, window_sequences
 
 MIN_CODED_SHARE = 0.5  # below this share of positions with a known code, the vocabulary is wrong
 

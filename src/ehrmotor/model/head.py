@@ -17,7 +17,7 @@ the first bin. `motor_loss` takes the labels in their sparse form (most pairs ar
 
 Data flow of `MotorModel`: encoder hidden states (T, hidden) -> the P prediction points
 (`point_indices`) -> `MotorHead` -> log-hazard per (point, bin, task) -> with the labels
-(`LABELS`, from `ehrmotor.batching.collate_windows`) -> `motor_loss`.
+(`LABELS`, from `ehrmotor.sequences.batching.collate_windows`) -> `motor_loss`.
 """
 
 from __future__ import annotations

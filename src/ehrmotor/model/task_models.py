@@ -9,14 +9,14 @@
 - `MotorForBinary`: encoder + a logistic layer on the representation at the prediction time,
   its bias starting at the training prevalence's log-odds. Loss: binary cross-entropy.
 
-Both take the packed batch of `ehrmotor.batching.collate_windows` (the one featurization path:
-embedding windows ending at each label's position) and read the representations at
+Both take the packed batch of `ehrmotor.sequences.batching.collate_windows` (the one featurization
+path: embedding windows ending at each label's position) and read the representations at
 `point_indices`. The config (`MotorConfig`, strict JSON) records the task in `finetune_task`
 (`TaskSpec.to_json`: name, kind, codes, pretrained_task) beside the architecture.
 `from_pretrained(path, task=...)` builds a task model from a pretraining bundle;
-`from_pretrained(path)` reloads a fine-tuned one (its config has `finetune_task`);
-`save_pretrained` writes config.json and model.safetensors. `task_model_class(config)` picks the
-class a fine-tuned config needs.
+`from_pretrained(path)` reloads a fine-tuned one (its config has `finetune_task`); `save_pretrained`
+writes config.json and model.safetensors. `task_model_class(config)` picks the class a fine-tuned
+config needs.
 """
 
 from __future__ import annotations

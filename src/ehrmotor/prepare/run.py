@@ -6,12 +6,12 @@ Artifacts in `WORK/pretraining_files/` (each written to a temporary path and ren
     config.json                resolved PrepareConfig
     ../subject_splits.parquet  only with held_out_fraction (MEDS data without
                                metadata/subject_splits.parquet): see `ehrmotor.prepare.split`
-    ontology/                  see `ehrmotor.prepare.ontology`
+    ontology/                  see `ehrmotor.vocabulary.ontology`
     split.csv                  see `ehrmotor.prepare.split`
-    tokenizer/dictionary.msgpack   see `ehrmotor.prepare.tokenizer`
-    motor_task.json            see `ehrmotor.prepare.motor_task`
+    tokenizer/dictionary.msgpack   see `ehrmotor.vocabulary.tokenizer`
+    motor_task.json            see `ehrmotor.motor_task.tasks`
     train_batches/, val_batches/   Hugging Face datasets (save_to_disk, torch format), one row
-                               per training window; see `ehrmotor.prepare.shards`
+                               per training window; see `ehrmotor.sequences.shards`
 
 The steps are the functions of `ehrmotor.prepare.steps`, each of its inputs and its settings (see
 there for the manifests). A step whose artifact exists with the same manifest is loaded, not
@@ -20,7 +20,7 @@ worker processes (spawned), or as tasks on a Ray cluster (`executor="ray"`; see
 `ehrmotor.prepare.executors`), so memory is bounded by the largest shard, not the dataset. The
 artifacts do not depend on the executor or the number of workers. No labels are stored: the
 datasets keep each window's prediction points and task occurrences, and the collate step derives
-the MOTOR labels from them (`ehrmotor.prepare.labels`, `ehrmotor.batching`).
+the MOTOR labels from them (`ehrmotor.motor_task.occurrences`, `ehrmotor.sequences.batching`).
 
 Which subjects pretraining may see comes from metadata/subject_splits.parquet (its
 exclude_splits are left out). A dataset without one needs held_out_fraction (prepare writes its
@@ -44,7 +44,7 @@ from ehrmotor.config import PrepareConfig, config_dict
 from ehrmotor.lock import work_lock
 from ehrmotor.meds import MedsError, data_files, require_valid
 from ehrmotor.meds.read import SPLITS_FILE
-from ehrmotor.prepare.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
+from ehrmotor.motor_task.tasks import MotorTask
 from ehrmotor.prepare.executors import (
     EXECUTORS,
     SHARDS_PER_CPU,
@@ -52,8 +52,7 @@ from ehrmotor.prepare.executors import (
     refuse_urls,
     shard_executor,
 )
-from ehrmotor.prepare.motor_task import MotorTask
-from ehrmotor.prepare.shards import ShardJob
+from ehrmotor.prepare.shard_jobs import ShardJob
 from ehrmotor.prepare.split import read_split
 from ehrmotor.prepare.steps import (
     PrepareError,
@@ -66,7 +65,8 @@ from ehrmotor.prepare.steps import (
     split_step,
     tokenizer_step,
 )
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.vocabulary.athena import ANCESTOR_FILE, CONCEPT_FILE, RELATIONSHIP_FILE
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 __all__ = ["ATHENA_FILES", "PrepareError", "PrepareSummary", "prepare"]
 

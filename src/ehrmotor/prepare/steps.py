@@ -1,6 +1,6 @@
 """The steps of `ehrmotor prepare`: `step(context, settings, *, inputs) -> artifact path`.
 
-Each step maps over the MEDS shards in worker processes (`ehrmotor.prepare.shards`), reduces here,
+Each step maps over the MEDS shards in worker processes (`ehrmotor.sequences.shards`), reduces here,
 and writes its artifact atomically, unless the artifact is current. Its manifest
 (`<artifact>.manifest.json`) is derived from the step's settings (a frozen dataclass of
 `ehrmotor.config`, recorded with `dataclasses.asdict`), the FORMAT_VERSION of the artifact's
@@ -10,12 +10,12 @@ different manifest stops the run with an ArtifactMismatch naming the changed key
 
     held_out_step    ../subject_splits.parquet  `ehrmotor.prepare.split` (only with a
                                                 held-out fraction: no MEDS split file)
-    ontology_step    ontology/                  `ehrmotor.prepare.ontology`
+    ontology_step    ontology/                  `ehrmotor.vocabulary.ontology`
     split_step       split.csv                  `ehrmotor.prepare.split`
-    tokenizer_step   tokenizer/                 `ehrmotor.prepare.tokenizer`
-    dataset_step     train_batches/             `ehrmotor.prepare.shards` (with the candidate
+    tokenizer_step   tokenizer/                 `ehrmotor.vocabulary.tokenizer`
+    dataset_step     train_batches/             `ehrmotor.sequences.shards` (with the candidate
                                                 tasks' statistics)
-    motor_task_step  motor_task.json            `ehrmotor.prepare.motor_task`
+    motor_task_step  motor_task.json            `ehrmotor.motor_task.tasks`
     dataset_step     val_batches/
 """
 
@@ -49,17 +49,12 @@ from ehrmotor.config import (
 from ehrmotor.errors import InputError
 from ehrmotor.meds import read_codes_metadata, read_splits_file, read_subject_splits
 from ehrmotor.meds.read import HELD_OUT_FILE
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.motor_task import FORMAT_VERSION as TASK_FORMAT_VERSION
-from ehrmotor.prepare.motor_task import MotorTask, TaskCounts, candidate_tasks
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import time_stats_from_moments
-from ehrmotor.prepare.shards import (
-    DATASET_FORMAT_VERSION,
+from ehrmotor.motor_task.tasks import FORMAT_VERSION as TASK_FORMAT_VERSION
+from ehrmotor.motor_task.tasks import MotorTask, TaskCounts, candidate_tasks
+from ehrmotor.prepare.shard_jobs import (
     DatasetSpec,
     ShardDataset,
     ShardJob,
-    finish_dataset,
     shard_codes,
     shard_dataset,
     shard_subjects,
@@ -73,7 +68,11 @@ from ehrmotor.prepare.split import (
     write_held_out_splits,
     write_split,
 )
-from ehrmotor.prepare.tokenizer import Tokenizer, fit_numeric_edges
+from ehrmotor.sequences.positions import time_stats_from_moments
+from ehrmotor.sequences.shards import DATASET_FORMAT_VERSION, finish_dataset
+from ehrmotor.vocabulary.bags import BagTable
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer, fit_numeric_edges
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,7 +11,7 @@
 - `collate_windows`: the one collate of training and embedding. It concatenates the windows of a
   batch into one packed sequence (segment ids keep subjects apart) with the points to read
   (`point_indices`). For training (`labels=True`) it derives the sparse MOTOR labels from each
-  window's points and task occurrences (layout of `ehrmotor.prepare.shards`): `censor_days` (P,)
+  window's points and task occurrences (layout of `ehrmotor.sequences.shards`): `censor_days` (P,)
   per point, and one (label_point, label_task, label_days) triple per point and task that occurs
   after it, the days to that task's next occurrence. Occurrence j of a task (times sorted) is the
   next one for the window's points at or after occurrence j - 1 and before j, a run found by two
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from ehrmotor.meds.read import US_PER_DAY
-from ehrmotor.prepare.bags import BagTable
-from ehrmotor.prepare.positions import TIME_FEATURES
+from ehrmotor.sequences.positions import TIME_FEATURES
+from ehrmotor.vocabulary.bags import BagTable
 
 LENGTH_COLUMN = "age_days"  # one value per position in every row layout
 INT64_MAX = torch.iinfo(torch.int64).max
@@ -116,7 +116,7 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
     when `labels` is True, their tasks mapped through `task_map` (the datasets number the
     candidate tasks; `MotorTask.task_map` gives each one's model task, -1 to drop it).
     Rows of the prepared layout (`items`) have their bags expanded through the bag table
-    `bags` (`ehrmotor.prepare.bags`); rows built in memory carry bag_sizes, entries, weights.
+    `bags` (`ehrmotor.vocabulary.bags`); rows built in memory carry bag_sizes, entries, weights.
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
     segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
@@ -251,7 +251,7 @@ def pad_batch(batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch
 
 
 def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
-    """The rows of a window frame (layout of `ehrmotor.prepare.shards`) as a torch-format
+    """The rows of a window frame (layout of `ehrmotor.sequences.shards`) as a torch-format
     dataset hands them to `collate_windows`: one tensor per list column and row."""
     columns = {}
     for name, dtype in frame.schema.items():

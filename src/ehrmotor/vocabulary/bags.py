@@ -6,13 +6,13 @@ in-vocabulary ancestors (usually the code's own entry; an out-of-vocabulary code
 in-vocabulary parents has several), and its value item is its numeric-bin or text entry.
 
 The bag table (`tokenizer/bags.npz`, CSR, written with the tokenizer) holds, per vocabulary entry,
-its row: for a code entry the in-vocabulary ancestors of its code (itself included, ascending),
-for a value entry the entry itself. `ehrmotor.batching.expand_items` turns items back into the
-positions' bags, exactly as `ehrmotor.prepare.positions` encodes them: an event's bag is the
-union of its code items' rows, each entry with weight 1 / size of that union, plus its value
-entry with weight 1; a position's bag is the union of its events' bags (several at position 0),
-each entry with the largest of its weights, entries ascending. The expansion is gathers and
-sorts over the batch (torch), no loop per event.
+its row: for a code entry the in-vocabulary ancestors of its code (itself included, ascending), for
+a value entry the entry itself. `ehrmotor.sequences.batching.expand_items` turns items back into the
+positions' bags, exactly as `ehrmotor.sequences.positions` encodes them: an event's bag is the union
+of its code items' rows, each entry with weight 1 / size of that union, plus its value entry with
+weight 1; a position's bag is the union of its events' bags (several at position 0), each entry with
+the largest of its weights, entries ascending. The expansion is gathers and sorts over the batch
+(torch), no loop per event.
 
     bags.npz: offsets int64 (entries + 1), members u32 (ascending in each row), value bool
               (per entry: a numeric-bin or text entry), format_version int64 (one value)
@@ -27,8 +27,8 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 BAGS_FILE = "bags.npz"
 BAGS_FORMAT_VERSION = 1

@@ -18,8 +18,8 @@ cut:
   window, both rules give the same positions.
 
 `window_sequences` turns windows into rows of the prepared layout (see
-`ehrmotor.prepare.shards`), one row per window; `ehrmotor.batching.collate_windows` turns rows
-into the model's batch.
+`ehrmotor.sequences.shards`), one row per window; `ehrmotor.sequences.batching.collate_windows`
+turns rows into the model's batch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ehrmotor.prepare.positions import concat_ranges, list_series
+from ehrmotor.sequences.positions import concat_ranges, list_series
 
 
 def check_context(context: int) -> None:
@@ -105,7 +105,7 @@ def first_rows(positions: pl.DataFrame) -> pl.DataFrame:
 def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
     """One row per window (in `windows` order): subject_id, window, bag_sizes, entries,
     weights (or, for positions with `items`, first_events, event_items, items), times,
-    age_days, age, log_age, log_delta (layout of `ehrmotor.prepare.shards`).
+    age_days, age, log_age, log_delta (layout of `ehrmotor.sequences.shards`).
 
     positions: the columns of `build_positions`, sorted by subject and position (as it returns
     them), for (at least) the windows' subjects. windows may carry `first_row` (`first_rows`),
@@ -159,7 +159,7 @@ def _bag_lists(gathered: pl.DataFrame, offsets: np.ndarray) -> list[pl.Series]:
 
 def _compact_lists(gathered: pl.DataFrame, offsets: np.ndarray) -> list[pl.Series]:
     """first_events (events of position 0), event_items and items of each window (layout of
-    `ehrmotor.prepare.shards`)."""
+    `ehrmotor.sequences.shards`)."""
     first = gathered["event_items"].list.len().gather(offsets[:-1]).cast(pl.Int32)
     return [first.alias("first_events"), _cut(gathered, "event_items", offsets),
             _cut(gathered, "items", offsets)]

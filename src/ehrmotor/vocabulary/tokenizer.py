@@ -44,7 +44,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError, one_line
-from ehrmotor.prepare.ontology import Ontology
+from ehrmotor.vocabulary.ontology import Ontology
 
 FORMAT_VERSION = 1
 OPEN_EDGE = 1e308

@@ -4,7 +4,7 @@ The files are tab-separated with the real download's quirks (bare `"` in names, 
 checked as it is read, with one-line errors naming the file and line: truncated rows (a cut
 download), non-integer or duplicate concept ids; a file with only its header is a warning (an
 empty vocabulary). `read_athena` returns the concept codes and the parent edges the ontology is
-built from (see `ehrmotor.prepare.ontology`).
+built from (see `ehrmotor.vocabulary.ontology`).
 """
 
 from __future__ import annotations

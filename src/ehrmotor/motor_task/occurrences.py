@@ -3,8 +3,9 @@
 - Prediction points: positions after the birth-day position, one per distinct timestamp (the last
   position at that time, so the representation has seen every event of that time), excluding the
   subject's last event time (nothing can be predicted from there).
-- Windows: `ehrmotor.prepare.windows.training_windows` (consecutive windows of at most `max_window`
-  positions, each position 0 followed by up to `max_window - 1` later ones; no history dropped).
+- Windows: `ehrmotor.sequences.windows.training_windows` (consecutive windows of at most
+  `max_window` positions, each position 0 followed by up to `max_window - 1` later ones; no
+  history dropped).
 - Sampling: in each window, max(5, positions / 10) of its prediction points (all when fewer),
   chosen by a seeded hash of (subject, position), so the choice is deterministic.
 - Task events: events without a numeric or text value, expanded to their ontology ancestors, whose
@@ -14,7 +15,7 @@
   (`censor_days` per point). They are not stored: each occurrence is the next one for a run of
   consecutive points (`occurrence_runs`), so a window stores its points and the occurrences that
   label them (`window_occurrences`), and the collate step derives the (point, task, days) pairs
-  (`ehrmotor.batching`); the MOTOR-task statistics come from the runs directly.
+  (`ehrmotor.sequences.batching`); the MOTOR-task statistics come from the runs directly.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.meds.read import US_PER_DAY
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.positions import count_before_birth
-from ehrmotor.prepare.windows import training_window
+from ehrmotor.sequences.positions import count_before_birth
+from ehrmotor.sequences.windows import training_window
+from ehrmotor.vocabulary.ontology import Ontology
 
 MIN_POINTS_PER_WINDOW = 5
 POINT_FRACTION = 10  # one sampled point per this many positions

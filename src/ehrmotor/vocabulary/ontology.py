@@ -32,7 +32,7 @@ import polars as pl
 
 from ehrmotor.errors import OntologyError
 from ehrmotor.meds.oddities import describe_cycles, parent_cycles
-from ehrmotor.prepare.athena import CONCEPT_FILE, read_athena
+from ehrmotor.vocabulary.athena import CONCEPT_FILE, read_athena
 
 __all__ = ["Ontology", "OntologyError", "OntologyStats"]
 

@@ -32,9 +32,9 @@ import polars as pl
 import pyarrow as pa
 
 from ehrmotor.meds.read import BIRTH_CODE, US_PER_DAY
-from ehrmotor.prepare.bags import BagTable, code_items
-from ehrmotor.prepare.ontology import Ontology
-from ehrmotor.prepare.tokenizer import Tokenizer, assign_bins
+from ehrmotor.vocabulary.bags import BagTable, code_items
+from ehrmotor.vocabulary.ontology import Ontology
+from ehrmotor.vocabulary.tokenizer import Tokenizer, assign_bins
 
 TIME_FEATURES = ("age", "log_age", "log_delta")
 
@@ -174,7 +174,7 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
     Out columns: subject_id, position (0-based), time (µs; birth for position 0), age_days,
     entries (list[u32]), weights (list[f32]), age, log_age, log_delta (normalised features);
     with the bag `table`, event_items (list[u16]: items of each of the position's events) and
-    items (list[u32]: their items, see `ehrmotor.prepare.bags`) instead of entries, weights.
+    items (list[u32]: their items, see `ehrmotor.vocabulary.bags`) instead of entries, weights.
     """
     code_id, codes = _code_ids(events)
     events = with_birth(events.with_columns(code_id).sort(

@@ -1,7 +1,7 @@
 """Step 4 of `prepare`: the MOTOR pretraining task (which codes, time bins, initial rates).
 
 - Candidate tasks: the first `num_tasks` code entries of the vocabulary, in vocabulary order.
-- Fitted on the sampled prediction points of train subjects (see `ehrmotor.prepare.labels`;
+- Fitted on the sampled prediction points of train subjects (see `ehrmotor.motor_task.occurrences`;
   `count_tasks` per shard, from the occurrence runs): per task k, events n_k (the number of
   points at which k occurs later: each point has at most one event per task, its next
   occurrence) and exposure E_k = Σ_points min(days to k, days to censoring). The initial rate
@@ -39,8 +39,8 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.errors import InputError
-from ehrmotor.prepare.labels import US_PER_DAY, run_pairs
-from ehrmotor.prepare.tokenizer import Tokenizer
+from ehrmotor.motor_task.occurrences import US_PER_DAY, run_pairs
+from ehrmotor.vocabulary.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
 SAMPLE_PER_SHARD = 200_000
