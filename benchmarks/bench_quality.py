@@ -39,9 +39,9 @@ from ehrmotor.evaluate import evaluate
 from ehrmotor.evaluate.landmarks import LandmarkSettings
 from ehrmotor.evaluate.run import ProtocolSettings
 from ehrmotor.prepare import prepare
+from ehrmotor.pretrain.run import pretrain
 from ehrmotor.synthetic import generate
 from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
-from ehrmotor.train import pretrain
 
 T = TypeVar("T")
 

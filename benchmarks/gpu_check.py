@@ -53,8 +53,8 @@ from ehrmotor.embed import compute_features
 from ehrmotor.meds import data_files
 from ehrmotor.model import BACKENDS, MotorModel, local_attention, resolve_backend
 from ehrmotor.model.attention import flex_available
+from ehrmotor.pretrain.setup import build_model_config, load_prepared_files
 from ehrmotor.sequences.positions import BIRTH_CODE
-from ehrmotor.train_setup import build_model_config, load_prepared_files
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))

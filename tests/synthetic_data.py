@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ehrmotor.config import PrepareConfig, PretrainConfig
 from ehrmotor.prepare import prepare
+from ehrmotor.pretrain.run import pretrain
 from ehrmotor.synthetic import generate
-from ehrmotor.train import pretrain
 
 SUBJECTS = 300
 SEED = 0

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ehrmotor import train
 from ehrmotor.config import ConfigError, PretrainConfig, load_config
 from ehrmotor.model import MotorConfig, MotorModel
-from ehrmotor.train import pretrain
+from ehrmotor.pretrain import run as pretrain_run
+from ehrmotor.pretrain.run import pretrain
 
 BIN_EDGES = [0.0, 7.0, 60.0, 365.0]
 NUM_TASKS = 6
@@ -114,7 +114,7 @@ def test_pretrain_with_gradient_checkpointing_trains_with_checkpointed_blocks(
                             max_steps=3, eval_steps=3, save_steps=3, warmup_steps=1,
                             logging_steps=1, gradient_checkpointing=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "MotorModel", recording)
+        patch.setattr(pretrain_run, "MotorModel", recording)
         assert pretrain(work, config) == work / "model"
     assert all(layer.gradient_checkpointing for layer in built[0].motor.layers)
     summary = json.loads((work / "model" / "training_summary.json").read_text())

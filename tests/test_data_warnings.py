@@ -249,7 +249,7 @@ def test_no_validation_data_is_said_by_prepare_and_pretrain(
     assert caplog.text.count("no validation data") == 1
     assert f"no validation data: the val split has 0 of the {subjects} subject(s)" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ehrmotor.train"):
+    with caplog.at_level(logging.WARNING, logger="ehrmotor.pretrain.run"):
         pretrain_tiny(tmp_path / "work", 1)
     assert "pretrain: no validation data (val_batches is empty): training without evaluation " \
            "or early stopping" in caplog.text

@@ -38,7 +38,7 @@ from ehrmotor.evaluate.scoring import (
     task_scoring,
 )
 from ehrmotor.model import MotorEncoder
-from ehrmotor.model_card import write_model_card
+from ehrmotor.pretrain.model_card import write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 

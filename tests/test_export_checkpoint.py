@@ -18,11 +18,11 @@ import pytest
 from features_fixtures import read_events
 from safetensors.torch import load_file
 
-from ehrmotor import export_checkpoint as export
 from ehrmotor.bundle import load_bundle
 from ehrmotor.cli import main
 from ehrmotor.embed import compute_features
 from ehrmotor.lock import work_lock
+from ehrmotor.pretrain import export
 
 STEP = 2  # the tiny run's only checkpoint
 
@@ -186,7 +186,7 @@ def test_an_export_that_fails_midway_leaves_nothing(
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("planted failure after the weights were copied")
 
-    monkeypatch.setattr("ehrmotor.model_card.write_model_card", fail)
+    monkeypatch.setattr("ehrmotor.pretrain.model_card.write_model_card", fail)
     before = digests(work)
     with pytest.raises(RuntimeError, match="planted failure"):
         export.export_checkpoint(work, "latest")

@@ -26,7 +26,7 @@ from ehrmotor.precision import (
     auto_uses_bf16,
     cpu_has_amx_bf16,
 )
-from ehrmotor.train_setup import training_arguments
+from ehrmotor.pretrain.setup import training_arguments
 
 
 @pytest.fixture

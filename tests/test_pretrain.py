@@ -23,14 +23,14 @@ from pretrain_fixtures import (  # noqa: F401 (fixtures)
     val_batches,
 )
 
-from ehrmotor import train
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.model import MotorModel
 from ehrmotor.motor_task.tasks import MotorTask
+from ehrmotor.pretrain import run as pretrain_run
+from ehrmotor.pretrain.run import pretrain
 from ehrmotor.sequences.batching import collate_windows
 from ehrmotor.sequences.shards import load_prepared
-from ehrmotor.train import pretrain
 from ehrmotor.vocabulary.bags import BagTable
 
 # Every test here uses the 100-step training runs (minutes on 2 cores).
@@ -73,7 +73,7 @@ def train_tiny(work: Path, precision: str) -> Trained:
                             max_steps=LEARN_STEPS, eval_steps=50, save_steps=50,
                             precision=precision)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "MotorModel", recording)
+        patch.setattr(pretrain_run, "MotorModel", recording)
         assert pretrain(work, config) == work / "model"
     assert len(built) == 1
     hooks[0].remove()

@@ -1,4 +1,4 @@
-"""`ehrmotor pretrain` settings (`ehrmotor.train_setup`): bad settings and missing inputs are
+"""`ehrmotor pretrain` settings (`ehrmotor.pretrain.setup`): bad settings and missing inputs are
 refused before training, with one line and nothing written."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pretrain_fixtures import (  # noqa: F401 (fixtures)
     one_error_line,
 )
 
-from ehrmotor import train, train_setup
 from ehrmotor.cli import main
 from ehrmotor.config import PretrainConfig
 from ehrmotor.errors import PretrainError
+from ehrmotor.pretrain import run as pretrain_run
+from ehrmotor.pretrain import setup as pretrain_setup
+from ehrmotor.pretrain.run import pretrain
 from ehrmotor.sequences.batching import window_lengths
 from ehrmotor.sequences.shards import load_prepared
-from ehrmotor.train import pretrain
 
 
 def test_pretrain_without_prepared_files_exits_2_with_one_line_naming_prepare(
@@ -79,10 +80,10 @@ def test_a_config_the_model_rejects_is_one_line_pretrain_error(
     def reject(*args: object, **kwargs: object) -> None:
         raise ValueError("rope_theta must be a positive finite number; got 0.0\nmore detail")
 
-    monkeypatch.setattr(train_setup.MotorConfig, "preset", reject)
-    prepared = train_setup.load_prepared_files(new_work(prepared_files, tmp_path))
+    monkeypatch.setattr(pretrain_setup.MotorConfig, "preset", reject)
+    prepared = pretrain_setup.load_prepared_files(new_work(prepared_files, tmp_path))
     with pytest.raises(PretrainError) as raised:
-        train_setup.build_model_config(PretrainConfig(preset="tiny"), prepared)
+        pretrain_setup.build_model_config(PretrainConfig(preset="tiny"), prepared)
     assert str(raised.value) == "pretrain: rope_theta must be a positive finite number; got 0.0"
 
 
@@ -95,7 +96,7 @@ def dead_pid() -> int:
 def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     work = tmp_path / "work"
-    for name in train.BUNDLE_FILES:  # a complete bundle: pretrain has nothing else to do
+    for name in pretrain_run.BUNDLE_FILES:  # a complete bundle: pretrain has nothing else to do
         (work / "model").mkdir(parents=True, exist_ok=True)
         (work / "model" / name).write_text("{}")
     dead = dead_pid()

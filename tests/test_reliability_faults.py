@@ -297,12 +297,12 @@ def test_prepare_and_label_write_through_a_link_to_a_folder(world: World, tmp_pa
 def test_an_allocation_failure_building_the_model_is_one_line(
         world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from ehrmotor import train
+    from ehrmotor.pretrain import run as pretrain_run
 
     def no_memory(config: object) -> None:
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
                            "enough memory: you tried to allocate 1099511627776 bytes.")
-    monkeypatch.setattr(train, "MotorModel", no_memory)
+    monkeypatch.setattr(pretrain_run, "MotorModel", no_memory)
     argv = pretrain_with(PRETRAIN_TOML)(world, tmp_path)
     capsys.readouterr()
     assert run_main(argv) == 2

@@ -23,8 +23,8 @@ from ehrmotor.errors import InputError
 from ehrmotor.evaluate.run import unseen_splits
 from ehrmotor.evaluate.tasks import DEFAULT_SPLITS
 from ehrmotor.prepare.split import HASH_BUCKETS, hash_buckets
+from ehrmotor.pretrain.setup import load_prepared_files
 from ehrmotor.synthetic import generate
-from ehrmotor.train_setup import load_prepared_files
 
 SMALL = ["--workers", "1", "--vocab-size", "300", "--num-tasks", "50", "--max-window", "512"]
 SPLITS = "metadata/subject_splits.parquet"
@@ -226,7 +226,7 @@ def choose_splits_file(monkeypatch: pytest.MonkeyPatch, bundle: Path, meds: Path
 def test_evaluate_defaults_to_the_bundles_split_file(
         export: Path, held_out_work: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from ehrmotor.train import _write_bundle
+    from ehrmotor.pretrain.run import _write_bundle
 
     class Trainer:
         def save_model(self, path: str) -> None:  # stand-ins for the weights' files

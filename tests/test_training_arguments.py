@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ehrmotor import train_setup
 from ehrmotor.checkpoints import RESUMABLE_CHANGES
 from ehrmotor.config import ConfigError, PretrainConfig, load_config
 from ehrmotor.errors import PretrainError
-from ehrmotor.train_setup import training_arguments
+from ehrmotor.pretrain import setup as pretrain_setup
+from ehrmotor.pretrain.setup import training_arguments
 
 
 def test_compile_turns_on_trainers_torch_compile_and_may_change_on_resume(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_compile_turns_on_trainers_torch_compile_and_may_change_on_resume(tmp_pa
 
 def test_fsdp_shards_each_transformer_block_and_keeps_a_full_state_dict(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train_setup, "fsdp_devices_available", lambda: True)  # arguments only
+    monkeypatch.setattr(pretrain_setup, "fsdp_devices_available", lambda: True)  # arguments only
     args = training_arguments(PretrainConfig(fsdp=True), tmp_path, True, 64)
     assert args.fsdp
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["MotorBlock"]

@@ -1,10 +1,12 @@
-"""Resuming pretraining: which checkpoint in `WORK/pretraining_output/` a rerun continues from.
+"""Resuming training: which checkpoint in an output folder a rerun continues from.
 
-`pretraining_output/` records the settings its checkpoints were trained with (SETTINGS_FILE,
-`pretrain_settings.json`: the resolved PretrainConfig and a digest of each prepared input). A
-rerun resumes the last complete checkpoint when its settings match (RESUMABLE_CHANGES aside) and
-stops with a PretrainError naming what changed when they do not. The decision reads files only,
-so every rank of a distributed run takes the same one.
+`ehrmotor pretrain` (`WORK/pretraining_output/`) and `ehrmotor finetune` (`OUT/finetune_output/`)
+record in their output folder the settings its checkpoints were trained with (SETTINGS_FILE,
+`pretrain_settings.json`: `config`, the resolved settings, and `prepared`, a digest of each input;
+pretraining's are `ehrmotor.pretrain.setup.training_settings`). A rerun resumes the last complete
+checkpoint when its settings match (RESUMABLE_CHANGES aside) and stops with a PretrainError naming
+what changed when they do not. The decision reads files only, so every rank of a distributed run
+takes the same one.
 
 A checkpoint is whole or absent: `whole_checkpoint` removes the `checkpoint-N/` that a failed or
 interrupted save leaves (a full disk, Ctrl-C) and turns a full disk into one OutputError line.
@@ -13,7 +15,6 @@ interrupted save leaves (a full disk, Ctrl-C) and turns a full disk into one Out
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ehrmotor import artifacts
-from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import (
     EhrmotorError,
     OutputError,
@@ -31,7 +31,6 @@ from ehrmotor.errors import (
     environment_message,
     first_line,
 )
-from ehrmotor.sequences.shards import INDEX
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "pretrain_settings.json"  # in pretraining_output/: what its checkpoints came from
@@ -44,33 +43,8 @@ RESUMABLE_CHANGES = ("dataloader_num_workers", "logging_steps", "save_total_limi
                      "gradient_checkpointing", "compile")
 
 
-def prepared_digests(files: Path) -> dict[str, str]:
-    """A digest per prepared artifact: its manifest (less the package version) and, for the
-    datasets, the fingerprint of their Arrow files."""
-    parts: dict[str, list[str]] = {}
-    for manifest in sorted(files.glob("*.manifest.json")):
-        text = manifest.read_text()
-        try:
-            recorded = json.loads(text)
-        except json.JSONDecodeError:
-            recorded = text
-        if isinstance(recorded, dict):
-            recorded.pop("ehrmotor_version", None)
-        parts.setdefault(manifest.name.removesuffix(".manifest.json"), []).append(
-            json.dumps(recorded, sort_keys=True))
-    for name in ("train_batches", "val_batches"):  # the manifests decide their content
-        parts.setdefault(name, []).append((files / name / INDEX).read_text())
-    return {name: hashlib.sha256("\0".join(values).encode()).hexdigest()[:16]
-            for name, values in sorted(parts.items())}
-
-
-def training_settings(config: PretrainConfig, files: Path) -> dict[str, Any]:
-    """What a checkpoint depends on: the resolved config and the prepared inputs."""
-    return {"config": config_dict(config), "prepared": prepared_digests(files)}
-
-
 def settings_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two `training_settings`, ignoring RESUMABLE_CHANGES."""
+    """What differs between two settings records, ignoring RESUMABLE_CHANGES."""
     old, new = recorded.get("config", {}), current["config"]
     changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
                if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]

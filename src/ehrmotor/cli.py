@@ -29,8 +29,8 @@ from ehrmotor.arguments import positive as _positive
 from ehrmotor.convert.commands import add_convert_femr
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
 from ehrmotor.evaluate.commands import add_evaluate, add_label
-from ehrmotor.export_checkpoint import add_export_options, run_export
 from ehrmotor.finetune.commands import add_finetune, add_predict
+from ehrmotor.pretrain.export import add_export_options, run_export
 from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
 
 log = logging.getLogger("ehrmotor")
@@ -220,7 +220,7 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from ehrmotor.config import PretrainConfig, load_config
-    from ehrmotor.train import pretrain
+    from ehrmotor.pretrain.run import pretrain
 
     if args.export_checkpoint is not None or args.out is not None:
         return run_export(args)

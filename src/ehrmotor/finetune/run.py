@@ -45,7 +45,7 @@ from ehrmotor.model.task_models import (
     pretraining_codes,
     recorded_task,
 )
-from ehrmotor.train import MotorTrainer
+from ehrmotor.trainer import MotorTrainer
 
 log = logging.getLogger(__name__)
 OUTPUT_DIR = "finetune_output"

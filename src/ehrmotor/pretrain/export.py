@@ -181,7 +181,8 @@ def _open_checkpoint(output: Path, wanted: int | str, stack: contextlib.ExitStac
 
 def _check_prepared(work: Path, output: Path) -> dict[str, Any]:
     """The run's recorded settings, after checking the prepared files are still theirs."""
-    from ehrmotor.checkpoints import SETTINGS_FILE, prepared_digests
+    from ehrmotor.checkpoints import SETTINGS_FILE
+    from ehrmotor.pretrain.setup import prepared_digests
 
     path = output / SETTINGS_FILE
     try:
@@ -257,7 +258,7 @@ def _write_parts(tmp: Path, work: Path, opened: _Opened, summary: dict[str, Any]
     """Every part of the bundle into the folder `tmp`."""
     from ehrmotor.bundle import record_fingerprint
     from ehrmotor.meds.read import HELD_OUT_FILE
-    from ehrmotor.model_card import write_model_card
+    from ehrmotor.pretrain.model_card import write_model_card
 
     tmp.mkdir()
     (tmp / "config.json").write_bytes(opened.config)

@@ -3,11 +3,14 @@
 The prepared inputs (`load_prepared_files`), the training settings (`check_settings`,
 `check_window_budget`), and from them the model's `MotorConfig` (`build_model_config`) and the
 Trainer's `TrainingArguments` (`training_arguments`). A setting that cannot work stops with a
-one-line PretrainError naming it.
+one-line PretrainError naming it. `training_settings` is what a checkpoint depends on (the resolved
+config and a digest of each prepared input): `ehrmotor.checkpoints` resumes only checkpoints of the
+same settings, and `ehrmotor.pretrain.export` exports only those of the current prepared files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ehrmotor.config import PretrainConfig
+from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError, first_line
 from ehrmotor.model import LABELS, PRESETS, MotorConfig
 from ehrmotor.motor_task.tasks import MotorTask
@@ -194,3 +197,28 @@ def _training_kwargs(config: PretrainConfig, output: Path, has_val: bool,
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kwargs["ddp_backend"] = "gloo"
     return kwargs
+
+
+def prepared_digests(files: Path) -> dict[str, str]:
+    """A digest per prepared artifact: its manifest (less the package version) and, for the
+    datasets, the fingerprint of their Arrow files."""
+    parts: dict[str, list[str]] = {}
+    for manifest in sorted(files.glob("*.manifest.json")):
+        text = manifest.read_text()
+        try:
+            recorded = json.loads(text)
+        except json.JSONDecodeError:
+            recorded = text
+        if isinstance(recorded, dict):
+            recorded.pop("ehrmotor_version", None)
+        parts.setdefault(manifest.name.removesuffix(".manifest.json"), []).append(
+            json.dumps(recorded, sort_keys=True))
+    for name in ("train_batches", "val_batches"):  # the manifests decide their content
+        parts.setdefault(name, []).append((files / name / INDEX).read_text())
+    return {name: hashlib.sha256("\0".join(values).encode()).hexdigest()[:16]
+            for name, values in sorted(parts.items())}
+
+
+def training_settings(config: PretrainConfig, files: Path) -> dict[str, Any]:
+    """What a checkpoint depends on: the resolved config and the prepared inputs."""
+    return {"config": config_dict(config), "prepared": prepared_digests(files)}

@@ -11,7 +11,7 @@ end writes the self-contained bundle `WORK/model/` atomically:
     ontology/              the ontology the tokenizer was built with
     training_summary.json  steps, val loss, base-rate val loss, parameter count
     subject_splits.parquet prepare's own held-out split, when it wrote one (evaluate's default)
-    README.md              the model card (`ehrmotor.model_card`)
+    README.md              the model card (`ehrmotor.pretrain.model_card`)
     fingerprint.json       a digest of each part above and one fingerprint over them, written
                            last (`ehrmotor.bundle.record_fingerprint`); loading checks it
 
@@ -19,7 +19,7 @@ end writes the self-contained bundle `WORK/model/` atomically:
 pretraining is a no-op unless `--force` (which implies `--restart`). Runs unchanged under
 `torchrun` / `accelerate launch`: each rank draws its own batches from `TokenBudgetBatchSampler`.
 
-Settings are checked before anything is written (`ehrmotor.train_setup`); a bad one stops with a
+Settings are checked before anything is written (`ehrmotor.pretrain.setup`); a bad one stops with a
 one-line `PretrainError` naming it. An interrupted run is resumed by rerunning the same command
 (`ehrmotor.checkpoints`): `pretraining_output/` records the settings it was started with
 (`pretrain_settings.json`: the resolved PretrainConfig and digests of the prepared inputs'
@@ -40,76 +40,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer
 
 from ehrmotor import artifacts
 from ehrmotor.bundle import FINGERPRINT_FILE, record_fingerprint
-from ehrmotor.checkpoints import (
-    prepare_output,
-    resumable_checkpoint,
-    training_settings,
-    whole_checkpoint,
-)
+from ehrmotor.checkpoints import prepare_output, resumable_checkpoint
 from ehrmotor.config import PretrainConfig, config_dict
 from ehrmotor.errors import PretrainError
 from ehrmotor.lock import work_lock
 from ehrmotor.meds.read import HELD_OUT_FILE
-from ehrmotor.memory import allocation_errors, check_model_fits
 from ehrmotor.model import MotorConfig, MotorModel, motor_loss
-from ehrmotor.model_card import write_model_card
-from ehrmotor.sequences.batching import TokenBudgetBatchSampler, WindowCollator, window_lengths
-from ehrmotor.train_setup import (
+from ehrmotor.pretrain.memory import allocation_errors, check_model_fits
+from ehrmotor.pretrain.model_card import write_model_card
+from ehrmotor.pretrain.setup import (
     build_model_config,
     check_settings,
     check_window_budget,
     load_prepared_files,
     training_arguments,
+    training_settings,
 )
-from ehrmotor.vocabulary.bags import BagTable
+from ehrmotor.trainer import MotorTrainer
 
 log = logging.getLogger(__name__)
 BUNDLE_FILES = ("config.json", "model.safetensors", "dictionary.msgpack", "motor_task.json",
                 FINGERPRINT_FILE)
-
-
-class MotorTrainer(Trainer):
-    """`Trainer` fed by token-budget batches of packed windows instead of fixed-size batches.
-    `bags` expands the items of prepared rows; rows built in memory (fine-tuning) need none."""
-
-    def __init__(self, *args: Any, tokens_per_batch: int, task_map: torch.Tensor,
-                 bags: BagTable | None = None, **kwargs: Any):
-        self.tokens_per_batch = tokens_per_batch
-        self.collator = WindowCollator(labels=True, task_map=task_map, bags=bags)
-        super().__init__(*args, **kwargs)
-
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        from accelerate.data_loader import prepare_data_loader
-
-        sampler = TokenBudgetBatchSampler(
-            window_lengths(dataset), self.tokens_per_batch, shuffle=shuffle, seed=self.args.seed,
-            rank=self.args.process_index, world_size=self.args.world_size,
-        )
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
-                            num_workers=self.args.dataloader_num_workers)
-        # The sampler already gives each rank its own batches, so the loader is wrapped as one
-        # process's (no re-sharding); batches go to this rank's device, set_epoch to the sampler.
-        return prepare_data_loader(loader, self.accelerator.device, num_processes=1,
-                                   process_index=0, put_on_device=True,
-                                   non_blocking=self.accelerator.non_blocking)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        # A failed or interrupted save leaves no partial checkpoint-N/ behind.
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        with whole_checkpoint(folder, owner=self.args.should_save):
-            super()._save_checkpoint(model, trial)
-
-    def get_train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
-        return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset,
-                            shuffle=False)
 
 
 def _write_bundle(trainer: Trainer, work: Path, summary: dict[str, Any]) -> Path:
