@@ -24,10 +24,11 @@ from features_fixtures import Subjects, at, read_events, write_meds_copy
 
 from ehrmotor.bundle import record_fingerprint
 from ehrmotor.cli import main
-from ehrmotor.embed import compute_features, read_labels, write_embeddings
+from ehrmotor.embed import compute_features, write_embeddings
 from ehrmotor.errors import InputError
 from ehrmotor.model import MotorModel
 from ehrmotor.sequences.batching import collate_windows, pad_batch
+from ehrmotor.sequences.labelled import read_labels
 from ehrmotor.sequences.shards import load_prepared
 from ehrmotor.vocabulary.bags import BagTable
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ehrmotor.embed import read_labels
 from ehrmotor.errors import InputError, OutputError
 from ehrmotor.meds import (
     LABEL_KINDS,
@@ -20,6 +19,7 @@ from ehrmotor.meds import (
     time_to_event_days,
     write_label_set,
 )
+from ehrmotor.sequences.labelled import read_labels
 
 # Made by tests/data/aces/make_fixture.sh: ACES 0.7.3 on `ehrmotor synth --subjects 150 --seed 3`.
 ACES = Path(__file__).parent / "data" / "aces"

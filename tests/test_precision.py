@@ -19,7 +19,6 @@ from features_fixtures import Subjects, at, read_events
 from ehrmotor import precision
 from ehrmotor.bundle import load_bundle
 from ehrmotor.config import PretrainConfig
-from ehrmotor.embed import bundle_features
 from ehrmotor.model import MotorModel
 from ehrmotor.precision import (
     BF16_MIN_EMBEDDING_HIDDEN_SIZE,
@@ -27,6 +26,7 @@ from ehrmotor.precision import (
     cpu_has_amx_bf16,
 )
 from ehrmotor.pretrain.setup import training_arguments
+from ehrmotor.representations import bundle_features
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """What `precision = "auto"` picks: bf16 autocast where it is measured to help, else fp32.
 
 `auto_uses_bf16(device_type, hidden_size, training=...)` is the one rule, used by pretraining
-(`ehrmotor.pretrain.setup.training_arguments`) and embedding (`embed.compute_features`):
+(`ehrmotor.pretrain.setup.training_arguments`) and featurization (`ehrmotor.representations`):
 
 - CUDA: bf16 autocast where the GPU supports bf16.
 - CPU: bf16 autocast where the CPU has AMX-BF16 (`cpu_has_amx_bf16`): always for training,

@@ -117,8 +117,8 @@ def ancestors_of(parents: pl.DataFrame, codes: pl.Series) -> pl.DataFrame:
 def read_events(db: Any, subjects: np.ndarray) -> pl.DataFrame:
     """MEDS events of `subjects` (DATA_COLUMNS, in file order) from a MEDS folder or a
     meds_reader database (object or path)."""
-    from ehrmotor.embed import meds_reader_events
     from ehrmotor.meds import data_files, scan_shard
+    from ehrmotor.sequences.labelled import meds_reader_events
 
     if hasattr(db, "path_to_database") or (Path(db) / "meds_reader.version").exists():
         import meds_reader
@@ -245,7 +245,8 @@ def _encode(bundle: FemrBundle, positions: pl.DataFrame, bags: pl.DataFrame, pla
 
 def femr_features(db: Any, bundle: FemrBundle, labels: pl.DataFrame,
                   tokens_per_batch: int | None = None) -> dict[str, np.ndarray]:
-    """compute_features for a loaded femr bundle; labels as `ehrmotor.embed.read_labels` gives."""
+    """compute_features for a loaded femr bundle; labels as
+    `ehrmotor.sequences.labelled.read_labels` gives."""
     budget = FEMR_TOKENS_PER_BATCH if tokens_per_batch is None else int(tokens_per_batch)
     if budget < 2:
         raise InputError(f"tokens_per_batch must be at least 2; got {budget}")
@@ -279,6 +280,6 @@ def femr_bundle_features(db: Any, model_path: str | Path, labels: Any,
     """`compute_features` when model_path is a converted femr bundle, else None."""
     if not is_femr_bundle(model_path):
         return None
-    from ehrmotor.embed import read_labels
+    from ehrmotor.sequences.labelled import read_labels
 
     return femr_features(db, load_femr_bundle(model_path), read_labels(labels), tokens_per_batch)

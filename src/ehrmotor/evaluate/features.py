@@ -3,7 +3,8 @@
 Points are the distinct (subject_id, prediction_time) of every task's labels, sorted, so that
 each representation is computed once whatever the number of tasks:
 
-- `motor` (n, hidden): the model's representations (`ehrmotor.embed.bundle_features`, one call);
+- `motor` (n, hidden): the model's representations (`ehrmotor.representations.bundle_features`,
+  one call);
 - `motor_bins` (n, bins, f): the pretrained MOTOR head's per-bin features of those
   (`piecewise.motor_bin_features`), for the piecewise-exponential head on the MOTOR time bins;
 - `counts` (n, features): ontology-expanded counts over all time and the last year, last lab
@@ -45,7 +46,7 @@ class FeatureSets:
 def motor_features(meds_dir: Path, bundle: Bundle, points: pl.DataFrame,
                    tokens_per_batch: int | None) -> np.ndarray:
     """MOTOR representations (n, hidden) at `points`, rows in `points` order."""
-    from ehrmotor.embed import bundle_features  # imports torch and the model
+    from ehrmotor.representations import bundle_features  # imports torch and the model
 
     result = bundle_features(meds_dir, bundle, points, tokens_per_batch=tokens_per_batch)
     times = np.asarray(result["feature_times"], dtype="datetime64[us]")

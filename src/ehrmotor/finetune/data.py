@@ -1,4 +1,5 @@
-"""The labels of one task as model inputs, by the one featurization path of `ehrmotor.embed`.
+"""The labels of one task as model inputs, by the one featurization path of
+`ehrmotor.representations`.
 
 `task_labels` reads a label file or folder (anything `evaluate` reads: MEDS label files, ACES
 output, ehrmotor's time-to-event labels) into `subject_id`, `prediction_time` and the targets of
@@ -24,11 +25,11 @@ import polars as pl
 import torch
 
 from ehrmotor.bundle import Bundle
-from ehrmotor.embed import _label_positions, _read_positions
 from ehrmotor.errors import InputError
 from ehrmotor.meds.labels import LabelSet, read_label_set, time_to_event_days
 from ehrmotor.model.task_models import BINARY, TARGETS, TIME_TO_EVENT
 from ehrmotor.sequences.batching import collate_windows
+from ehrmotor.sequences.labelled import label_positions, read_positions
 from ehrmotor.sequences.positions import list_series
 from ehrmotor.sequences.windows import embedding_windows, first_rows, window_sequences
 
@@ -63,8 +64,8 @@ def task_windows(db: Any, bundle: Bundle, labels: pl.DataFrame, kind: str,
     if bundle.max_window is None:
         raise InputError(f"{bundle.path}: records no training context (max_window)")
     table = labels.with_row_index("label")
-    positions = _read_positions(db, table, (bundle.tokenizer, bundle.ontology), num_proc)
-    plan = embedding_windows(_label_positions(table, positions), bundle.max_window).join(
+    positions = read_positions(db, table, (bundle.tokenizer, bundle.ontology), num_proc)
+    plan = embedding_windows(label_positions(table, positions), bundle.max_window).join(
         first_rows(positions), on="subject_id", how="left", maintain_order="left")
     rows = window_sequences(positions, plan).with_columns(points=plan["points"],
                                                           labels=plan["labels"])

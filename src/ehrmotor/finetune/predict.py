@@ -1,9 +1,9 @@
 """`ehrmotor predict`: a fine-tuned bundle's predictions at label times, as parquet.
 
-Representations come from `ehrmotor.embed.bundle_features` (the one featurization path, so
+Representations come from `ehrmotor.representations.bundle_features` (the one featurization path, so
 they equal `compute_features` of the same encoder weights); the task head turns them into
-predictions. One row per label, sorted by subject_id and prediction_time, in the
-meds-evaluation `PredictionSchema` (the MEDS label schema plus two prediction columns):
+predictions. One row per label, sorted by subject_id and prediction_time, in the meds-evaluation
+`PredictionSchema` (the MEDS label schema plus two prediction columns):
 
     subject_id int64, prediction_time timestamp[us],
     boolean_value bool            the label when LABELS holds one (else null); time-to-event:
@@ -30,12 +30,12 @@ import polars as pl
 import torch
 
 from ehrmotor.artifacts import atomic_path, check_output
-from ehrmotor.embed import bundle_features
 from ehrmotor.errors import InputError
 from ehrmotor.finetune.bundle import load_task_bundle
 from ehrmotor.meds.labels import read_label_set, read_prediction_times, time_to_event_days
 from ehrmotor.model.head import time_at_risk
 from ehrmotor.model.task_models import BINARY, recorded_task
+from ehrmotor.representations import bundle_features
 
 log = logging.getLogger(__name__)
 DEFAULT_HORIZONS_DAYS = (365.0,)

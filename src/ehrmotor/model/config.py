@@ -34,7 +34,7 @@ class MotorConfig(PretrainedConfig):
     2π · 10,000 days (about 170 years), so day-level gaps and a whole lifetime (0..40,000 days)
     both stay distinguishable without wrapping around.
     max_window: the training context, positions per window (position 0 included); embeddings
-    use it by default (`ehrmotor.embed`). None when unknown (bundles written before it was
+    use it by default (`ehrmotor.representations`). None when unknown (bundles written before it was
     recorded; `ehrmotor.bundle` then reads training_summary.json).
 
     Head: num_tasks tasks, num_bins time bins, final_layer_size features per bin.

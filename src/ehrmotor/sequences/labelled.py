@@ -1,39 +1,18 @@
-"""Patient representations at label times: `compute_features`, with femr's call and result.
+"""The labelled subjects' positions and each label's position: what featurization starts from.
 
-`compute_features(db, model_path, labels)` returns one row per label, sorted by
-(subject_id, prediction_time); labels with equal keys (duplicates included) keep their input order:
-
-    subject_ids    int64 (n,)
-    feature_times  datetime64[us] (n,)  each label's prediction_time, exactly as given
-    features       float32 (n, hidden)  the model's final representation (`MotorModel.encode`)
-
-The path is training's up to the encoder: MEDS shards (`meds.scan_shard`, or a meds_reader
-database) -> `positions.build_positions` -> `windows` -> `batching.pack`, `collate_windows` ->
-`MotorModel.encode`; only the windows cut differ, and no labels ride along (just the points read).
-
-Policies:
-- A label's representation is read at the last position whose time is at or before its
-  prediction_time (MEDS: the label may use data at exactly that time). Before anything is built,
-  each subject's events after its latest prediction_time are dropped (its static, birth and first
-  events are kept so that birth never moves), so no later event can reach a label.
-- Position 0 folds together the static events and every event of the birth day, so a label on the
-  birth day could see events after its prediction_time: labels on or before the birth date are
-  refused with an InputError (a ValueError), as are labels of subjects absent from the data.
-- Windows as training sees a position (`ehrmotor.sequences.windows`): position 0, then at most
-  context - 1 positions ending at the label's. The context is the model's
-  (`MotorConfig.max_window`; older bundles: training_summary.json's). At a training point whose
-  history fits one training window, the representation equals the one training computed.
-- `tokens_per_batch` is only a packing budget (default and minimum: the context). `model.encode`
-  runs under `torch.no_grad()`, under bf16 autocast where pretraining's precision "auto" picks it
-  (`precision.auto_uses_bf16`: CUDA, and CPUs with AMX-BF16 for models at least 256 wide),
-  else in fp32; on CUDA batches are padded to `tokens_per_batch` so the attention kernel
-  keeps one shape.
+`read_labels` takes labels in any of the accepted forms (`subject_id`, `prediction_time`);
+`read_positions` builds the positions (`ehrmotor.sequences.positions.build_positions`) of the
+labelled subjects from MEDS shards (`meds.scan_shard`) or a meds_reader database, each subject's
+events after its latest prediction_time dropped first (its static, birth and first events are
+kept, so that birth never moves); `label_positions` gives each label the last position whose time
+is at or before its prediction_time (MEDS: the label may use data at exactly that time), refusing
+labels of subjects absent from the data and labels on or before the birth date (position 0 folds
+together the static events and every event of the birth day). `ehrmotor.representations` turns
+them into the model's representations; fine-tuning (`ehrmotor.finetune.data`) into its inputs.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,31 +20,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
-from ehrmotor.artifacts import atomic_path
-from ehrmotor.bundle import Bundle, load_bundle
-from ehrmotor.convert.femr_features import femr_bundle_features
 from ehrmotor.errors import InputError, one_line
 from ehrmotor.meds import DATA_COLUMNS, DATA_DTYPES, data_files, read_prediction_times, scan_shard
-from ehrmotor.model import MotorModel
-from ehrmotor.precision import auto_uses_bf16
 from ehrmotor.processes import process_pool
-from ehrmotor.sequences.batching import collate_windows, frame_rows, pack, pad_batch
 from ehrmotor.sequences.positions import BIRTH_CODE, build_positions
-from ehrmotor.sequences.windows import (
-    embedding_windows,
-    first_rows,
-    positions_per_window,
-    window_sequences,
-)
 from ehrmotor.vocabulary.ontology import Ontology
 from ehrmotor.vocabulary.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("subject_id", "prediction_time")
 SHOWN = 5  # offending subjects or labels named in an error message
@@ -220,7 +182,7 @@ def _meds_reader_positions(db: Any, horizons: pl.DataFrame, fitted: Fitted,
     return positions
 
 
-def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
+def read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
                     num_proc: int) -> pl.DataFrame:
     """Positions of the labelled subjects, sorted by subject and position, rows contiguous."""
     horizons = labels.group_by("subject_id").agg(horizon=pl.col("prediction_time").max())
@@ -242,7 +204,7 @@ def _read_positions(db: Any, labels: pl.DataFrame, fitted: Fitted,
     return positions.sort("subject_id", "position")
 
 
-def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
+def label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFrame:
     """label, subject_id and `position`: the last position at or before each label's time.
 
     Raises InputError for unknown subjects and for labels on or before the birth date.
@@ -275,121 +237,3 @@ def _label_positions(labels: pl.DataFrame, positions: pl.DataFrame) -> pl.DataFr
     if located["position"].null_count():  # unreachable: every subject has position 0 at birth
         raise ValueError("labels: some labels found no position at or before their time")
     return located.select("label", "subject_id", "position")
-
-
-def _check_sizes(context: int | None, tokens_per_batch: int | None) -> tuple[int, int]:
-    """(context, packing budget); InputError for a context below 2 or a budget below it."""
-    if context is None:
-        raise InputError("the model bundle records no training context (max_window in "
-                         "config.json or training_summary.json); pass context")
-    if context < 2:
-        raise InputError(f"context must be at least 2 (position 0 and one more); got {context}")
-    budget = context if tokens_per_batch is None else tokens_per_batch
-    if budget < context:
-        raise InputError(f"tokens_per_batch {budget} is smaller than the context of {context} "
-                         f"positions; a window must fit one batch: set it to at least {context}")
-    return context, budget
-
-
-def _encode(model: MotorModel, positions: pl.DataFrame, plan: pl.DataFrame,
-            tokens_per_batch: int, device: torch.device, features: np.ndarray) -> None:
-    """Fill `features` at each window's `labels` with the representations at its `points`.
-
-    plan: `embedding_windows` with `first_row`, in packing order. On CUDA every batch is padded to
-    `tokens_per_batch` positions.
-    """
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if auto_uses_bf16(device.type, model.config.hidden_size, training=False)
-                else nullcontext())
-    lengths = positions_per_window(plan).to_numpy()
-    for batch in tqdm(pack(lengths, np.arange(len(lengths)), tokens_per_batch),
-                      desc="features", unit="batch", disable=None):
-        chosen = plan.slice(batch[0], len(batch))
-        rows = window_sequences(positions, chosen).with_columns(points=chosen["points"])
-        inputs = collate_windows(frame_rows(rows))
-        if device.type == "cuda":
-            inputs = pad_batch(inputs, tokens_per_batch)
-        point_indices = inputs.pop("point_indices").to(device)
-        with torch.no_grad(), autocast:
-            hidden = model.encode(**{k: v.to(device) for k, v in inputs.items()})  # (T, hidden)
-        labels = chosen["labels"].explode().to_numpy()
-        features[labels] = hidden[point_indices].float().cpu().numpy()
-
-
-def compute_features(db: Any, model_path: str | Path, labels: LabelsLike, num_proc: int = 1,
-                     tokens_per_batch: int | None = None,
-                     device: str | torch.device | None = None,
-                     ontology: Ontology | str | Path | None = None,
-                     context: int | None = None) -> dict[str, np.ndarray]:
-    """Representations at label times; see the module docstring for the result and policies.
-
-    db: a MEDS directory, a `meds_reader.SubjectDatabase` or the path of one. model_path: a
-    bundle written by `pretrain` (checked by `load_bundle`, which raises BundleError). labels:
-    see `read_labels`. num_proc: processes reading shards (1 = in this process).
-    tokens_per_batch: positions per forward pass, at least the context (default: the context).
-    device: default CUDA when available, else CPU. ontology: default `model_path/ontology`.
-    context: positions per window (default: the model's training context).
-    """
-    if context is not None:  # a bad setting fails before the bundle is read
-        _check_sizes(context, tokens_per_batch)
-    if isinstance(labels, str | Path):  # so does a bad label file
-        labels = read_labels(labels)
-    if (femr_result := femr_bundle_features(db, model_path, labels, tokens_per_batch)) is not None:
-        return femr_result  # a bundle written by `ehrmotor convert-femr`
-    bundle = load_bundle(model_path, ontology=ontology)
-    return bundle_features(db, bundle, labels, num_proc=num_proc,
-                           tokens_per_batch=tokens_per_batch, device=device, context=context)
-
-
-def bundle_features(db: Any, bundle: Bundle, labels: LabelsLike, num_proc: int = 1,
-                    tokens_per_batch: int | None = None,
-                    device: str | torch.device | None = None,
-                    context: int | None = None) -> dict[str, np.ndarray]:
-    """`compute_features` with a bundle already loaded by `load_bundle`."""
-    context, budget = _check_sizes(bundle.max_window if context is None else context,
-                                   tokens_per_batch)
-    table = read_labels(labels).sort("subject_id", "prediction_time", maintain_order=True) \
-        .with_row_index("label")
-    model = bundle.model.eval()
-    result = {
-        "subject_ids": table["subject_id"].to_numpy().astype(np.int64),
-        "feature_times": table["prediction_time"].to_numpy().astype("datetime64[us]"),
-        "features": np.zeros((table.height, model.config.hidden_size), dtype=np.float32),
-    }
-    if table.is_empty():
-        return result
-    positions = _read_positions(db, table, (bundle.tokenizer, bundle.ontology), num_proc)
-    plan = embedding_windows(_label_positions(table, positions), context).join(
-        first_rows(positions), on="subject_id", how="left", maintain_order="left")
-    chosen = torch.device(device if device is not None
-                          else "cuda" if torch.cuda.is_available() else "cpu")
-    log.info("compute_features: %d labels of %d subjects in %d windows of up to %d positions "
-             "on %s", table.height, table["subject_id"].n_unique(), plan.height, context, chosen)
-    _encode(model.to(chosen), positions, plan, budget, chosen, result["features"])
-    return result
-
-
-def write_embeddings(result: Mapping[str, np.ndarray], out_path: str | Path) -> Path:
-    """Write a `compute_features` result as parquet, atomically; return the path.
-
-    Columns: subject_id int64, prediction_time timestamp[us] (the feature_times, exactly),
-    embedding fixed_size_list<float32>[hidden].
-    """
-    features = np.ascontiguousarray(result["features"], dtype=np.float32)
-    subjects, times = result["subject_ids"], result["feature_times"]
-    if features.ndim != 2 or not len(subjects) == len(times) == features.shape[0]:
-        raise ValueError(f"result: subject_ids ({len(subjects)}), feature_times ({len(times)}) "
-                         f"and features {features.shape} must have one row per label")
-    table = pa.table({
-        "subject_id": pa.array(np.asarray(subjects, dtype=np.int64)),
-        "prediction_time": pa.array(np.asarray(times).astype("datetime64[us]")),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)),
-                                                       features.shape[1]),
-    })
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
-    log.info("write_embeddings: %d rows of %d dimensions to %s", table.num_rows,
-             features.shape[1], os.fspath(out))
-    return out
