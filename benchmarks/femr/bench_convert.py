@@ -75,7 +75,7 @@ def ehrmotor_seconds(database: Path, athena: Path, work: Path) -> float:
 
 
 def base_tokens_per_second(positions: int = 4096) -> dict[str, float]:
-    from ehrmotor.convert.femr_model import FemrHybridConfig, FemrHybridEncoder
+    from ehrmotor.femr.model import FemrHybridConfig, FemrHybridEncoder
 
     config = FemrHybridConfig(vocab_size=32768, hidden_size=768, intermediate_size=3072,
                               num_heads=12, num_layers=6, attention_width=496,

@@ -5,7 +5,7 @@ config.json (with `transformer_config`, optionally `task_config`), model.safeten
 dictionary.msgpack. The bundle written (same bytes for the same inputs):
 
     config.json         FemrHybridConfig (model_type "ehrmotor-femr-hybrid"; `layout` "hybrid" for
-                        femr 0.2.4, "released" for femr 0.2.0 / 0.2.1, see femr_released)
+                        femr 0.2.4, "released" for femr 0.2.0 / 0.2.1, see `ehrmotor.femr.released`)
     model.safetensors   the weights under our names (`femr_weight_name`), keys sorted
     dictionary.msgpack  femr's dictionary, byte for byte (femr's tokenizer semantics read it)
     ontology/parents.parquet   code, parent: the Athena parent edges (`--athena`), sorted (the
@@ -36,16 +36,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig
-from ehrmotor.convert.femr_released import LAYOUT as RELEASED
-from ehrmotor.convert.femr_released import released_config
 from ehrmotor.errors import InputError, OutputError, one_line
+from ehrmotor.femr.model import (
+    CONFIG_FILE,
+    DICTIONARY_FILE,
+    MODEL_TYPE,
+    ONTOLOGY_DIR,
+    PARENTS_FILE,
+    WEIGHTS_FILE,
+    FemrHybridConfig,
+)
+from ehrmotor.femr.released import LAYOUT as RELEASED
+from ehrmotor.femr.released import released_config
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-DICTIONARY_FILE = "dictionary.msgpack"
-ONTOLOGY_DIR = "ontology"
-PARENTS_FILE = "parents.parquet"
 SHOWN = 4  # keys named in a message
 HAWK_PARTS = {  # torch_hawk's RecurrentBlock names -> ours (RecurrentBlock in model/hawk.py)
     "linear_x.weight": "linear_x.weight", "linear_x.bias": "linear_x.bias",
@@ -186,8 +189,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def mapped_weights(folder: Path, config: FemrHybridConfig) -> dict[str, torch.Tensor]:
     """femr's tensors under our names; refuses unexpected, missing or misshapen tensors."""
-    from ehrmotor.convert.femr_model import FemrHybridEncoder
-    from ehrmotor.convert.femr_released import FemrReleasedEncoder
+    from ehrmotor.femr.model import FemrHybridEncoder
+    from ehrmotor.femr.released import FemrReleasedEncoder
 
     weights = _read_weights(folder / WEIGHTS_FILE)
     unknown = sorted(n for n in weights if femr_weight_name(n, config.layout) is None)

@@ -2,7 +2,7 @@
 
 `compute_features(db, model_path, labels)` loads the bundle and returns `bundle_features`
 (`ehrmotor.representations`: the result and its policies); a bundle written by
-`ehrmotor convert-femr` is featurized as femr does (`ehrmotor.convert.femr_features`).
+`ehrmotor convert-femr` is featurized as femr does (`ehrmotor.femr.features`).
 `write_embeddings` writes a result as the parquet file of `ehrmotor embed`.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from ehrmotor.artifacts import atomic_path
 from ehrmotor.bundle import load_bundle
-from ehrmotor.convert.femr_features import femr_bundle_features
+from ehrmotor.femr.features import femr_bundle_features
 from ehrmotor.representations import bundle_features, check_sizes
 from ehrmotor.sequences.labelled import LabelsLike, read_labels
 from ehrmotor.vocabulary.ontology import Ontology

@@ -11,7 +11,7 @@ femr 0.2.0 and 0.2.1 (the releases before femr moved to meds_reader and, later, 
 Their RMSNorm is scale * x / (rms(x) + 1e-8) (eps outside the root). Attention is femr's
 flash-attention call with window (attention_width, 0): a position sees itself and the
 `attention_width` positions before it (one more than femr 0.2.4's local mask). Rotary angles and
-frequencies are femr's (`femr_model.rotary_tables`), over ages in days; there are no time
+frequencies are femr's (`model.rotary_tables`), over ages in days; there are no time
 features.
 
 The tokenizer (`released_positions`): each measurement gives at most one entry: a numeric_value
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ehrmotor.convert.femr_model import FemrHybridConfig, rotary_tables, rotate
-from ehrmotor.convert.femr_tokens import locate_labels
+from ehrmotor.femr.model import FemrHybridConfig, rotary_tables, rotate
+from ehrmotor.femr.tokens import locate_labels
 from ehrmotor.model.attention import local_attention
 
 if TYPE_CHECKING:

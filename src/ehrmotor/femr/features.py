@@ -4,9 +4,9 @@
 (`is_femr_bundle`). The result is ehrmotor's: one row per label, sorted by (subject_id,
 prediction_time), feature_times the labels' prediction times, features float32 (n, hidden).
 
-A bundle of femr's released layout (femr 0.2.0 / 0.2.1) is featurized by `femr_released`
+A bundle of femr's released layout (femr 0.2.0 / 0.2.1) is featurized by `released`
 (whole histories, flat tokens). What femr 0.2.4's own compute_features computes, label by label:
-- positions and bags as femr builds them (`femr_tokens`); a label reads the last position at or
+- positions and bags as femr builds them (`tokens`); a label reads the last position at or
   before its prediction_time. Labels before a subject's first position after the birth day are
   refused (femr silently drops them and every later label of that subject).
 - windows as femr's exact batching cuts them with max_length = `tokens_per_batch` (default
@@ -34,29 +34,31 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ehrmotor.convert.femr_folder import (
+from ehrmotor.errors import BundleError, InputError
+from ehrmotor.femr.model import (
     CONFIG_FILE,
     DICTIONARY_FILE,
+    MODEL_TYPE,
     ONTOLOGY_DIR,
     PARENTS_FILE,
     WEIGHTS_FILE,
+    FemrHybridConfig,
+    FemrHybridEncoder,
 )
-from ehrmotor.convert.femr_model import MODEL_TYPE, FemrHybridConfig, FemrHybridEncoder
-from ehrmotor.convert.femr_released import (
+from ehrmotor.femr.released import (
     LAYOUT as RELEASED,
 )
-from ehrmotor.convert.femr_released import (
+from ehrmotor.femr.released import (
     FemrReleasedEncoder,
     flat_vocabulary,
     released_features,
 )
-from ehrmotor.convert.femr_tokens import (
+from ehrmotor.femr.tokens import (
     TIME_COLUMNS,
     FemrVocabulary,
     femr_positions,
     locate_labels,
 )
-from ehrmotor.errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ crosses them):
 
     entries (E,) int64, weights (E,) float32, bag_offsets (T + 1,)   each position's code bag
     ages_days (T,) float32      age at the position, in days (the rotary angle)
-    time_data (T, 5) float32    femr's time features, float16-rounded (see femr_tokens)
+    time_data (T, 5) float32    femr's time features, float16-rounded (see `tokens`)
 
 Each layer is a residual branch: norm -> (time features written over the last columns when
 `use_normed_ages`) -> input_proj, split into a feed-forward part and either Hawk's recurrent
@@ -29,6 +29,12 @@ from ehrmotor.model.attention import local_attention
 from ehrmotor.model.hawk import RecurrentBlock
 
 MODEL_TYPE = "ehrmotor-femr-hybrid"
+# The files of a converted bundle (`ehrmotor convert-femr` writes them, `features` reads them).
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DICTIONARY_FILE = "dictionary.msgpack"
+ONTOLOGY_DIR = "ontology"
+PARENTS_FILE = "parents.parquet"
 TIME_FEATURES = 5
 ACTIVATIONS = ("gelu", "swiglu")
 
