@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from ehrmotor import __version__
@@ -28,7 +29,7 @@ from ehrmotor.arguments import non_negative as _non_negative
 from ehrmotor.arguments import positive as _positive
 from ehrmotor.convert.commands import add_convert_femr
 from ehrmotor.errors import EhrmotorError, InputError, OutputError, environment_message
-from ehrmotor.evaluate.commands import add_evaluate, add_label
+from ehrmotor.evaluate.commands import PlantedOutcomes, add_evaluate, add_label
 from ehrmotor.finetune.commands import add_finetune, add_predict
 from ehrmotor.pretrain.export import add_export_options, run_export
 from ehrmotor.processes import Terminated, install_interrupt_handlers, restore_handlers
@@ -73,6 +74,15 @@ def _run_synth(args: argparse.Namespace) -> int:
     log.info("synth: %d subjects written to %s in %.1f s", args.subjects, args.out,
              time.perf_counter() - started)
     return 0
+
+
+def _planted_outcomes() -> PlantedOutcomes:
+    """The generator's planted outcomes, which the command line hands `label` and `evaluate`."""
+    from ehrmotor.synthetic import outcomes
+
+    return PlantedOutcomes(defaults=outcomes.DEFAULT_OUTCOMES, codes=outcomes.outcome_codes,
+                           written_by_synth=outcomes.written_by_synth,
+                           oracle=outcomes.synthetic_oracle)
 
 
 def _add_validate(commands: argparse._SubParsersAction) -> None:
@@ -296,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADD_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed, add_label, add_evaluate,
+    _add_synth, _add_validate, _add_prepare, _add_pretrain, _add_embed,
+    partial(add_label, planted=_planted_outcomes), partial(add_evaluate, planted=_planted_outcomes),
     add_finetune, add_predict, add_convert_femr]
 
 

@@ -3,14 +3,17 @@
 `ehrmotor.cli` registers them (`add_label`, `add_evaluate`); the work is done by
 `landmarks.write_landmark_labels` and `run.evaluate`, imported when a command runs so that the
 command line starts without torch. The planted outcomes' codes and true hazards come from the
-generator (`ehrmotor.synthetic.outcomes`), named here only.
+generator: the command line hands them in (`PlantedOutcomes`, loaded when a command runs), so
+that evaluation knows nothing of the generator.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -24,9 +27,23 @@ from ehrmotor.arguments import positive_days as _positive_days
 
 if TYPE_CHECKING:
     from ehrmotor.evaluate.landmarks import LandmarkSettings
+    from ehrmotor.evaluate.run import Oracle
 
 log = logging.getLogger("ehrmotor")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PlantedOutcomes:
+    """The outcomes `ehrmotor synth` plants, as `label` and `evaluate` take them."""
+
+    defaults: tuple[str, ...]  # the outcomes evaluated without --outcomes
+    codes: Callable[[Sequence[str]], dict[str, list[str]]]  # name -> codes (else the name)
+    written_by_synth: Callable[[Path], bool]  # whether `ehrmotor synth` wrote a MEDS folder
+    oracle: Callable[[Path], Oracle | None]  # the true hazards of the data synth wrote
+
+
+Planted = Callable[[], PlantedOutcomes]  # called when a command runs
 
 
 def _flatten(groups: Sequence[Sequence[T]] | None) -> list[T] | None:
@@ -71,14 +88,13 @@ def _landmark_settings(args: argparse.Namespace) -> tuple[LandmarkSettings, tupl
     return settings, tuple(args.subjects or DEFAULT_SPLITS)
 
 
-def _outcome_names(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
+def _outcome_names(args: argparse.Namespace, default: Sequence[str],
+                   written_by_synth: Callable[[Path], bool]) -> list[str]:
     """--outcomes, else `default` (the planted outcomes), which only data `ehrmotor synth` wrote
     has: other data without --outcomes is an InputError saying what to give."""
     names: list[str] = _flatten(args.outcomes) or []
     if names or not default:
         return names
-    from ehrmotor.synthetic.outcomes import written_by_synth
-
     if not written_by_synth(args.meds):
         from ehrmotor.errors import InputError
 
@@ -89,7 +105,7 @@ def _outcome_names(args: argparse.Namespace, default: Sequence[str]) -> list[str
     return list(default)
 
 
-def add_label(commands: argparse._SubParsersAction) -> None:
+def add_label(commands: argparse._SubParsersAction, planted: Planted) -> None:
     parser = commands.add_parser(
         "label",
         help="write time-to-event labels of outcomes at landmark times (MEDS label files)",
@@ -107,14 +123,14 @@ def add_label(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--meds", type=Path, required=True, help="MEDS root folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the label files")
     _add_landmark_options(parser, "outcomes to label")
-    parser.set_defaults(run=_run_label)
+    parser.set_defaults(run=partial(_run_label, planted=planted))
 
 
-def _run_label(args: argparse.Namespace) -> int:
+def _run_label(args: argparse.Namespace, planted: Planted) -> int:
     from ehrmotor.evaluate.landmarks import write_landmark_labels
-    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes
 
-    outcomes = outcome_codes(_outcome_names(args, DEFAULT_OUTCOMES))
+    known = planted()
+    outcomes = known.codes(_outcome_names(args, known.defaults, known.written_by_synth))
     settings, splits = _landmark_settings(args)
     files = write_landmark_labels(args.meds, args.out, outcomes, settings, splits=splits,
                                   splits_file=args.splits_file)
@@ -122,7 +138,7 @@ def _run_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluate(commands: argparse._SubParsersAction) -> None:
+def add_evaluate(commands: argparse._SubParsersAction, planted: Planted) -> None:
     parser = commands.add_parser(
         "evaluate",
         help="few-shot protocol: MOTOR embeddings against count features on downstream tasks",
@@ -167,17 +183,18 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-count-features", type=_positive, default=2000,
                         help="count features kept, the most frequent in the training pool "
                              "(default 2000)")
-    parser.set_defaults(run=_run_evaluate)
+    parser.set_defaults(run=partial(_run_evaluate, planted=planted))
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _run_evaluate(args: argparse.Namespace, planted: Planted) -> int:
     from ehrmotor.artifacts import check_output
     from ehrmotor.evaluate.protocol import K_VALUES
     from ehrmotor.evaluate.run import ProtocolSettings, evaluate
     from ehrmotor.lock import work_lock
-    from ehrmotor.synthetic.outcomes import DEFAULT_OUTCOMES, outcome_codes, synthetic_oracle
 
-    outcomes = outcome_codes(_outcome_names(args, () if args.labels else DEFAULT_OUTCOMES))
+    known = planted()
+    defaults = () if args.labels else known.defaults
+    outcomes = known.codes(_outcome_names(args, defaults, known.written_by_synth))
     landmarks, splits = _landmark_settings(args)
     k_values: Sequence[int | None] = _flatten(args.k) or K_VALUES
     settings = ProtocolSettings(
@@ -188,7 +205,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with work_lock(args.out, "evaluate"):
         result = evaluate(args.meds, args.model, args.out, outcomes=outcomes,
                           labels=args.labels or (), task_name=args.task_name,
-                          oracle=synthetic_oracle(args.meds), settings=settings,
+                          oracle=known.oracle(args.meds), settings=settings,
                           landmarks=landmarks, splits_file=args.splits_file)
     print(result.table_markdown)
     log.info("evaluate: results in %s", args.out)

@@ -7,7 +7,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from ehrmotor.evaluate.commands import _fraction, _names, _positive, _positive_days
+from ehrmotor.arguments import fraction as _fraction
+from ehrmotor.arguments import names as _names
+from ehrmotor.arguments import positive as _positive
+from ehrmotor.arguments import positive_days as _positive_days
 
 log = logging.getLogger("ehrmotor")
 
