@@ -98,10 +98,10 @@ def count_tasks(points: pl.DataFrame, runs: pl.DataFrame, last_time: pl.DataFram
                 seed: int) -> TaskCounts:
     """Reduce one shard's labels to task statistics, without listing its (point, task) pairs.
 
-    points: time, censor_days per point; runs: their `labels.occurrence_runs`; last_time:
-    `labels.last_event_times`. A run of n points labelled by an occurrence at time o adds n events
-    and n · (last_time - o) days of exposure reduction (each point's days to censoring minus its
-    days to the event). The days sample is `SAMPLE_PER_SHARD` pairs drawn with `seed` (all pairs
+    points: time, censor_days per point; runs: their `occurrences.occurrence_runs`; last_time:
+    `occurrences.last_event_times`. A run of n points labelled by an occurrence at time o adds n
+    events and n · (last_time - o) days of exposure reduction (each point's days to censoring minus
+    its days to the event). The days sample is `SAMPLE_PER_SHARD` pairs drawn with `seed` (all pairs
     when there are fewer).
     """
     per_run = runs.join(last_time, on="subject_id", how="left", maintain_order="left").select(

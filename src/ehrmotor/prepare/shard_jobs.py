@@ -115,7 +115,7 @@ def label_shard(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology,
                 code_tasks: pl.DataFrame, max_window: int, seed: int,
                 table: BagTable | None = None) -> ShardLabels:
     """Positions, sampled prediction points and their labels for the subjects in `events`;
-    code_tasks: `labels.task_codes_of` the tasks; with the bag `table`, positions also hold
+    code_tasks: `occurrences.task_codes_of` the tasks; with the bag `table`, positions also hold
     their events' items (`build_positions`)."""
     positions = build_positions(events, tokenizer, ontology, table)
     last_time = last_event_times(events)

@@ -1,12 +1,12 @@
 """The steps of `ehrmotor prepare`: `step(context, settings, *, inputs) -> artifact path`.
 
-Each step maps over the MEDS shards in worker processes (`ehrmotor.sequences.shards`), reduces here,
-and writes its artifact atomically, unless the artifact is current. Its manifest
+Each step maps over the MEDS shards in worker processes (`ehrmotor.prepare.shard_jobs`), reduces
+here, and writes its artifact atomically, unless the artifact is current. Its manifest
 (`<artifact>.manifest.json`) is derived from the step's settings (a frozen dataclass of
-`ehrmotor.config`, recorded with `dataclasses.asdict`), the FORMAT_VERSION of the artifact's
-module, the fingerprints of the MEDS and Athena files, and the digest of the manifest of the
-artifact built before it (`after`), so that a change upstream reaches every later step. A
-different manifest stops the run with an ArtifactMismatch naming the changed key.
+`ehrmotor.config`, recorded with `dataclasses.asdict`), the FORMAT_VERSION of the artifact's module,
+the fingerprints of the MEDS and Athena files, and the digest of the manifest of the artifact built
+before it (`after`), so that a change upstream reaches every later step. A different manifest stops
+the run with an ArtifactMismatch naming the changed key.
 
     held_out_step    ../subject_splits.parquet  `ehrmotor.prepare.split` (only with a
                                                 held-out fraction: no MEDS split file)
