@@ -3,7 +3,7 @@
 Everything here is written out by hand so that the tests can state expected values literally:
 MEDS event frames from row tuples, an ontology from a `code -> parents` dict (through a
 codes.parquet-like table, no Athena), a tokenizer from a literal list of vocabulary entries, and
-positions frames for the window tests.
+positions frames for the window tests; the shared subject of the positions and labels tests.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
+from ehrmotor.sequences.batching import collate_windows, frame_rows
+from ehrmotor.sequences.positions import build_positions
 from ehrmotor.vocabulary.ontology import Ontology
 from ehrmotor.vocabulary.tokenizer import Tokenizer
 
@@ -104,3 +106,51 @@ def ancestors_of(ontology: Ontology, code: str) -> list[str]:
 def parents_of(ontology: Ontology, code: str) -> list[str]:
     """Direct parents of `code` in `ontology`, sorted; [] for a root or an unknown code."""
     return ontology.parents.filter(pl.col("code") == code)["parent"].sort().to_list()
+
+
+# The positions and labels tests' subject.
+POSITION_TREE = {"G/F": [], "R": [], "R/a": ["R"], "R/b": ["R"], "L": [], "N": [],
+                 "MEDS_BIRTH": [], "X": []}
+# Vocabulary: MEDS_BIRTH, N and X have no code entry; L values in [3, 5) have entry 5, values
+# from 7 entry 7; L values below 3 or in [5, 7) have no bin entry.
+POSITION_VOCAB = [("code", "G/F"), ("code", "R"), ("code", "R/a"), ("code", "R/b"),
+                  ("code", "L"), ("numeric", "L", 1), ("text", "N", "yes"), ("numeric", "L", 3)]
+POSITION_EDGES = {"L": [3.0, 5.0, 7.0]}
+BIRTH_1 = datetime(2000, 1, 1, 8)
+SUBJECT_1 = [
+    event(1, None, "G/F"),
+    event(1, BIRTH_1, "MEDS_BIRTH"),
+    event(1, datetime(2000, 1, 1, 20), "R/a"),  # birth day: part of position 0
+    event(1, datetime(2000, 1, 11, 0), "R/a"),  # position 1: R, R/a
+    event(1, datetime(2000, 1, 11, 6), "R/a"),  # R, R/a already seen that day: skipped
+    event(1, datetime(2000, 1, 11, 6), "R/b"),  # position 2: R/b is new that day
+    event(1, datetime(2000, 1, 12, 0), "R/a"),  # position 3: a new day
+    event(1, datetime(2000, 1, 21, 12), "L", 4.0),  # position 4: code L and its bin entry
+    event(1, datetime(2000, 1, 21, 12), "L", 6.0),  # bin 2 has no entry, L seen: skipped
+    event(1, datetime(2000, 1, 21, 12), "L", 100.0),  # position 5: bin 3's entry is new today
+    event(1, datetime(2000, 1, 22, 0), "N", text="yes"),  # position 6: text entry (N: no code)
+    event(1, datetime(2000, 1, 22, 0), "N", text="no"),  # no entry at all: no position
+    event(1, datetime(2000, 1, 23, 0), "X"),  # no entry: no position (but the last event)
+]
+
+
+def build(rows: list) -> pl.DataFrame:
+    return build_positions(events_frame(rows), tokenizer(POSITION_VOCAB, POSITION_EDGES),
+                           ontology(POSITION_TREE))
+
+
+def points_frame(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "position": pl.Int32,
+                                      "time": pl.Int64}, orient="row")
+
+
+def occurrences_frame(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "task": pl.Int32,
+                                      "time": pl.Int64}, orient="row")
+
+
+def window_labels(rows: pl.DataFrame, index: int) -> list[tuple[int, int, float]]:
+    """Row `index`'s (point, task, days) labels as the training collate derives them, sorted."""
+    batch = collate_windows(frame_rows(rows[index:index + 1]), labels=True)
+    return sorted(zip(batch["label_point"].tolist(), batch["label_task"].tolist(),
+                      batch["label_days"].tolist(), strict=True))
