@@ -8,6 +8,7 @@ positions frames for the window tests; the shared subject of the positions and l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -154,3 +155,12 @@ def window_labels(rows: pl.DataFrame, index: int) -> list[tuple[int, int, float]
     batch = collate_windows(frame_rows(rows[index:index + 1]), labels=True)
     return sorted(zip(batch["label_point"].tolist(), batch["label_task"].tolist(),
                       batch["label_days"].tolist(), strict=True))
+
+
+def one_line_error(err: str) -> str:
+    """The error line of stderr, which must be the only line apart from log records."""
+    lines = [line for line in err.strip().splitlines()
+             if not re.match(r"(DEBUG|INFO|WARNING) ehrmotor", line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ehrmotor prepare: error: "), err
+    return lines[0]

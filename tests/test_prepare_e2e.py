@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,14 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from meds_builders import rows_table, write_meds, write_table
+from prepare_builders import one_line_error
 from synthetic_data import SUBJECTS
 
 from ehrmotor.cli import main
@@ -81,15 +79,6 @@ def file_digests(folder: Path, skip: Callable[[Path], bool] = lambda _: False) -
 def file_mtimes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(err: str) -> str:
-    """The error line of stderr, which must be the only line apart from log records."""
-    lines = [line for line in err.strip().splitlines()
-             if not re.match(r"(DEBUG|INFO|WARNING) ehrmotor", line)]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ehrmotor prepare: error: "), err
-    return lines[0]
 
 
 # =========================================================================== 7. artifacts
@@ -333,74 +322,3 @@ def test_killed_runs_resume_to_identical_artifacts(
     assert "tokenizer: loaded" in caplog.text  # the finished steps are not redone
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert file_digests(out) == file_digests(reference)
-
-
-# =========================================================================== 11. bad input
-
-
-@pytest.fixture
-def tiny_meds(tmp_path: Path) -> Path:
-    """A valid three-subject MEDS dataset (tests/meds_builders.py)."""
-    return write_meds(tmp_path / "tiny")
-
-
-def check_refused(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    capsys.readouterr()
-    assert main(args) == 2
-    line = one_line_error(capsys.readouterr().err)
-    assert not (out / "pretraining_files").exists() or not any(
-        (out / "pretraining_files").iterdir())
-    return line
-
-
-def test_invalid_meds_is_refused_without_artifacts(
-        tiny_meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    shard = tiny_meds / "data" / "train" / "0.parquet"
-    write_table(shard, pl.read_parquet(shard).drop("code").to_arrow())
-    out = tmp_path / "work"
-    line = check_refused(["prepare", "--meds", str(tiny_meds), "--out", str(out)], out, capsys)
-    assert "code" in line and "0.parquet" in line
-
-
-def test_athena_folder_without_concept_ancestor_is_refused(
-        meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    athena = tmp_path / "athena"
-    athena.mkdir()
-    for name in ("CONCEPT.csv", "CONCEPT_RELATIONSHIP.csv"):
-        (athena / name).symlink_to(meds / "athena" / name)
-    out = tmp_path / "work"
-    line = check_refused(["prepare", "--meds", str(meds), "--athena", str(athena), "--out",
-                          str(out)], out, capsys)
-    assert "CONCEPT_ANCESTOR.csv" in line
-
-
-@pytest.mark.parametrize(("toml", "names"), [
-    ("[prepare]\nvocab_sise = 100\n", ["vocab_sise", "unknown"]),
-    ("[prepare]\nvocab_size = \"big\"\n", ["vocab_size", "big"]),
-    ("[prepare]\nval_fraction = true\n", ["val_fraction"]),
-])
-def test_bad_config_file_is_refused_naming_the_key(
-        tiny_meds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str,
-        names: list[str]) -> None:
-    config = tmp_path / "prepare.toml"
-    config.write_text(toml)
-    out = tmp_path / "work"
-    line = check_refused(["prepare", "--meds", str(tiny_meds), "--out", str(out), "--config",
-                          str(config)], out, capsys)
-    assert str(config) in line
-    for name in names:
-        assert name in line
-
-
-def test_no_prediction_points_is_a_one_line_error(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = write_meds(tmp_path / "tiny")
-    # Every train subject has a single timed event after birth: no prediction point anywhere.
-    rows = [row for sid in (1, 2) for row in (
-        {"subject_id": sid, "time": None, "code": "GENDER//F"},
-        {"subject_id": sid, "time": datetime(1950, 1, 1), "code": "MEDS_BIRTH"},
-        {"subject_id": sid, "time": datetime(2010, 1, 1), "code": "ICD10CM//E11.9"})]
-    write_table(root / "data" / "train" / "0.parquet", rows_table(rows))
-    capsys.readouterr()
-    assert main(["prepare", "--meds", str(root), "--out", str(tmp_path / "work")]) == 2
-    assert "prediction points" in one_line_error(capsys.readouterr().err)
