@@ -1,6 +1,7 @@
 """Throughput and peak memory of `ehrmotor prepare` on synthetic data.
 
-    python benchmarks/bench_prepare.py --subjects 100000 [--workers 2] [--num-tasks 256] [--keep]
+    python benchmarks/bench_prepare.py --subjects 100000 [--workers 2] [--keep]
+                                       [--candidate-tasks 256]
     python benchmarks/bench_prepare.py --meds DIR        # an existing MEDS folder (kept)
 
 Generates the synthetic dataset (not timed), runs prepare with the default vocabulary and task
@@ -70,12 +71,27 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def column_bytes(folders: list[Path]) -> dict[str, int]:
+    """Bytes of each column (its Arrow buffers: values, offsets, validity) in the datasets'
+    shard files under `folders`, read as memory-mapped streams."""
+    import pyarrow as pa
+
+    sizes: dict[str, int] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("data-*.arrow")):
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            for name in table.column_names:
+                sizes[name] = sizes.get(name, 0) + table.column(name).nbytes
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--num-tasks", type=int, default=PrepareConfig().num_tasks)
+    parser.add_argument("--candidate-tasks", type=int, default=PrepareConfig().candidate_tasks)
     parser.add_argument("--meds", type=Path, help="an existing MEDS folder (with athena/)")
     parser.add_argument("--keep", action="store_true", help="keep the data and work folders")
     args = parser.parse_args()
@@ -91,10 +107,10 @@ def main() -> None:
     with PeakMemory() as memory:
         started = time.perf_counter()
         summary = prepare(meds, root / "work", athena_dir=meds / "athena",
-                          config=PrepareConfig(num_tasks=args.num_tasks), workers=args.workers,
-                          progress=False)
+                          config=PrepareConfig(candidate_tasks=args.candidate_tasks),
+                          workers=args.workers, progress=False)
         seconds = time.perf_counter() - started
-    print(f"subjects (pretraining)  {summary.subjects:,}; {args.num_tasks:,} candidate tasks")
+    print(f"subjects (pretraining)  {summary.subjects:,}; {args.candidate_tasks:,} candidate tasks")
     print(f"events                  {summary.events:,}")
     print(f"{'step':<22}  {'wall':>7}  {'CPU':>7}")
     for step, step_seconds in summary.seconds.items():
@@ -109,6 +125,12 @@ def main() -> None:
         prepared += size
         print(f"{name + '/':<22}  {size:,} bytes ({size / 2**20:.1f} MiB)")
     print(f"prepared bytes/event    {prepared / summary.events:.1f}")
+    folders = [root / "work" / "pretraining_files" / name
+               for name in ("train_batches", "val_batches")]
+    columns = column_bytes(folders)
+    print("  by column (bytes/event, share): " + ", ".join(
+        f"{name} {size / summary.events:.1f} ({size / max(sum(columns.values()), 1):.0%})"
+        for name, size in sorted(columns.items(), key=lambda item: -item[1])))
     for line in summary.lines()[:5]:
         print(f"  {line}")
     if args.keep:

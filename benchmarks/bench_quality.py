@@ -115,7 +115,7 @@ def main() -> None:
                    force=True, progress=False, age_effect=args.age_effect)
         _timed("prepare", times, prepare, meds, prepared, athena_dir=meds / "athena",
                config=PrepareConfig(max_window=args.max_window, vocab_size=args.vocab_size,
-                                     num_tasks=args.tasks,
+                                     candidate_tasks=args.tasks,
                                      exclude_splits=("held_out", "tuning")), workers=args.workers,
                progress=False)
         bundle = _timed("pretrain", times, pretrain, prepared, _pretrain_config(args))

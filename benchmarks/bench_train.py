@@ -81,13 +81,12 @@ def random_row(rng: np.random.Generator, length: int) -> dict[str, torch.Tensor]
     task_ids = np.repeat(tasks, per_task)
     task_times = rng.integers(times[points[0]] + 1, last, len(task_ids))
     order = np.lexsort((task_times, task_ids))
-    ages = torch.tensor(age_days, dtype=torch.float32)
     return {
         "first_events": torch.tensor(first_events, dtype=torch.int32),
+        "previous_time": torch.tensor(times[0]),
         "event_items": torch.tensor(event_items, dtype=torch.int32),
         "items": torch.tensor(rng.integers(0, VOCAB, int(event_items.sum())), dtype=torch.int32),
-        "times": torch.tensor(times), "age_days": ages, "age": ages / 30_000,
-        "log_age": torch.log1p(ages), "log_delta": torch.log1p(torch.tensor(gaps).float()),
+        "times": torch.tensor(times),
         "points": torch.tensor(points, dtype=torch.int32),
         "censor_days": torch.tensor((last - times[points]) / US_PER_DAY, dtype=torch.float32),
         "task_ids": torch.tensor(task_ids[order], dtype=torch.int32),
@@ -105,8 +104,10 @@ def bag_table() -> BagTable:
             chain.add(entry)
         rows.append(sorted(chain))
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    stats = {"age_mean": 15_000.0, "age_std": 8_000.0, "log_age_mean": 9.0, "log_age_std": 1.0,
+             "log_delta_mean": 2.0, "log_delta_std": 1.5}
     return BagTable(offsets.astype(np.int64), np.array([m for r in rows for m in r]),
-                    np.zeros(VOCAB, dtype=bool))
+                    np.zeros(VOCAB, dtype=bool), stats)
 
 
 BAGS = bag_table()
@@ -199,7 +200,7 @@ def vs_femr(args: argparse.Namespace) -> None:
     tokens = args.tokens if "--tokens" in argv else [2048]
     precisions = args.precision if "--precision" in argv else ["fp32", "bf16", "auto"]
     report({shape: model_config(shape) for shape in shapes}, tokens, precisions, args.rounds,
-           args.steps, args.femr_venv, args.femr_attention, random_rows, args.compile)
+           args.steps, args.femr_venv, args.femr_attention, random_batch, args.compile)
 
 
 def main() -> None:

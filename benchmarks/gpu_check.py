@@ -266,7 +266,7 @@ def fresh_bundle(sizes: Sizes, root: Path, workers: int | None) -> tuple[Path, P
     _ehrmotor("synth", "--subjects", str(sizes.subjects), "--seed", "0", "--out", str(meds),
               "--force", *worker_args)
     _ehrmotor("prepare", "--meds", str(meds), "--athena", str(meds / "athena"), "--out",
-              str(work), "--force", "--vocab-size", str(sizes.vocab_size), "--num-tasks",
+              str(work), "--force", "--vocab-size", str(sizes.vocab_size), "--candidate-tasks",
               str(sizes.num_tasks), "--max-window", str(sizes.max_window), *worker_args)
     config = build_model_config(PretrainConfig(preset=sizes.preset), load_prepared_files(work))
     shutil.rmtree(bundle, ignore_errors=True)  # this script's own bundle of an earlier run

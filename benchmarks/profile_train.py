@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import CPU_MODEL  # noqa: E402
-from bench_train import SHAPES, model_config, random_rows  # noqa: E402
+from bench_train import BAGS, SHAPES, model_config, random_rows  # noqa: E402
 from train_vs_femr import cpu_description  # noqa: E402
 
 from ehrmotor.model import MotorModel, local_attention, motor_loss  # noqa: E402
@@ -54,7 +54,7 @@ def part_timings(shape: str, tokens: int, bf16: bool, repeats: int) -> dict[str,
     model = MotorModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     rows = random_rows(tokens)
-    batch = collate_windows(rows, labels=True)
+    batch = collate_windows(rows, labels=True, bags=BAGS)
     inputs = {k: batch[k] for k in ("entries", "weights", "bag_offsets", "time_features",
                                     "age_days", "segment_ids")}
     labels = [batch[k] for k in ("censor_days", "label_point", "label_task", "label_days")]
@@ -100,7 +100,7 @@ def part_timings(shape: str, tokens: int, bf16: bool, repeats: int) -> dict[str,
         optimizer.zero_grad(set_to_none=True)
 
     step()  # gradients and optimizer state exist from here on
-    times = {"collate": median_ms(lambda: collate_windows(rows, labels=True), repeats)}
+    times = {"collate": median_ms(lambda: collate_windows(rows, labels=True, bags=BAGS), repeats)}
     times["embedding"] = median_ms(embedding, repeats)
     times["attention"] = median_ms(attention, repeats)
     times["encoder rest"] = median_ms(encoder, repeats) - times["embedding"] - times["attention"]
@@ -119,7 +119,7 @@ def top_operators(shape: str, tokens: int, bf16: bool, count: int) -> str:
     torch.manual_seed(0)
     model = MotorModel(model_config(shape)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = collate_windows(random_rows(tokens), labels=True)
+    batch = collate_windows(random_rows(tokens), labels=True, bags=BAGS)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -25,7 +25,6 @@ import torch
 
 from ehrmotor.model import MotorConfig, MotorModel
 from ehrmotor.precision import auto_uses_bf16
-from ehrmotor.sequences.batching import collate_windows
 
 WORKER = Path(__file__).resolve().parent / "femr" / "femr_train_worker.py"
 
@@ -90,10 +89,11 @@ def femr_seconds(worker: subprocess.Popen[str], steps: int) -> float:
 
 
 def compare(config: MotorConfig, tokens: int, precisions: list[str], rounds: int, steps: int,
-            venv: Path, attention: str, rows_of: Callable[[int], list[dict[str, torch.Tensor]]],
+            venv: Path, attention: str, batch_of: Callable[[int], dict[str, torch.Tensor]],
             compiled: bool = False) -> dict[str, float]:
-    """Median tokens/s of each ehrmotor precision and of femr on one batch of `tokens`."""
-    batch = collate_windows(rows_of(tokens), labels=True)
+    """Median tokens/s of each ehrmotor precision and of femr on one batch of `tokens`
+    (`batch_of(tokens)`: a collated training batch)."""
+    batch = batch_of(tokens)
     positions = len(batch["segment_ids"])
     steps_of: dict[str, Callable[[], float]] = {}
     for precision in precisions:
@@ -128,7 +128,7 @@ def compare(config: MotorConfig, tokens: int, precisions: list[str], rounds: int
 
 def report(configs: dict[str, MotorConfig], tokens_list: list[int], precisions: list[str],
            rounds: int, steps: int, venv: Path, attention: str,
-           rows_of: Callable[[int], list[dict[str, torch.Tensor]]], compiled: bool = False) -> None:
+           batch_of: Callable[[int], dict[str, torch.Tensor]], compiled: bool = False) -> None:
     """Print ehrmotor's and femr's tokens/s and their ratio per shape and batch size."""
     print(f"{cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {os.getloadavg()[0]:.2f}; {rounds} alternating rounds of {steps} steps, median; "
@@ -138,7 +138,7 @@ def report(configs: dict[str, MotorConfig], tokens_list: list[int], precisions: 
           + f"{'femr':>9}" + "".join(f"{p + ' / femr':>14}" for p in precisions))
     for shape, config in configs.items():
         for tokens in tokens_list:
-            r = compare(config, tokens, precisions, rounds, steps, venv, attention, rows_of,
+            r = compare(config, tokens, precisions, rounds, steps, venv, attention, batch_of,
                         compiled)
             print(f"{shape:<11}{tokens:>7}" + "".join(f"{r[n]:>16,.0f}" for n in names)
                   + f"{r['femr']:>9,.0f}" + "".join(f"{r[n] / r['femr']:>13.2f}×" for n in names)

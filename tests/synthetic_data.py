@@ -17,7 +17,7 @@ from ehrmotor.synthetic import generate
 
 SUBJECTS = 300
 SEED = 0
-PREPARE_CONFIG = PrepareConfig(vocab_size=2000, num_tasks=300, max_window=1024)
+PREPARE_CONFIG = PrepareConfig(vocab_size=2000, candidate_tasks=300, max_window=1024)
 
 
 def synthetic_meds(out: Path, subjects: int = SUBJECTS) -> Path:

@@ -17,7 +17,8 @@ from export_builders import write_mimic_like
 from ehrmotor.cli import main
 
 SUBJECTS = 240
-PREPARE = ["--workers", "1", "--vocab-size", "300", "--num-tasks", "60", "--max-window", "512"]
+PREPARE = ["--workers", "1", "--vocab-size", "300", "--candidate-tasks", "60",
+           "--max-window", "512"]
 PRETRAIN_TOML = """[pretrain]
 preset = "tiny"
 tokens_per_batch = 1024

@@ -13,9 +13,10 @@ import torch
 from prepare_builders import event, events_frame, ontology, tokenizer
 
 from ehrmotor.errors import InputError
-from ehrmotor.sequences.batching import expand_items
+from ehrmotor.sequences.batching import collate_windows, expand_items, frame_rows
 from ehrmotor.sequences.positions import build_positions
 from ehrmotor.sequences.shards import INDEX, load_prepared
+from ehrmotor.sequences.windows import training_windows, window_sequences
 from ehrmotor.vocabulary.bags import BAGS_FILE, OLDER_LAYOUT, BagTable
 
 # C is out of the vocabulary with two in-vocabulary parents: its events store two items, A and B.
@@ -73,6 +74,12 @@ def test_the_table_round_trips_and_a_missing_one_names_the_older_layout(tmp_path
     loaded = BagTable.load(tmp_path)
     for name in ("offsets", "members", "value"):
         assert np.array_equal(getattr(loaded, name), getattr(table, name)), name
+    assert loaded.time_stats == table.time_stats
+    with np.load(tmp_path / BAGS_FILE) as stored:
+        older = {name: stored[name] for name in ("offsets", "members", "value")}
+    np.savez(tmp_path / BAGS_FILE, **older, format_version=np.array([1]))
+    with pytest.raises(InputError, match="format_version 1; prepared with an older layout"):
+        BagTable.load(tmp_path)
     (tmp_path / BAGS_FILE).unlink()
     with pytest.raises(InputError, match="rerun `ehrmotor prepare`"):
         BagTable.load(tmp_path)
@@ -83,3 +90,34 @@ def test_a_dataset_of_the_older_layout_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(InputError) as raised:
         load_prepared(tmp_path)
     assert OLDER_LAYOUT in str(raised.value) and "\n" not in str(raised.value)
+
+
+STATS = {"age_mean": 3000.0, "age_std": 2000.0, "log_age_mean": 6.5, "log_age_std": 1.5,
+         "log_delta_mean": 1.2, "log_delta_std": 0.9}
+
+
+@pytest.mark.parametrize("max_window", [2, 3, 16])
+def test_prepared_rows_collate_to_the_time_inputs_of_rows_built_in_memory(max_window: int
+                                                                          ) -> None:
+    """The prepared layout stores times only; its collate computes age and time features that
+    equal, bit for bit, those of the in-memory rows of the same windows, in every window (a
+    later window's first position follows the subject's position before it, not birth)."""
+    vocabulary, tree = tokenizer(VOCAB, {"L": [3.0, 5.0]}, STATS), ontology(TREE)
+    table = BagTable.of(vocabulary, tree)
+    prepared = build_positions(events_frame(EVENTS), vocabulary, tree, table)
+    encoded = build_positions(events_frame(EVENTS), vocabulary, tree)
+    windows = training_windows(encoded, max_window)
+    assert windows["window"].max() == (2 if max_window == 2 else 1 if max_window == 3 else 0)
+    for layout, rows in (("prepared", window_sequences(prepared, windows)),
+                         ("in memory", window_sequences(encoded, windows))):
+        rows = rows.with_columns(points=pl.lit([1]))
+        batch = collate_windows(frame_rows(rows), bags=table)
+        if layout == "prepared":
+            got = batch
+        else:
+            expected = batch
+    for key in ("age_days", "time_features", "entries", "weights", "bag_offsets"):
+        assert got[key].dtype == expected[key].dtype, key
+        assert got[key].numpy().tobytes() == expected[key].numpy().tobytes(), key
+    # Subject 1's later positions are a day apart; log_delta differs from position 0's.
+    assert len(set(expected["time_features"][:, 2].tolist())) > 1

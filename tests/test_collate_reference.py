@@ -33,7 +33,7 @@ def prepared(synthetic_meds: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     work = tmp_path_factory.mktemp("collate_reference")
     assert main(["prepare", "--meds", str(synthetic_meds), "--athena",
                  str(synthetic_meds / "athena"), "--out", str(work), "--vocab-size", "2000",
-                 "--num-tasks", "300", "--workers", "1"]) == 0
+                 "--candidate-tasks", "300", "--workers", "1"]) == 0
     return work / "pretraining_files"
 
 

@@ -27,7 +27,7 @@ from ehrmotor.lock import LOCK_FILE
 from ehrmotor.synthetic import generate
 
 LOG_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR) ")
-PREPARE_FLAGS = ["--workers", "2", "--vocab-size", "2000", "--num-tasks", "300",
+PREPARE_FLAGS = ["--workers", "2", "--vocab-size", "2000", "--candidate-tasks", "300",
                  "--max-window", "1024"]
 PRETRAIN_TOML = """\
 [pretrain]

@@ -15,12 +15,8 @@ import pytest
 from polars.testing import assert_frame_equal
 from prepare_builders import Row, events_frame, ontology, tokenizer
 
-from ehrmotor.sequences.positions import (
-    build_positions,
-    encode_events,
-    raw_time_features,
-    with_birth,
-)
+from ehrmotor.sequences.positions import build_positions, encode_events, with_birth
+from ehrmotor.sequences.time_features import raw_time_features
 from ehrmotor.sequences.windows import (
     embedding_windows,
     first_rows,

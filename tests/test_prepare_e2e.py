@@ -45,9 +45,8 @@ ARTIFACTS = ["config.json", "ontology", "split.csv", "tokenizer/dictionary.msgpa
              "motor_task.json", "train_batches", "val_batches"]
 STEPS = ["ontology", "split.csv", "tokenizer", "train_batches", "motor_task.json",
          "val_batches"]
-COLUMNS = ["subject_id", "window", "first_events", "event_items", "items", "times", "age_days",
-           "age",
-           "log_age", "log_delta", "points", "censor_days", "task_ids", "task_times"]
+COLUMNS = ["subject_id", "window", "first_events", "previous_time", "event_items", "items",
+           "times", "points", "censor_days", "task_ids", "task_times"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +59,7 @@ def meds(synthetic_meds: Path) -> Path:
 
 def prepare_args(meds: Path, work: Path, *extra: str) -> list[str]:
     return ["prepare", "--meds", str(meds), "--athena", str(meds / "athena"), "--out", str(work),
-            "--vocab-size", "2000", "--num-tasks", "300", "--workers", "2", *extra]
+            "--vocab-size", "2000", "--candidate-tasks", "300", "--workers", "2", *extra]
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +95,7 @@ def test_prepare_writes_every_artifact_with_its_manifest(reference: Path) -> Non
         assert "config" in manifest and "inputs" in manifest
     assert (reference / "ontology" / "ancestors.parquet").is_file()
     config = json.loads((reference / "config.json").read_text())
-    assert (config["vocab_size"], config["num_tasks"]) == (2000, 300)
+    assert (config["vocab_size"], config["candidate_tasks"]) == (2000, 300)
     # The MOTOR task's train labels, kept for the train dataset, are gone with the run.
     assert not [p.name for p in reference.iterdir() if p.name.startswith(".")]
 
@@ -111,13 +110,14 @@ def test_datasets_load_in_torch_format_with_the_documented_columns(reference: Pa
         assert dataset.features["items"].feature.dtype == "uint16"  # 2000 entries
         assert dataset.features["times"].feature.dtype == "int64"
         assert dataset.features["task_times"].feature.dtype == "int64"
+        assert dataset.features["task_ids"].feature.dtype == "uint16"  # 300 candidates
         assert dataset.num_rows > 0
         row = dataset[0]
         assert isinstance(row["items"], torch.Tensor) and row["times"].dtype == torch.int64
         assert row["event_items"].sum().item() == len(row["items"])
         # position 0's events, then one event per later position
         assert len(row["event_items"]) - int(row["first_events"]) == len(row["times"]) - 1
-        assert len(row["times"]) == len(row["age_days"])
+        assert int(row["previous_time"]) <= int(row["times"][1])
         assert row["items"].min().item() >= 0 and row["items"].max().item() < vocabulary
 
 
@@ -149,7 +149,7 @@ def test_labels_are_consistent_with_tasks_points_and_censoring(reference: Path) 
         points, censor = row["points"], np.array(row["censor_days"])
         assert len(points) == len(censor) > 0
         assert min(points) > 0 and max(points) < len(row["times"])  # never position 0
-        assert row["age_days"][0] == 0.0 and row["times"] == sorted(row["times"])
+        assert row["times"] == sorted(row["times"]) and row["previous_time"] >= row["times"][0]
         # The occurrences that label the points: sorted by task and time, each after a point.
         occurrences = list(zip(row["task_ids"], row["task_times"], strict=True))
         assert occurrences == sorted(occurrences)
@@ -203,7 +203,7 @@ def step_settings(config: PrepareConfig) -> dict[str, object]:
 
 
 def test_each_manifest_records_its_steps_settings(reference: Path) -> None:
-    expected = step_settings(PrepareConfig(vocab_size=2000, num_tasks=300))
+    expected = step_settings(PrepareConfig(vocab_size=2000, candidate_tasks=300))
     for artifact, settings in expected.items():
         manifest = json.loads((reference / f"{artifact}.manifest.json").read_text())
         assert manifest["config"] == config_dict(settings), artifact

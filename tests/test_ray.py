@@ -71,7 +71,7 @@ def sharded_meds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prepare_args(meds: Path, work: Path, *extra: str) -> list[str]:
     return ["prepare", "--meds", str(meds), "--athena", str(meds / "athena"), "--out", str(work),
-            "--vocab-size", "2000", "--num-tasks", "300", "--max-window", "1024", *extra]
+            "--vocab-size", "2000", "--candidate-tasks", "300", "--max-window", "1024", *extra]
 
 
 def file_bytes_digests(folder: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from ehrmotor.prepare.split import HASH_BUCKETS, hash_buckets
 from ehrmotor.pretrain.setup import load_prepared_files
 from ehrmotor.synthetic import generate
 
-SMALL = ["--workers", "1", "--vocab-size", "300", "--num-tasks", "50", "--max-window", "512"]
+SMALL = ["--workers", "1", "--vocab-size", "300", "--candidate-tasks", "50", "--max-window", "512"]
 SPLITS = "metadata/subject_splits.parquet"
 
 

@@ -158,8 +158,9 @@ def _add_prepare(commands: argparse._SubParsersAction) -> None:
                                "every subject (evaluate then has none to evaluate on)")
     parser.add_argument("--vocab-size", type=_positive, default=None,
                         help="vocabulary entries to keep (default 16384)")
-    parser.add_argument("--num-tasks", type=_positive, default=None,
-                        help="MOTOR tasks (default 8192)")
+    parser.add_argument("--candidate-tasks", type=_positive, default=None,
+                        help="candidate MOTOR tasks: the first codes of the vocabulary, of which "
+                             "those with enough train events are kept (default 8192)")
     parser.add_argument("--max-window", type=_positive, default=None,
                         help="positions per training window (default 16384)")
     parser.set_defaults(run=_run_prepare)
@@ -175,7 +176,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if args.exclude_splits and args.no_held_out:
         raise InputError("--exclude-splits and --no-held-out exclude each other")
     overrides = {
-        "vocab_size": args.vocab_size, "num_tasks": args.num_tasks,
+        "vocab_size": args.vocab_size, "candidate_tasks": args.candidate_tasks,
         "max_window": args.max_window,
         "exclude_splits": tuple(args.exclude_splits) if args.exclude_splits is not None else None,
         "held_out_fraction": args.held_out_fraction, "no_held_out": args.no_held_out,

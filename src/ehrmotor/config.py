@@ -4,7 +4,7 @@ A config file is TOML with one table per stage:
 
     [prepare]
     vocab_size = 16384
-    num_tasks = 8192
+    candidate_tasks = 8192
 
 Unknown keys and values of the wrong type are errors that name the file, table and key.
 """
@@ -60,7 +60,7 @@ class PrepareConfig:
     numeric_bins: int = 10  # quantile bins per numeric code
     numeric_sample_size: int = 10_000  # values per code kept to fit the bin edges
     min_text_fraction: float = 1e-4  # text values need this share of subjects for an entry
-    num_tasks: int = 8_192
+    candidate_tasks: int = 8_192  # the most informative codes; those with enough events stay
     num_bins: int = 8
     final_layer_size: int | None = None  # MOTOR head width; None: the model preset's
     min_task_events: int = 10  # tasks with fewer train events are dropped
@@ -69,8 +69,9 @@ class PrepareConfig:
     seed: int = 97  # prediction-point sampling and the tokenizer's numeric-value sample
 
     def __post_init__(self) -> None:
-        minimum = {"vocab_size": 1, "numeric_bins": 1, "numeric_sample_size": 1, "num_tasks": 1,
-                   "num_bins": 1, "final_layer_size": 1, "min_task_events": 1, "max_window": 2}
+        minimum = {"vocab_size": 1, "numeric_bins": 1, "numeric_sample_size": 1,
+                   "candidate_tasks": 1, "num_bins": 1, "final_layer_size": 1,
+                   "min_task_events": 1, "max_window": 2}
         for name, low in minimum.items():
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"prepare: {name} must be at least {low}, "
@@ -102,11 +103,11 @@ class PrepareConfig:
                                  self.numeric_sample_size, self.min_text_fraction, self.seed)
 
     def task_settings(self) -> TaskSettings:
-        return TaskSettings(self.num_tasks, self.num_bins, self.final_layer_size,
+        return TaskSettings(self.candidate_tasks, self.num_bins, self.final_layer_size,
                             self.min_task_events, self.min_task_fraction)
 
     def window_settings(self) -> WindowSettings:
-        return WindowSettings(self.max_window, self.seed, self.num_tasks)
+        return WindowSettings(self.max_window, self.seed, self.candidate_tasks)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class TaskSettings:
     """What `motor_task.json` is fitted with (`prepare.steps.motor_task_step`, from the train
     dataset's task statistics)."""
 
-    num_tasks: int  # the candidates, as the train dataset counted them
+    candidate_tasks: int  # as the train dataset counted them
     num_bins: int
     final_layer_size: int | None
     min_task_events: int
@@ -164,7 +165,7 @@ class WindowSettings:
 
     max_window: int
     seed: int  # prediction-point sampling
-    num_tasks: int  # candidate tasks whose occurrences the windows keep
+    candidate_tasks: int  # the tasks whose occurrences the windows keep
 
 
 def _check_type(value: Any, annotation: Any) -> Any:

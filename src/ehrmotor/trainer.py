@@ -37,8 +37,11 @@ class MotorTrainer(Trainer):
             window_lengths(dataset), self.tokens_per_batch, shuffle=shuffle, seed=self.args.seed,
             rank=self.args.process_index, world_size=self.args.world_size,
         )
+        workers = self.args.dataloader_num_workers
+        # Spawned, not forked: the collate runs polars, whose thread pool does not survive fork.
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
-                            num_workers=self.args.dataloader_num_workers)
+                            num_workers=workers,
+                            multiprocessing_context="spawn" if workers else None)
         # The sampler already gives each rank its own batches, so the loader is wrapped as one
         # process's (no re-sharding); batches go to this rank's device, set_epoch to the sampler.
         return prepare_data_loader(loader, self.accelerator.device, num_processes=1,

@@ -1,6 +1,7 @@
 """Step 4 of `prepare`: the MOTOR pretraining task (which codes, time bins, initial rates).
 
-- Candidate tasks: the first `num_tasks` code entries of the vocabulary, in vocabulary order.
+- Candidate tasks: the first `candidate_tasks` (prepare's setting) code entries of the
+  vocabulary, in vocabulary order.
 - Fitted on the sampled prediction points of train subjects (see `ehrmotor.motor_task.occurrences`;
   `count_tasks` per shard, from the occurrence runs): per task k, events n_k (the number of
   points at which k occurs later: each point has at most one event per task, its next
@@ -46,9 +47,9 @@ FORMAT_VERSION = 2
 SAMPLE_PER_SHARD = 200_000
 
 
-def candidate_tasks(tokenizer: Tokenizer, num_tasks: int) -> pl.DataFrame:
-    """code, entry, task: the first `num_tasks` code entries of the vocabulary."""
-    codes = tokenizer.entries.filter(pl.col("kind") == "code").head(num_tasks)
+def candidate_tasks(tokenizer: Tokenizer, count: int) -> pl.DataFrame:
+    """code, entry, task: the first `count` code entries of the vocabulary."""
+    codes = tokenizer.entries.filter(pl.col("kind") == "code").head(count)
     return codes.select("code", entry="index").with_row_index("task").with_columns(
         pl.col("task").cast(pl.Int32))
 

@@ -187,8 +187,8 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
     events = _events(job, spec.split, spec.split_name)
     tokenizer = _load(spec.tokenizer, Tokenizer.load)
     ontology = _load(spec.ontology, Ontology.load)
-    candidates = candidate_tasks(tokenizer, spec.settings.num_tasks).select("code", "task")
-    code_tasks = _once(("code_tasks", spec.ontology, spec.tokenizer, spec.settings.num_tasks),
+    candidates = candidate_tasks(tokenizer, spec.settings.candidate_tasks).select("code", "task")
+    code_tasks = _once(("code_tasks", spec.ontology, spec.tokenizer, spec.settings.candidate_tasks),
                        partial(task_codes_of, ontology, candidates))
     table = _once(("bags", spec.tokenizer), partial(BagTable.load, spec.tokenizer))
     labelled = label_shard(events, tokenizer, ontology, code_tasks, spec.settings.max_window,
@@ -196,7 +196,7 @@ def shard_dataset(job: ShardJob, *, spec: DatasetSpec) -> ShardDataset:
     windows = window_rows(labelled, spec.settings.max_window)
     rows = windows.rows
     write_shard_table(rows.to_arrow(), spec.output_dir / shard_file_name(job.index, job.shards),
-                      row_schema(table.size))
+                      row_schema(table.size, candidates.height))
     used = set(expanded_entries(rows["items"].explode().drop_nulls().unique().to_numpy(),
                                 table).tolist())
     tasks = (count_tasks(labelled.points, labelled.runs, labelled.last_time, spec.settings.seed)

@@ -68,8 +68,8 @@ from ehrmotor.prepare.split import (
     write_held_out_splits,
     write_split,
 )
-from ehrmotor.sequences.positions import time_stats_from_moments
 from ehrmotor.sequences.shards import DATASET_FORMAT_VERSION, finish_dataset
+from ehrmotor.sequences.time_features import time_stats_from_moments
 from ehrmotor.vocabulary.bags import BagTable
 from ehrmotor.vocabulary.ontology import Ontology
 from ehrmotor.vocabulary.tokenizer import Tokenizer, fit_numeric_edges
@@ -82,8 +82,9 @@ SPLIT_FORMAT_VERSION = 1
 HELD_OUT_FORMAT_VERSION = 1
 DATASET_STATS = "prepare_stats.json"
 
-# The tokenizer step's manifest version: 2 adds the bag table (tokenizer/bags.npz).
-TOKENIZER_STEP_VERSION = 2
+# The tokenizer step's manifest version: 2 adds the bag table (tokenizer/bags.npz), 3 the time
+# statistics in it (BAGS_FORMAT_VERSION 2).
+TOKENIZER_STEP_VERSION = 3
 
 
 class PrepareError(InputError):
@@ -285,7 +286,7 @@ def motor_task_step(ctx: StepContext, settings: TaskSettings, *, tokenizer: Path
     artifact = ctx.out / "motor_task.json"
 
     def build(tmp: Path) -> None:
-        task = MotorTask.fit(candidate_tasks(Tokenizer.load(tokenizer), settings.num_tasks),
+        task = MotorTask.fit(candidate_tasks(Tokenizer.load(tokenizer), settings.candidate_tasks),
                              TaskCounts.load(train), num_bins=settings.num_bins,
                              final_layer_size=settings.final_layer_size,
                              min_task_events=settings.min_task_events,

@@ -76,7 +76,7 @@ def _data_lines(prepared: Path | None) -> list[str]:
     lines.append("- MEDS splits left out of pretraining (kept for evaluation): "
                  + ((", ".join(excluded) or "none") if isinstance(excluded, list) else UNKNOWN))
     lines.append(f"- vocabulary: {_number(settings.get('vocab_size'))} entries requested; "
-                 f"{_number(settings.get('num_tasks'))} MOTOR tasks requested")
+                 f"{_number(settings.get('candidate_tasks'))} candidate MOTOR tasks")
     return lines
 
 

@@ -33,18 +33,24 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from ehrmotor.meds.read import US_PER_DAY
-from ehrmotor.sequences.positions import TIME_FEATURES
+from ehrmotor.sequences.time_features import TIME_FEATURES, time_features
 from ehrmotor.vocabulary.bags import BagTable
 
-LENGTH_COLUMN = "age_days"  # one value per position in every row layout
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
+
+
+def length_column(names: Any) -> str:
+    """The column with one value per position: age_days in rows built in memory, times in the
+    prepared layout (which stores no age)."""
+    return "age_days" if "age_days" in names else "times"
 
 
 def window_lengths(dataset: Any) -> np.ndarray:
     """Positions per window, read from the Arrow column without decoding rows."""
     table = dataset.with_format("arrow").data.table
-    return table.column(LENGTH_COLUMN).combine_chunks().value_lengths().to_numpy()
+    return table.column(length_column(table.column_names)).combine_chunks().value_lengths() \
+        .to_numpy()
 
 
 def pack(lengths: np.ndarray, order: np.ndarray, budget: int) -> list[list[int]]:
@@ -115,29 +121,33 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
     """Pack windows (rows in torch format) into one model batch; the MOTOR labels ride along
     when `labels` is True, their tasks mapped through `task_map` (the datasets number the
     candidate tasks; `MotorTask.task_map` gives each one's model task, -1 to drop it).
-    Rows of the prepared layout (`items`) have their bags expanded through the bag table
-    `bags` (`ehrmotor.vocabulary.bags`); rows built in memory carry bag_sizes, entries, weights.
+    Rows of the prepared layout (`items`) have their bags expanded and their time features
+    computed through the bag table `bags` (`ehrmotor.vocabulary.bags`); rows built in memory
+    carry bag_sizes, entries, weights, age_days and the time features.
 
     Out: entries (N,), weights (N,), bag_offsets (T,), time_features (T, 3), age_days (T,),
     segment_ids (T,), point_indices (P,); with labels also censor_days (P,) and label_point,
     label_task, label_days (pairs,).
     """
-    lengths = torch.tensor([len(row[LENGTH_COLUMN]) for row in rows])
+    prepared = bool(rows) and "items" in rows[0]
+    column = "times" if prepared else "age_days"
+    lengths = torch.tensor([len(row[column]) for row in rows])
     token_start = torch.cumsum(lengths, 0) - lengths
-    if rows and "items" in rows[0]:
+    if prepared:
         if bags is None:
             raise ValueError("collate_windows: rows of the prepared layout need the bag table")
         entries, weights, bag_sizes = _expanded(rows, token_start, int(lengths.sum()), bags)
+        times = _times(rows, lengths, bags.time_stats)
     else:
         entries, weights = _cat(rows, "entries").long(), _cat(rows, "weights").float()
         bag_sizes = _cat(rows, "bag_sizes").long()
+        times = {name: _cat(rows, name).float() for name in ("age_days", *TIME_FEATURES)}
     batch = {
         "entries": entries,
         "weights": weights,
         "bag_offsets": torch.cumsum(bag_sizes, 0) - bag_sizes,
-        "time_features": torch.stack([_cat(rows, name) for name in TIME_FEATURES],
-                                     dim=1).float(),
-        "age_days": _cat(rows, "age_days").float(),
+        "time_features": torch.stack([times[name] for name in TIME_FEATURES], dim=1),
+        "age_days": times["age_days"],
         "segment_ids": torch.repeat_interleave(torch.arange(len(rows)), lengths),
         "point_indices": torch.cat([row["points"].long() + start
                                     for row, start in zip(rows, token_start, strict=True)]),
@@ -146,6 +156,24 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
         batch["censor_days"] = _cat(rows, "censor_days").float()
         batch.update(motor_labels(rows, task_map))
     return batch
+
+
+def _times(rows: Sequence[Mapping[str, torch.Tensor]], lengths: torch.Tensor,
+           stats: dict[str, float]) -> dict[str, torch.Tensor]:
+    """age_days and the time features of prepared rows' positions, from their times: each row's
+    position 0 is birth; its position 1 follows `previous_time`, each later one the one before."""
+    time, sizes = _cat(rows, "times").numpy(), lengths.numpy()
+    start = np.cumsum(sizes) - sizes
+    previous = np.empty_like(time)
+    previous[1:] = time[:-1]
+    previous[start[sizes > 1] + 1] = [int(row["previous_time"])
+                                      for row, size in zip(rows, sizes, strict=True) if size > 1]
+    frame = pl.DataFrame({
+        "time": time, "birth": np.repeat(time[start], sizes),
+        "previous": pl.Series(previous).scatter(start, None)})
+    features = time_features(frame, stats)
+    return {name: torch.from_numpy(features[name].to_numpy(writable=True))
+            for name in features.columns}
 
 
 def _expanded(rows: Sequence[Mapping[str, torch.Tensor]], token_start: torch.Tensor,
@@ -261,8 +289,9 @@ def frame_rows(frame: pl.DataFrame) -> list[dict[str, torch.Tensor]]:
                 values = values.cast(pl.Int64)
             columns[name] = torch.from_numpy(values.to_numpy(writable=True)).split(
                 frame[name].list.len().to_list())
-        elif name == "first_events":
-            columns[name] = torch.from_numpy(frame[name].cast(pl.Int64).to_numpy()).unbind()
+        elif name in ("first_events", "previous_time"):
+            columns[name] = torch.from_numpy(
+                frame[name].cast(pl.Int64).to_numpy(writable=True)).unbind()
     return [{name: values[i] for name, values in columns.items()} for i in range(frame.height)]
 
 

@@ -31,12 +31,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ehrmotor.meds.read import BIRTH_CODE, US_PER_DAY
+from ehrmotor.meds.read import BIRTH_CODE
+from ehrmotor.sequences.time_features import raw_time_features, time_features
 from ehrmotor.vocabulary.bags import BagTable, code_items
 from ehrmotor.vocabulary.ontology import Ontology
 from ehrmotor.vocabulary.tokenizer import Tokenizer, assign_bins
-
-TIME_FEATURES = ("age", "log_age", "log_delta")
 
 
 def with_birth(events: pl.DataFrame) -> pl.DataFrame:
@@ -324,31 +323,12 @@ def _position_items(items: Bags, kept: np.ndarray, source: np.ndarray,
             list_series("items", item_offsets, items.entry[rows].astype(np.uint32)))
 
 
-def raw_time_features(positions: pl.DataFrame, first: pl.Expr | None = None) -> pl.DataFrame:
-    """age_days, log(1 + age_days), log(1 + days since previous position) per position.
-
-    first: true on each subject's first row, when the rows are grouped by subject (then the
-    previous position is the previous row, with no window per subject).
-    """
-    age = (pl.col("time") - pl.col("birth")).dt.total_microseconds() / US_PER_DAY
-    delta = pl.col("age_days").diff()
-    delta = delta.over("subject_id") if first is None else pl.when(~first).then(delta)
-    return positions.with_columns(age_days=age.cast(pl.Float32)).with_columns(
-        raw_log_age=pl.col("age_days").clip(lower_bound=0).log1p(),
-        raw_log_delta=delta.fill_null(0.0).clip(lower_bound=0).log1p(),
-    )
-
-
 def _time_features(positions: pl.DataFrame, stats: dict[str, float]) -> pl.DataFrame:
-    positions = raw_time_features(positions, first=pl.col("position") == 0)
-    return positions.with_columns(
-        age=((pl.col("age_days") - stats["age_mean"]) / stats["age_std"]).cast(pl.Float32),
-        log_age=((pl.col("raw_log_age") - stats["log_age_mean"]) / stats["log_age_std"])
-        .cast(pl.Float32),
-        log_delta=((pl.col("raw_log_delta") - stats["log_delta_mean"]) / stats["log_delta_std"])
-        .cast(pl.Float32),
-        time=pl.col("time").dt.epoch("us"),
-    ).drop("raw_log_age", "raw_log_delta")
+    """Positions (time, birth: datetimes) with time as µs and their `time_features`."""
+    times = positions.select(
+        time=pl.col("time").dt.epoch("us"), birth=pl.col("birth").dt.epoch("us"),
+        previous=pl.when(pl.col("position") != 0).then(pl.col("time").dt.epoch("us").shift(1)))
+    return positions.with_columns(times["time"], *time_features(times, stats))
 
 
 def time_moments(events: pl.DataFrame) -> np.ndarray:
@@ -360,14 +340,3 @@ def time_moments(events: pl.DataFrame) -> np.ndarray:
     sums = feats.select([c.sum().alias(f"s{i}") for i, c in enumerate(cols)]
                         + [(c * c).sum().alias(f"q{i}") for i, c in enumerate(cols)]).row(0)
     return np.array([feats.height, *sums], dtype=np.float64)
-
-
-def time_stats_from_moments(moments: np.ndarray) -> dict[str, float]:
-    """Means and standard deviations (floored at 1e-6) from summed `time_moments`."""
-    n = max(moments[0], 1.0)
-    means = moments[1:4] / n
-    stds = np.sqrt(np.maximum(moments[4:7] / n - means**2, 1e-12))
-    names = ("age", "log_age", "log_delta")
-    stats = {f"{k}_mean": float(m) for k, m in zip(names, means, strict=True)}
-    stats |= {f"{k}_std": float(max(s, 1e-6)) for k, s in zip(names, stds, strict=True)}
-    return stats

@@ -7,20 +7,23 @@ One row per training window with sampled points (written by `prepare`'s per-shar
     subject_id      int64
     window          int32      0-based window of the subject
     first_events    int32      events of position 0 (its static and birth-day events)
+    previous_time   int64      µs time of the subject's position before the window's first later
+                               position (position 0's time in window 0)
     event_items     list<u16>  items of each event of the positions (position 0's events first,
                                then one event per later position)
     items           list<u16>  their items (vocabulary entries, `ehrmotor.vocabulary.bags`;
                                list<u32> when the vocabulary has more than 65536 entries); the
                                positions' bags and weights are expanded from them at collate
-    times           list<i64>  position timestamps, µs since 1970 (position 0: birth)
-    age_days        list<f32>  days since birth (drives the rotary encoding)
-    age, log_age, log_delta  list<f32>  normalised time features
+    times           list<i64>  position timestamps, µs since 1970 (position 0: birth); the age
+                               and time features are computed from them at collate
+                               (`ehrmotor.sequences.time_features`, statistics in the bag table)
     points          list<i32>  window-local indices of the sampled prediction points
     censor_days     list<f32>  per point: days to the subject's last event
-    task_ids        list<i32>  the task occurrences that label the points (each the next one
+    task_ids        list<u16>  the task occurrences that label the points (each the next one
     task_times      list<i64>  of its task after at least one point): candidate task index
-                               (`candidate_tasks`; `MotorTask.task_map` gives the model's task)
-                               and time (µs), sorted by task and time
+                               (`candidate_tasks`; `MotorTask.task_map` gives the model's task;
+                               list<u32> beyond 65536 candidates) and time (µs), sorted by task
+                               and time
 
 The (point, task, days) labels are derived from the last four columns when batches are collated
 (`ehrmotor.sequences.batching`): a point's label of task k is its first occurrence of k after
@@ -52,17 +55,17 @@ from ehrmotor.vocabulary.bags import OLDER_LAYOUT, BagTable
 if TYPE_CHECKING:
     import datasets
 
-DATASET_FORMAT_VERSION = 4
+DATASET_FORMAT_VERSION = 5
 INDEX = "dataset.json"
 ROW_SCHEMA = pa.schema([
     ("subject_id", pa.int64()), ("window", pa.int32()), ("first_events", pa.int32()),
+    ("previous_time", pa.int64()),
     ("event_items", pa.list_(pa.uint16())), ("items", pa.list_(pa.uint16())),
     ("times", pa.list_(pa.int64())),
-    ("age_days", pa.list_(pa.float32())), ("age", pa.list_(pa.float32())),
-    ("log_age", pa.list_(pa.float32())), ("log_delta", pa.list_(pa.float32())),
     ("points", pa.list_(pa.int32())), ("censor_days", pa.list_(pa.float32())),
-    ("task_ids", pa.list_(pa.int32())), ("task_times", pa.list_(pa.int64())),
+    ("task_ids", pa.list_(pa.uint16())), ("task_times", pa.list_(pa.int64())),
 ])
+WIDE = pa.list_(pa.uint32())
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -70,12 +73,14 @@ def shard_file_name(index: int, count: int) -> str:
     return f"data-{index:05d}-of-{count:05d}.arrow"
 
 
-def row_schema(vocabulary: int) -> pa.Schema:
-    """ROW_SCHEMA, its items u32 when u16 cannot number `vocabulary` entries."""
-    if vocabulary <= 1 << 16:
-        return ROW_SCHEMA
-    return ROW_SCHEMA.set(ROW_SCHEMA.get_field_index("items"),
-                          pa.field("items", pa.list_(pa.uint32())))
+def row_schema(vocabulary: int, tasks: int) -> pa.Schema:
+    """ROW_SCHEMA, its items (task ids) u32 when u16 cannot number `vocabulary` entries (`tasks`
+    candidate tasks)."""
+    schema = ROW_SCHEMA
+    for name, count in (("items", vocabulary), ("task_ids", tasks)):
+        if count > 1 << 16:
+            schema = schema.set(schema.get_field_index(name), pa.field(name, WIDE))
+    return schema
 
 
 def expanded_entries(items: np.ndarray, table: BagTable) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from ehrmotor.sequences.positions import concat_ranges, list_series
+from ehrmotor.sequences.time_features import TIME_COLUMNS
 
 
 def check_context(context: int) -> None:
@@ -103,9 +104,10 @@ def first_rows(positions: pl.DataFrame) -> pl.DataFrame:
 
 
 def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
-    """One row per window (in `windows` order): subject_id, window, bag_sizes, entries,
-    weights (or, for positions with `items`, first_events, event_items, items), times,
-    age_days, age, log_age, log_delta (layout of `ehrmotor.sequences.shards`).
+    """One row per window (in `windows` order): subject_id, window, then for positions with
+    `items` the prepared layout of `ehrmotor.sequences.shards` (first_events, previous_time,
+    event_items, items, times), else bag_sizes, entries, weights, times, age_days, age, log_age,
+    log_delta (rows built in memory).
 
     positions: the columns of `build_positions`, sorted by subject and position (as it returns
     them), for (at least) the windows' subjects. windows may carry `first_row` (`first_rows`),
@@ -125,19 +127,20 @@ def window_sequences(positions: pl.DataFrame, windows: pl.DataFrame) -> pl.DataF
     lengths = positions_per_window(windows).to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)])  # of each window's positions
     first_row = windows["first_row"].to_numpy()
-    # Rows first_row + start - 1 .. first_row + end, the first of which becomes position 0.
+    # Rows first_row + start - 1 .. first_row + end, the first of which becomes position 0: it
+    # is the position before the window's first later one.
     rows = concat_ranges(first_row + windows["start"].to_numpy() - 1, lengths)
+    previous = positions["time"].gather(rows[offsets[:-1]]).alias("previous_time")
     rows[offsets[:-1]] = first_row
-    compact = "items" in positions.columns
-    lists = ("event_items", "items") if compact else ("entries", "weights")
-    gathered = positions.select(
-        *lists, "time", "age_days", "age", "log_age", "log_delta")[rows]
+    head = [windows["subject_id"], windows["window"]]
+    if "items" in positions.columns:
+        gathered = positions.select("event_items", "items", "time")[rows]
+        return pl.DataFrame([*head, *_compact_lists(gathered, offsets), previous,
+                             list_series("times", offsets, gathered["time"])])
+    gathered = positions.select("entries", "weights", "time", *TIME_COLUMNS)[rows]
     return pl.DataFrame([
-        windows["subject_id"], windows["window"],
-        *(_compact_lists(gathered, offsets) if compact else _bag_lists(gathered, offsets)),
-        list_series("times", offsets, gathered["time"]),
-        *(list_series(name, offsets, gathered[name])
-          for name in ("age_days", "age", "log_age", "log_delta")),
+        *head, *_bag_lists(gathered, offsets), list_series("times", offsets, gathered["time"]),
+        *(list_series(name, offsets, gathered[name]) for name in TIME_COLUMNS),
     ])
 
 

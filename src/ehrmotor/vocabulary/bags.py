@@ -14,8 +14,13 @@ weight 1; a position's bag is the union of its events' bags (several at position
 the largest of its weights, entries ascending. The expansion is gathers and sorts over the batch
 (torch), no loop per event.
 
+The table also carries the tokenizer's time statistics (`Tokenizer.time_stats`), from which the
+collate computes the positions' time features (`ehrmotor.sequences.time_features`): it holds
+everything the collate needs to turn a prepared row into the model's inputs besides the row.
+
     bags.npz: offsets int64 (entries + 1), members u32 (ascending in each row), value bool
-              (per entry: a numeric-bin or text entry), format_version int64 (one value)
+              (per entry: a numeric-bin or text entry), time_stats float64 (`TIME_STAT_KEYS`
+              order), format_version int64 (one value)
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import polars as pl
 
 from ehrmotor.errors import InputError
 from ehrmotor.vocabulary.ontology import Ontology
-from ehrmotor.vocabulary.tokenizer import Tokenizer
+from ehrmotor.vocabulary.tokenizer import TIME_STAT_KEYS, Tokenizer
 
 BAGS_FILE = "bags.npz"
-BAGS_FORMAT_VERSION = 1
+BAGS_FORMAT_VERSION = 2
 OLDER_LAYOUT = "prepared with an older layout: rerun `ehrmotor prepare`"
 
 
@@ -43,6 +48,7 @@ class BagTable:
     offsets: np.ndarray  # int64, entries + 1
     members: np.ndarray  # int64
     value: np.ndarray  # bool, per entry
+    time_stats: dict[str, float]  # `Tokenizer.time_stats`
 
     @property
     def size(self) -> int:
@@ -60,12 +66,14 @@ class BagTable:
         sizes = np.bincount(rows["index"].to_numpy(), minlength=entries.height)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         value = (entries["kind"] != "code").to_numpy()
-        return cls(offsets, rows["member"].to_numpy().astype(np.int64), value)
+        return cls(offsets, rows["member"].to_numpy().astype(np.int64), value,
+                   dict(tokenizer.time_stats))
 
     def save(self, directory: Path) -> None:
         """Write `directory/bags.npz` (the caller's folder is a temporary one, renamed whole)."""
         np.savez(directory / BAGS_FILE, offsets=self.offsets,
                  members=self.members.astype(np.uint32), value=self.value,
+                 time_stats=np.array([self.time_stats[key] for key in TIME_STAT_KEYS]),
                  format_version=np.array([BAGS_FORMAT_VERSION]))
 
     @classmethod
@@ -78,12 +86,16 @@ class BagTable:
         try:
             with np.load(path, allow_pickle=False) as table:
                 version = int(table["format_version"][0])
+                if version != BAGS_FORMAT_VERSION:
+                    raise InputError(f"{path}: format_version {version}; {OLDER_LAYOUT}")
                 offsets, members, value = table["offsets"], table["members"], table["value"]
+                stats = table["time_stats"]
+        except InputError:
+            raise
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"{path}: not a bag table ({exc}); {OLDER_LAYOUT}") from exc
-        if version != BAGS_FORMAT_VERSION:
-            raise InputError(f"{path}: format_version {version}; {OLDER_LAYOUT}")
-        return cls(offsets.astype(np.int64), members.astype(np.int64), value.astype(bool))
+        return cls(offsets.astype(np.int64), members.astype(np.int64), value.astype(bool),
+                   dict(zip(TIME_STAT_KEYS, stats.astype(float).tolist(), strict=True)))
 
 
 def _ancestor_pairs(codes: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontology
