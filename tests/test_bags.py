@@ -16,6 +16,7 @@ from ehrmotor.errors import InputError
 from ehrmotor.sequences.batching import collate_windows, expand_items, frame_rows
 from ehrmotor.sequences.positions import build_positions
 from ehrmotor.sequences.shards import INDEX, load_prepared
+from ehrmotor.sequences.time_features import TIME_COLUMNS
 from ehrmotor.sequences.windows import training_windows, window_sequences
 from ehrmotor.vocabulary.bags import BAGS_FILE, OLDER_LAYOUT, BagTable
 
@@ -53,7 +54,8 @@ def test_items_expand_to_exactly_the_encoded_bags() -> None:
     table = BagTable.of(vocabulary, tree)
     positions = build_positions(events_frame(EVENTS), vocabulary, tree, table)
     encoded = build_positions(events_frame(EVENTS), vocabulary, tree)  # expanded bags
-    assert positions.drop("items", "event_items").equals(encoded.drop("entries", "weights"))
+    assert positions.drop("items", "event_items").equals(
+        encoded.drop("entries", "weights", *TIME_COLUMNS))
     assert positions["items"].to_list()[:2] == [[2, 1, 6, 3], [0, 1]]  # events by time, code
     assert positions["event_items"].to_list()[:2] == [[1, 2, 1], [2]]
     entries, weights, sizes = expanded(positions, table)

@@ -172,8 +172,9 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
 
     Out columns: subject_id, position (0-based), time (µs; birth for position 0), age_days,
     entries (list[u32]), weights (list[f32]), age, log_age, log_delta (normalised features);
-    with the bag `table`, event_items (list[u16]: items of each of the position's events) and
-    items (list[u32]: their items, see `ehrmotor.vocabulary.bags`) instead of entries, weights.
+    with the bag `table` (the prepared layout, whose collate computes the time columns),
+    event_items (list[u16]: items of each of the position's events) and items (list[u32]: their
+    items, see `ehrmotor.vocabulary.bags`) instead of entries, weights and the time columns.
     """
     code_id, codes = _code_ids(events)
     events = with_birth(events.with_columns(code_id).sort(
@@ -202,6 +203,8 @@ def build_positions(events: pl.DataFrame, tokenizer: Tokenizer, ontology: Ontolo
         pl.Series("position", layout.position),
         births.gather(layout.subject),
     ])
+    if table is not None:
+        return positions.with_columns(pl.col("time").dt.epoch("us")).drop("birth")
     return _time_features(positions, tokenizer.time_stats).drop("birth")
 
 
