@@ -151,10 +151,6 @@ CASES: dict[str, tuple[Damage, str, str]] = {
                              "dictionary.msgpack", r"entry 3 lacks code"),
     "summary_not_json": (write("training_summary.json", "{"), "training_summary.json",
                          r"not readable JSON"),
-    "summary_bad_max_window": (edit_json("training_summary.json",
-                                         lambda s: s.update(max_window="big")),
-                               "training_summary.json", r"max_window is \"big\"; expected an "
-                                                        r"integer"),
     "summary_bad_unseen_splits": (edit_json("training_summary.json",
                                             lambda s: s.update(unseen_splits="held_out")),
                                   "training_summary.json", r"unseen_splits is \"held_out\"; "

@@ -50,8 +50,8 @@ def complete_checkpoints(output: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def resumed(prepared_files: Path, config_file: Path,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
-    """A CLI run killed after its first checkpoint, then rerun with the same command (no
-    --resume): (work, step resumed at, log of the rerun)."""
+    """A CLI run killed after its first checkpoint, then rerun with the same command: (work,
+    step resumed at, log of the rerun)."""
     folder = tmp_path_factory.mktemp("resume")
     work = new_work(prepared_files, folder)
     command = ehrmotor_pretrain(work, config_file, "--max-steps", str(RESUME_STEPS),
@@ -118,7 +118,7 @@ def test_checkpoints_of_other_settings_stop_naming_the_change_until_restart(
     command = ["pretrain", "--work", str(work), "--config", str(config_file), "--max-steps",
                str(RESUME_STEPS), "--keep-output"]
 
-    assert main([*command, "--tokens-per-batch", "4096", "--resume"]) == 2
+    assert main([*command, "--tokens-per-batch", "4096"]) == 2
     line = one_error_line(capsys)
     assert "other settings: tokens_per_batch 2048 -> 4096;" in line, line
     assert "--restart to discard the checkpoints" in line, line

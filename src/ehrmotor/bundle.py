@@ -2,10 +2,9 @@
 
 A bundle is a folder holding config.json (`MotorConfig`), model.safetensors (the weights),
 dictionary.msgpack (`Tokenizer`), ontology/ (`Ontology`), and optionally training_summary.json.
-The training context (positions per window) is config.json's `max_window`; bundles written before
-the config recorded it fall back to training_summary.json's `max_window`. `load_bundle` checks all
-of it up front and raises `BundleError`, one line naming the file and what was expected, for
-anything it cannot use:
+The training context (positions per window) is config.json's `max_window` (None in a converted
+femr bundle, which records none). `load_bundle` checks all of it up front and raises
+`BundleError`, one line naming the file and what was expected, for anything it cannot use:
 
 - config.json that is missing, not JSON, not an object, lacks a field, has a wrong model_type or
   sizes that `MotorConfig` rejects;
@@ -15,7 +14,7 @@ anything it cannot use:
   is checked again after loading, so nothing is ever silently re-initialised;
 - dictionary.msgpack that is missing or corrupt (see `Tokenizer.load`), or whose number of entries
   differs from config.json's vocab_size;
-- an unreadable training_summary.json or a bad max_window in it; a missing or corrupt ontology;
+- an unreadable training_summary.json or bad unseen_splits in it; a missing or corrupt ontology;
 - parts that were not written together: fingerprint.json (FINGERPRINT_FILE) records, when
   `pretrain` writes the bundle, a SHA-256 digest of each part (FINGERPRINTED_PARTS: config.json,
   model.safetensors, dictionary.msgpack, motor_task.json, ontology/, training_summary.json and,
@@ -82,7 +81,7 @@ class Bundle:
     model: MotorModel
     tokenizer: Tokenizer
     ontology: Ontology
-    max_window: int | None  # training context: config.json's, else training_summary.json's
+    max_window: int | None  # training context: config.json's (None: not recorded)
     unseen_splits: tuple[str, ...] | None = None  # MEDS splits left out of pretraining, if known
     fingerprint: str = ""  # SHA-256 (hex) over the digests of the parts (fingerprint.json)
 
@@ -103,16 +102,14 @@ def load_bundle(path: str | Path, ontology: Ontology | str | Path | None = None)
         raise BundleError(f"{bundle / CONFIG_FILE}: vocab_size {config.vocab_size} but "
                           f"{bundle / DICTIONARY_FILE} has {len(tokenizer)} entries; expected the "
                           "dictionary the model was trained with")
-    # Old bundles recorded the training context only in their summary.
-    summary_window, unseen_splits = _load_summary(bundle / SUMMARY_FILE)
-    max_window = config.max_window if config.max_window is not None else summary_window
+    unseen_splits = _load_summary(bundle / SUMMARY_FILE)
     weights = _checked_weights(bundle, config)
     loaded_ontology = _load_ontology(bundle, ontology)
     model = _load_model(bundle, weights, config)  # the costly step last
     # After the structural checks, which name what is wrong with a damaged part.
     fingerprint = check_fingerprint(bundle)
-    return Bundle(bundle, config, model, tokenizer, loaded_ontology, max_window, unseen_splits,
-                  fingerprint)
+    return Bundle(bundle, config, model, tokenizer, loaded_ontology, config.max_window,
+                  unseen_splits, fingerprint)
 
 
 def _part_digest(path: Path) -> str:
@@ -337,10 +334,10 @@ def _read_json(path: Path, what: str) -> Any:
                           f"{BY_PRETRAIN}") from exc
 
 
-def _load_summary(path: Path) -> tuple[int | None, tuple[str, ...] | None]:
-    """max_window and unseen_splits of training_summary.json (None where not recorded)."""
+def _load_summary(path: Path) -> tuple[str, ...] | None:
+    """unseen_splits of training_summary.json (None where not recorded)."""
     if not path.exists():
-        return None, None
+        return None
     summary = _read_json(path, "the training summary")
     if not isinstance(summary, dict):
         raise BundleError(f"{path}: holds a JSON {type(summary).__name__}; expected an object")
@@ -349,14 +346,7 @@ def _load_summary(path: Path) -> tuple[int | None, tuple[str, ...] | None]:
                                    and all(isinstance(name, str) for name in splits)):
         raise BundleError(f"{path}: unseen_splits is {json.dumps(splits)[:40]}; expected a list "
                           "of split names")
-    unseen = tuple(splits) if splits is not None else None
-    window = summary.get("max_window")
-    if window is None:
-        return None, unseen
-    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-        raise BundleError(f"{path}: max_window is {json.dumps(window)[:40]}; expected an integer "
-                          "of at least 2 (position 0 and one more)")
-    return window, unseen
+    return tuple(splits) if splits is not None else None
 
 
 def _load_ontology(bundle: Path, ontology: Ontology | str | Path | None) -> Ontology:

@@ -213,14 +213,10 @@ def _add_pretrain(commands: argparse._SubParsersAction) -> None:
                         help="stop after this many optimizer steps (default: epochs decide)")
     parser.add_argument("--tokens-per-batch", type=_positive, default=None,
                         help="positions per packed batch (default 16384)")
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue from the last complete checkpoint in "
-                            "WORK/pretraining_output when its settings match (the default; "
-                            "accepted for old scripts)")
-    start.add_argument("--restart", action="store_true",
-                       help="discard WORK/pretraining_output (checkpoints, logs) and train from "
-                            "step 0")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard WORK/pretraining_output (checkpoints, logs) and train from "
+                             "step 0 (default: continue from its last complete checkpoint when "
+                             "its settings match)")
     parser.add_argument("--force", action="store_true",
                         help="train again even when WORK/model is complete (implies --restart)")
     parser.add_argument("--keep-output", action="store_true",

@@ -24,7 +24,7 @@ Policies:
   refused with an InputError (a ValueError), as are labels of subjects absent from the data.
 - Windows as training sees a position (`ehrmotor.sequences.windows`): position 0, then at most
   context - 1 positions ending at the label's. The context is the model's
-  (`MotorConfig.max_window`; older bundles: training_summary.json's). At a training point whose
+  (`MotorConfig.max_window`). At a training point whose
   history fits one training window, the representation equals the one training computed.
 - `tokens_per_batch` is only a packing budget (default and minimum: the context). `model.encode`
   runs under `torch.no_grad()`, under bf16 autocast where pretraining's precision "auto" picks it

@@ -101,7 +101,7 @@ def render_model_card(config: dict[str, Any], summary: dict[str, Any], prepared:
                       fingerprint: str | None = None) -> str:
     """The card's text from config.json, training_summary.json and the prepared folder."""
     parameters = summary.get("parameters")
-    window = config.get("max_window") or summary.get("max_window")
+    window = config.get("max_window")
     val, base = summary.get("val_loss"), summary.get("base_rate_val_loss")
     result = [f"- training steps: {_number(summary.get('global_step'))}",
               f"- training loss (last): {_number(summary.get('train_loss'))}"]

@@ -90,13 +90,13 @@ def bundle_is_complete(bundle: Path) -> bool:
 
 
 def pretrain(work: Path, config: PretrainConfig | None = None, *, restart: bool = False,
-             resume: bool = True, force: bool = False, keep_output: bool = False) -> Path:
+             force: bool = False, keep_output: bool = False) -> Path:
     """Train and write `WORK/model/`; return its path (see the module docstring).
 
     Resumes from the last complete checkpoint in `WORK/pretraining_output/` when it was trained
     with the same settings. `restart` discards that folder and trains from step 0; so does
-    `force`, which also retrains when the bundle is complete. `resume` is the default and kept
-    for old callers; `resume=False` is `restart=True`. Holds the work folder's lock throughout.
+    `force`, which also retrains when the bundle is complete. Holds the work folder's lock
+    throughout.
     """
     work = Path(work)
     artifacts.check_output(work, "folder")
@@ -104,7 +104,7 @@ def pretrain(work: Path, config: PretrainConfig | None = None, *, restart: bool 
         raise PretrainError(f"{work}: no such work folder; run `ehrmotor prepare --out {work}` "
                             "first")
     with work_lock(work, "pretrain"):
-        return _pretrain(work, config or PretrainConfig(), restart=restart or force or not resume,
+        return _pretrain(work, config or PretrainConfig(), restart=restart or force,
                          force=force, keep_output=keep_output)
 
 
