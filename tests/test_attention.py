@@ -13,6 +13,7 @@ from ehrmotor.model.attention import (
     block_mask,
     block_plan,
     blockwise_local_attention,
+    flex_local_attention,
     local_attention,
     local_mask_mod,
     resolve_backend,
@@ -173,6 +174,21 @@ def test_unknown_backend_and_bad_shapes_are_rejected() -> None:
             MotorConfig.preset("tiny", attention_backend=backend)
     with pytest.raises(ValueError, match="segment_ids"):
         local_attention(q, k, v, torch.zeros(9, dtype=torch.long), 7)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("seed", "length", "width"), [(0, 1200, 7), (1, 1200, 496), (4, 301, 64),
+                                                     (7, 257, 1)])
+def test_flex_forward_equals_naive_on_cpu(seed: int, length: int, width: int) -> None:
+    """The GPU path's mask (mask_mod and the block mask built from it) in FlexAttention's eager
+    forward on CPU (backward is CUDA-only: the gradients are checked in the CUDA test below)."""
+    segment_ids = packed_segments(random_lengths(seed, length))
+    q, k, v = (x.detach() for x in random_qkv(seed, length, 16))  # flex: head_dim >= 16
+    actual = flex_local_attention(q, k, v, segment_ids, width, compiled=False)
+    torch.testing.assert_close(actual, naive_local_attention(q, k, v, segment_ids, width),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        flex_local_attention(q, k, v, segment_ids, width)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path needs CUDA")
