@@ -177,7 +177,7 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(
     assert not (out / "model").exists()
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from checkpoint-" in result.stderr, result.stderr[-3000:]
+    assert "finetune: resuming from checkpoint-" in result.stderr, result.stderr[-3000:]
     summary = json.loads((out / "model" / "training_summary.json").read_text())
     assert summary["global_step"] == 4
     assert not checkpoints.exists()

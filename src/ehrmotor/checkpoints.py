@@ -63,9 +63,11 @@ def _read_settings(output: Path) -> dict[str, Any] | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def resumable_checkpoint(output: Path, settings: dict[str, Any]) -> str | None:
+def resumable_checkpoint(output: Path, settings: dict[str, Any], stage: str = "pretrain"
+                         ) -> str | None:
     """The last complete checkpoint in `output` when it was trained with `settings`, else None
-    when there is none; PretrainError when there is one from other (or unrecorded) settings.
+    when there is none; PretrainError when there is one from other (or unrecorded) settings
+    (messages name `stage`, the command).
 
     Depends on files only, so every rank of a distributed run decides alike.
     """
@@ -75,29 +77,29 @@ def resumable_checkpoint(output: Path, settings: dict[str, Any]) -> str | None:
     restart = "rerun with --restart to discard the checkpoints and train from step 0"
     recorded = _read_settings(output)
     if recorded is None:
-        raise PretrainError(f"pretrain: {output} has checkpoints but no readable record of their "
+        raise PretrainError(f"{stage}: {output} has checkpoints but no readable record of their "
                             f"settings ({SETTINGS_FILE}); {restart}")
     changes = settings_changes(recorded, settings)
     if changes:
-        raise PretrainError(f"pretrain: the checkpoints in {output} were trained with other "
+        raise PretrainError(f"{stage}: the checkpoints in {output} were trained with other "
                             f"settings: {'; '.join(changes)}; rerun with the earlier settings to "
                             f"resume, or {restart}")
     return checkpoint
 
 
 def prepare_output(output: Path, checkpoint: str | None, settings: dict[str, Any],
-                   restart: bool) -> None:
+                   restart: bool, stage: str = "pretrain") -> None:
     """On the main process: empty `output` unless resuming, record `settings` in it."""
     if checkpoint is None:
         if output.exists():
             why = "restart" if restart else "no complete checkpoint"
-            log.info("pretrain: %s; discarding %s and training from step 0", why, output)
+            log.info("%s: %s; discarding %s and training from step 0", stage, why, output)
             shutil.rmtree(output)
     else:
-        log.info("pretrain: resuming from %s (same settings) in %s", Path(checkpoint).name,
+        log.info("%s: resuming from %s (same settings) in %s", stage, Path(checkpoint).name,
                  output)
         for stale in artifacts.clean_stale_temporaries(output):
-            log.info("pretrain: removed %s, left by an interrupted run", stale)
+            log.info("%s: removed %s, left by an interrupted run", stage, stale)
     output.mkdir(parents=True, exist_ok=True)
     if _read_settings(output) != settings:
         artifacts.write_json(output / SETTINGS_FILE, settings)

@@ -161,10 +161,10 @@ def _finetune(model_path: Path, meds: Path, labels_path: Path, out: Path,
     settings = {"config": {**config.to_json(), "outcome_codes": list(outcome_codes)},
                 "prepared": {"model": bundle.fingerprint, "labels": _digest(labels)}}
     try:
-        checkpoint = None if restart else resumable_checkpoint(output, settings)
+        checkpoint = None if restart else resumable_checkpoint(output, settings, "finetune")
     except PretrainError as error:  # its message names pretrain's folder and command
         raise InputError(str(error).replace("pretrain:", "finetune:", 1)) from error
-    prepare_output(output, checkpoint, settings, restart)
+    prepare_output(output, checkpoint, settings, restart, "finetune")
     log.info("finetune: %s task %r, %d labels (%d subjects for validation), freeze %s: "
              "%s of %s parameters train", kind, name, labels.height, len(val_subjects),
              config.freeze, f"{trainable:,}", f"{model.count_parameters():,}")
