@@ -4,7 +4,7 @@ Small trees (BOOSTING: 7 leaves, at least 20 rows in a leaf, L2 10) whose starti
 (LightGBM's init_score) is the penalised linear model's prediction: the Cox linear predictor
 (`heads.fit_cox`) for time to event, the logistic log-odds (`heads.fit_logistic`) for binary
 labels. The number of rounds, 0 (the linear model itself) to MAX_ROUNDS, is chosen by the
-one-standard-error rule, fewest rounds first, on the held-out loss of inner subject-grouped folds
+best mean, fewest rounds on a tie, of the held-out loss of inner subject-grouped folds
 (`ehrmotor.evaluate.penalties`), the linear model refitted at its chosen penalty on each fold's
 training part. At small k, where trees only overfit, the head stays the linear one.
 
@@ -45,7 +45,7 @@ from ehrmotor.evaluate.heads import (
     single_threaded,
     survival_targets,
 )
-from ehrmotor.evaluate.penalties import fold_scores, inner_folds, one_se_choice
+from ehrmotor.evaluate.penalties import best_choice, fold_scores, inner_folds
 from ehrmotor.evaluate.piecewise import PiecewiseHazard, bin_exposure, calibrate_linear
 
 BOOSTING: dict[str, Any] = {
@@ -73,7 +73,7 @@ def _rounds(folds: list[tuple[np.ndarray, np.ndarray]],
             fold_data: Callable[[np.ndarray, np.ndarray], FoldData | None],
             model: Callable[[int], LGBMModel], metric: str,
             loss: Callable[[np.ndarray, np.ndarray], float]) -> int:
-    """Rounds (0 to MAX_ROUNDS) by the one-standard-error rule on held-out `metric`, fewest first
+    """Rounds (0 to MAX_ROUNDS) by the best mean held-out `metric`, fewest on a tie
     (round 0: `loss` of the init score alone, the metric's own formula)."""
 
     def held_out(train: np.ndarray, val: np.ndarray) -> np.ndarray | None:
@@ -90,7 +90,7 @@ def _rounds(folds: list[tuple[np.ndarray, np.ndarray]],
         losses = np.r_[losses, np.full(MAX_ROUNDS + 1 - len(losses), losses[-1])]
         return -losses
 
-    return one_se_choice(fold_scores(folds, MAX_ROUNDS + 1, held_out), default=0)
+    return best_choice(fold_scores(folds, MAX_ROUNDS + 1, held_out), default=0)
 
 
 @dataclass(frozen=True)

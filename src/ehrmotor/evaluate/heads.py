@@ -5,7 +5,7 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
 
 - `fit_cox`: Cox model, elastic net that is mostly ridge (`CoxnetSurvivalAnalysis`, l1_ratio
   COX_L1_RATIO) on a path of COX_N_ALPHAS alphas from the strongest that leaves one feature in,
-  alpha by the one-standard-error rule on Harrell's C of inner grouped folds
+  alpha by the best mean Harrell's C of inner grouped folds
   (`ehrmotor.evaluate.penalties`); survival by a Breslow baseline.
   A path that diverges (scikit-survival's "weights are too large") is refitted with a stronger
   penalty: its smallest alpha ×COX_FALLBACK_FACTOR (as a share of the largest, up to
@@ -13,7 +13,7 @@ Each `fit_*` returns a `Head`: `risk(x)` (n,) is higher for an event sooner or a
   fails is it a `HeadError`.
 - `fit_logistic`: elastic-net logistic regression (l1_ratio LOGISTIC_L1_RATIO, minimised by
   `penalties.elastic_net`), the penalty on a path from the strongest that leaves one feature in,
-  by the one-standard-error rule on held-out log-likelihood of the recalibrated log-odds
+  by the best mean held-out log-likelihood of the recalibrated log-odds
   (`_logistic_scores`).
 
 Every fit takes `unpenalised`: its last columns (the demographic baseline's score the protocol
@@ -50,10 +50,10 @@ from threadpoolctl import threadpool_limits
 
 from ehrmotor.evaluate.metrics import concordance
 from ehrmotor.evaluate.penalties import (
+    best_choice,
     elastic_net,
     fold_scores,
     inner_folds,
-    one_se_choice,
     path_from,
     penalty_factors,
     standardiser,
@@ -187,7 +187,7 @@ def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
             groups: np.ndarray | None = None, unpenalised: int = 0) -> CoxHead:
     """Fit the Cox head on features x (n, f), times (days) and event flags (n,), the last
     `unpenalised` columns (demographics) without penalty: alpha on the path by the
-    one-standard-error rule on Harrell's C of inner grouped folds."""
+    best mean Harrell's C of inner grouped folds."""
     time, event = survival_targets(x, time, event)
     factors = penalty_factors(np.shape(x)[1], unpenalised) if unpenalised else None
     with single_threaded():
@@ -209,7 +209,7 @@ def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, *, seed: int,
                             np.nan)
 
         scores = fold_scores(inner_folds(event, seed, groups), len(alphas), held_out_c)
-        best = one_se_choice(scores, default=0)
+        best = best_choice(scores, default=0)
     days, hazard = _breslow(path.predict(x, alpha=alphas[best]), time, event)
     if fallback is not None:
         fallback += f", alpha {alphas[best]:.3g} chosen"
@@ -318,7 +318,7 @@ def fit_logistic(x: np.ndarray, label: np.ndarray, *, seed: int,
                  groups: np.ndarray | None = None, unpenalised: int = 0) -> ClassifierHead:
     """Fit the elastic-net logistic head on features x (n, f) and boolean labels (n,), the last
     `unpenalised` columns (demographics) without penalty: the penalty on its path
-    (`logistic_path`) by the one-standard-error rule on inner grouped folds."""
+    (`logistic_path`) by the best mean score on inner grouped folds."""
     label = binary_targets(x, label)
     with single_threaded():
         scaling = standardiser(x)
@@ -329,7 +329,7 @@ def fit_logistic(x: np.ndarray, label: np.ndarray, *, seed: int,
         scores = fold_scores(inner_folds(label, seed, groups), len(penalties),
                              lambda train, val: _logistic_scores(z, y, penalties, factors,
                                                                  train, val))
-        best = one_se_choice(scores, default=0)
+        best = best_choice(scores, default=0)
         for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
             params = _fit_logistic_at(z, y, float(penalty), factors, params)
     return ClassifierHead(LogisticModel(scaling, params[:-1], float(params[-1]),

@@ -4,7 +4,7 @@
   (`motor_bin_features`): log-hazard in bin b = w · features_b + alpha_b, by Poisson likelihood
   on (subject, bin) exposures with an elastic-net penalty on w (mostly L2, PE_L1_RATIO of L1;
   demographic features appended to every bin left unpenalised); the penalty on a path from the
-  strongest that leaves one penalised feature in, by the one-standard-error rule on held-out
+  strongest that leaves one penalised feature in, by the best mean held-out
   likelihood of inner grouped folds (`ehrmotor.evaluate.penalties`).
 - `PiecewiseHazard`: what every piecewise head shares (the LightGBM survival head of
   `ehrmotor.evaluate.boosted` too): `risk` is the cumulative hazard up to `risk_days` (default:
@@ -25,10 +25,10 @@ import torch
 
 from ehrmotor.evaluate.heads import MAX_LOG_HAZARD, single_threaded, survival_targets
 from ehrmotor.evaluate.penalties import (
+    best_choice,
     elastic_net,
     fold_scores,
     inner_folds,
-    one_se_choice,
     path_from,
     penalty_factors,
     unpenalised_start,
@@ -44,7 +44,8 @@ PE_PRIOR_EVENTS = 0.5  # each bin's rate: a gamma prior of half an event at the 
 def bin_exposure(time: np.ndarray, event: np.ndarray,
                   edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Days at risk and events per (subject, bin), both (n, bins), as
-    `ehrmotor.model.head.bin_labels`: bin b covers (edges_b, edges_b+1], the last is unbounded."""
+    the MOTOR head's bins (`ehrmotor.model.head`): bin b covers (edges_b, edges_b+1], the last
+    is unbounded."""
     width = np.r_[np.diff(edges), np.inf]
     exposure = np.clip(time[:, None] - edges[None, :], 0.0, width[None, :])
     event_bin = np.maximum(np.searchsorted(edges, time, side="left") - 1, 0)
@@ -181,7 +182,7 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
                               unpenalised: int = 0) -> PiecewiseExponentialHead:
     """Fit the MOTOR head of one task on frozen per-bin features (n, bins, f) (see
     `motor_bin_features`), bins starting at `bin_edges_days`; the penalty on its path by the
-    one-standard-error rule on held-out likelihood of inner grouped folds. The last
+    best mean held-out likelihood of inner grouped folds. The last
     `unpenalised` features (the demographics, the same in every bin) are not penalised."""
     features = np.asarray(bin_features, dtype=np.float64)
     edges = np.asarray(bin_edges_days, dtype=np.float64)
@@ -206,7 +207,7 @@ def fit_piecewise_exponential(bin_features: np.ndarray, time: np.ndarray, event:
                              lambda train, val: _held_out_likelihood(
                                  phi, exposure, events, penalties, prior_exposure, factors,
                                  train, val))
-        best = one_se_choice(scores, default=0)
+        best = best_choice(scores, default=0)
         for penalty in penalties[:best + 1]:  # warm starts along the path, as in the folds
             params = _fit_poisson(phi, exposure, events, float(penalty), prior_exposure, factors,
                                   params)
