@@ -262,7 +262,7 @@ def test_embeddings_do_not_change_with_tokens_per_batch(
         np.testing.assert_allclose(result["features"], reference["features"], atol=1e-5)
 
 
-def test_context_is_the_models_from_its_config_else_its_training_summary(
+def test_context_is_the_models_from_its_config_else_it_must_be_given(
         meds: Path, bundle: Path, subjects: Subjects, tmp_path: Path) -> None:
     assert json.loads((bundle / "config.json").read_text())["max_window"] == CONTEXT
     subject_id = subjects.with_sizes(80, 400, 1)[0]
@@ -280,11 +280,10 @@ def test_context_is_the_models_from_its_config_else_its_training_summary(
         return copy
 
     recorded = edited("recorded", {"max_window": 16}, {})
-    old = edited("old", {"max_window": None}, {"max_window": 16})
-    for copy in (recorded, old):
-        np.testing.assert_allclose(compute_features(meds, copy, labels)["features"], expected,
-                                   atol=1e-6)
-    unknown = edited("unknown", {"max_window": None}, {"max_window": None})
+    np.testing.assert_allclose(compute_features(meds, recorded, labels)["features"], expected,
+                               atol=1e-6)
+    # The summary's max_window (bundles of before 12-01) is no longer read.
+    unknown = edited("unknown", {"max_window": None}, {"max_window": 16})
     with pytest.raises(InputError, match="records no training context"):
         compute_features(meds, unknown, labels)
     np.testing.assert_allclose(compute_features(meds, unknown, labels, context=16)["features"],

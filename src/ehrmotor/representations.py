@@ -64,7 +64,7 @@ def check_sizes(context: int | None, tokens_per_batch: int | None) -> tuple[int,
     """(context, packing budget); InputError for a context below 2 or a budget below it."""
     if context is None:
         raise InputError("the model bundle records no training context (max_window in "
-                         "config.json or training_summary.json); pass context")
+                         "config.json, as in a converted femr model); pass context")
     if context < 2:
         raise InputError(f"context must be at least 2 (position 0 and one more); got {context}")
     budget = context if tokens_per_batch is None else tokens_per_batch
