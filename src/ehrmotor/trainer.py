@@ -28,6 +28,7 @@ class MotorTrainer(Trainer):
                  bags: BagTable | None = None, **kwargs: Any):
         self.tokens_per_batch = tokens_per_batch
         self.collator = WindowCollator(labels=True, task_map=task_map, bags=bags)
+        self._eval_loader: DataLoader | None = None
         super().__init__(*args, **kwargs)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
@@ -39,8 +40,9 @@ class MotorTrainer(Trainer):
         )
         workers = self.args.dataloader_num_workers
         # Spawned, not forked: the collate runs polars, whose thread pool does not survive fork.
+        # A spawned worker takes seconds to start, so workers persist across epochs.
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
-                            num_workers=workers,
+                            num_workers=workers, persistent_workers=workers > 0,
                             multiprocessing_context="spawn" if workers else None)
         # The sampler already gives each rank its own batches, so the loader is wrapped as one
         # process's (no re-sharding); batches go to this rank's device, set_epoch to the sampler.
@@ -58,5 +60,9 @@ class MotorTrainer(Trainer):
         return self._loader(self.train_dataset, shuffle=True)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
-        return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset,
-                            shuffle=False)
+        if eval_dataset is not None:
+            return self._loader(eval_dataset, shuffle=False)
+        # The same loader at every evaluation, so that its persistent workers start once.
+        if self._eval_loader is None:
+            self._eval_loader = self._loader(self.eval_dataset, shuffle=False)
+        return self._eval_loader
