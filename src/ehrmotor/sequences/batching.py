@@ -130,7 +130,7 @@ def collate_windows(rows: Sequence[Mapping[str, torch.Tensor]], labels: bool = F
     label_task, label_days (pairs,).
     """
     prepared = bool(rows) and "items" in rows[0]
-    column = "times" if prepared else "age_days"
+    column = length_column(rows[0]) if rows else "times"
     lengths = torch.tensor([len(row[column]) for row in rows])
     token_start = torch.cumsum(lengths, 0) - lengths
     if prepared:
